@@ -1,0 +1,274 @@
+//! [`Broker`] on Kafka, through librdkafka's synchronous `BaseProducer`.
+
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::ClientContext;
+
+use super::Broker;
+use crate::error::{Error, Result};
+use crate::message::MESSAGE_ID_HEADER;
+use crate::record::Record;
+
+/// Delivery timeout when `message.timeout.ms` is not set.
+const DEFAULT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time past the delivery timeout that `publish` waits for the last delivery reports.
+const REPORT_GRACE: Duration = Duration::from_secs(2);
+/// How long one `poll` blocks while waiting for delivery reports.
+const POLL_STEP: Duration = Duration::from_millis(50);
+
+/// Publishes to Kafka with `acks=all`, idempotence on and the JVM client's key
+/// partitioning (`murmur2_random`), so the same key lands in the same partition as with a
+/// Java producer.
+///
+/// Each record carries the message's headers in order, then
+/// [`MESSAGE_ID_HEADER`](crate::MESSAGE_ID_HEADER) with the message id.
+///
+/// ```no_run
+/// # fn main() -> outbox::Result<()> {
+/// let broker = outbox::KafkaBroker::with_properties(
+///     "kafka-1:9092,kafka-2:9092",
+///     [("compression.type", "lz4"), ("message.timeout.ms", "60000")],
+/// )?;
+/// # Ok(()) }
+/// ```
+pub struct KafkaBroker {
+    producer: BaseProducer<Reports>,
+    delivery_timeout: Duration,
+    batch: u64,
+}
+
+impl std::fmt::Debug for KafkaBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaBroker")
+            .field("delivery_timeout", &self.delivery_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaBroker {
+    /// A producer for the comma-separated `bootstrap_servers`, with the defaults above and
+    /// a 30 s delivery timeout (`message.timeout.ms`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Kafka`] if librdkafka refuses the configuration. An unreachable broker is
+    /// not an error here: it shows as failed deliveries.
+    pub fn new(bootstrap_servers: &str) -> Result<KafkaBroker> {
+        KafkaBroker::with_properties(bootstrap_servers, std::iter::empty::<(&str, &str)>())
+    }
+
+    /// As [`new`](KafkaBroker::new), with further librdkafka properties (TLS, SASL,
+    /// compression, timeouts...). They are applied after the defaults, so they can
+    /// override them.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Kafka`] for an unknown property or a bad value.
+    pub fn with_properties<K, V>(
+        bootstrap_servers: &str,
+        properties: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<KafkaBroker>
+    where
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", bootstrap_servers)
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("partitioner", "murmur2_random")
+            .set(
+                "message.timeout.ms",
+                DEFAULT_DELIVERY_TIMEOUT.as_millis().to_string(),
+            )
+            // Room for the largest message `Message::validate` accepts plus its overhead.
+            .set("message.max.bytes", "1048576");
+        for (key, value) in properties {
+            config.set(key, value);
+        }
+        let delivery_timeout = config
+            .get("message.timeout.ms")
+            .or_else(|| config.get("delivery.timeout.ms"))
+            .and_then(|ms| ms.parse().ok())
+            .map_or(DEFAULT_DELIVERY_TIMEOUT, Duration::from_millis);
+        let producer = config.create_with_context(Reports::default())?;
+        Ok(KafkaBroker {
+            producer,
+            delivery_timeout,
+            batch: 0,
+        })
+    }
+
+    fn send(&self, index: usize, record: &Record, deadline: Instant) -> Result<(), KafkaError> {
+        let message = &record.message;
+        let message_id = record.message_id.hyphenated().to_string();
+        let mut headers = OwnedHeaders::new_with_capacity(message.headers().len() + 1);
+        for (name, value) in message.headers() {
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value),
+            });
+        }
+        headers = headers.insert(Header {
+            key: MESSAGE_ID_HEADER,
+            value: Some(&message_id),
+        });
+        let mut base = BaseRecord::with_opaque_to(message.topic(), Box::new((self.batch, index)))
+            .payload(message.payload())
+            .headers(headers);
+        if let Some(key) = message.key() {
+            base = base.key(key);
+        }
+        loop {
+            match self.producer.send(base) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                    if Instant::now() < deadline =>
+                {
+                    base = back;
+                    self.producer.poll(POLL_STEP);
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Broker for KafkaBroker {
+    fn publish(&mut self, records: &[Record]) -> Vec<Result<()>> {
+        self.batch = self.batch.wrapping_add(1);
+        let deadline = Instant::now() + self.delivery_timeout + REPORT_GRACE;
+        *self.producer.context().pending.lock() = Pending::new(self.batch, records.len());
+        for (index, record) in records.iter().enumerate() {
+            if let Err(e) = self.send(index, record, deadline) {
+                self.producer
+                    .context()
+                    .pending
+                    .lock()
+                    .settle(self.batch, index, Err(e));
+            }
+        }
+        while self.producer.context().pending.lock().waiting > 0 && Instant::now() < deadline {
+            self.producer.poll(POLL_STEP);
+        }
+        let pending = std::mem::take(&mut *self.producer.context().pending.lock());
+        pending
+            .outcomes
+            .into_iter()
+            .map(|outcome| match outcome {
+                Some(Ok(())) => Ok(()),
+                Some(Err(e)) => Err(Error::Kafka(e)),
+                None => Err(Error::Kafka(KafkaError::MessageProduction(
+                    RDKafkaErrorCode::MessageTimedOut,
+                ))),
+            })
+            .collect()
+    }
+
+    fn delivery_timeout(&self) -> Duration {
+        self.delivery_timeout
+    }
+}
+
+impl Drop for KafkaBroker {
+    fn drop(&mut self) {
+        // `publish` waits for every report, so nothing should be queued; don't hang on exit.
+        let _ = self.producer.flush(Duration::from_secs(1));
+    }
+}
+
+/// Delivery outcomes of the batch being published.
+#[derive(Default)]
+struct Pending {
+    batch: u64,
+    outcomes: Vec<Option<Result<(), KafkaError>>>,
+    waiting: usize,
+}
+
+impl Pending {
+    fn new(batch: u64, len: usize) -> Pending {
+        Pending {
+            batch,
+            outcomes: vec![None; len],
+            waiting: len,
+        }
+    }
+
+    /// Records the outcome of one message, ignoring reports from an earlier batch.
+    fn settle(&mut self, batch: u64, index: usize, outcome: Result<(), KafkaError>) {
+        if batch != self.batch {
+            log::warn!(
+                "late delivery report for a message of an earlier batch; it was counted as failed"
+            );
+            return;
+        }
+        if let Some(slot @ None) = self.outcomes.get_mut(index) {
+            *slot = Some(outcome);
+            self.waiting -= 1;
+        }
+    }
+}
+
+/// librdkafka's callbacks: delivery reports fill [`Pending`]; logs go to `log`.
+#[derive(Default)]
+struct Reports {
+    pending: Mutex<Pending>,
+}
+
+impl ClientContext for Reports {}
+
+impl ProducerContext for Reports {
+    type DeliveryOpaque = Box<(u64, usize)>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
+        let (batch, index) = *opaque;
+        let outcome = match result {
+            Ok(_) => Ok(()),
+            Err((e, _)) => Err(e.clone()),
+        };
+        self.pending.lock().settle(batch, index, outcome);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_counts_each_report_once_and_ignores_other_batches() {
+        let mut pending = Pending::new(7, 2);
+        pending.settle(6, 0, Ok(()));
+        assert_eq!(pending.waiting, 2);
+        pending.settle(7, 0, Ok(()));
+        pending.settle(7, 0, Err(KafkaError::Canceled));
+        assert_eq!(pending.waiting, 1);
+        assert!(matches!(pending.outcomes[0], Some(Ok(()))));
+        pending.settle(7, 5, Ok(()));
+        assert_eq!(pending.waiting, 1);
+    }
+
+    #[test]
+    fn delivery_timeout_follows_the_property() {
+        let broker =
+            KafkaBroker::with_properties("127.0.0.1:9", [("message.timeout.ms", "1500")]).unwrap();
+        assert_eq!(broker.delivery_timeout(), Duration::from_millis(1500));
+        assert_eq!(
+            KafkaBroker::new("127.0.0.1:9").unwrap().delivery_timeout(),
+            DEFAULT_DELIVERY_TIMEOUT
+        );
+    }
+
+    #[test]
+    fn unknown_property_is_an_error() {
+        assert!(matches!(
+            KafkaBroker::with_properties("127.0.0.1:9", [("no.such.property", "1")]),
+            Err(Error::Kafka(_))
+        ));
+    }
+}

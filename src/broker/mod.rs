@@ -1,0 +1,28 @@
+//! Where messages go: the broker seam, and the Kafka implementation.
+
+mod kafka;
+
+use std::time::Duration;
+
+pub use self::kafka::KafkaBroker;
+use crate::error::Result;
+use crate::record::Record;
+
+/// A message broker the dispatcher publishes to.
+///
+/// The relay calls [`publish`](Broker::publish) from one thread, one batch at a time.
+pub trait Broker: Send + 'static {
+    /// Publishes every record and waits for the outcome of each: the result at index `i`
+    /// is the outcome of `records[i]`. `Ok` means the broker acknowledged that record
+    /// durably; only then is its row marked delivered. A batch holds at most one record
+    /// per topic and key, so records may be sent in any order or all at once.
+    ///
+    /// Must return within [`delivery_timeout`](Broker::delivery_timeout) (a little more
+    /// is tolerated), and must return exactly one result per record; a missing result
+    /// counts as a failure.
+    fn publish(&mut self, records: &[Record]) -> Vec<Result<()>>;
+
+    /// The longest [`publish`](Broker::publish) may take. The dispatcher refuses a
+    /// `max_lock_duration` that does not leave room for it.
+    fn delivery_timeout(&self) -> Duration;
+}

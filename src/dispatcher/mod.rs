@@ -1,0 +1,326 @@
+//! The dispatcher: worker threads that relay committed messages to the broker.
+
+mod backoff;
+mod maintenance;
+mod relay;
+mod signal;
+#[cfg(test)]
+mod testing;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+
+use self::relay::Relay;
+use self::signal::{Signals, ERROR_CAPACITY};
+use crate::broker::Broker;
+use crate::error::{Error, Result, Worker};
+use crate::settings::DispatcherSettings;
+use crate::store::Store;
+
+/// Longest instance id; the lease owner adds a random suffix to it.
+pub const MAX_INSTANCE_ID_LEN: usize = 80;
+
+/// Relays committed messages from a [`Store`] to a [`Broker`] on three OS threads:
+///
+/// - **relay** (`outbox-relay`): claims up to `batch_size` rows, publishes them, marks
+///   each by its own delivery report; drains back to back while it finds work, then
+///   waits for the next `process_interval` or a wake-up;
+/// - **lock checker** (`outbox-lock-checker`): releases leases older than
+///   `max_lock_duration`, left by a dispatcher that died;
+/// - **cleaner** (`outbox-cleaner`): deletes delivered rows past `retention`.
+///
+/// Any number of dispatchers, in one process or many, can share a table.
+///
+/// ```no_run
+/// # fn main() -> outbox::Result<()> {
+/// use outbox::{Dispatcher, DispatcherSettings, KafkaBroker, MySqlStore};
+///
+/// let store = MySqlStore::new(mysql::Pool::new("mysql://root@127.0.0.1:3306/test")?);
+/// let broker = KafkaBroker::new("127.0.0.1:9092")?;
+/// let mut handle = Dispatcher::new(store, broker, DispatcherSettings::default(), "billing-1")?.start()?;
+/// // ... the application runs; errors arrive on handle.errors() ...
+/// handle.stop()?;
+/// # Ok(()) }
+/// ```
+pub struct Dispatcher<S, B> {
+    store: S,
+    broker: B,
+    settings: DispatcherSettings,
+    owner: String,
+}
+
+impl<S: Store, B: Broker> Dispatcher<S, B> {
+    /// A dispatcher named `instance_id` (1 to 80 characters, no control characters; it
+    /// shows in `locked_by` with a random suffix, so restarts and duplicates of the same
+    /// name never share leases).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for invalid settings (see [`DispatcherSettings::validate`]), a
+    /// `max_lock_duration` too short for the broker's delivery timeout, or a bad instance id.
+    pub fn new(
+        store: S,
+        broker: B,
+        settings: DispatcherSettings,
+        instance_id: &str,
+    ) -> Result<Dispatcher<S, B>> {
+        settings.validate(broker.delivery_timeout())?;
+        if instance_id.is_empty()
+            || instance_id.chars().count() > MAX_INSTANCE_ID_LEN
+            || instance_id.chars().any(char::is_control)
+        {
+            return Err(Error::config(format!(
+                "instance id {instance_id:?} must be 1 to {MAX_INSTANCE_ID_LEN} characters with no control characters"
+            )));
+        }
+        let suffix = uuid::Uuid::now_v7().simple().to_string();
+        let owner = format!("{instance_id}#{}", &suffix[suffix.len() - 8..]);
+        Ok(Dispatcher {
+            store,
+            broker,
+            settings,
+            owner,
+        })
+    }
+
+    /// Spawns the worker threads and returns their handle.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Thread`] if the system refuses a thread; no thread is left running.
+    pub fn start(self) -> Result<DispatcherHandle> {
+        let (stop_tx, stop_rx) = bounded::<()>(0);
+        let (errors_tx, errors_rx) = bounded(ERROR_CAPACITY);
+        let (wake_tx, wake_rx) = bounded(1);
+        let signals = Signals::new(stop_rx, errors_tx);
+        let store = Arc::new(self.store);
+        log::info!("dispatcher {} starting", self.owner);
+
+        let mut handle = DispatcherHandle {
+            owner: self.owner.clone(),
+            stop: Some(stop_tx),
+            wake: wake_tx,
+            errors: errors_rx,
+            threads: Vec::with_capacity(3),
+        };
+        let relay = Relay {
+            store: store.clone(),
+            broker: self.broker,
+            settings: self.settings.clone(),
+            owner: self.owner,
+            signals: signals.clone(),
+        };
+        handle.spawn(Worker::Relay, &signals, move || relay.run(wake_rx))?;
+        let (s, settings, sig) = (store.clone(), self.settings.clone(), signals.clone());
+        handle.spawn(Worker::LockChecker, &signals, move || {
+            maintenance::run_lock_checker(s, settings, sig)
+        })?;
+        let (s, settings, sig) = (store, self.settings, signals.clone());
+        handle.spawn(Worker::Cleaner, &signals, move || {
+            maintenance::run_cleaner(s, settings, sig)
+        })?;
+        Ok(handle)
+    }
+}
+
+/// A running dispatcher. [`stop`](DispatcherHandle::stop) it, or drop it, to stop and
+/// join its threads.
+pub struct DispatcherHandle {
+    owner: String,
+    stop: Option<Sender<()>>,
+    wake: Sender<()>,
+    errors: Receiver<Error>,
+    threads: Vec<(Worker, JoinHandle<()>)>,
+}
+
+impl std::fmt::Debug for DispatcherHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DispatcherHandle")
+            .field("owner", &self.owner)
+            .field("running", &!self.threads.is_empty())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DispatcherHandle {
+    /// Errors from the workers, as they happen: database errors, failed publishes, a
+    /// worker's panic. Workers never block on this channel: when it is full
+    /// (1,024 errors) newer errors are only logged.
+    pub fn errors(&self) -> &Receiver<Error> {
+        &self.errors
+    }
+
+    /// The lease owner written to `locked_by`: the instance id and a random suffix.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// Makes the relay look for messages now instead of at its next `process_interval`.
+    /// Call it after committing a transaction that added messages.
+    pub fn wake(&self) {
+        let _ = self.wake.try_send(());
+    }
+
+    /// A cloneable [`Waker`] for other threads of the application.
+    pub fn waker(&self) -> Waker {
+        Waker(self.wake.clone())
+    }
+
+    /// Gives the stop signal and joins the threads. The batch in flight is settled first:
+    /// it is published and marked (when the broker is down this takes up to its delivery
+    /// timeout). Calling it again does nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::WorkerPanicked`] if a thread could not be joined cleanly.
+    pub fn stop(&mut self) -> Result<()> {
+        drop(self.stop.take());
+        let mut result = Ok(());
+        for (worker, thread) in self.threads.drain(..) {
+            if thread.join().is_err() {
+                result = Err(Error::WorkerPanicked(
+                    worker,
+                    "thread could not be joined".into(),
+                ));
+            }
+        }
+        if result.is_ok() {
+            log::info!("dispatcher {} stopped", self.owner);
+        }
+        result
+    }
+
+    fn spawn(
+        &mut self,
+        worker: Worker,
+        signals: &Signals,
+        body: impl FnOnce() + Send + 'static,
+    ) -> Result<()> {
+        let signals = signals.clone();
+        let spawned = thread::Builder::new()
+            .name(format!("outbox-{worker}"))
+            .spawn(move || {
+                if let Err(panic) = catch_unwind(AssertUnwindSafe(body)) {
+                    let text = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    log::error!("outbox worker {worker} panicked: {text}");
+                    signals.report(Error::WorkerPanicked(worker, text));
+                }
+            });
+        match spawned {
+            Ok(thread) => {
+                self.threads.push((worker, thread));
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.stop();
+                Err(Error::Thread(e))
+            }
+        }
+    }
+}
+
+impl Drop for DispatcherHandle {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            log::error!("stopping dispatcher {}: {e}", self.owner);
+        }
+    }
+}
+
+/// Wakes a dispatcher's relay from any thread; see [`DispatcherHandle::wake`].
+#[derive(Debug, Clone)]
+pub struct Waker(Sender<()>);
+
+impl Waker {
+    /// Makes the relay look for messages now. Never blocks.
+    pub fn wake(&self) {
+        let _ = self.0.try_send(());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::testing::{FakeBroker, FakeStore};
+    use super::*;
+    use crate::message::Message;
+
+    fn assert_send_sync<T: Send + Sync>() {}
+
+    #[test]
+    fn public_types_are_send_and_sync() {
+        assert_send_sync::<DispatcherHandle>();
+        assert_send_sync::<Waker>();
+        assert_send_sync::<crate::MySqlStore>();
+        assert_send_sync::<crate::Outbox>();
+        assert_send_sync::<crate::Error>();
+    }
+
+    #[test]
+    fn refuses_bad_instance_ids() {
+        for id in ["", "a\nb", &"x".repeat(MAX_INSTANCE_ID_LEN + 1)] {
+            let result = Dispatcher::new(
+                FakeStore::default(),
+                FakeBroker::failing_payloads([]),
+                DispatcherSettings::default(),
+                id,
+            );
+            assert!(matches!(result, Err(Error::Config(_))), "{id:?}");
+        }
+    }
+
+    #[test]
+    fn owners_differ_for_the_same_instance_id() {
+        let a = Dispatcher::new(
+            FakeStore::default(),
+            FakeBroker::failing_payloads([]),
+            DispatcherSettings::default(),
+            "x",
+        )
+        .unwrap();
+        let b = Dispatcher::new(
+            FakeStore::default(),
+            FakeBroker::failing_payloads([]),
+            DispatcherSettings::default(),
+            "x",
+        )
+        .unwrap();
+        assert_ne!(a.owner, b.owner);
+        assert!(a.owner.starts_with("x#"));
+    }
+
+    #[test]
+    fn delivers_everything_then_stops_joined() {
+        let messages =
+            (0..30).map(|i| Message::new("t", format!("{i}")).with_key(format!("k{}", i % 3)));
+        let store = Arc::new(FakeStore::with(messages));
+        let settings = DispatcherSettings {
+            process_interval: Duration::from_millis(10),
+            ..Default::default()
+        };
+        let dispatcher = Dispatcher::new(
+            store.clone(),
+            FakeBroker::failing_payloads([]),
+            settings,
+            "t",
+        )
+        .unwrap();
+        let mut handle = dispatcher.start().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while store.delivered_ids().len() < 30 && std::time::Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        handle.stop().unwrap();
+        assert_eq!(store.delivered_ids(), (1..=30).collect::<Vec<_>>());
+        assert!(handle.threads.is_empty());
+        handle.stop().unwrap();
+    }
+}

@@ -1,0 +1,295 @@
+//! The relay worker: claim a batch, publish it, mark each row by its own outcome.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, tick, Receiver};
+
+use super::backoff::backoff;
+use super::signal::Signals;
+use crate::broker::Broker;
+use crate::error::{Error, Result};
+use crate::settings::DispatcherSettings;
+use crate::store::{Failure, Store};
+
+/// Longest pause between two tries of a mark that failed on a database error.
+const MARK_RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// What one round did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Round {
+    pub claimed: usize,
+    pub delivered: usize,
+    pub failed: usize,
+}
+
+pub(crate) struct Relay<S, B> {
+    pub store: Arc<S>,
+    pub broker: B,
+    pub settings: DispatcherSettings,
+    pub owner: String,
+    pub signals: Signals,
+}
+
+impl<S: Store, B: Broker> Relay<S, B> {
+    /// Drains at once, then again on every wake-up and every `process_interval`, until
+    /// the stop signal.
+    pub fn run(mut self, wake: Receiver<()>) {
+        let ticks = tick(self.settings.process_interval);
+        loop {
+            self.drain();
+            select! {
+                recv(self.signals.stop) -> _ => return,
+                recv(wake) -> _ => {},
+                recv(ticks) -> _ => {},
+            }
+            if self.signals.stopped() {
+                return;
+            }
+        }
+    }
+
+    /// Runs rounds back to back while they find work: each round's deliveries can make
+    /// the next messages of their keys eligible.
+    fn drain(&mut self) {
+        loop {
+            match self.round() {
+                Ok(round) if round.claimed > 0 && !self.signals.stopped() => continue,
+                Ok(_) => return,
+                Err(e) => {
+                    self.signals.report(e);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Claims one batch, publishes it and settles every row.
+    pub fn round(&mut self) -> Result<Round> {
+        let records = self.store.claim(
+            &self.owner,
+            self.settings.batch_size,
+            self.settings.dead_blocks_key,
+        )?;
+        if records.is_empty() {
+            return Ok(Round::default());
+        }
+        let lease_ends = Instant::now() + self.settings.max_lock_duration;
+        let mut outcomes = self.broker.publish(&records);
+        if outcomes.len() != records.len() {
+            log::error!(
+                "broker returned {} outcomes for {} records",
+                outcomes.len(),
+                records.len()
+            );
+            outcomes.resize_with(records.len(), || {
+                Err(Error::Broker("the broker returned no outcome".into()))
+            });
+        }
+
+        let mut delivered = Vec::with_capacity(records.len());
+        let mut failures = Vec::new();
+        let mut first_error = None;
+        for (record, outcome) in records.iter().zip(outcomes) {
+            match outcome {
+                Ok(()) => delivered.push(record.id),
+                Err(e) => {
+                    let attempts = record.attempts.saturating_add(1);
+                    let dead = self
+                        .settings
+                        .max_attempts
+                        .is_some_and(|max| attempts >= max);
+                    let retry_in = backoff(
+                        attempts,
+                        self.settings.backoff_min,
+                        self.settings.backoff_max,
+                    );
+                    if dead {
+                        log::error!(
+                            "message {} (row {}) is dead after {attempts} attempts: {e}",
+                            record.message_id,
+                            record.id
+                        );
+                    } else {
+                        log::debug!(
+                            "message {} (row {}) failed, attempt {attempts}, retry in {retry_in:?}: {e}",
+                            record.message_id,
+                            record.id
+                        );
+                    }
+                    failures.push(Failure {
+                        id: record.id,
+                        error: e.to_string(),
+                        retry_in,
+                        dead,
+                    });
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+
+        let round = Round {
+            claimed: records.len(),
+            delivered: delivered.len(),
+            failed: failures.len(),
+        };
+        if let Some(e) = first_error {
+            log::warn!(
+                "{} of {} messages failed to publish; first error: {e}",
+                round.failed,
+                round.claimed
+            );
+            self.signals.report(e);
+        }
+        let marked = self.retry_until(lease_ends, |store, owner| {
+            store.mark_delivered(owner, &delivered)
+        })?;
+        let failed = self.retry_until(lease_ends, |store, owner| {
+            store.mark_failed(owner, &failures)
+        })?;
+        let lost =
+            (delivered.len() + failures.len()) as u64 - (marked + failed).min(round.claimed as u64);
+        if lost > 0 {
+            log::warn!(
+                "{lost} rows were no longer leased to {} when marked (lease expired and taken over); \
+                 they may be published twice",
+                self.owner
+            );
+        }
+        log::debug!(
+            "round: {} claimed, {} delivered, {} failed",
+            round.claimed,
+            round.delivered,
+            round.failed
+        );
+        Ok(round)
+    }
+
+    /// Runs a mark until it succeeds. A database error is reported and the mark tried
+    /// again, with growing pauses, until the lease would have expired anyway (or the stop
+    /// signal came): giving up earlier would only leave the rows to be published twice.
+    fn retry_until(
+        &self,
+        lease_ends: Instant,
+        mark: impl Fn(&S, &str) -> Result<u64>,
+    ) -> Result<u64> {
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match mark(&self.store, &self.owner) {
+                Ok(n) => return Ok(n),
+                Err(e) if Instant::now() + pause < lease_ends && !self.signals.stopped() => {
+                    self.signals.report(e);
+                    self.signals.pause(pause);
+                    pause = (pause * 2).min(MARK_RETRY_MAX);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dispatcher::testing::{FakeBroker, FakeStore};
+    use crate::message::Message;
+    use crossbeam_channel::Sender;
+
+    fn relay(
+        store: Arc<FakeStore>,
+        broker: FakeBroker,
+        settings: DispatcherSettings,
+    ) -> (Relay<FakeStore, FakeBroker>, Receiver<Error>, Sender<()>) {
+        let (signals, errors, stop) = Signals::for_test();
+        let relay = Relay {
+            store,
+            broker,
+            settings,
+            owner: "me".into(),
+            signals,
+        };
+        (relay, errors, stop)
+    }
+
+    fn settings() -> DispatcherSettings {
+        DispatcherSettings {
+            backoff_min: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(10),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn one_failure_does_not_stop_the_rest_of_the_batch() {
+        let store = Arc::new(FakeStore::with(
+            (0..5).map(|i| Message::new("t", format!("m{i}"))),
+        ));
+        let broker = FakeBroker::failing_payloads(["m2"]);
+        let (mut relay, errors, _stop) = relay(store.clone(), broker, settings());
+        let round = relay.round().unwrap();
+        assert_eq!(
+            round,
+            Round {
+                claimed: 5,
+                delivered: 4,
+                failed: 1
+            }
+        );
+        assert_eq!(store.delivered_ids(), vec![1, 2, 4, 5]);
+        let failed = store.row(3);
+        assert_eq!(
+            (failed.attempts, failed.dead, failed.locked),
+            (1, false, false)
+        );
+        assert!(failed.error.contains("refused m2"), "{}", failed.error);
+        assert!(
+            errors.try_recv().is_ok(),
+            "the failure is reported on the error channel"
+        );
+    }
+
+    #[test]
+    fn reaching_max_attempts_makes_a_message_dead() {
+        let store = Arc::new(FakeStore::with([Message::new("t", "poison")]));
+        let broker = FakeBroker::failing_payloads(["poison"]);
+        let (mut relay, _errors, _stop) = relay(
+            store.clone(),
+            broker,
+            DispatcherSettings {
+                max_attempts: Some(2),
+                ..settings()
+            },
+        );
+        relay.round().unwrap();
+        assert!(!store.row(1).dead);
+        store.make_available();
+        relay.round().unwrap();
+        let row = store.row(1);
+        assert_eq!((row.attempts, row.dead), (2, true));
+    }
+
+    #[test]
+    fn a_database_error_on_claim_is_returned_not_panicked() {
+        let store = Arc::new(FakeStore::with([Message::new("t", "m")]));
+        store.fail_next_claims(1);
+        let (mut relay, _errors, _stop) =
+            relay(store.clone(), FakeBroker::failing_payloads([]), settings());
+        assert!(relay.round().is_err());
+        assert_eq!(
+            relay.round().unwrap().delivered,
+            1,
+            "the next round recovers"
+        );
+    }
+
+    #[test]
+    fn a_failed_mark_is_retried_so_the_row_is_not_published_twice() {
+        let store = Arc::new(FakeStore::with([Message::new("t", "m")]));
+        store.fail_next_marks(2);
+        let broker = FakeBroker::failing_payloads([]);
+        let (mut relay, errors, _stop) = relay(store.clone(), broker, settings());
+        assert_eq!(relay.round().unwrap().delivered, 1);
+        assert_eq!(store.delivered_ids(), vec![1]);
+        assert_eq!(errors.try_iter().count(), 2, "each failed mark is reported");
+    }
+}

@@ -1,0 +1,205 @@
+//! In-memory `Store` and `Broker` for the dispatcher's unit tests.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use uuid::Uuid;
+
+use crate::broker::Broker;
+use crate::error::{Error, Result};
+use crate::message::Message;
+use crate::record::Record;
+use crate::store::{Failure, Store};
+
+#[derive(Debug, Clone)]
+pub(crate) struct FakeRow {
+    pub record: Record,
+    pub delivered: bool,
+    pub dead: bool,
+    pub locked: bool,
+    pub available: bool,
+    pub attempts: u32,
+    pub error: String,
+}
+
+/// Rows in memory; claims follow the same rules as the SQL store.
+#[derive(Default)]
+pub(crate) struct FakeStore {
+    rows: Mutex<Vec<FakeRow>>,
+    claim_failures: Mutex<u32>,
+    mark_failures: Mutex<u32>,
+}
+
+impl FakeStore {
+    pub fn with(messages: impl IntoIterator<Item = Message>) -> FakeStore {
+        let rows = messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, message)| FakeRow {
+                record: Record {
+                    id: i as u64 + 1,
+                    message_id: Uuid::now_v7(),
+                    attempts: 0,
+                    message,
+                },
+                delivered: false,
+                dead: false,
+                locked: false,
+                available: true,
+                attempts: 0,
+                error: String::new(),
+            })
+            .collect();
+        FakeStore {
+            rows: Mutex::new(rows),
+            ..Default::default()
+        }
+    }
+
+    pub fn row(&self, id: u64) -> FakeRow {
+        self.rows.lock()[id as usize - 1].clone()
+    }
+
+    pub fn delivered_ids(&self) -> Vec<u64> {
+        self.rows
+            .lock()
+            .iter()
+            .filter(|r| r.delivered)
+            .map(|r| r.record.id)
+            .collect()
+    }
+
+    /// Ends every backoff now.
+    pub fn make_available(&self) {
+        self.rows.lock().iter_mut().for_each(|r| r.available = true);
+    }
+
+    pub fn fail_next_claims(&self, n: u32) {
+        *self.claim_failures.lock() = n;
+    }
+
+    pub fn fail_next_marks(&self, n: u32) {
+        *self.mark_failures.lock() = n;
+    }
+
+    fn injected(counter: &Mutex<u32>) -> Result<()> {
+        let mut left = counter.lock();
+        if *left > 0 {
+            *left -= 1;
+            let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "injected");
+            return Err(Error::Database(mysql::Error::IoError(io)));
+        }
+        Ok(())
+    }
+}
+
+impl Store for FakeStore {
+    fn claim(&self, _owner: &str, limit: usize, dead_blocks_key: bool) -> Result<Vec<Record>> {
+        Self::injected(&self.claim_failures)?;
+        let mut rows = self.rows.lock();
+        let mut held = HashSet::new();
+        let mut claimed = Vec::new();
+        for row in rows.iter_mut() {
+            let key = row
+                .record
+                .message
+                .key()
+                .map(|k| (row.record.message.topic().to_string(), k.to_string()));
+            let blocking = !row.delivered && (!row.dead || dead_blocks_key);
+            let eligible = !row.delivered && !row.dead && !row.locked && row.available;
+            let free_key = key.as_ref().is_none_or(|k| !held.contains(k));
+            if eligible && free_key && claimed.len() < limit {
+                row.locked = true;
+                let mut record = row.record.clone();
+                record.attempts = row.attempts;
+                claimed.push(record);
+            }
+            if blocking {
+                held.extend(key);
+            }
+        }
+        Ok(claimed)
+    }
+
+    fn mark_delivered(&self, _owner: &str, ids: &[u64]) -> Result<u64> {
+        Self::injected(&self.mark_failures)?;
+        let mut rows = self.rows.lock();
+        let mut n = 0;
+        for row in rows
+            .iter_mut()
+            .filter(|r| r.locked && ids.contains(&r.record.id))
+        {
+            row.delivered = true;
+            row.locked = false;
+            row.attempts += 1;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn mark_failed(&self, _owner: &str, failures: &[Failure]) -> Result<u64> {
+        Self::injected(&self.mark_failures)?;
+        let mut rows = self.rows.lock();
+        let mut n = 0;
+        for failure in failures {
+            if let Some(row) = rows
+                .iter_mut()
+                .find(|r| r.locked && r.record.id == failure.id)
+            {
+                row.locked = false;
+                row.available = false;
+                row.attempts += 1;
+                row.dead = failure.dead;
+                row.error = failure.error.clone();
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn release_expired(&self, _older_than: Duration) -> Result<u64> {
+        Ok(0)
+    }
+
+    fn purge_delivered(&self, _older_than: Duration, _limit: usize) -> Result<u64> {
+        Ok(0)
+    }
+
+    fn purge_dead(&self, _older_than: Duration, _limit: usize) -> Result<u64> {
+        Ok(0)
+    }
+}
+
+/// Acknowledges everything but the payloads it was told to refuse.
+pub(crate) struct FakeBroker {
+    refuse: Vec<Vec<u8>>,
+}
+
+impl FakeBroker {
+    pub fn failing_payloads<const N: usize>(payloads: [&str; N]) -> FakeBroker {
+        FakeBroker {
+            refuse: payloads.iter().map(|p| p.as_bytes().to_vec()).collect(),
+        }
+    }
+}
+
+impl Broker for FakeBroker {
+    fn publish(&mut self, records: &[Record]) -> Vec<Result<()>> {
+        records
+            .iter()
+            .map(|r| {
+                if self.refuse.iter().any(|p| p == r.message.payload()) {
+                    let text = String::from_utf8_lossy(r.message.payload()).into_owned();
+                    Err(Error::Broker(format!("refused {text}").into()))
+                } else {
+                    Ok(())
+                }
+            })
+            .collect()
+    }
+
+    fn delivery_timeout(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+}

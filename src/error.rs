@@ -1,0 +1,123 @@
+//! The crate's one error type.
+
+use std::fmt;
+
+/// What can go wrong in the outbox.
+///
+/// Source errors are kept: walk [`std::error::Error::source`] for the driver's own error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A message was refused by [`Message::validate`](crate::Message::validate); nothing
+    /// was written.
+    #[error("invalid message: {0}")]
+    InvalidMessage(String),
+
+    /// Settings, a table name or an instance id were refused at construction.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    /// The database refused a statement or the connection was lost.
+    #[error("database error: {0}")]
+    Database(#[from] mysql::Error),
+
+    /// A row in the outbox table could not be decoded (for example, headers edited by hand).
+    #[error("row {id} of the outbox table is corrupt: {reason}")]
+    CorruptRow {
+        /// The row's `id` column.
+        id: u64,
+        /// What was wrong with it.
+        reason: String,
+    },
+
+    /// Kafka refused a message, or could not be reached before the delivery timeout.
+    #[error("kafka error: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+
+    /// A custom [`Broker`](crate::Broker) failed.
+    #[error("broker error: {0}")]
+    Broker(#[source] Box<dyn std::error::Error + Send + Sync>),
+
+    /// A value could not be encoded as JSON.
+    #[error("json error: {0}")]
+    Json(#[from] serde_json::Error),
+
+    /// A dispatcher thread could not be started.
+    #[error("could not start a dispatcher thread: {0}")]
+    Thread(#[source] std::io::Error),
+
+    /// A dispatcher thread panicked; the dispatcher should be stopped and restarted.
+    #[error("dispatcher worker {0} panicked: {1}")]
+    WorkerPanicked(Worker, String),
+}
+
+impl Error {
+    /// True when trying the same call again later may succeed (a lost connection, a
+    /// deadlock, an unreachable broker); false for bad input and bad settings.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Database(e) => !matches!(e, mysql::Error::UrlError(_)),
+            Error::Kafka(_) | Error::Broker(_) | Error::Thread(_) | Error::WorkerPanicked(..) => {
+                true
+            }
+            Error::InvalidMessage(_)
+            | Error::Config(_)
+            | Error::CorruptRow { .. }
+            | Error::Json(_) => false,
+        }
+    }
+
+    pub(crate) fn config(reason: impl Into<String>) -> Error {
+        Error::Config(reason.into())
+    }
+
+    pub(crate) fn invalid(reason: impl Into<String>) -> Error {
+        Error::InvalidMessage(reason.into())
+    }
+}
+
+/// The dispatcher's worker threads, as named in errors and thread names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Worker {
+    /// Claims, publishes and marks messages.
+    Relay,
+    /// Releases leases older than `max_lock_duration`.
+    LockChecker,
+    /// Deletes delivered (and, if set, dead) rows past their retention.
+    Cleaner,
+}
+
+impl fmt::Display for Worker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Worker::Relay => "relay",
+            Worker::LockChecker => "lock-checker",
+            Worker::Cleaner => "cleaner",
+        })
+    }
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_input_is_not_retryable_but_lost_connections_are() {
+        assert!(!Error::invalid("x").is_retryable());
+        assert!(!Error::config("x").is_retryable());
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert!(Error::Database(mysql::Error::IoError(io)).is_retryable());
+    }
+
+    #[test]
+    fn source_is_kept() {
+        use std::error::Error as _;
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        let err = Error::Database(mysql::Error::IoError(io));
+        assert!(err.source().is_some());
+    }
+}

@@ -1,0 +1,91 @@
+//! A transactional outbox for MySQL and Kafka: synchronous, on OS threads, with no async
+//! runtime.
+//!
+//! A service writes its business change and an outbox message in **one** MySQL
+//! transaction; a [`Dispatcher`] relays committed messages to Kafka. A message is
+//! published if and only if its transaction commits, at least once, in commit order per
+//! topic and key.
+//!
+//! # Usage
+//!
+//! ```no_run
+//! use mysql::prelude::Queryable;
+//! use outbox::{Dispatcher, DispatcherSettings, KafkaBroker, Message, MySqlStore, Outbox};
+//!
+//! # fn main() -> outbox::Result<()> {
+//! let pool = mysql::Pool::new("mysql://root@127.0.0.1:3306/test")?;
+//! let store = MySqlStore::new(pool.clone()); // the table `outbox`
+//! store.migrate()?; // CREATE TABLE IF NOT EXISTS
+//! let outbox = Outbox::new(&store);
+//!
+//! // The relay: three OS threads, stopped when the handle is stopped or dropped.
+//! let broker = KafkaBroker::new("127.0.0.1:9092")?;
+//! let settings = DispatcherSettings { batch_size: 500, ..Default::default() };
+//! let mut handle = Dispatcher::new(store, broker, settings, "orders-service-1")?.start()?;
+//!
+//! // The producer side: the message rides in the caller's transaction.
+//! let mut tx = pool.start_transaction(mysql::TxOpts::default())?;
+//! tx.exec_drop("INSERT INTO orders (id, total) VALUES (?, ?)", (42, 1999))?;
+//! let message = Message::new("orders", r#"{"id":42}"#)
+//!     .with_key("order-42")
+//!     .with_header("event-type", "OrderCreated");
+//! let id = outbox.add(&mut tx, &message)?; // UUIDv7, sent as the `outbox-message-id` header
+//! tx.commit()?;
+//! handle.wake(); // optional: publish now rather than at the next poll
+//!
+//! for error in handle.errors().try_iter() {
+//!     eprintln!("outbox: {error}");
+//! }
+//! handle.stop()?;
+//! # let _ = id; Ok(()) }
+//! ```
+//!
+//! # Errors
+//!
+//! Every fallible call returns [`Error`]: [`Error::InvalidMessage`] and [`Error::Config`]
+//! for bad input (nothing is written), [`Error::Database`] and [`Error::Kafka`] from the
+//! drivers, with their source kept. [`Error::is_retryable`] tells the two kinds apart.
+//! The dispatcher's threads never panic on a lost connection: they put the error on
+//! [`DispatcherHandle::errors`] and try again at their next tick.
+//!
+//! # Extending
+//!
+//! The dispatcher works on two small traits: [`Store`] (the outbox table) and [`Broker`]
+//! (where messages go). [`MySqlStore`] and [`KafkaBroker`] implement them; another database
+//! or broker is another implementation.
+//!
+//! # Logging
+//!
+//! The crate logs through [`log`] and never installs a logger.
+//! - `error`: a message declared dead, a corrupt row, a worker panic;
+//! - `warn`: every error also put on the error channel, failed publishes, expired leases
+//!   released, rows whose lease was lost before they were marked;
+//! - `info`: dispatcher start and stop, rows deleted by retention;
+//! - `debug`: each relay round and each failed attempt.
+
+#![deny(missing_docs)]
+
+mod broker;
+mod dispatcher;
+mod error;
+mod message;
+mod outbox;
+mod record;
+mod settings;
+mod store;
+
+pub use mysql;
+pub use rdkafka;
+pub use uuid;
+
+pub use crate::broker::{Broker, KafkaBroker};
+pub use crate::dispatcher::{Dispatcher, DispatcherHandle, Waker, MAX_INSTANCE_ID_LEN};
+pub use crate::error::{Error, Result, Worker};
+pub use crate::message::{
+    Message, MAX_HEADERS, MAX_HEADER_NAME_LEN, MAX_KEY_LEN, MAX_MESSAGE_SIZE, MAX_TOPIC_LEN,
+    MESSAGE_ID_HEADER,
+};
+pub use crate::outbox::Outbox;
+pub use crate::record::Record;
+pub use crate::settings::{DispatcherSettings, MAX_BATCH_SIZE};
+pub use crate::store::{Failure, MySqlStore, Store};

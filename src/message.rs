@@ -1,0 +1,273 @@
+//! The message a service hands to the outbox, and the rules it must follow.
+
+use crate::error::{Error, Result};
+
+/// Longest topic name Kafka accepts.
+pub const MAX_TOPIC_LEN: usize = 249;
+/// Longest key, in bytes.
+pub const MAX_KEY_LEN: usize = 1024;
+/// Longest header name, in bytes.
+pub const MAX_HEADER_NAME_LEN: usize = 255;
+/// Most headers on one message (the outbox's own header not counted).
+pub const MAX_HEADERS: usize = 64;
+/// Largest message: payload, key, header names and header values added up, in bytes.
+///
+/// It stays below Kafka's default `max.message.bytes` (1,048,588) with room for the
+/// record's own overhead, so a message `add` accepts is one a default broker accepts.
+pub const MAX_MESSAGE_SIZE: usize = 1_000_000;
+
+/// Header carrying the outbox's message id (a hyphenated UUIDv7), added to every record
+/// published. Consumers drop duplicates by it. User headers may not use this name.
+pub const MESSAGE_ID_HEADER: &str = "outbox-message-id";
+
+/// A message for one Kafka topic: optional key, ordered headers and a payload.
+///
+/// Build it with [`Message::new`] or [`Message::json`] and the `with_*` methods; it is
+/// checked by [`validate`](Message::validate) when it is added to the outbox.
+///
+/// ```
+/// let msg = outbox::Message::new("orders", "{\"id\":42}")
+///     .with_key("order-42")
+///     .with_header("event-type", "OrderCreated");
+/// assert_eq!(msg.key(), Some("order-42"));
+/// assert!(msg.validate().is_ok());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    topic: String,
+    key: Option<String>,
+    headers: Vec<(String, Vec<u8>)>,
+    payload: Vec<u8>,
+}
+
+impl Message {
+    /// A message for `topic` with `payload` as its value, no key and no headers.
+    pub fn new(topic: impl Into<String>, payload: impl Into<Vec<u8>>) -> Message {
+        Message {
+            topic: topic.into(),
+            key: None,
+            headers: Vec::new(),
+            payload: payload.into(),
+        }
+    }
+
+    /// A message whose payload is `value` serialized as JSON, with the header
+    /// `content-type: application/json`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Json`] if `value` cannot be serialized.
+    pub fn json<T: serde::Serialize + ?Sized>(
+        topic: impl Into<String>,
+        value: &T,
+    ) -> Result<Message> {
+        let payload = serde_json::to_vec(value)?;
+        Ok(Message::new(topic, payload).with_header("content-type", "application/json"))
+    }
+
+    /// Sets the key. Messages with the same topic and key are published in commit order,
+    /// and Kafka puts them in the same partition.
+    pub fn with_key(mut self, key: impl Into<String>) -> Message {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Appends a header. Headers keep their order, and a name may repeat.
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<Vec<u8>>) -> Message {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// The topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The key, if any.
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
+    /// The headers, in the order they were added.
+    pub fn headers(&self) -> &[(String, Vec<u8>)] {
+        &self.headers
+    }
+
+    /// The payload.
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+
+    /// Checks the message against the rules below; [`Outbox::add`](crate::Outbox::add)
+    /// calls it before writing anything.
+    ///
+    /// - topic: 1 to 249 characters of `A-Z a-z 0-9 . _ -`, and not `.` or `..` (Kafka's rule);
+    /// - key: at most [`MAX_KEY_LEN`] bytes, no control characters;
+    /// - headers: at most [`MAX_HEADERS`]; names of 1 to [`MAX_HEADER_NAME_LEN`] bytes
+    ///   with no control characters, not [`MESSAGE_ID_HEADER`]; values any bytes;
+    /// - payload, key and headers together: at most [`MAX_MESSAGE_SIZE`] bytes.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidMessage`] naming the first rule broken.
+    pub fn validate(&self) -> Result<()> {
+        validate_topic(&self.topic)?;
+        if let Some(key) = &self.key {
+            if key.len() > MAX_KEY_LEN {
+                return Err(Error::invalid(format!(
+                    "key is {} bytes, the limit is {MAX_KEY_LEN}",
+                    key.len()
+                )));
+            }
+            if key.chars().any(char::is_control) {
+                return Err(Error::invalid("key contains a control character"));
+            }
+        }
+        if self.headers.len() > MAX_HEADERS {
+            return Err(Error::invalid(format!(
+                "{} headers, the limit is {MAX_HEADERS}",
+                self.headers.len()
+            )));
+        }
+        for (name, _) in &self.headers {
+            validate_header_name(name)?;
+        }
+        let size = self.size();
+        if size > MAX_MESSAGE_SIZE {
+            return Err(Error::invalid(format!(
+                "message is {size} bytes (payload, key and headers), the limit is {MAX_MESSAGE_SIZE}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Payload, key, header names and header values added up, in bytes.
+    pub(crate) fn size(&self) -> usize {
+        let headers: usize = self.headers.iter().map(|(n, v)| n.len() + v.len()).sum();
+        self.payload.len() + self.key.as_ref().map_or(0, String::len) + headers
+    }
+}
+
+fn validate_topic(topic: &str) -> Result<()> {
+    if topic.is_empty() {
+        return Err(Error::invalid("topic is empty"));
+    }
+    if topic.len() > MAX_TOPIC_LEN {
+        return Err(Error::invalid(format!(
+            "topic is {} characters, the limit is {MAX_TOPIC_LEN}",
+            topic.len()
+        )));
+    }
+    if topic == "." || topic == ".." {
+        return Err(Error::invalid(format!("topic may not be {topic:?}")));
+    }
+    if let Some(c) = topic
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(Error::invalid(format!(
+            "topic {topic:?} contains {c:?}; only A-Z, a-z, 0-9, '.', '_' and '-' are allowed"
+        )));
+    }
+    Ok(())
+}
+
+fn validate_header_name(name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::invalid("header name is empty"));
+    }
+    if name.len() > MAX_HEADER_NAME_LEN {
+        return Err(Error::invalid(format!(
+            "header name is {} bytes, the limit is {MAX_HEADER_NAME_LEN}",
+            name.len()
+        )));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(Error::invalid(format!(
+            "header name {name:?} contains a control character"
+        )));
+    }
+    if name.eq_ignore_ascii_case(MESSAGE_ID_HEADER) {
+        return Err(Error::invalid(format!(
+            "header name {MESSAGE_ID_HEADER:?} is reserved"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(msg: Message) -> String {
+        match msg.validate() {
+            Err(Error::InvalidMessage(reason)) => reason,
+            other => panic!("expected InvalidMessage, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn accepts_kafka_legal_topics() {
+        for topic in [
+            "a",
+            "orders",
+            "billing.v1_events-2",
+            &"x".repeat(MAX_TOPIC_LEN),
+        ] {
+            assert!(Message::new(topic, "p").validate().is_ok(), "{topic}");
+        }
+    }
+
+    #[test]
+    fn refuses_illegal_topics() {
+        assert!(refused(Message::new("", "p")).contains("empty"));
+        assert!(refused(Message::new(".", "p")).contains("may not"));
+        assert!(refused(Message::new("..", "p")).contains("may not"));
+        assert!(refused(Message::new("a b", "p")).contains("' '"));
+        assert!(refused(Message::new("ordérs", "p")).contains("'é'"));
+        assert!(refused(Message::new("x".repeat(MAX_TOPIC_LEN + 1), "p")).contains("250"));
+    }
+
+    #[test]
+    fn refuses_bad_keys_and_header_names() {
+        assert!(refused(Message::new("t", "p").with_key("a\nb")).contains("control"));
+        assert!(
+            refused(Message::new("t", "p").with_key("k".repeat(MAX_KEY_LEN + 1))).contains("key")
+        );
+        assert!(refused(Message::new("t", "p").with_header("", "v")).contains("empty"));
+        assert!(refused(Message::new("t", "p").with_header("a\0", "v")).contains("control"));
+        assert!(
+            refused(Message::new("t", "p").with_header(MESSAGE_ID_HEADER, "v"))
+                .contains("reserved")
+        );
+        let many = (0..=MAX_HEADERS).fold(Message::new("t", "p"), |m, i| {
+            m.with_header(format!("h{i}"), "v")
+        });
+        assert!(refused(many).contains("headers"));
+    }
+
+    #[test]
+    fn header_values_may_be_any_bytes() {
+        let msg = Message::new("t", "p").with_header("bin", vec![0u8, 255, 10]);
+        assert!(msg.validate().is_ok());
+        assert_eq!(msg.headers()[0].1, vec![0u8, 255, 10]);
+    }
+
+    #[test]
+    fn size_limit_counts_payload_key_and_headers() {
+        let at_limit = Message::new("t", vec![0u8; MAX_MESSAGE_SIZE - 3]).with_key("abc");
+        assert!(at_limit.validate().is_ok());
+        let over = at_limit.with_header("h", "");
+        assert!(refused(over).contains("1000001"));
+    }
+
+    #[test]
+    fn json_sets_payload_and_content_type() {
+        let msg = Message::json("t", &serde_json::json!({"id": 7})).unwrap();
+        assert_eq!(msg.payload(), br#"{"id":7}"#);
+        assert_eq!(
+            msg.headers(),
+            &[("content-type".to_string(), b"application/json".to_vec())]
+        );
+    }
+}

@@ -1,0 +1,76 @@
+//! The producer side: adding messages inside the caller's transaction.
+
+use uuid::Uuid;
+
+use crate::error::Result;
+use crate::message::Message;
+use crate::store::MySqlStore;
+
+/// Adds messages to an outbox table inside the caller's MySQL transaction, so that they
+/// are published if and only if that transaction commits.
+///
+/// `Outbox` never opens, commits or rolls back anything itself. It is cheap to clone and
+/// can be shared between threads.
+///
+/// ```no_run
+/// use mysql::prelude::Queryable;
+/// # fn main() -> outbox::Result<()> {
+/// let pool = mysql::Pool::new("mysql://root@127.0.0.1:3306/test")?;
+/// let store = outbox::MySqlStore::new(pool.clone());
+/// let outbox = outbox::Outbox::new(&store);
+///
+/// let mut tx = pool.start_transaction(mysql::TxOpts::default())?;
+/// tx.exec_drop("UPDATE accounts SET balance = balance - 10 WHERE id = ?", (7,))?;
+/// let id = outbox.add(&mut tx, &outbox::Message::new("accounts", "debited").with_key("7"))?;
+/// tx.commit()?;
+/// println!("queued {id}");
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Outbox {
+    store: MySqlStore,
+}
+
+impl Outbox {
+    /// An outbox writing to `store`'s table.
+    pub fn new(store: &MySqlStore) -> Outbox {
+        Outbox {
+            store: store.clone(),
+        }
+    }
+
+    /// Validates `message` and inserts it through `tx`. Returns its message id (a UUIDv7),
+    /// which consumers see in the [`MESSAGE_ID_HEADER`](crate::MESSAGE_ID_HEADER) header.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidMessage`](crate::Error::InvalidMessage) before anything is written;
+    /// [`Error::Database`](crate::Error::Database) if the INSERT fails (the transaction is
+    /// the caller's to roll back).
+    pub fn add(&self, tx: &mut mysql::Transaction<'_>, message: &Message) -> Result<Uuid> {
+        message.validate()?;
+        let id = Uuid::now_v7();
+        self.store.insert(tx, &[(id, message)])?;
+        Ok(id)
+    }
+
+    /// Validates every message, then inserts them all through `tx` in multi-row INSERTs.
+    /// Returns their message ids in the same order. Within a key, they are published in
+    /// this order.
+    ///
+    /// # Errors
+    ///
+    /// As [`add`](Outbox::add): if any message is invalid, none is written.
+    pub fn add_all(
+        &self,
+        tx: &mut mysql::Transaction<'_>,
+        messages: &[Message],
+    ) -> Result<Vec<Uuid>> {
+        for message in messages {
+            message.validate()?;
+        }
+        let rows: Vec<(Uuid, &Message)> = messages.iter().map(|m| (Uuid::now_v7(), m)).collect();
+        self.store.insert(tx, &rows)?;
+        Ok(rows.into_iter().map(|(id, _)| id).collect())
+    }
+}

@@ -1,0 +1,221 @@
+//! How often the dispatcher's workers run and what they allow.
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// Largest accepted `batch_size`.
+pub const MAX_BATCH_SIZE: usize = 10_000;
+
+/// The dispatcher's settings. Build from [`Default`] and change what you need:
+///
+/// ```
+/// use std::time::Duration;
+/// let settings = outbox::DispatcherSettings {
+///     batch_size: 200,
+///     max_attempts: Some(10),
+///     ..Default::default()
+/// };
+/// assert_eq!(settings.process_interval, Duration::from_secs(1));
+/// ```
+///
+/// [`Dispatcher::new`](crate::Dispatcher::new) checks them and refuses invalid
+/// combinations with [`Error::Config`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DispatcherSettings {
+    /// How often the relay polls for new messages when it has not been woken.
+    /// Defaults to 1 s.
+    pub process_interval: Duration,
+    /// How often the lock checker looks for expired leases. Defaults to 30 s.
+    pub lock_check_interval: Duration,
+    /// How often the cleaner deletes rows past their retention. Defaults to 60 s.
+    pub cleanup_interval: Duration,
+    /// How long a claimed row stays locked before the lock checker releases it for
+    /// another dispatcher. Must exceed the broker's delivery timeout by
+    /// [`LEASE_MARGIN`](Self::LEASE_MARGIN). Defaults to 5 min.
+    pub max_lock_duration: Duration,
+    /// How long delivered rows are kept before the cleaner deletes them. Pending rows are
+    /// never deleted. Defaults to 24 h.
+    pub retention: Duration,
+    /// How long dead rows are kept; `None` keeps them until an operator acts.
+    /// Defaults to `None`.
+    pub dead_retention: Option<Duration>,
+    /// Failed sends after which a message is dead (state 2) and no longer tried; `None`
+    /// retries forever. Defaults to `None`.
+    pub max_attempts: Option<u32>,
+    /// Whether a dead message holds back the later messages of its topic and key
+    /// (`true`), or lets them go on (`false`: order holds among delivered messages, with
+    /// a gap where the dead one was). Defaults to `false`.
+    pub dead_blocks_key: bool,
+    /// Most messages claimed and published in one round. Defaults to 500.
+    pub batch_size: usize,
+    /// Most rows the cleaner deletes in one statement. Defaults to 1,000.
+    pub cleanup_batch_size: usize,
+    /// Wait before the first retry of a failed message; each further failure doubles it,
+    /// with jitter. Defaults to 1 s.
+    pub backoff_min: Duration,
+    /// Longest wait between retries. Defaults to 5 min.
+    pub backoff_max: Duration,
+}
+
+impl Default for DispatcherSettings {
+    fn default() -> Self {
+        DispatcherSettings {
+            process_interval: Duration::from_secs(1),
+            lock_check_interval: Duration::from_secs(30),
+            cleanup_interval: Duration::from_secs(60),
+            max_lock_duration: Duration::from_secs(5 * 60),
+            retention: Duration::from_secs(24 * 60 * 60),
+            dead_retention: None,
+            max_attempts: None,
+            dead_blocks_key: false,
+            batch_size: 500,
+            cleanup_batch_size: 1_000,
+            backoff_min: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(5 * 60),
+        }
+    }
+}
+
+impl DispatcherSettings {
+    /// Least time between the broker's delivery timeout and `max_lock_duration`: room for
+    /// claiming and marking, so that a live lease never expires by design.
+    pub const LEASE_MARGIN: Duration = Duration::from_secs(5);
+
+    /// Longest duration accepted anywhere (100 years): the database computes with them.
+    pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+    /// Checks every field and the combinations, given the broker's delivery timeout.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] naming the first setting refused.
+    pub fn validate(&self, delivery_timeout: Duration) -> Result<()> {
+        let durations = [
+            ("process_interval", self.process_interval),
+            ("lock_check_interval", self.lock_check_interval),
+            ("cleanup_interval", self.cleanup_interval),
+            ("max_lock_duration", self.max_lock_duration),
+            ("retention", self.retention),
+            ("backoff_min", self.backoff_min),
+            ("backoff_max", self.backoff_max),
+        ];
+        let dead = self.dead_retention.map(|d| ("dead_retention", d));
+        for (name, value) in durations.into_iter().chain(dead) {
+            if value.is_zero() {
+                return Err(Error::config(format!("{name} must be greater than zero")));
+            }
+            if value > Self::MAX_DURATION {
+                return Err(Error::config(format!("{name} is longer than 100 years")));
+            }
+        }
+        if self.max_attempts == Some(0) {
+            return Err(Error::config(
+                "max_attempts must be at least 1 (or None for no limit)",
+            ));
+        }
+        if !(1..=MAX_BATCH_SIZE).contains(&self.batch_size) {
+            return Err(Error::config(format!(
+                "batch_size must be 1 to {MAX_BATCH_SIZE}"
+            )));
+        }
+        if !(1..=MAX_BATCH_SIZE).contains(&self.cleanup_batch_size) {
+            return Err(Error::config(format!(
+                "cleanup_batch_size must be 1 to {MAX_BATCH_SIZE}"
+            )));
+        }
+        if self.backoff_min > self.backoff_max {
+            return Err(Error::config("backoff_min must not exceed backoff_max"));
+        }
+        if self.max_lock_duration < delivery_timeout + Self::LEASE_MARGIN {
+            return Err(Error::config(format!(
+                "max_lock_duration ({:?}) must be at least the broker's delivery timeout ({:?}) \
+                 plus {:?}, or a live lease would expire while its batch is still being sent",
+                self.max_lock_duration,
+                delivery_timeout,
+                Self::LEASE_MARGIN
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DELIVERY: Duration = Duration::from_secs(30);
+
+    fn refused(settings: DispatcherSettings) -> String {
+        match settings.validate(DELIVERY) {
+            Err(Error::Config(reason)) => reason,
+            other => panic!("expected Config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        DispatcherSettings::default().validate(DELIVERY).unwrap();
+    }
+
+    #[test]
+    fn refuses_zero_durations_and_sizes() {
+        let d = DispatcherSettings::default;
+        assert!(refused(DispatcherSettings {
+            process_interval: Duration::ZERO,
+            ..d()
+        })
+        .contains("process_interval"));
+        assert!(refused(DispatcherSettings {
+            retention: Duration::ZERO,
+            ..d()
+        })
+        .contains("retention"));
+        assert!(refused(DispatcherSettings {
+            dead_retention: Some(Duration::ZERO),
+            ..d()
+        })
+        .contains("dead_retention"));
+        assert!(refused(DispatcherSettings {
+            batch_size: 0,
+            ..d()
+        })
+        .contains("batch_size"));
+        assert!(refused(DispatcherSettings {
+            batch_size: MAX_BATCH_SIZE + 1,
+            ..d()
+        })
+        .contains("batch_size"));
+        assert!(refused(DispatcherSettings {
+            cleanup_batch_size: 0,
+            ..d()
+        })
+        .contains("cleanup_batch_size"));
+        assert!(refused(DispatcherSettings {
+            max_attempts: Some(0),
+            ..d()
+        })
+        .contains("max_attempts"));
+    }
+
+    #[test]
+    fn refuses_contradictions() {
+        let d = DispatcherSettings::default;
+        let inverted = DispatcherSettings {
+            backoff_min: Duration::from_secs(10),
+            backoff_max: Duration::from_secs(1),
+            ..d()
+        };
+        assert!(refused(inverted).contains("backoff_min"));
+        let short_lease = DispatcherSettings {
+            max_lock_duration: DELIVERY,
+            ..d()
+        };
+        assert!(refused(short_lease).contains("max_lock_duration"));
+        let huge = DispatcherSettings {
+            retention: Duration::from_secs(u64::MAX),
+            ..d()
+        };
+        assert!(refused(huge).contains("100 years"));
+    }
+}

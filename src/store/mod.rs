@@ -1,0 +1,82 @@
+//! What the dispatcher needs from a database, and the MySQL implementation.
+
+mod mysql;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use self::mysql::MySqlStore;
+use crate::error::Result;
+use crate::record::Record;
+
+/// The dispatcher's view of an outbox table.
+///
+/// Every call that changes claimed rows takes the `owner` that claimed them and changes
+/// only rows still leased to that owner (fencing): once the lock checker released a
+/// lease and another dispatcher took the row, the stale owner's writes do nothing.
+/// Times are the database's clock, never the caller's.
+pub trait Store: Send + Sync + 'static {
+    /// Leases up to `limit` pending, unleased rows whose `available_on` has come, in id
+    /// order, to `owner`. A row is taken only when no older row of the same topic and key
+    /// is still pending (nor dead, when `dead_blocks_key`), so that each key's messages
+    /// go out one after the other in order. Rows without a key are never held back.
+    fn claim(&self, owner: &str, limit: usize, dead_blocks_key: bool) -> Result<Vec<Record>>;
+
+    /// Marks rows delivered. Returns how many were still leased to `owner` and changed.
+    fn mark_delivered(&self, owner: &str, ids: &[u64]) -> Result<u64>;
+
+    /// Records failed sends: one more attempt, the error, the lease released, the row
+    /// available again after `retry_in` (or dead). Returns how many rows changed.
+    fn mark_failed(&self, owner: &str, failures: &[Failure]) -> Result<u64>;
+
+    /// Releases leases taken longer ago than `older_than`. Returns how many.
+    fn release_expired(&self, older_than: Duration) -> Result<u64>;
+
+    /// Deletes at most `limit` delivered rows delivered longer ago than `older_than`.
+    /// Returns how many.
+    fn purge_delivered(&self, older_than: Duration, limit: usize) -> Result<u64>;
+
+    /// Deletes at most `limit` dead rows that died longer ago than `older_than`.
+    /// Returns how many.
+    fn purge_dead(&self, older_than: Duration, limit: usize) -> Result<u64>;
+}
+
+/// One failed send, as [`Store::mark_failed`] records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// The row's id.
+    pub id: u64,
+    /// The error, as text; stores may truncate it.
+    pub error: String,
+    /// When the row may be tried again, from now by the database's clock.
+    pub retry_in: Duration,
+    /// True when this was the last attempt allowed: the row becomes dead.
+    pub dead: bool,
+}
+
+/// A shared store is a store: the dispatcher can take an `Arc` the application keeps too.
+impl<S: Store + ?Sized> Store for Arc<S> {
+    fn claim(&self, owner: &str, limit: usize, dead_blocks_key: bool) -> Result<Vec<Record>> {
+        (**self).claim(owner, limit, dead_blocks_key)
+    }
+
+    fn mark_delivered(&self, owner: &str, ids: &[u64]) -> Result<u64> {
+        (**self).mark_delivered(owner, ids)
+    }
+
+    fn mark_failed(&self, owner: &str, failures: &[Failure]) -> Result<u64> {
+        (**self).mark_failed(owner, failures)
+    }
+
+    fn release_expired(&self, older_than: Duration) -> Result<u64> {
+        (**self).release_expired(older_than)
+    }
+
+    fn purge_delivered(&self, older_than: Duration, limit: usize) -> Result<u64> {
+        (**self).purge_delivered(older_than, limit)
+    }
+
+    fn purge_dead(&self, older_than: Duration, limit: usize) -> Result<u64> {
+        (**self).purge_dead(older_than, limit)
+    }
+}
