@@ -22,7 +22,7 @@ build:
 	cargo build --all-targets
 
 test: services
-	cargo test --all-targets
+	cargo test
 
 unit-test:
 	cargo test --lib

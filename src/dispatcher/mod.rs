@@ -177,7 +177,9 @@ impl DispatcherHandle {
     ///
     /// [`Error::WorkerPanicked`] if a thread could not be joined cleanly.
     pub fn stop(&mut self) -> Result<()> {
-        drop(self.stop.take());
+        if self.stop.take().is_none() {
+            return Ok(());
+        }
         let mut result = Ok(());
         for (worker, thread) in self.threads.drain(..) {
             if thread.join().is_err() {
