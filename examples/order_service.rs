@@ -145,15 +145,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// One record read back from the topic.
+struct Arrived {
+    key: String,
+    event_type: String,
+    message_id: String,
+    payload: String,
+}
+
 /// Reads `topic` from the beginning until `expected` records (then one more second, to
-/// catch any that should not be there) or `timeout`. Returns key, event type, message id
-/// and payload of each.
+/// catch any that should not be there) or `timeout`.
 fn read_topic(
     brokers: &str,
     topic: &str,
     expected: usize,
     timeout: Duration,
-) -> Result<Vec<(String, String, String, String)>, Box<dyn std::error::Error>> {
+) -> Result<Vec<Arrived>, Box<dyn std::error::Error>> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("{topic}.reader"))
@@ -190,12 +197,12 @@ fn read_topic(
                 .map(|v| String::from_utf8_lossy(v).into_owned())
                 .unwrap_or_default()
         };
-        arrived.push((
-            String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
-            header("event-type"),
-            header(outbox::MESSAGE_ID_HEADER),
-            String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned(),
-        ));
+        arrived.push(Arrived {
+            key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
+            event_type: header("event-type"),
+            message_id: header(outbox::MESSAGE_ID_HEADER),
+            payload: String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned(),
+        });
         if arrived.len() == expected {
             until = until.min(Instant::now() + Duration::from_secs(1));
         }
