@@ -118,12 +118,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "key", "event-type", "outbox-message-id"
     );
     let mut per_key: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (key, event_type, id, payload) in &arrived {
-        println!("{key:<12} {event_type:<14} {id:<38} {payload}");
+    for a in &arrived {
+        println!(
+            "{:<12} {:<14} {:<38} {}",
+            a.key, a.event_type, a.message_id, a.payload
+        );
         per_key
-            .entry(key.clone())
+            .entry(a.key.clone())
             .or_default()
-            .push(event_type.clone());
+            .push(a.event_type.clone());
     }
     let in_order = per_key
         .values()
