@@ -431,3 +431,60 @@ fn rows_written_by_hand_with_corrupt_headers_go_dead_without_blocking_others() {
     ) == 1));
     drop(handle);
 }
+
+#[test]
+fn dispatcher_recovers_after_its_database_connections_are_killed() {
+    let table = TestTable::new("killed");
+    let topic = unique("killed");
+    // The dispatcher connects as a user of its own, so that only its sessions are killed.
+    let user = unique("outbox_kill");
+    table.exec(&format!("CREATE USER '{user}'@'%' IDENTIFIED BY 'pw'"));
+    table.exec(&format!(
+        "CREATE USER '{user}'@'localhost' IDENTIFIED BY 'pw'"
+    ));
+    table.exec(&format!("GRANT ALL ON *.* TO '{user}'@'%'"));
+    table.exec(&format!("GRANT ALL ON *.* TO '{user}'@'localhost'"));
+    let opts = mysql::Opts::from_url(&database_url()).unwrap();
+    let opts = mysql::OptsBuilder::from_opts(opts)
+        .user(Some(user.as_str()))
+        .pass(Some("pw"));
+    let dispatcher_pool = mysql::Pool::new(opts).unwrap();
+    let store = outbox::MySqlStore::with_table(dispatcher_pool, &table.name).unwrap();
+    let outbox = Outbox::new(&table.store);
+    let add = |label: &str| {
+        let mut tx = table.pool.start_transaction(TxOpts::default()).unwrap();
+        let batch: Vec<_> = (0..50)
+            .map(|i| Message::new(&topic, format!("{label}{i}")))
+            .collect();
+        outbox.add_all(&mut tx, &batch).unwrap();
+        tx.commit().unwrap();
+    };
+
+    let handle = Dispatcher::new(store, broker(), fast_settings(), "killed")
+        .unwrap()
+        .start()
+        .unwrap();
+    add("before");
+    assert!(wait_for(WAIT, || table.count("state = 1") == 50));
+    let mut conn = table.conn();
+    let sessions: Vec<u64> = conn
+        .exec(
+            "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = ?",
+            (&user,),
+        )
+        .unwrap();
+    assert!(!sessions.is_empty(), "the dispatcher's sessions are open");
+    for id in &sessions {
+        let _ = conn.query_drop(format!("KILL CONNECTION {id}"));
+    }
+    add("after");
+    assert!(
+        wait_for(WAIT, || table.count("state = 1") == 100),
+        "the workers reconnect through the pool and deliver what came after"
+    );
+    let got = consume(&topic, 100, WAIT, Duration::from_millis(500));
+    assert_eq!(id_counts(&got).len(), 100);
+    drop(handle);
+    table.exec(&format!("DROP USER '{user}'@'%'"));
+    table.exec(&format!("DROP USER '{user}'@'localhost'"));
+}
