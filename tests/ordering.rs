@@ -1,0 +1,458 @@
+//! Per-key order across many dispatchers, failures and retries; fencing; partitioning.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+use mysql::TxOpts;
+use outbox::{
+    Broker, Dispatcher, DispatcherSettings, Error, KafkaBroker, Message, Outbox, Record, Store,
+};
+
+/// The real broker, with a random share of sends failed before they reach it.
+struct FlakyBroker {
+    inner: KafkaBroker,
+    rng: Rng,
+    percent: u64,
+    failed: Arc<AtomicUsize>,
+}
+
+impl Broker for FlakyBroker {
+    fn publish(&mut self, records: &[Record]) -> Vec<outbox::Result<()>> {
+        let fail: Vec<bool> = records
+            .iter()
+            .map(|_| self.rng.below(100) < self.percent)
+            .collect();
+        let passed: Vec<Record> = records
+            .iter()
+            .zip(&fail)
+            .filter(|(_, &f)| !f)
+            .map(|(r, _)| r.clone())
+            .collect();
+        let mut outcomes = self.inner.publish(&passed).into_iter();
+        fail.iter()
+            .map(|&f| {
+                if f {
+                    self.failed.fetch_add(1, Ordering::Relaxed);
+                    Err(Error::Broker("injected failure".into()))
+                } else {
+                    outcomes
+                        .next()
+                        .unwrap_or_else(|| Err(Error::Broker("missing outcome".into())))
+                }
+            })
+            .collect()
+    }
+
+    fn delivery_timeout(&self) -> Duration {
+        self.inner.delivery_timeout()
+    }
+}
+
+#[test]
+fn per_key_commit_order_holds_with_concurrent_writers_dispatchers_and_failures() {
+    const KEYS: usize = 200;
+    const WRITERS: u64 = 4;
+    const PER_WRITER: usize = 5_000;
+    let table = TestTable::new("order_stress");
+    let topic = unique("order_stress");
+    let aggregates = Arc::new(Aggregates::new(&table.pool, KEYS));
+    let outbox = Outbox::new(&table.store);
+
+    // Four dispatchers, each failing 5% of its sends, running while the writers write.
+    let failed = Arc::new(AtomicUsize::new(0));
+    let settings = DispatcherSettings {
+        batch_size: 100,
+        ..fast_settings()
+    };
+    let handles: Vec<_> = (0..4u64)
+        .map(|i| {
+            let broker = FlakyBroker {
+                inner: broker(),
+                rng: Rng::new(7 + i),
+                percent: 5,
+                failed: failed.clone(),
+            };
+            Dispatcher::new(
+                table.store.clone(),
+                broker,
+                settings.clone(),
+                &format!("d{i}"),
+            )
+            .unwrap()
+            .start()
+            .unwrap()
+        })
+        .collect();
+
+    // Four writers: small transactions of 1 to 3 events on a random aggregate, one in ten
+    // rolled back. A transaction that hits a deadlock or lock wait timeout is retried.
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (pool, outbox, topic, aggregates) = (
+                table.pool.clone(),
+                outbox.clone(),
+                topic.clone(),
+                aggregates.clone(),
+            );
+            thread::spawn(move || {
+                let mut rng = Rng::new(1000 + w);
+                let (mut committed, mut rolled_back, mut retries) = (0, Vec::new(), 0);
+                while committed < PER_WRITER {
+                    let key = format!("k{}", rng.below(KEYS as u64));
+                    let n = (1 + rng.below(3) as u32).min((PER_WRITER - committed) as u32);
+                    let commit = rng.below(10) != 0;
+                    match aggregates.write(&pool, &outbox, &topic, &key, n, commit) {
+                        Ok(ids) if commit => committed += ids.len(),
+                        Ok(ids) => rolled_back.extend(ids),
+                        Err(e) if e.is_retryable() => retries += 1,
+                        Err(e) => panic!("writer {w}: {e}"),
+                    }
+                }
+                (rolled_back, retries)
+            })
+        })
+        .collect();
+    let mut rolled_back = HashSet::new();
+    for writer in writers {
+        let (ids, _retries) = writer.join().unwrap();
+        rolled_back.extend(ids);
+    }
+    let total = WRITERS as usize * PER_WRITER;
+    assert!(!rolled_back.is_empty());
+
+    let got = consume(
+        &topic,
+        total,
+        Duration::from_secs(240),
+        Duration::from_secs(2),
+    );
+    let counts = id_counts(&got);
+    assert_eq!(got.len(), total, "every committed message, once");
+    assert_eq!(counts.len(), total, "no duplicates");
+    assert!(
+        counts.keys().all(|id| !rolled_back.contains(id)),
+        "nothing rolled back was published"
+    );
+    assert_commit_order(
+        &versions_read(&got),
+        &aggregates.versions(&table.pool),
+        false,
+    );
+    assert!(failed.load(Ordering::Relaxed) > 0, "failures were injected");
+    assert!(
+        handles.iter().any(|h| h.errors().try_recv().is_ok()),
+        "and reported"
+    );
+    drop(handles);
+    aggregates.drop_table(&table.pool);
+}
+
+/// A message larger than the producer's `message.max.bytes`: librdkafka refuses it on
+/// every attempt.
+fn poison_broker() -> KafkaBroker {
+    KafkaBroker::with_properties(
+        &brokers(),
+        [
+            ("message.timeout.ms", DELIVERY_TIMEOUT_MS.to_string()),
+            ("message.max.bytes", "10000".to_string()),
+        ],
+    )
+    .unwrap()
+}
+
+/// Adds, in one transaction: key `poisoned` with a good message, the poison message and
+/// two more good ones; five good messages on each of keys `a`..`e`; five without key.
+fn add_poisoned_backlog(table: &TestTable, topic: &str) {
+    let outbox = Outbox::new(&table.store);
+    let mut messages = vec![
+        Message::new(topic, "poisoned:1").with_key("poisoned"),
+        Message::new(topic, vec![b'x'; 20_000]).with_key("poisoned"),
+        Message::new(topic, "poisoned:3").with_key("poisoned"),
+        Message::new(topic, "poisoned:4").with_key("poisoned"),
+    ];
+    for key in ["a", "b", "c", "d", "e"] {
+        messages.extend((1..=5).map(|v| Message::new(topic, format!("{key}:{v}")).with_key(key)));
+    }
+    messages.extend((1..=5).map(|v| Message::new(topic, format!("none:{v}"))));
+    let mut tx = table.pool.start_transaction(TxOpts::default()).unwrap();
+    outbox.add_all(&mut tx, &messages).unwrap();
+    tx.commit().unwrap();
+}
+
+fn payloads(records: &[Consumed]) -> Vec<String> {
+    records
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
+        .collect()
+}
+
+#[test]
+fn poison_message_holds_back_only_its_own_key() {
+    let table = TestTable::new("poison");
+    let topic = unique("poison");
+    add_poisoned_backlog(&table, &topic);
+    let handle = Dispatcher::new(
+        table.store.clone(),
+        poison_broker(),
+        fast_settings(),
+        "poison",
+    )
+    .unwrap()
+    .start()
+    .unwrap();
+
+    // Everything but the poison message and the two behind it: 1 + 25 + 5.
+    let got = consume(&topic, 31, Duration::from_secs(30), Duration::from_secs(1));
+    let read = payloads(&got);
+    assert_eq!(got.len(), 31, "{read:?}");
+    assert!(read.contains(&"poisoned:1".to_string()));
+    assert!(
+        !read.iter().any(|p| p == "poisoned:3" || p == "poisoned:4"),
+        "{read:?}"
+    );
+    assert!(wait_for(Duration::from_secs(30), || table
+        .count("LENGTH(payload) = 20000 AND number_of_attempts >= 3")
+        == 1));
+    assert_eq!(
+        table.count(
+            "payload IN ('poisoned:3', 'poisoned:4') AND state = 0 AND number_of_attempts = 0"
+        ),
+        2,
+        "the key's later messages wait, never tried"
+    );
+    drop(handle);
+}
+
+#[test]
+fn dead_message_releases_its_key_by_default() {
+    let table = TestTable::new("dead_release");
+    let topic = unique("dead_release");
+    add_poisoned_backlog(&table, &topic);
+    let settings = DispatcherSettings {
+        max_attempts: Some(2),
+        ..fast_settings()
+    };
+    let handle = Dispatcher::new(
+        table.store.clone(),
+        poison_broker(),
+        settings,
+        "dead_release",
+    )
+    .unwrap()
+    .start()
+    .unwrap();
+    let got = consume(&topic, 33, Duration::from_secs(30), Duration::from_secs(1));
+    let poisoned: Vec<String> = payloads(&got)
+        .into_iter()
+        .filter(|p| p.starts_with("poisoned"))
+        .collect();
+    assert_eq!(
+        poisoned,
+        vec!["poisoned:1", "poisoned:3", "poisoned:4"],
+        "in order, with a gap"
+    );
+    assert_eq!(table.count("state = 2 AND LENGTH(payload) = 20000"), 1);
+    drop(handle);
+}
+
+#[test]
+fn dead_message_holds_its_key_when_configured() {
+    let table = TestTable::new("dead_block");
+    let topic = unique("dead_block");
+    add_poisoned_backlog(&table, &topic);
+    let settings = DispatcherSettings {
+        max_attempts: Some(2),
+        dead_blocks_key: true,
+        ..fast_settings()
+    };
+    let handle = Dispatcher::new(table.store.clone(), poison_broker(), settings, "dead_block")
+        .unwrap()
+        .start()
+        .unwrap();
+    assert!(wait_for(Duration::from_secs(30), || table
+        .count("state = 2")
+        == 1));
+    let got = consume(&topic, 31, Duration::from_secs(30), Duration::from_secs(1));
+    assert_eq!(got.len(), 31, "everything else arrived");
+    assert_eq!(
+        table.count("payload IN ('poisoned:3', 'poisoned:4') AND state = 0"),
+        2
+    );
+    drop(handle);
+}
+
+#[test]
+fn later_messages_of_a_key_wait_while_another_dispatcher_holds_an_earlier_one() {
+    let table = TestTable::new("held");
+    let outbox = Outbox::new(&table.store);
+    let mut tx = table.pool.start_transaction(TxOpts::default()).unwrap();
+    let batch = [
+        Message::new("t", "k:1").with_key("k"),
+        Message::new("t", "k:2").with_key("k"),
+        Message::new("t", "j:1").with_key("j"),
+    ];
+    outbox.add_all(&mut tx, &batch).unwrap();
+    tx.commit().unwrap();
+
+    let store = &table.store;
+    let a = store.claim("A#1", 1, false).unwrap();
+    assert_eq!(
+        a.iter().map(|r| r.message.payload()).collect::<Vec<_>>(),
+        vec![b"k:1"]
+    );
+    let b = store.claim("B#1", 10, false).unwrap();
+    assert_eq!(
+        b.iter().map(|r| r.message.payload()).collect::<Vec<_>>(),
+        vec![b"j:1"],
+        "k:2 is held back"
+    );
+    assert_eq!(store.claim("B#1", 10, false).unwrap(), vec![], "still held");
+    assert_eq!(store.mark_delivered("A#1", &[a[0].id]).unwrap(), 1);
+    let b = store.claim("B#1", 10, false).unwrap();
+    assert_eq!(
+        b.iter().map(|r| r.message.payload()).collect::<Vec<_>>(),
+        vec![b"k:2"],
+        "released once k:1 is delivered"
+    );
+}
+
+#[test]
+fn a_stale_lease_holder_cannot_mark_fail_or_unlock_a_row_taken_over() {
+    let table = TestTable::new("fencing");
+    let outbox = Outbox::new(&table.store);
+    let mut tx = table.pool.start_transaction(TxOpts::default()).unwrap();
+    let batch: Vec<_> = (0..3).map(|i| Message::new("t", format!("m{i}"))).collect();
+    outbox.add_all(&mut tx, &batch).unwrap();
+    tx.commit().unwrap();
+    let store = &table.store;
+
+    let stale = store.claim("stale#1", 10, false).unwrap();
+    assert_eq!(stale.len(), 3);
+    thread::sleep(Duration::from_millis(5));
+    assert_eq!(
+        store.release_expired(Duration::ZERO).unwrap(),
+        3,
+        "the lock checker releases the leases"
+    );
+    let current = store.claim("current#1", 10, false).unwrap();
+    assert_eq!(
+        current.iter().map(|r| r.id).collect::<Vec<_>>(),
+        stale.iter().map(|r| r.id).collect::<Vec<_>>()
+    );
+
+    let ids: Vec<u64> = stale.iter().map(|r| r.id).collect();
+    assert_eq!(store.mark_delivered("stale#1", &ids).unwrap(), 0);
+    let failures: Vec<_> = ids
+        .iter()
+        .map(|&id| outbox::Failure {
+            id,
+            error: "stale".into(),
+            retry_in: Duration::ZERO,
+            dead: true,
+        })
+        .collect();
+    assert_eq!(store.mark_failed("stale#1", &failures).unwrap(), 0);
+    assert_eq!(
+        table.count(
+            "state = 0 AND locked_by = 'current#1' AND number_of_attempts = 0 AND error IS NULL"
+        ),
+        3,
+        "the rows are untouched and still leased to the current holder"
+    );
+    assert_eq!(store.mark_delivered("current#1", &ids).unwrap(), 3);
+}
+
+/// Kafka's murmur2 (as in the JVM client's `Utils.murmur2`), written from the algorithm.
+fn murmur2(data: &[u8]) -> i32 {
+    const M: u32 = 0x5bd1_e995;
+    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for chunk in &mut chunks {
+        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> 24;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M) ^ k;
+    }
+    let tail = chunks.remainder();
+    if !tail.is_empty() {
+        for (i, &b) in tail.iter().enumerate().rev() {
+            h ^= (b as u32) << (8 * i);
+        }
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+#[test]
+fn murmur2_matches_the_jvm_clients_values() {
+    // Values from Kafka's own UtilsTest.
+    let cases: [(&str, i32); 6] = [
+        ("21", -973_932_308),
+        ("foobar", -790_332_482),
+        ("a-little-bit-long-string", -985_981_536),
+        ("a-little-bit-longer-string", -1_486_304_829),
+        (
+            "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+            -58_897_971,
+        ),
+        ("abc", 479_470_107),
+    ];
+    for (key, hash) in cases {
+        assert_eq!(murmur2(key.as_bytes()), hash, "{key}");
+    }
+}
+
+#[test]
+fn each_key_lands_in_the_partition_a_jvm_producer_would_choose() {
+    let table = TestTable::new("partitions");
+    let topic = unique("partitions");
+    let outbox = Outbox::new(&table.store);
+    let keys: Vec<String> = (0..40).map(|i| format!("customer-{i}")).collect();
+    let mut tx = table.pool.start_transaction(TxOpts::default()).unwrap();
+    let batch: Vec<_> = keys
+        .iter()
+        .map(|k| Message::new(&topic, k.as_str()).with_key(k.as_str()))
+        .collect();
+    outbox.add_all(&mut tx, &batch).unwrap();
+    tx.commit().unwrap();
+    let handle = Dispatcher::new(table.store.clone(), broker(), fast_settings(), "partitions")
+        .unwrap()
+        .start()
+        .unwrap();
+    let got = consume(
+        &topic,
+        keys.len(),
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+    );
+    assert_eq!(got.len(), keys.len());
+    let partitions = partition_count(&topic);
+    assert!(
+        partitions > 1,
+        "the test needs auto-created topics with several partitions (num.partitions)"
+    );
+    for record in &got {
+        let key = record.key.as_deref().unwrap();
+        let expected = (murmur2(key.as_bytes()) & 0x7fff_ffff) % partitions as i32;
+        assert_eq!(record.partition, expected, "{key}");
+    }
+    assert!(
+        got.iter()
+            .map(|r| r.partition)
+            .collect::<HashSet<_>>()
+            .len()
+            > 1,
+        "keys spread over partitions"
+    );
+    drop(handle);
+}
