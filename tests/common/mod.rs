@@ -20,6 +20,14 @@ pub fn database_url() -> String {
         .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into())
 }
 
+/// The database URL with a small pool, so that tests running in parallel stay well
+/// under the server's connection limit.
+pub fn small_pool_url() -> String {
+    let url = database_url();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}pool_min=1&pool_max=20")
+}
+
 pub fn brokers() -> String {
     std::env::var("OUTBOX_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
@@ -39,7 +47,7 @@ pub struct TestTable {
 
 impl TestTable {
     pub fn new(prefix: &str) -> TestTable {
-        let pool = mysql::Pool::new(database_url().as_str())
+        let pool = mysql::Pool::new(small_pool_url().as_str())
             .expect("MariaDB is reachable (make services)");
         let name = unique(prefix);
         let store = MySqlStore::with_table(pool.clone(), &name).unwrap();
