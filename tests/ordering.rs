@@ -23,10 +23,21 @@ struct FlakyBroker {
 }
 
 impl Broker for FlakyBroker {
+    /// Fails a random share of records before sending them, and, as the `Broker`
+    /// contract asks, also fails the later records of a key whose record failed.
     fn publish(&mut self, records: &[Record]) -> Vec<outbox::Result<()>> {
+        let mut failed_keys = HashSet::new();
         let fail: Vec<bool> = records
             .iter()
-            .map(|_| self.rng.below(100) < self.percent)
+            .map(|r| {
+                let key = r.message.key().map(|k| (r.message.topic(), k));
+                let fail = key.is_some_and(|k| failed_keys.contains(&k))
+                    || self.rng.below(100) < self.percent;
+                if fail {
+                    failed_keys.extend(key);
+                }
+                fail
+            })
             .collect();
         let passed: Vec<Record> = records
             .iter()
@@ -56,6 +67,10 @@ impl Broker for FlakyBroker {
 
 #[test]
 fn per_key_commit_order_holds_with_concurrent_writers_dispatchers_and_failures() {
+    let _ = env_logger::builder()
+        .is_test(true)
+        .filter_level(log::LevelFilter::Warn)
+        .try_init();
     const KEYS: usize = 200;
     const WRITERS: u64 = 4;
     const PER_WRITER: usize = 5_000;
@@ -358,6 +373,7 @@ fn a_stale_lease_holder_cannot_mark_fail_or_unlock_a_row_taken_over() {
         })
         .collect();
     assert_eq!(store.mark_failed("stale#1", &failures).unwrap(), 0);
+    assert_eq!(store.release("stale#1", &ids).unwrap(), 0);
     assert_eq!(
         table.count(
             "state = 0 AND locked_by = 'current#1' AND number_of_attempts = 0 AND error IS NULL"
@@ -455,4 +471,47 @@ fn each_key_lands_in_the_partition_a_jvm_producer_would_choose() {
         "keys spread over partitions"
     );
     drop(handle);
+}
+
+#[test]
+fn a_claim_takes_unbroken_runs_of_a_key_and_stops_at_a_gap() {
+    let table = TestTable::new("runs");
+    let outbox = Outbox::new(&table.store);
+    let mut tx = table.pool.start_transaction(TxOpts::default()).unwrap();
+    let batch: Vec<_> = ["k:1", "j:1", "k:2", "k:3", "j:2", "k:4"]
+        .iter()
+        .map(|p| Message::new("t", *p).with_key(&p[..1]))
+        .collect();
+    outbox.add_all(&mut tx, &batch).unwrap();
+    tx.commit().unwrap();
+    // k:3 is backing off: the run of k must stop before it, and k:4 must not jump it.
+    table.exec("UPDATE {t} SET available_on = NOW(6) + INTERVAL 1 HOUR WHERE payload = 'k:3'");
+
+    let claimed = table.store.claim("A#1", 100, false).unwrap();
+    let payloads: Vec<_> = claimed
+        .iter()
+        .map(|r| String::from_utf8_lossy(r.message.payload()).into_owned())
+        .collect();
+    assert_eq!(
+        payloads,
+        vec!["k:1", "j:1", "k:2", "j:2"],
+        "in id order, whole runs up to the gap"
+    );
+    assert_eq!(
+        table.store.claim("B#1", 100, false).unwrap(),
+        vec![],
+        "nothing is left for another claimer"
+    );
+
+    let ids: Vec<u64> = claimed.iter().map(|r| r.id).collect();
+    assert_eq!(
+        table.store.release("B#1", &ids).unwrap(),
+        0,
+        "only the owner can release"
+    );
+    assert_eq!(table.store.release("A#1", &ids).unwrap(), 4);
+    assert_eq!(
+        table.count("locked_by IS NULL AND number_of_attempts = 0"),
+        6
+    );
 }

@@ -1,5 +1,6 @@
 //! [`Broker`] on Kafka, through librdkafka's synchronous `BaseProducer`.
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -18,8 +19,10 @@ use crate::record::Record;
 const DEFAULT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time past the delivery timeout that `publish` waits for the last delivery reports.
 const REPORT_GRACE: Duration = Duration::from_secs(2);
-/// How long one `poll` blocks while waiting for delivery reports.
-const POLL_STEP: Duration = Duration::from_millis(50);
+/// How long one `poll` blocks while waiting for delivery reports. rdkafka's `poll` serves
+/// events until its whole timeout has passed, so this step is the granularity at which
+/// `publish` notices that the last report came in: keep it short.
+const POLL_STEP: Duration = Duration::from_millis(1);
 
 /// Publishes to Kafka with `acks=all`, idempotence on and the JVM client's key
 /// partitioning (`murmur2_random`), so the same key lands in the same partition as with a
@@ -145,8 +148,17 @@ impl Broker for KafkaBroker {
         self.batch = self.batch.wrapping_add(1);
         let deadline = Instant::now() + self.delivery_timeout + REPORT_GRACE;
         *self.producer.context().pending.lock() = Pending::new(self.batch, records.len());
+        // A key whose message could not even be queued sends nothing more this batch:
+        // its later messages would otherwise overtake it.
+        let mut refused_keys = HashSet::new();
         for (index, record) in records.iter().enumerate() {
-            if let Err(e) = self.send(index, record, deadline) {
+            let key = record.message.key().map(|k| (record.message.topic(), k));
+            let sent = match key {
+                Some(k) if refused_keys.contains(&k) => Err(KafkaError::Canceled),
+                _ => self.send(index, record, deadline),
+            };
+            if let Err(e) = sent {
+                refused_keys.extend(key);
                 self.producer
                     .context()
                     .pending

@@ -14,8 +14,13 @@ use crate::record::Record;
 pub trait Broker: Send + 'static {
     /// Publishes every record and waits for the outcome of each: the result at index `i`
     /// is the outcome of `records[i]`. `Ok` means the broker acknowledged that record
-    /// durably; only then is its row marked delivered. A batch holds at most one record
-    /// per topic and key, so records may be sent in any order or all at once.
+    /// durably; only then is its row marked delivered.
+    ///
+    /// Records come in id order, and a batch may hold a run of several records of one
+    /// topic and key: publish those in that order (Kafka keeps the order of a key within
+    /// its partition), and once one of them fails, fail the later ones of that key
+    /// without sending them. Records of different keys may go out in any order, or all
+    /// at once.
     ///
     /// Must return within [`delivery_timeout`](Broker::delivery_timeout) (a little more
     /// is tolerated), and must return exactly one result per record; a missing result

@@ -1,5 +1,6 @@
 //! The relay worker: claim a batch, publish it, mark each row by its own outcome.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,6 +10,7 @@ use super::backoff::backoff;
 use super::signal::Signals;
 use crate::broker::Broker;
 use crate::error::{Error, Result};
+use crate::record::Record;
 use crate::settings::DispatcherSettings;
 use crate::store::{Failure, Store};
 
@@ -21,6 +23,8 @@ pub(crate) struct Round {
     pub claimed: usize,
     pub delivered: usize,
     pub failed: usize,
+    /// Not tried: an earlier message of their key failed in the same round.
+    pub released: usize,
 }
 
 pub(crate) struct Relay<S, B> {
@@ -66,6 +70,8 @@ impl<S: Store, B: Broker> Relay<S, B> {
 
     /// Claims one batch, publishes it and settles every row.
     pub fn round(&mut self) -> Result<Round> {
+        let started = Instant::now();
+        let lease_ends = started + self.settings.max_lock_duration;
         let records = self.store.claim(
             &self.owner,
             self.settings.batch_size,
@@ -74,8 +80,9 @@ impl<S: Store, B: Broker> Relay<S, B> {
         if records.is_empty() {
             return Ok(Round::default());
         }
-        let lease_ends = Instant::now() + self.settings.max_lock_duration;
+        let claimed = Instant::now();
         let mut outcomes = self.broker.publish(&records);
+        let published = Instant::now();
         if outcomes.len() != records.len() {
             log::error!(
                 "broker returned {} outcomes for {} records",
@@ -87,42 +94,32 @@ impl<S: Store, B: Broker> Relay<S, B> {
             });
         }
 
+        // Settle each key's run in order: after a message fails, the later ones of its key
+        // wait behind it. Those the broker did not send are released without an attempt;
+        // one it acknowledged anyway is in Kafka already and is marked delivered.
         let mut delivered = Vec::with_capacity(records.len());
         let mut failures = Vec::new();
+        let mut released = Vec::new();
+        let mut failed_keys = HashSet::new();
         let mut first_error = None;
         for (record, outcome) in records.iter().zip(outcomes) {
+            let key = record.message.key().map(|k| (record.message.topic(), k));
+            let behind_failure = key.is_some_and(|k| failed_keys.contains(&k));
             match outcome {
-                Ok(()) => delivered.push(record.id),
-                Err(e) => {
-                    let attempts = record.attempts.saturating_add(1);
-                    let dead = self
-                        .settings
-                        .max_attempts
-                        .is_some_and(|max| attempts >= max);
-                    let retry_in = backoff(
-                        attempts,
-                        self.settings.backoff_min,
-                        self.settings.backoff_max,
-                    );
-                    if dead {
+                Ok(()) => {
+                    if behind_failure {
                         log::error!(
-                            "message {} (row {}) is dead after {attempts} attempts: {e}",
-                            record.message_id,
-                            record.id
-                        );
-                    } else {
-                        log::debug!(
-                            "message {} (row {}) failed, attempt {attempts}, retry in {retry_in:?}: {e}",
-                            record.message_id,
-                            record.id
+                            "message {} was acknowledged after an earlier message of its key failed: \
+                             that key's order is broken in Kafka",
+                            record.message_id
                         );
                     }
-                    failures.push(Failure {
-                        id: record.id,
-                        error: e.to_string(),
-                        retry_in,
-                        dead,
-                    });
+                    delivered.push(record.id);
+                }
+                Err(_) if behind_failure => released.push(record.id),
+                Err(e) => {
+                    failures.push(self.failure(record, &e));
+                    failed_keys.extend(key);
                     first_error.get_or_insert(e);
                 }
             }
@@ -132,6 +129,7 @@ impl<S: Store, B: Broker> Relay<S, B> {
             claimed: records.len(),
             delivered: delivered.len(),
             failed: failures.len(),
+            released: released.len(),
         };
         if let Some(e) = first_error {
             log::warn!(
@@ -147,8 +145,10 @@ impl<S: Store, B: Broker> Relay<S, B> {
         let failed = self.retry_until(lease_ends, |store, owner| {
             store.mark_failed(owner, &failures)
         })?;
-        let lost =
-            (delivered.len() + failures.len()) as u64 - (marked + failed).min(round.claimed as u64);
+        let unlocked =
+            self.retry_until(lease_ends, |store, owner| store.release(owner, &released))?;
+        let settled = marked + failed + unlocked;
+        let lost = round.claimed as u64 - settled.min(round.claimed as u64);
         if lost > 0 {
             log::warn!(
                 "{lost} rows were no longer leased to {} when marked (lease expired and taken over); \
@@ -157,12 +157,50 @@ impl<S: Store, B: Broker> Relay<S, B> {
             );
         }
         log::debug!(
-            "round: {} claimed, {} delivered, {} failed",
+            "round: {} claimed in {:?}, published in {:?} ({} delivered, {} failed, {} released), \
+             marked in {:?}",
             round.claimed,
+            claimed - started,
+            published - claimed,
             round.delivered,
-            round.failed
+            round.failed,
+            round.released,
+            published.elapsed()
         );
         Ok(round)
+    }
+
+    /// The failed attempt of `record`: one more attempt, a backoff, dead at `max_attempts`.
+    fn failure(&self, record: &Record, error: &Error) -> Failure {
+        let attempts = record.attempts.saturating_add(1);
+        let dead = self
+            .settings
+            .max_attempts
+            .is_some_and(|max| attempts >= max);
+        let retry_in = backoff(
+            attempts,
+            self.settings.backoff_min,
+            self.settings.backoff_max,
+        );
+        if dead {
+            log::error!(
+                "message {} (row {}) is dead after {attempts} attempts: {error}",
+                record.message_id,
+                record.id
+            );
+        } else {
+            log::debug!(
+                "message {} (row {}) failed, attempt {attempts}, retry in {retry_in:?}: {error}",
+                record.message_id,
+                record.id
+            );
+        }
+        Failure {
+            id: record.id,
+            error: error.to_string(),
+            retry_in,
+            dead,
+        }
     }
 
     /// Runs a mark until it succeeds. A database error is reported and the mark tried
@@ -232,7 +270,8 @@ mod tests {
             Round {
                 claimed: 5,
                 delivered: 4,
-                failed: 1
+                failed: 1,
+                released: 0
             }
         );
         assert_eq!(store.delivered_ids(), vec![1, 2, 4, 5]);
@@ -291,5 +330,65 @@ mod tests {
         assert_eq!(relay.round().unwrap().delivered, 1);
         assert_eq!(store.delivered_ids(), vec![1]);
         assert_eq!(errors.try_iter().count(), 2, "each failed mark is reported");
+    }
+
+    #[test]
+    fn a_run_of_one_key_stops_at_its_first_failure_and_later_ones_wait_untried() {
+        let messages = ["a", "b", "c"].map(|p| Message::new("t", p).with_key("k"));
+        let store = Arc::new(FakeStore::with(messages));
+        let (mut relay, _errors, _stop) = relay(
+            store.clone(),
+            FakeBroker::failing_payloads(["b", "c"]),
+            settings(),
+        );
+        let round = relay.round().unwrap();
+        assert_eq!(
+            round,
+            Round {
+                claimed: 3,
+                delivered: 1,
+                failed: 1,
+                released: 1
+            }
+        );
+        assert_eq!(store.delivered_ids(), vec![1]);
+        let (b, c) = (store.row(2), store.row(3));
+        assert_eq!(
+            (b.attempts, b.locked),
+            (1, false),
+            "the failure counts an attempt"
+        );
+        assert_eq!(
+            (c.attempts, c.locked, c.error.as_str()),
+            (0, false, ""),
+            "the one behind it was not tried"
+        );
+    }
+
+    #[test]
+    fn other_keys_in_the_batch_go_on_when_one_key_fails() {
+        let messages = [("k", "bad"), ("j", "j1"), ("k", "k2"), ("j", "j2")]
+            .map(|(key, p)| Message::new("t", p).with_key(key));
+        let store = Arc::new(FakeStore::with(messages));
+        let (mut relay, _errors, _stop) = relay(
+            store.clone(),
+            FakeBroker::failing_payloads(["bad"]),
+            settings(),
+        );
+        let round = relay.round().unwrap();
+        assert_eq!(
+            round,
+            Round {
+                claimed: 4,
+                delivered: 3,
+                failed: 1,
+                released: 0
+            }
+        );
+        assert_eq!(
+            store.delivered_ids(),
+            vec![2, 3, 4],
+            "k2 was acknowledged, so it counts as delivered"
+        );
     }
 }

@@ -97,6 +97,7 @@ impl FakeStore {
 impl Store for FakeStore {
     fn claim(&self, _owner: &str, limit: usize, dead_blocks_key: bool) -> Result<Vec<Record>> {
         Self::injected(&self.claim_failures)?;
+        // A key is held once one of its blocking rows is not taken by this claim.
         let mut rows = self.rows.lock();
         let mut held = HashSet::new();
         let mut claimed = Vec::new();
@@ -114,8 +115,7 @@ impl Store for FakeStore {
                 let mut record = row.record.clone();
                 record.attempts = row.attempts;
                 claimed.push(record);
-            }
-            if blocking {
+            } else if blocking {
                 held.extend(key);
             }
         }
@@ -154,6 +154,20 @@ impl Store for FakeStore {
                 row.error = failure.error.clone();
                 n += 1;
             }
+        }
+        Ok(n)
+    }
+
+    fn release(&self, _owner: &str, ids: &[u64]) -> Result<u64> {
+        Self::injected(&self.mark_failures)?;
+        let mut rows = self.rows.lock();
+        let mut n = 0;
+        for row in rows
+            .iter_mut()
+            .filter(|r| r.locked && ids.contains(&r.record.id))
+        {
+            row.locked = false;
+            n += 1;
         }
         Ok(n)
     }

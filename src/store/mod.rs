@@ -1,5 +1,6 @@
 //! What the dispatcher needs from a database, and the MySQL implementation.
 
+mod connections;
 mod mysql;
 
 use std::sync::Arc;
@@ -16,10 +17,12 @@ use crate::record::Record;
 /// lease and another dispatcher took the row, the stale owner's writes do nothing.
 /// Times are the database's clock, never the caller's.
 pub trait Store: Send + Sync + 'static {
-    /// Leases up to `limit` pending, unleased rows whose `available_on` has come, in id
-    /// order, to `owner`. A row is taken only when no older row of the same topic and key
-    /// is still pending (nor dead, when `dead_blocks_key`), so that each key's messages
-    /// go out one after the other in order. Rows without a key are never held back.
+    /// Leases up to `limit` pending, unleased rows whose `available_on` has come to
+    /// `owner`, and returns them in id order. A row is taken only when every older row of
+    /// its topic and key that is still pending (or dead, with `dead_blocks_key`) is taken
+    /// in the same claim: so a key's messages are never in flight at two dispatchers, and
+    /// a claim may carry a run of one key's messages, in order. Rows without a key are
+    /// never held back.
     fn claim(&self, owner: &str, limit: usize, dead_blocks_key: bool) -> Result<Vec<Record>>;
 
     /// Marks rows delivered. Returns how many were still leased to `owner` and changed.
@@ -28,6 +31,10 @@ pub trait Store: Send + Sync + 'static {
     /// Records failed sends: one more attempt, the error, the lease released, the row
     /// available again after `retry_in` (or dead). Returns how many rows changed.
     fn mark_failed(&self, owner: &str, failures: &[Failure]) -> Result<u64>;
+
+    /// Releases `owner`'s leases on rows without counting an attempt: rows that were not
+    /// tried because an earlier message of their key failed. Returns how many.
+    fn release(&self, owner: &str, ids: &[u64]) -> Result<u64>;
 
     /// Releases leases taken longer ago than `older_than`. Returns how many.
     fn release_expired(&self, older_than: Duration) -> Result<u64>;
@@ -66,6 +73,10 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 
     fn mark_failed(&self, owner: &str, failures: &[Failure]) -> Result<u64> {
         (**self).mark_failed(owner, failures)
+    }
+
+    fn release(&self, owner: &str, ids: &[u64]) -> Result<u64> {
+        (**self).release(owner, ids)
     }
 
     fn release_expired(&self, older_than: Duration) -> Result<u64> {

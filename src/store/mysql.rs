@@ -4,10 +4,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mysql::prelude::Queryable;
-use mysql::{IsolationLevel, Params, Pool, Row, TxOpts, Value};
+use mysql::{IsolationLevel, Params, Pool, Row, Transaction, TxOpts, Value};
 use serde_json::Value as Json;
 use uuid::Uuid;
 
+use super::connections::Connections;
 use super::{Failure, Store};
 use crate::error::{Error, Result};
 use crate::message::Message;
@@ -25,6 +26,11 @@ const INSERT_CHUNK: usize = 500;
 /// servers' default `max_allowed_packet` of 16 MiB and more).
 const INSERT_CHUNK_BYTES: usize = 4 << 20;
 
+/// Most ids in one `IN (...)` list.
+const MAX_ID_LIST: usize = 1024;
+/// Most keys whose runs one claim extends.
+const RUN_KEYS: usize = 8;
+
 const PENDING: u8 = 0;
 const DELIVERED: u8 = 1;
 const DEAD: u8 = 2;
@@ -40,7 +46,7 @@ const DEAD: u8 = 2;
 /// ```
 #[derive(Clone)]
 pub struct MySqlStore {
-    pool: Pool,
+    conns: Arc<Connections>,
     table: Arc<str>,
 }
 
@@ -56,7 +62,7 @@ impl MySqlStore {
     /// A store on the table `outbox`.
     pub fn new(pool: Pool) -> MySqlStore {
         MySqlStore {
-            pool,
+            conns: Arc::new(Connections::new(pool)),
             table: Arc::from("outbox"),
         }
     }
@@ -70,7 +76,7 @@ impl MySqlStore {
     pub fn with_table(pool: Pool, table: &str) -> Result<MySqlStore> {
         validate_table_name(table)?;
         Ok(MySqlStore {
-            pool,
+            conns: Arc::new(Connections::new(pool)),
             table: Arc::from(table),
         })
     }
@@ -82,7 +88,7 @@ impl MySqlStore {
 
     /// The pool this store draws its connections from.
     pub fn pool(&self) -> &Pool {
-        &self.pool
+        self.conns.pool()
     }
 
     /// Creates the table and its indexes if they do not exist (`sql/outbox.sql`).
@@ -93,8 +99,7 @@ impl MySqlStore {
     /// [`Error::Database`] if the statement fails.
     pub fn migrate(&self) -> Result<()> {
         let ddl = SCHEMA.replacen("`outbox`", &format!("`{}`", self.table), 1);
-        self.pool.get_conn()?.query_drop(ddl)?;
-        Ok(())
+        self.conns.with(|conn| Ok(conn.query_drop(&ddl)?))
     }
 
     /// Inserts validated messages with their ids through `tx`, in order: multi-row
@@ -143,11 +148,14 @@ impl MySqlStore {
         Ok(())
     }
 
-    fn claim_sql(&self, dead_blocks_key: bool) -> String {
-        let blocking = if dead_blocks_key { "(0, 2)" } else { "(0)" };
+    /// Columns a claim reads, in the order [`decode_record`] expects.
+    const COLUMNS: &'static str =
+        "o.id, o.message_id, o.topic, o.msg_key, o.headers, o.payload, o.number_of_attempts";
+
+    /// The heads: claimable rows with no older row of their key still blocking.
+    fn heads_sql(&self, blocking: &str) -> String {
         format!(
-            "SELECT o.id, o.message_id, o.topic, o.msg_key, o.headers, o.payload, o.number_of_attempts \
-             FROM `{t}` o \
+            "SELECT {c} FROM `{t}` o \
              WHERE o.state = 0 AND o.locked_by IS NULL AND o.available_on <= NOW(6) \
                AND o.id >= ? AND o.id < ? \
                AND (o.msg_key IS NULL OR NOT EXISTS ( \
@@ -156,15 +164,21 @@ impl MySqlStore {
                    AND p.state IN {blocking} AND p.id < o.id)) \
              ORDER BY o.id LIMIT ? \
              FOR UPDATE SKIP LOCKED",
+            c = Self::COLUMNS,
             t = self.table
         )
     }
-}
 
-impl Store for MySqlStore {
-    fn claim(&self, owner: &str, limit: usize, dead_blocks_key: bool) -> Result<Vec<Record>> {
-        let opts = TxOpts::default().set_isolation_level(Some(IsolationLevel::ReadCommitted));
-        let mut tx = self.pool.start_transaction(opts)?;
+    /// Claims the heads, scanning the pending rows a window at a time, so that a long run
+    /// of held-back rows (the followers of a message in flight or backing off) costs one
+    /// window per claim instead of a scan of the whole backlog; it slides on only while a
+    /// window holds nothing.
+    fn claim_heads(
+        &self,
+        tx: &mut Transaction<'_>,
+        limit: usize,
+        blocking: &str,
+    ) -> Result<Vec<Row>> {
         let bounds: Option<(Option<u64>, Option<u64>)> = tx.exec_first(
             format!(
                 "SELECT MIN(id), MAX(id) FROM `{}` WHERE state = 0",
@@ -175,33 +189,146 @@ impl Store for MySqlStore {
         let (Some(first), Some(last)) = bounds.unwrap_or((None, None)) else {
             return Ok(Vec::new());
         };
-        // Scan the pending rows a window at a time, so that a long run of held-back rows
-        // (one hot key, or the followers of a failing message) costs one window per claim
-        // instead of a scan of the whole backlog; slide on only while a window is empty.
         let window = (limit as u64).saturating_mul(4).max(1_000);
-        let sql = self.claim_sql(dead_blocks_key);
+        let sql = self.heads_sql(blocking);
         let mut from = first;
-        let rows: Vec<Row> = loop {
+        loop {
             let to = from.saturating_add(window);
             let rows: Vec<Row> = tx.exec(&sql, (from, to, limit as u64))?;
             if !rows.is_empty() || to > last {
-                break rows;
+                return Ok(rows);
             }
             from = to;
-        };
-        if rows.is_empty() {
-            return Ok(Vec::new());
         }
-        let mut records = Vec::with_capacity(rows.len());
-        let mut corrupt = Vec::new();
-        for row in rows {
-            match decode_record(row) {
-                Ok(record) => records.push(record),
-                Err(Error::CorruptRow { id, reason }) => corrupt.push((id, reason)),
-                Err(other) => return Err(other),
+    }
+
+    /// Extends the claim, while it has room, with the rows that follow the first few keys
+    /// it holds: a hot key then moves a batch per round instead of one message. Whether
+    /// the result keeps each key's order is checked afterwards by [`Self::keep_in_order`].
+    fn extend_runs(
+        &self,
+        tx: &mut Transaction<'_>,
+        records: &mut Vec<Record>,
+        limit: usize,
+    ) -> Result<()> {
+        let follow_sql = format!(
+            "SELECT {c} FROM `{t}` o \
+             WHERE o.topic = ? AND o.msg_key = ? AND o.id > ? \
+               AND o.state = 0 AND o.locked_by IS NULL AND o.available_on <= NOW(6) \
+             ORDER BY o.id LIMIT ? FOR UPDATE SKIP LOCKED",
+            c = Self::COLUMNS,
+            t = self.table
+        );
+        let mut last_of_key: Vec<(String, String, u64)> = Vec::new();
+        for r in records.iter() {
+            let Some(key) = r.message.key() else { continue };
+            let topic = r.message.topic();
+            if let Some(i) = last_of_key
+                .iter()
+                .position(|(t, k, _)| t == topic && k == key)
+            {
+                last_of_key[i].2 = last_of_key[i].2.max(r.id);
+            } else if last_of_key.len() < RUN_KEYS {
+                last_of_key.push((topic.into(), key.into(), r.id));
             }
         }
-        for (id, reason) in &corrupt {
+        for (topic, key, last) in last_of_key {
+            let room = limit.saturating_sub(records.len());
+            if room == 0 {
+                break;
+            }
+            let rows: Vec<Row> = tx.exec(&follow_sql, (&topic, &key, last, room as u64))?;
+            let mut corrupt = Vec::new();
+            for row in rows {
+                match decode_record(row) {
+                    Ok(record) => records.push(record),
+                    Err(Error::CorruptRow { id, reason }) => {
+                        corrupt.push((id, reason));
+                        break;
+                    }
+                    Err(other) => return Err(other),
+                }
+            }
+            self.bury(tx, &corrupt)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps, of each key's claimed rows (sorted by id), only the unbroken run from the
+    /// key's oldest blocking row: a claimed row is kept only while every older row of its
+    /// key that is still pending (or dead, with `dead_blocks_key`) is kept too.
+    ///
+    /// This check must be its own statement. The claim's locking reads see rows committed
+    /// after the statement began, while its `NOT EXISTS` subquery reads the snapshot taken
+    /// when it began: a transaction that committed two rows of a key in between would
+    /// otherwise let the second pass for a head. A new statement reads a new snapshot,
+    /// which holds every row the locking reads saw. Rows dropped here stay unleased.
+    fn keep_in_order(
+        &self,
+        tx: &mut Transaction<'_>,
+        records: Vec<Record>,
+        blocking: &str,
+    ) -> Result<Vec<Record>> {
+        // Per key, the ids claimed, in id order (records are sorted).
+        let mut claimed: Vec<(&str, &str, Vec<u64>)> = Vec::new();
+        for r in &records {
+            let Some(key) = r.message.key() else { continue };
+            let topic = r.message.topic();
+            match claimed
+                .iter_mut()
+                .find(|(t, k, _)| *t == topic && *k == key)
+            {
+                Some(entry) => entry.2.push(r.id),
+                None => claimed.push((topic, key, vec![r.id])),
+            }
+        }
+        if claimed.is_empty() {
+            return Ok(records);
+        }
+        let mut dropped = std::collections::HashSet::new();
+        for chunk in claimed.chunks(MAX_ID_LIST / 4) {
+            // Pad to a power of two (repeating the last key) so the statement is reused.
+            let len = chunk.len().next_power_of_two();
+            let condition = vec!["(topic = ? AND msg_key = ? AND id <= ?)"; len].join(" OR ");
+            let sql = format!(
+                "SELECT topic, msg_key, id FROM `{}` WHERE state IN {blocking} AND ({condition}) ORDER BY id",
+                self.table
+            );
+            let mut params = Vec::with_capacity(len * 3);
+            for i in 0..len {
+                let (topic, key, ids) = &chunk[i.min(chunk.len() - 1)];
+                params.extend([
+                    Value::from(*topic),
+                    Value::from(*key),
+                    Value::from(ids[ids.len() - 1]),
+                ]);
+            }
+            let blocking_rows: Vec<(String, Vec<u8>, u64)> =
+                tx.exec(sql, Params::Positional(params))?;
+            for (topic, key, ids) in chunk {
+                let pending = blocking_rows
+                    .iter()
+                    .filter(|(t, k, _)| t == topic && k.as_slice() == key.as_bytes())
+                    .map(|(_, _, id)| *id);
+                let run = ids.iter().zip(pending).take_while(|(c, p)| *c == p).count();
+                if run < ids.len() {
+                    log::debug!(
+                        "claim keeps {run} of {} rows of key {key:?}: an older row is elsewhere",
+                        ids.len()
+                    );
+                    dropped.extend(ids[run..].iter().copied());
+                }
+            }
+        }
+        Ok(records
+            .into_iter()
+            .filter(|r| !dropped.contains(&r.id))
+            .collect())
+    }
+
+    /// Makes corrupt rows dead, with the reason as their error, so they block nothing.
+    fn bury(&self, tx: &mut Transaction<'_>, corrupt: &[(u64, String)]) -> Result<()> {
+        for (id, reason) in corrupt {
             log::error!(
                 "outbox row {id} in `{}` is corrupt and now dead: {reason}",
                 self.table
@@ -215,41 +342,109 @@ impl Store for MySqlStore {
                 (truncate(&format!("corrupt row: {reason}")), id),
             )?;
         }
-        if !records.is_empty() {
-            let ids: Vec<u64> = records.iter().map(|r| r.id).collect();
-            let mut params = vec![Value::from(owner)];
-            params.extend(ids.iter().map(|&id| Value::from(id)));
-            tx.exec_drop(
-                format!(
-                    "UPDATE `{}` SET locked_by = ?, locked_on = NOW(6) WHERE id IN ({})",
-                    self.table,
-                    placeholders(ids.len())
-                ),
-                Params::Positional(params),
-            )?;
-        }
-        tx.commit()?;
-        Ok(records)
+        Ok(())
     }
 
-    fn mark_delivered(&self, owner: &str, ids: &[u64]) -> Result<u64> {
+    fn purge(&self, state: u8, older_than: Duration, limit: usize) -> Result<u64> {
+        self.read_committed(
+            &format!(
+                "DELETE FROM `{}` WHERE state = ? AND processed_on < NOW(6) - INTERVAL ? MICROSECOND LIMIT ?",
+                self.table
+            ),
+            (state, micros(older_than), limit as u64),
+        )
+    }
+
+    /// Runs one statement that scans an index range in a READ COMMITTED transaction, so
+    /// that it locks only the rows it changes: under REPEATABLE READ its gap locks would
+    /// stall (and deadlock with) the application's inserts into the outbox.
+    fn read_committed(&self, sql: &str, params: impl Into<Params> + Clone) -> Result<u64> {
+        self.conns.with(|conn| {
+            let opts = TxOpts::default().set_isolation_level(Some(IsolationLevel::ReadCommitted));
+            let mut tx = conn.start_transaction(opts)?;
+            tx.exec_drop(sql, params.clone())?;
+            let changed = tx.affected_rows();
+            tx.commit()?;
+            Ok(changed)
+        })
+    }
+
+    /// Runs `sql`, whose last condition is `id IN ({ids})`, over `ids` in chunks, after
+    /// the `leading` parameters; returns the rows changed. The lists are padded to a few
+    /// fixed lengths (repeating the last id), so the connection's prepared statements are
+    /// reused.
+    fn update_ids(&self, sql: &str, leading: Vec<Value>, ids: &[u64]) -> Result<u64> {
         if ids.is_empty() {
             return Ok(0);
         }
-        let mut conn = self.pool.get_conn()?;
-        let mut params = vec![Value::from(owner)];
-        params.extend(ids.iter().map(|&id| Value::from(id)));
-        conn.exec_drop(
-            format!(
-                "UPDATE `{}` SET state = {DELIVERED}, processed_on = NOW(6), last_attempted_on = NOW(6), \
-                 number_of_attempts = number_of_attempts + 1, locked_by = NULL, locked_on = NULL \
-                 WHERE locked_by = ? AND state = {PENDING} AND id IN ({})",
-                self.table,
-                placeholders(ids.len())
-            ),
-            Params::Positional(params),
-        )?;
-        Ok(conn.affected_rows())
+        self.conns.with(|conn| {
+            let mut changed = 0;
+            for chunk in ids.chunks(MAX_ID_LIST) {
+                let len = chunk.len().next_power_of_two().min(MAX_ID_LIST);
+                let mut params = leading.clone();
+                params.extend((0..len).map(|i| Value::from(chunk[i.min(chunk.len() - 1)])));
+                conn.exec_drop(
+                    sql.replace("{ids}", &placeholders(len)),
+                    Params::Positional(params),
+                )?;
+                changed += conn.affected_rows();
+            }
+            Ok(changed)
+        })
+    }
+}
+
+impl Store for MySqlStore {
+    fn claim(&self, owner: &str, limit: usize, dead_blocks_key: bool) -> Result<Vec<Record>> {
+        let blocking = if dead_blocks_key { "(0, 2)" } else { "(0)" };
+        self.conns.with(|conn| {
+            let opts = TxOpts::default().set_isolation_level(Some(IsolationLevel::ReadCommitted));
+            let mut tx = conn.start_transaction(opts)?;
+            let rows = self.claim_heads(&mut tx, limit, blocking)?;
+            if rows.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut records = Vec::with_capacity(limit);
+            let mut corrupt = Vec::new();
+            for row in rows {
+                match decode_record(row) {
+                    Ok(record) => records.push(record),
+                    Err(Error::CorruptRow { id, reason }) => corrupt.push((id, reason)),
+                    Err(other) => return Err(other),
+                }
+            }
+            self.bury(&mut tx, &corrupt)?;
+            if records.len() < limit {
+                self.extend_runs(&mut tx, &mut records, limit)?;
+            }
+            records.sort_by_key(|r| r.id);
+            records.dedup_by_key(|r| r.id);
+            let records = self.keep_in_order(&mut tx, records, blocking)?;
+            for chunk in records.chunks(MAX_ID_LIST) {
+                let mut params = vec![Value::from(owner)];
+                params.extend(chunk.iter().map(|r| Value::from(r.id)));
+                tx.exec_drop(
+                    format!(
+                        "UPDATE `{}` SET locked_by = ?, locked_on = NOW(6) WHERE id IN ({})",
+                        self.table,
+                        placeholders(chunk.len())
+                    ),
+                    Params::Positional(params),
+                )?;
+            }
+            tx.commit()?;
+            Ok(records)
+        })
+    }
+
+    fn mark_delivered(&self, owner: &str, ids: &[u64]) -> Result<u64> {
+        let sql = format!(
+            "UPDATE `{}` SET state = {DELIVERED}, processed_on = NOW(6), last_attempted_on = NOW(6), \
+             number_of_attempts = number_of_attempts + 1, locked_by = NULL, locked_on = NULL \
+             WHERE locked_by = ? AND state = {PENDING} AND id IN ({{ids}})",
+            self.table
+        );
+        self.update_ids(&sql, vec![Value::from(owner)], ids)
     }
 
     fn mark_failed(&self, owner: &str, failures: &[Failure]) -> Result<u64> {
@@ -264,38 +459,47 @@ impl Store for MySqlStore {
              WHERE id = ? AND locked_by = ? AND state = {PENDING}",
             self.table
         );
-        let mut tx = self.pool.start_transaction(TxOpts::default())?;
-        let mut changed = 0;
-        for failure in failures {
-            let state = if failure.dead { DEAD } else { PENDING };
-            tx.exec_drop(
-                &sql,
-                (
-                    truncate(&failure.error),
-                    micros(failure.retry_in),
-                    state,
-                    state,
-                    failure.id,
-                    owner,
-                ),
-            )?;
-            changed += tx.affected_rows();
-        }
-        tx.commit()?;
-        Ok(changed)
+        self.conns.with(|conn| {
+            let mut tx = conn.start_transaction(TxOpts::default())?;
+            let mut changed = 0;
+            for failure in failures {
+                let state = if failure.dead { DEAD } else { PENDING };
+                tx.exec_drop(
+                    &sql,
+                    (
+                        truncate(&failure.error),
+                        micros(failure.retry_in),
+                        state,
+                        state,
+                        failure.id,
+                        owner,
+                    ),
+                )?;
+                changed += tx.affected_rows();
+            }
+            tx.commit()?;
+            Ok(changed)
+        })
+    }
+
+    fn release(&self, owner: &str, ids: &[u64]) -> Result<u64> {
+        let sql = format!(
+            "UPDATE `{}` SET locked_by = NULL, locked_on = NULL \
+             WHERE locked_by = ? AND state = {PENDING} AND id IN ({{ids}})",
+            self.table
+        );
+        self.update_ids(&sql, vec![Value::from(owner)], ids)
     }
 
     fn release_expired(&self, older_than: Duration) -> Result<u64> {
-        let mut conn = self.pool.get_conn()?;
-        conn.exec_drop(
-            format!(
+        self.read_committed(
+            &format!(
                 "UPDATE `{}` SET locked_by = NULL, locked_on = NULL \
                  WHERE state = {PENDING} AND locked_on < NOW(6) - INTERVAL ? MICROSECOND",
                 self.table
             ),
             (micros(older_than),),
-        )?;
-        Ok(conn.affected_rows())
+        )
     }
 
     fn purge_delivered(&self, older_than: Duration, limit: usize) -> Result<u64> {
@@ -304,20 +508,6 @@ impl Store for MySqlStore {
 
     fn purge_dead(&self, older_than: Duration, limit: usize) -> Result<u64> {
         self.purge(DEAD, older_than, limit)
-    }
-}
-
-impl MySqlStore {
-    fn purge(&self, state: u8, older_than: Duration, limit: usize) -> Result<u64> {
-        let mut conn = self.pool.get_conn()?;
-        conn.exec_drop(
-            format!(
-                "DELETE FROM `{}` WHERE state = ? AND processed_on < NOW(6) - INTERVAL ? MICROSECOND LIMIT ?",
-                self.table
-            ),
-            (state, micros(older_than), limit as u64),
-        )?;
-        Ok(conn.affected_rows())
     }
 }
 

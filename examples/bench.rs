@@ -1,0 +1,602 @@
+//! `make bench`: the outbox's costs and rates on this machine, against the local MariaDB
+//! and broker. Every figure is the median of `BENCH_RUNS` runs (default 3) with its
+//! spread; rates are compared only with baselines measured in the same run.
+//!
+//! - add cost: a business transaction (one INSERT, commit) with and without `Outbox::add`;
+//!   the batch add (100 messages per transaction);
+//! - drain: a backlog of `BENCH_BACKLOG` messages (default 100,000; 200-byte payloads,
+//!   3 headers, 1,000 keys) drained by 1 and by 4 dispatchers, and on a single key;
+//! - raw limits: the same messages produced straight through rdkafka (no database), and
+//!   a plain claim-and-mark loop over the same rows (no broker);
+//! - latency: commit to broker acknowledgement at a steady 1,000 messages/s, with the
+//!   default `process_interval` and with a wake-up after each commit;
+//! - memory: peak resident memory of an `outbox-relay` process draining the backlog.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mysql::prelude::Queryable;
+use mysql::{Pool, TxOpts};
+use outbox::rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use outbox::rdkafka::ClientConfig;
+use outbox::{
+    Broker, Dispatcher, DispatcherSettings, KafkaBroker, Message, MySqlStore, Outbox, Record,
+};
+use parking_lot::Mutex;
+
+const KEYS: usize = 1_000;
+
+/// The columns the relay reads: id, message_id, topic, key, headers, payload, attempts.
+type RawRow = (
+    u64,
+    Vec<u8>,
+    String,
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+    Vec<u8>,
+    u32,
+);
+const PAYLOAD: usize = 200;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let runs = env_number("BENCH_RUNS", 3);
+    let backlog = env_number("BENCH_BACKLOG", 100_000);
+    let hot_backlog = env_number("BENCH_HOT_BACKLOG", backlog);
+    let bench = Bench::new()?;
+    let mut table = Table::default();
+
+    eprintln!("add cost ({runs} runs)");
+    let mut plain = Vec::new();
+    let mut with_add = Vec::new();
+    let mut batch = Vec::new();
+    for run in 0..runs {
+        // Alternate the order so that neither side always runs on a warmer server.
+        let (a, b) = if run % 2 == 0 {
+            let a = bench.business_transactions(2_000, false)?;
+            (a, bench.business_transactions(2_000, true)?)
+        } else {
+            let b = bench.business_transactions(2_000, true)?;
+            (bench.business_transactions(2_000, false)?, b)
+        };
+        plain.push(a);
+        with_add.push(b);
+        batch.push(bench.batch_add(200, 100)?);
+    }
+    table.rate("transaction without outbox (tx/s)", &plain);
+    table.rate("transaction with Outbox::add (tx/s)", &with_add);
+    table.ratio("  with / without", &with_add, &plain);
+    table.rate("batch add, 100 per tx (msg/s)", &batch);
+
+    eprintln!("drain, {backlog} messages ({runs} runs)");
+    let (mut raw_broker, mut raw_db, mut one, mut four, mut hot) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    for _ in 0..runs {
+        raw_broker.push(bench.raw_broker(backlog)?);
+        raw_db.push(bench.raw_claim_and_mark(backlog)?);
+        one.push(bench.drain(backlog, KEYS, 1)?);
+        four.push(bench.drain(backlog, KEYS, 4)?);
+        hot.push(bench.drain(hot_backlog, 1, 1)?);
+    }
+    table.rate("raw broker: rdkafka alone (msg/s)", &raw_broker);
+    table.rate("raw database: claim-and-mark loop (msg/s)", &raw_db);
+    table.rate("drain, 1 dispatcher (msg/s)", &one);
+    let limit: Vec<f64> = raw_broker
+        .iter()
+        .zip(&raw_db)
+        .map(|(b, d)| b.min(*d))
+        .collect();
+    table.ratio("  1 dispatcher / slower raw limit", &one, &limit);
+    table.rate("drain, 4 dispatchers (msg/s)", &four);
+    table.rate(
+        &format!("drain, one hot key, {hot_backlog} msgs (msg/s)"),
+        &hot,
+    );
+
+    eprintln!("latency at 1,000 msg/s ({runs} runs)");
+    for (label, wake) in [("default settings", false), ("wake-up after commit", true)] {
+        let mut p50 = Vec::new();
+        let mut p99 = Vec::new();
+        let mut max = Vec::new();
+        for _ in 0..runs {
+            let mut latencies = bench.latency(1_000, Duration::from_secs(10), wake)?;
+            latencies.sort_by(f64::total_cmp);
+            p50.push(percentile(&latencies, 0.50));
+            p99.push(percentile(&latencies, 0.99));
+            max.push(*latencies.last().unwrap_or(&0.0));
+        }
+        table.millis(&format!("latency p50, {label} (ms)"), &p50);
+        table.millis(&format!("latency p99, {label} (ms)"), &p99);
+        table.millis(&format!("latency max, {label} (ms)"), &max);
+    }
+
+    eprintln!("memory");
+    let mut small = Vec::new();
+    let mut large = Vec::new();
+    for _ in 0..runs {
+        small.push(bench.relay_peak_rss(backlog / 5, 500)?);
+        large.push(bench.relay_peak_rss(backlog, 500)?);
+    }
+    table.mib(
+        &format!("outbox-relay peak RSS, {} backlog (MiB)", backlog / 5),
+        &small,
+    );
+    table.mib(
+        &format!("outbox-relay peak RSS, {backlog} backlog (MiB)"),
+        &large,
+    );
+
+    println!("{}", table.render());
+    Ok(())
+}
+
+/// The servers, and a name for every table and topic the benchmark makes.
+struct Bench {
+    pool: Pool,
+    url: String,
+    brokers: String,
+    run: String,
+    counter: Mutex<u32>,
+}
+
+impl Bench {
+    fn new() -> Result<Bench, Box<dyn std::error::Error>> {
+        let url = std::env::var("OUTBOX_DATABASE_URL")
+            .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
+        let brokers =
+            std::env::var("OUTBOX_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+        let pool = Pool::new(url.as_str())?;
+        let run = outbox::uuid::Uuid::now_v7().simple().to_string();
+        Ok(Bench {
+            pool,
+            url,
+            brokers,
+            run: run[run.len() - 8..].to_string(),
+            counter: Mutex::new(0),
+        })
+    }
+
+    fn name(&self, what: &str) -> String {
+        let mut counter = self.counter.lock();
+        *counter += 1;
+        format!("bench_{what}_{}_{}", self.run, counter)
+    }
+
+    fn store(&self, what: &str) -> Result<MySqlStore, outbox::Error> {
+        let store = MySqlStore::with_table(self.pool.clone(), &self.name(what))?;
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn drop_table(&self, table: &str) -> Result<(), mysql::Error> {
+        self.pool
+            .get_conn()?
+            .query_drop(format!("DROP TABLE IF EXISTS `{table}`"))
+    }
+
+    /// `n` transactions of one business INSERT each, with or without one outbox message;
+    /// transactions per second.
+    fn business_transactions(
+        &self,
+        n: usize,
+        with_outbox: bool,
+    ) -> Result<f64, Box<dyn std::error::Error>> {
+        let store = self.store("add")?;
+        let outbox = Outbox::new(&store);
+        let business = self.name("orders");
+        let mut conn = self.pool.get_conn()?;
+        conn.query_drop(format!(
+            "CREATE TABLE `{business}` (id BIGINT UNSIGNED AUTO_INCREMENT PRIMARY KEY, \
+             customer VARCHAR(100) NOT NULL, total BIGINT NOT NULL)"
+        ))?;
+        let insert = format!("INSERT INTO `{business}` (customer, total) VALUES (?, ?)");
+        let topic = self.name("topic");
+        let start = Instant::now();
+        for i in 0..n {
+            let mut tx = conn.start_transaction(TxOpts::default())?;
+            tx.exec_drop(&insert, (format!("customer-{}", i % KEYS), i as i64))?;
+            if with_outbox {
+                outbox.add(&mut tx, &sample_message(&topic, i, KEYS))?;
+            }
+            tx.commit()?;
+        }
+        let rate = n as f64 / start.elapsed().as_secs_f64();
+        self.drop_table(&business)?;
+        self.drop_table(store.table())?;
+        Ok(rate)
+    }
+
+    /// `n` transactions of `per_tx` messages through `add_all`; messages per second.
+    fn batch_add(&self, n: usize, per_tx: usize) -> Result<f64, Box<dyn std::error::Error>> {
+        let store = self.store("batch")?;
+        let outbox = Outbox::new(&store);
+        let topic = self.name("topic");
+        let messages: Vec<Message> = (0..per_tx)
+            .map(|i| sample_message(&topic, i, KEYS))
+            .collect();
+        let start = Instant::now();
+        for _ in 0..n {
+            let mut tx = self.pool.start_transaction(TxOpts::default())?;
+            outbox.add_all(&mut tx, &messages)?;
+            tx.commit()?;
+        }
+        let rate = (n * per_tx) as f64 / start.elapsed().as_secs_f64();
+        self.drop_table(store.table())?;
+        Ok(rate)
+    }
+
+    /// A fresh table holding a committed backlog of `n` messages over `keys` keys.
+    fn backlog(
+        &self,
+        n: usize,
+        keys: usize,
+        topic: &str,
+    ) -> Result<MySqlStore, Box<dyn std::error::Error>> {
+        let store = self.store("drain")?;
+        let outbox = Outbox::new(&store);
+        for chunk in (0..n).collect::<Vec<_>>().chunks(2_000) {
+            let messages: Vec<Message> = chunk
+                .iter()
+                .map(|&i| sample_message(topic, i, keys))
+                .collect();
+            let mut tx = self.pool.start_transaction(TxOpts::default())?;
+            outbox.add_all(&mut tx, &messages)?;
+            tx.commit()?;
+        }
+        Ok(store)
+    }
+
+    fn pending(&self, table: &str) -> Result<u64, mysql::Error> {
+        let n: Option<u64> = self
+            .pool
+            .get_conn()?
+            .query_first(format!("SELECT COUNT(*) FROM `{table}` WHERE state = 0"))?;
+        Ok(n.unwrap_or(0))
+    }
+
+    /// Drains a backlog of `n` messages over `keys` keys with `dispatchers` dispatchers;
+    /// messages per second from their start until the last row is marked delivered
+    /// (which happens only after the broker acknowledged it).
+    fn drain(
+        &self,
+        n: usize,
+        keys: usize,
+        dispatchers: usize,
+    ) -> Result<f64, Box<dyn std::error::Error>> {
+        let topic = self.name("topic");
+        let store = self.backlog(n, keys, &topic)?;
+        let settings = DispatcherSettings {
+            process_interval: Duration::from_millis(100),
+            ..Default::default()
+        };
+        let start = Instant::now();
+        let handles = (0..dispatchers)
+            .map(|i| {
+                let broker = KafkaBroker::new(&self.brokers)?;
+                Dispatcher::new(
+                    store.clone(),
+                    broker,
+                    settings.clone(),
+                    &format!("bench-{i}"),
+                )?
+                .start()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        while self.pending(store.table())? > 0 {
+            std::thread::sleep(Duration::from_millis(20));
+            if start.elapsed() > Duration::from_secs(1_800) {
+                return Err("drain took longer than 30 minutes".into());
+            }
+        }
+        let rate = n as f64 / start.elapsed().as_secs_f64();
+        drop(handles);
+        self.drop_table(store.table())?;
+        Ok(rate)
+    }
+
+    /// The same messages produced straight through rdkafka, every delivery report awaited.
+    fn raw_broker(&self, n: usize) -> Result<f64, Box<dyn std::error::Error>> {
+        let topic = self.name("topic");
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("partitioner", "murmur2_random")
+            .create()?;
+        let messages: Vec<Message> = (0..n).map(|i| sample_message(&topic, i, KEYS)).collect();
+        let start = Instant::now();
+        for m in &messages {
+            let mut headers = outbox::rdkafka::message::OwnedHeaders::new_with_capacity(4);
+            for (name, value) in m.headers() {
+                headers = headers.insert(outbox::rdkafka::message::Header {
+                    key: name,
+                    value: Some(value),
+                });
+            }
+            let mut record = BaseRecord::<str, [u8]>::to(&topic)
+                .payload(m.payload())
+                .headers(headers);
+            if let Some(key) = m.key() {
+                record = record.key(key);
+            }
+            let mut record = Some(record);
+            while let Some(r) = record.take() {
+                if let Err((_, back)) = producer.send(r) {
+                    producer.poll(Duration::from_millis(10));
+                    record = Some(back);
+                }
+            }
+        }
+        producer.flush(Duration::from_secs(120))?;
+        Ok(n as f64 / start.elapsed().as_secs_f64())
+    }
+
+    /// A plain claim-and-mark loop over a backlog of `n` rows, 500 at a time, reading the
+    /// same columns as the relay; no broker, no per-key rule.
+    fn raw_claim_and_mark(&self, n: usize) -> Result<f64, Box<dyn std::error::Error>> {
+        let topic = self.name("topic");
+        let store = self.backlog(n, KEYS, &topic)?;
+        let t = store.table().to_string();
+        let mut conn = self.pool.get_conn()?;
+        let start = Instant::now();
+        loop {
+            let mut tx = conn.start_transaction(TxOpts::default())?;
+            let rows: Vec<RawRow> = tx.exec(
+                format!(
+                    "SELECT id, message_id, topic, msg_key, headers, payload, number_of_attempts FROM `{t}` \
+                     WHERE state = 0 AND locked_by IS NULL ORDER BY id LIMIT 500 FOR UPDATE SKIP LOCKED"
+                ),
+                (),
+            )?;
+            if rows.is_empty() {
+                break;
+            }
+            let ids: Vec<String> = rows.iter().map(|r| r.0.to_string()).collect();
+            tx.query_drop(format!(
+                "UPDATE `{t}` SET locked_by = 'raw', locked_on = NOW(6) WHERE id IN ({})",
+                ids.join(",")
+            ))?;
+            tx.commit()?;
+            conn.query_drop(format!(
+                "UPDATE `{t}` SET state = 1, processed_on = NOW(6), locked_by = NULL, locked_on = NULL \
+                 WHERE locked_by = 'raw' AND id IN ({})",
+                ids.join(",")
+            ))?;
+        }
+        let rate = n as f64 / start.elapsed().as_secs_f64();
+        self.drop_table(&t)?;
+        Ok(rate)
+    }
+
+    /// Commits `rate` single-message transactions per second for `duration` and returns,
+    /// in milliseconds, the time from each commit to the broker's acknowledgement.
+    fn latency(
+        &self,
+        rate: u32,
+        duration: Duration,
+        wake: bool,
+    ) -> Result<Vec<f64>, Box<dyn std::error::Error>> {
+        let topic = self.name("topic");
+        let store = self.store("latency")?;
+        let outbox = Outbox::new(&store);
+        let acked = Arc::new(Mutex::new(HashMap::new()));
+        let broker = TimingBroker {
+            inner: KafkaBroker::new(&self.brokers)?,
+            acked: acked.clone(),
+        };
+        let handle = Dispatcher::new(
+            store.clone(),
+            broker,
+            DispatcherSettings::default(),
+            "latency",
+        )?
+        .start()?;
+        let waker = handle.waker();
+
+        // Writers: enough threads to offer the rate even when one commit is slow.
+        let writers = 4u32;
+        let per_writer = rate / writers;
+        let committed = Arc::new(Mutex::new(HashMap::new()));
+        let threads: Vec<_> = (0..writers)
+            .map(|w| {
+                let (pool, outbox, topic, committed, waker) = (
+                    self.pool.clone(),
+                    outbox.clone(),
+                    topic.clone(),
+                    committed.clone(),
+                    waker.clone(),
+                );
+                std::thread::spawn(move || -> Result<(), outbox::Error> {
+                    let ticks = crossbeam_channel::tick(Duration::from_secs(1) / per_writer);
+                    let end = Instant::now() + duration;
+                    let mut i = w as usize;
+                    while Instant::now() < end {
+                        let _ = ticks.recv();
+                        let mut tx = pool.start_transaction(TxOpts::default())?;
+                        let id = outbox.add(&mut tx, &sample_message(&topic, i, KEYS))?;
+                        tx.commit()?;
+                        committed.lock().insert(id, Instant::now());
+                        if wake {
+                            waker.wake();
+                        }
+                        i += writers as usize;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().map_err(|_| "writer panicked")??;
+        }
+        let total = committed.lock().len();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while acked.lock().len() < total && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(handle);
+        let committed = committed.lock();
+        let acked = acked.lock();
+        let latencies = committed
+            .iter()
+            .filter_map(|(id, at)| {
+                acked
+                    .get(id)
+                    .map(|done: &Instant| done.duration_since(*at).as_secs_f64() * 1e3)
+            })
+            .collect();
+        self.drop_table(store.table())?;
+        Ok(latencies)
+    }
+
+    /// Peak resident memory, in MiB, of an `outbox-relay` process draining a backlog of
+    /// `n` messages with `batch_size`.
+    fn relay_peak_rss(
+        &self,
+        n: usize,
+        batch_size: usize,
+    ) -> Result<f64, Box<dyn std::error::Error>> {
+        let topic = self.name("topic");
+        let store = self.backlog(n, KEYS, &topic)?;
+        let relay =
+            std::env::var("BENCH_RELAY").unwrap_or_else(|_| "target/release/outbox-relay".into());
+        let mut child = std::process::Command::new(relay)
+            .env("OUTBOX_DATABASE_URL", &self.url)
+            .env("OUTBOX_KAFKA_BROKERS", &self.brokers)
+            .env("OUTBOX_TABLE", store.table())
+            .env("OUTBOX_BATCH_SIZE", batch_size.to_string())
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()?;
+        while self.pending(store.table())? > 0 {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or("no VmHWM in /proc status")?;
+        drop(child.stdin.take());
+        child.wait()?;
+        self.drop_table(store.table())?;
+        Ok(kib / 1024.0)
+    }
+}
+
+/// Records when each message's publish call came back acknowledged.
+struct TimingBroker {
+    inner: KafkaBroker,
+    acked: Arc<Mutex<HashMap<outbox::uuid::Uuid, Instant>>>,
+}
+
+impl Broker for TimingBroker {
+    fn publish(&mut self, records: &[Record]) -> Vec<outbox::Result<()>> {
+        let outcomes = self.inner.publish(records);
+        let now = Instant::now();
+        let mut acked = self.acked.lock();
+        for (record, outcome) in records.iter().zip(&outcomes) {
+            if outcome.is_ok() {
+                acked.insert(record.message_id, now);
+            }
+        }
+        outcomes
+    }
+
+    fn delivery_timeout(&self) -> Duration {
+        self.inner.delivery_timeout()
+    }
+}
+
+/// About 200 bytes of payload, 3 headers, one of `keys` keys.
+fn sample_message(topic: &str, i: usize, keys: usize) -> Message {
+    let mut payload = format!(
+        "{{\"order\":{i},\"customer\":\"customer-{}\",\"items\":[",
+        i % keys
+    );
+    while payload.len() < PAYLOAD - 3 {
+        payload.push_str("\"sku-000\",");
+    }
+    payload.truncate(PAYLOAD - 2);
+    payload.push_str("]}");
+    Message::new(topic, payload)
+        .with_key(format!("key-{}", i % keys))
+        .with_header("event-type", "OrderCreated")
+        .with_header("source", "bench")
+        .with_header("trace-id", format!("{i:016x}"))
+}
+
+fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    percentile(&v, 0.5)
+}
+
+/// The result table: one row per figure, its median and its spread over the runs.
+#[derive(Default)]
+struct Table {
+    rows: Vec<(String, String, String)>,
+}
+
+impl Table {
+    fn add(&mut self, label: &str, values: &[f64], format: impl Fn(f64) -> String) {
+        let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        self.rows.push((
+            label.to_string(),
+            format(median(values)),
+            format!("{} .. {}", format(min), format(max)),
+        ));
+        eprintln!("  {label}: {}", format(median(values)));
+    }
+
+    fn rate(&mut self, label: &str, values: &[f64]) {
+        self.add(label, values, |v| format!("{v:.0}"));
+    }
+
+    fn millis(&mut self, label: &str, values: &[f64]) {
+        self.add(label, values, |v| format!("{v:.1}"));
+    }
+
+    fn mib(&mut self, label: &str, values: &[f64]) {
+        self.add(label, values, |v| format!("{v:.1}"));
+    }
+
+    /// Ratio run by run (each pair measured in the same run), then its median.
+    fn ratio(&mut self, label: &str, numerator: &[f64], denominator: &[f64]) {
+        let ratios: Vec<f64> = numerator
+            .iter()
+            .zip(denominator)
+            .map(|(a, b)| a / b)
+            .collect();
+        self.add(label, &ratios, |v| format!("{v:.2}"));
+    }
+
+    fn render(&self) -> String {
+        let width = self.rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
+        let mut out = format!(
+            "| {:width$} | median | spread (min .. max) |\n| {} | ---: | --- |\n",
+            "figure",
+            "-".repeat(width)
+        );
+        for (label, median, spread) in &self.rows {
+            out.push_str(&format!("| {label:width$} | {median} | {spread} |\n"));
+        }
+        out
+    }
+}
