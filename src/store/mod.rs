@@ -1,5 +1,6 @@
 //! What the dispatcher needs from a database, and the MySQL implementation.
 
+mod claim;
 mod connections;
 mod mysql;
 

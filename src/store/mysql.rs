@@ -1,5 +1,6 @@
 //! [`Store`] on MySQL 8.0+ and MariaDB 10.6+, through a `mysql::Pool`.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,6 +9,7 @@ use mysql::{IsolationLevel, Params, Pool, Row, Transaction, TxOpts, Value};
 use serde_json::Value as Json;
 use uuid::Uuid;
 
+use super::claim::{keep_unbroken, pick, Candidate};
 use super::connections::Connections;
 use super::{Failure, Store};
 use crate::error::{Error, Result};
@@ -28,8 +30,9 @@ const INSERT_CHUNK_BYTES: usize = 4 << 20;
 
 /// Most ids in one `IN (...)` list.
 const MAX_ID_LIST: usize = 1024;
-/// Most keys whose runs one claim extends.
-const RUN_KEYS: usize = 8;
+/// Columns a claim reads, in the order [`decode_record`] expects.
+const COLUMNS: &str =
+    "o.id, o.message_id, o.topic, o.msg_key, o.headers, o.payload, o.number_of_attempts";
 
 const PENDING: u8 = 0;
 const DELIVERED: u8 = 1;
@@ -148,182 +151,76 @@ impl MySqlStore {
         Ok(())
     }
 
-    /// Columns a claim reads, in the order [`decode_record`] expects.
-    const COLUMNS: &'static str =
-        "o.id, o.message_id, o.topic, o.msg_key, o.headers, o.payload, o.number_of_attempts";
-
-    /// The heads: claimable rows with no older row of their key still blocking.
-    fn heads_sql(&self, blocking: &str) -> String {
-        format!(
-            "SELECT {c} FROM `{t}` o \
-             WHERE o.state = 0 AND o.locked_by IS NULL AND o.available_on <= NOW(6) \
-               AND o.id >= ? AND o.id < ? \
-               AND (o.msg_key IS NULL OR NOT EXISTS ( \
-                 SELECT 1 FROM `{t}` p \
-                 WHERE p.topic = o.topic AND p.msg_key = o.msg_key \
-                   AND p.state IN {blocking} AND p.id < o.id)) \
-             ORDER BY o.id LIMIT ? \
-             FOR UPDATE SKIP LOCKED",
-            c = Self::COLUMNS,
-            t = self.table
-        )
-    }
-
-    /// Claims the heads, scanning the pending rows a window at a time, so that a long run
-    /// of held-back rows (the followers of a message in flight or backing off) costs one
-    /// window per claim instead of a scan of the whole backlog; it slides on only while a
-    /// window holds nothing.
-    fn claim_heads(
+    /// Chooses the rows to claim, without locking anything yet.
+    ///
+    /// The first read takes the oldest `window` pending rows in id order, in one snapshot,
+    /// and [`pick`] applies the order rule to them: every older pending row of a key is in
+    /// that read, so runs of one key can be taken whole. Only when nothing there can be
+    /// taken (all held back behind messages in flight or backing off), the scan slides on
+    /// a window at a time, taking there only rows with no older blocking row at all,
+    /// checked by a subquery in the same snapshot.
+    fn choose(
         &self,
         tx: &mut Transaction<'_>,
         limit: usize,
-        blocking: &str,
-    ) -> Result<Vec<Row>> {
-        let bounds: Option<(Option<u64>, Option<u64>)> = tx.exec_first(
+        dead_blocks_key: bool,
+    ) -> Result<Vec<Candidate>> {
+        let window = (limit as u64).saturating_mul(4).max(1_000);
+        let dead_before = if dead_blocks_key {
             format!(
-                "SELECT MIN(id), MAX(id) FROM `{}` WHERE state = 0",
+                "AND NOT EXISTS (SELECT 1 FROM `{}` p WHERE p.topic = o.topic AND p.msg_key = o.msg_key \
+                 AND p.state = {DEAD} AND p.id < o.id)",
+                self.table
+            )
+        } else {
+            String::new()
+        };
+        let first: Vec<(u64, String, Option<Vec<u8>>, bool)> = tx.exec(
+            format!(
+                "SELECT o.id, o.topic, o.msg_key, \
+                   (o.locked_by IS NULL AND o.available_on <= NOW(6) {dead_before}) \
+                 FROM `{}` o WHERE o.state = {PENDING} ORDER BY o.id LIMIT ?",
+                self.table
+            ),
+            (window,),
+        )?;
+        let candidates: Vec<Candidate> = first.into_iter().map(candidate).collect();
+        let picked: Vec<Candidate> = pick(&candidates, limit).into_iter().cloned().collect();
+        let scanned_all = (candidates.len() as u64) < window;
+        if !picked.is_empty() || scanned_all {
+            return Ok(picked);
+        }
+
+        let blocking = if dead_blocks_key { "(0, 2)" } else { "(0)" };
+        let slide_sql = format!(
+            "SELECT o.id, o.topic, o.msg_key, TRUE FROM `{t}` o \
+             WHERE o.state = {PENDING} AND o.id > ? AND o.id <= ? \
+               AND o.locked_by IS NULL AND o.available_on <= NOW(6) \
+               AND (o.msg_key IS NULL OR NOT EXISTS ( \
+                 SELECT 1 FROM `{t}` p WHERE p.topic = o.topic AND p.msg_key = o.msg_key \
+                   AND p.state IN {blocking} AND p.id < o.id)) \
+             ORDER BY o.id LIMIT ?",
+            t = self.table
+        );
+        let last: Option<u64> = tx.exec_first(
+            format!(
+                "SELECT MAX(id) FROM `{}` WHERE state = {PENDING}",
                 self.table
             ),
             (),
         )?;
-        let (Some(first), Some(last)) = bounds.unwrap_or((None, None)) else {
-            return Ok(Vec::new());
-        };
-        let window = (limit as u64).saturating_mul(4).max(1_000);
-        let sql = self.heads_sql(blocking);
-        let mut from = first;
-        loop {
+        let last = last.unwrap_or(0);
+        let mut from = candidates.last().map_or(0, |c| c.id);
+        while from < last {
             let to = from.saturating_add(window);
-            let rows: Vec<Row> = tx.exec(&sql, (from, to, limit as u64))?;
-            if !rows.is_empty() || to > last {
-                return Ok(rows);
+            let heads: Vec<(u64, String, Option<Vec<u8>>, bool)> =
+                tx.exec(&slide_sql, (from, to, limit as u64))?;
+            if !heads.is_empty() {
+                return Ok(heads.into_iter().map(candidate).collect());
             }
             from = to;
         }
-    }
-
-    /// Extends the claim, while it has room, with the rows that follow the first few keys
-    /// it holds: a hot key then moves a batch per round instead of one message. Whether
-    /// the result keeps each key's order is checked afterwards by [`Self::keep_in_order`].
-    fn extend_runs(
-        &self,
-        tx: &mut Transaction<'_>,
-        records: &mut Vec<Record>,
-        limit: usize,
-    ) -> Result<()> {
-        let follow_sql = format!(
-            "SELECT {c} FROM `{t}` o \
-             WHERE o.topic = ? AND o.msg_key = ? AND o.id > ? \
-               AND o.state = 0 AND o.locked_by IS NULL AND o.available_on <= NOW(6) \
-             ORDER BY o.id LIMIT ? FOR UPDATE SKIP LOCKED",
-            c = Self::COLUMNS,
-            t = self.table
-        );
-        let mut last_of_key: Vec<(String, String, u64)> = Vec::new();
-        for r in records.iter() {
-            let Some(key) = r.message.key() else { continue };
-            let topic = r.message.topic();
-            if let Some(i) = last_of_key
-                .iter()
-                .position(|(t, k, _)| t == topic && k == key)
-            {
-                last_of_key[i].2 = last_of_key[i].2.max(r.id);
-            } else if last_of_key.len() < RUN_KEYS {
-                last_of_key.push((topic.into(), key.into(), r.id));
-            }
-        }
-        for (topic, key, last) in last_of_key {
-            let room = limit.saturating_sub(records.len());
-            if room == 0 {
-                break;
-            }
-            let rows: Vec<Row> = tx.exec(&follow_sql, (&topic, &key, last, room as u64))?;
-            let mut corrupt = Vec::new();
-            for row in rows {
-                match decode_record(row) {
-                    Ok(record) => records.push(record),
-                    Err(Error::CorruptRow { id, reason }) => {
-                        corrupt.push((id, reason));
-                        break;
-                    }
-                    Err(other) => return Err(other),
-                }
-            }
-            self.bury(tx, &corrupt)?;
-        }
-        Ok(())
-    }
-
-    /// Keeps, of each key's claimed rows (sorted by id), only the unbroken run from the
-    /// key's oldest blocking row: a claimed row is kept only while every older row of its
-    /// key that is still pending (or dead, with `dead_blocks_key`) is kept too.
-    ///
-    /// This check must be its own statement. The claim's locking reads see rows committed
-    /// after the statement began, while its `NOT EXISTS` subquery reads the snapshot taken
-    /// when it began: a transaction that committed two rows of a key in between would
-    /// otherwise let the second pass for a head. A new statement reads a new snapshot,
-    /// which holds every row the locking reads saw. Rows dropped here stay unleased.
-    fn keep_in_order(
-        &self,
-        tx: &mut Transaction<'_>,
-        records: Vec<Record>,
-        blocking: &str,
-    ) -> Result<Vec<Record>> {
-        // Per key, the ids claimed, in id order (records are sorted).
-        let mut claimed: Vec<(&str, &str, Vec<u64>)> = Vec::new();
-        for r in &records {
-            let Some(key) = r.message.key() else { continue };
-            let topic = r.message.topic();
-            match claimed
-                .iter_mut()
-                .find(|(t, k, _)| *t == topic && *k == key)
-            {
-                Some(entry) => entry.2.push(r.id),
-                None => claimed.push((topic, key, vec![r.id])),
-            }
-        }
-        if claimed.is_empty() {
-            return Ok(records);
-        }
-        let mut dropped = std::collections::HashSet::new();
-        for chunk in claimed.chunks(MAX_ID_LIST / 4) {
-            // Pad to a power of two (repeating the last key) so the statement is reused.
-            let len = chunk.len().next_power_of_two();
-            let condition = vec!["(topic = ? AND msg_key = ? AND id <= ?)"; len].join(" OR ");
-            let sql = format!(
-                "SELECT topic, msg_key, id FROM `{}` WHERE state IN {blocking} AND ({condition}) ORDER BY id",
-                self.table
-            );
-            let mut params = Vec::with_capacity(len * 3);
-            for i in 0..len {
-                let (topic, key, ids) = &chunk[i.min(chunk.len() - 1)];
-                params.extend([
-                    Value::from(*topic),
-                    Value::from(*key),
-                    Value::from(ids[ids.len() - 1]),
-                ]);
-            }
-            let blocking_rows: Vec<(String, Vec<u8>, u64)> =
-                tx.exec(sql, Params::Positional(params))?;
-            for (topic, key, ids) in chunk {
-                let pending = blocking_rows
-                    .iter()
-                    .filter(|(t, k, _)| t == topic && k.as_slice() == key.as_bytes())
-                    .map(|(_, _, id)| *id);
-                let run = ids.iter().zip(pending).take_while(|(c, p)| *c == p).count();
-                if run < ids.len() {
-                    log::debug!(
-                        "claim keeps {run} of {} rows of key {key:?}: an older row is elsewhere",
-                        ids.len()
-                    );
-                    dropped.extend(ids[run..].iter().copied());
-                }
-            }
-        }
-        Ok(records
-            .into_iter()
-            .filter(|r| !dropped.contains(&r.id))
-            .collect())
+        Ok(Vec::new())
     }
 
     /// Makes corrupt rows dead, with the reason as their error, so they block nothing.
@@ -396,44 +293,61 @@ impl MySqlStore {
 
 impl Store for MySqlStore {
     fn claim(&self, owner: &str, limit: usize, dead_blocks_key: bool) -> Result<Vec<Record>> {
-        let blocking = if dead_blocks_key { "(0, 2)" } else { "(0)" };
         self.conns.with(|conn| {
             let opts = TxOpts::default().set_isolation_level(Some(IsolationLevel::ReadCommitted));
             let mut tx = conn.start_transaction(opts)?;
-            let rows = self.claim_heads(&mut tx, limit, blocking)?;
-            if rows.is_empty() {
+            let chosen = self.choose(&mut tx, limit, dead_blocks_key)?;
+            if chosen.is_empty() {
                 return Ok(Vec::new());
             }
-            let mut records = Vec::with_capacity(limit);
+            // Lock what is still unleased; another claimer may have taken some since.
+            let len = chosen
+                .len()
+                .next_power_of_two()
+                .min(MAX_ID_LIST.max(chosen.len()));
+            let ids: Vec<Value> = (0..len)
+                .map(|i| Value::from(chosen[i.min(chosen.len() - 1)].id))
+                .collect();
+            let rows: Vec<Row> = tx.exec(
+                format!(
+                    "SELECT {COLUMNS} FROM `{}` o WHERE o.id IN ({}) AND o.state = {PENDING} \
+                     AND o.locked_by IS NULL FOR UPDATE SKIP LOCKED",
+                    self.table,
+                    placeholders(len)
+                ),
+                Params::Positional(ids),
+            )?;
             let mut corrupt = Vec::new();
+            let mut locked = HashMap::with_capacity(rows.len());
             for row in rows {
                 match decode_record(row) {
-                    Ok(record) => records.push(record),
+                    Ok(record) => {
+                        locked.insert(record.id, record);
+                    }
                     Err(Error::CorruptRow { id, reason }) => corrupt.push((id, reason)),
                     Err(other) => return Err(other),
                 }
             }
             self.bury(&mut tx, &corrupt)?;
-            if records.len() < limit {
-                self.extend_runs(&mut tx, &mut records, limit)?;
+            let picked: Vec<&Candidate> = chosen.iter().collect();
+            let present: HashSet<u64> = locked.keys().copied().collect();
+            let kept = keep_unbroken(&picked, &present);
+            if kept.is_empty() {
+                tx.commit()?;
+                return Ok(Vec::new());
             }
-            records.sort_by_key(|r| r.id);
-            records.dedup_by_key(|r| r.id);
-            let records = self.keep_in_order(&mut tx, records, blocking)?;
-            for chunk in records.chunks(MAX_ID_LIST) {
-                let mut params = vec![Value::from(owner)];
-                params.extend(chunk.iter().map(|r| Value::from(r.id)));
-                tx.exec_drop(
-                    format!(
-                        "UPDATE `{}` SET locked_by = ?, locked_on = NOW(6) WHERE id IN ({})",
-                        self.table,
-                        placeholders(chunk.len())
-                    ),
-                    Params::Positional(params),
-                )?;
-            }
+            let mut params = vec![Value::from(owner)];
+            params.extend(kept.iter().map(|&id| Value::from(id)));
+            tx.exec_drop(
+                format!(
+                    "UPDATE `{}` SET locked_by = ?, locked_on = NOW(6) WHERE id IN ({})",
+                    self.table,
+                    placeholders(kept.len())
+                ),
+                Params::Positional(params),
+            )?;
             tx.commit()?;
-            Ok(records)
+            Ok(kept.iter().filter_map(|id| locked.remove(id)).collect())
         })
     }
 
@@ -634,6 +548,14 @@ fn take<T: mysql::prelude::FromValue>(row: &mut Row, index: usize, id: u64) -> R
             id,
             reason: format!("column {index} is missing"),
         }),
+    }
+}
+
+fn candidate((id, topic, key, ready): (u64, String, Option<Vec<u8>>, bool)) -> Candidate {
+    Candidate {
+        id,
+        key: key.map(|k| (topic, k)),
+        ready,
     }
 }
 

@@ -1,0 +1,133 @@
+//! Which rows a claim may take so that every key keeps its order: the rule, apart from
+//! any database.
+//!
+//! The store reads the pending rows from the oldest on, in id order, in one snapshot,
+//! and asks [`pick`] which to take; it then locks them, and [`keep_unbroken`] drops what
+//! another claimer took in between.
+
+use std::collections::HashSet;
+
+/// A pending row as the claim's first read saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Candidate {
+    pub id: u64,
+    /// Topic and key; `None` for a message without a key.
+    pub key: Option<(String, Vec<u8>)>,
+    /// Unleased and due (and, with `dead_blocks_key`, no dead row of its key before it).
+    pub ready: bool,
+}
+
+/// Picks up to `limit` rows from `candidates` (all pending rows from the oldest on, in id
+/// order): a ready row is taken unless its key is blocked, and a key is blocked from its
+/// first pending row that is not taken on. So of each key, only an unbroken run from its
+/// oldest pending row is taken. Rows without a key are taken whenever ready.
+pub(crate) fn pick(candidates: &[Candidate], limit: usize) -> Vec<&Candidate> {
+    let mut blocked = HashSet::new();
+    let mut picked = Vec::new();
+    for candidate in candidates {
+        if picked.len() == limit {
+            break;
+        }
+        let key = candidate.key.as_ref();
+        if key.is_some_and(|k| blocked.contains(k)) {
+            continue;
+        }
+        if candidate.ready {
+            picked.push(candidate);
+        } else if let Some(k) = key {
+            blocked.insert(k);
+        }
+    }
+    picked
+}
+
+/// Of the `picked` rows (in id order), keeps those still unbroken once locked: a row
+/// missing from `locked` (another claimer took it since it was read) blocks the later
+/// rows of its key.
+pub(crate) fn keep_unbroken(picked: &[&Candidate], locked: &HashSet<u64>) -> Vec<u64> {
+    let mut blocked = HashSet::new();
+    let mut kept = Vec::new();
+    for candidate in picked {
+        let key = candidate.key.as_ref();
+        if key.is_some_and(|k| blocked.contains(k)) {
+            continue;
+        }
+        if locked.contains(&candidate.id) {
+            kept.push(candidate.id);
+        } else if let Some(k) = key {
+            blocked.insert(k);
+        }
+    }
+    kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: u64, key: Option<&str>, ready: bool) -> Candidate {
+        Candidate {
+            id,
+            key: key.map(|k| ("t".to_string(), k.as_bytes().to_vec())),
+            ready,
+        }
+    }
+
+    fn ids(picked: &[&Candidate]) -> Vec<u64> {
+        picked.iter().map(|c| c.id).collect()
+    }
+
+    #[test]
+    fn takes_runs_and_stops_each_key_at_its_first_row_not_ready() {
+        let rows = [
+            row(1, Some("a"), true),
+            row(2, Some("b"), false), // leased elsewhere, or backing off
+            row(3, Some("a"), true),
+            row(4, Some("b"), true), // must not overtake 2
+            row(5, None, false),
+            row(6, None, true), // keyless rows never wait
+            row(7, Some("a"), false),
+            row(8, Some("a"), true), // must not overtake 7
+            row(9, Some("c"), true),
+        ];
+        assert_eq!(ids(&pick(&rows, 100)), vec![1, 3, 6, 9]);
+    }
+
+    #[test]
+    fn stops_at_the_limit() {
+        let rows: Vec<_> = (1..=10).map(|i| row(i, Some("hot"), true)).collect();
+        assert_eq!(ids(&pick(&rows, 4)), vec![1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn a_row_taken_by_another_claimer_in_between_cuts_its_key_run() {
+        let rows = [
+            row(1, Some("a"), true),
+            row(2, Some("a"), true),
+            row(3, Some("b"), true),
+            row(4, Some("a"), true),
+            row(5, None, true),
+        ];
+        let picked = pick(&rows, 100);
+        let locked: HashSet<u64> = [1, 3, 4].into();
+        assert_eq!(
+            keep_unbroken(&picked, &locked),
+            vec![1, 3],
+            "2 is gone, so 4 may not go"
+        );
+        let locked: HashSet<u64> = [2, 3, 4, 5].into();
+        assert_eq!(
+            keep_unbroken(&picked, &locked),
+            vec![3, 5],
+            "1 is gone: nothing of a"
+        );
+    }
+
+    #[test]
+    fn same_key_name_on_another_topic_is_another_key() {
+        let mut other = row(2, Some("a"), true);
+        other.key = Some(("u".into(), b"a".to_vec()));
+        let rows = [row(1, Some("a"), false), other];
+        assert_eq!(ids(&pick(&rows, 10)), vec![2]);
+    }
+}
