@@ -175,10 +175,13 @@ fn killed_dispatcher_process_loses_nothing_and_keeps_key_order() {
         duplicated.iter().all(|id| in_flight.contains(id)),
         "only messages the victim had in flight may arrive twice: {duplicated:?} vs {in_flight:?}"
     );
-    assert_eq!(
-        duplicated.len(),
-        leased_rows,
-        "the batch Kafka acknowledged but the victim never marked is published again"
+    // The victim may hold two batches (one being marked, the next being published):
+    // the first was acknowledged for sure, the second perhaps.
+    assert!(
+        !duplicated.is_empty() && duplicated.len() <= leased_rows,
+        "the batch Kafka acknowledged but the victim never marked is published again \
+         ({} of {leased_rows} leased)",
+        duplicated.len()
     );
     assert_commit_order(
         &versions_read(&got),

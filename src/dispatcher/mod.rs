@@ -108,12 +108,12 @@ impl<S: Store, B: Broker> Dispatcher<S, B> {
         };
         let relay = Relay {
             store: store.clone(),
-            broker: self.broker,
             settings: self.settings.clone(),
             owner: self.owner,
             signals: signals.clone(),
         };
-        handle.spawn(Worker::Relay, &signals, move || relay.run(wake_rx))?;
+        let broker = self.broker;
+        handle.spawn(Worker::Relay, &signals, move || relay.run(broker, wake_rx))?;
         let (s, settings, sig) = (store.clone(), self.settings.clone(), signals.clone());
         handle.spawn(Worker::LockChecker, &signals, move || {
             maintenance::run_lock_checker(s, settings, sig)

@@ -1,10 +1,15 @@
 //! The relay worker: claim a batch, publish it, mark each row by its own outcome.
+//!
+//! While the relay drains, publishing runs on a thread of its own (`outbox-publisher`),
+//! so that the next batch is claimed, and the last one marked, while one is on its way
+//! to the broker. At most two batches wait for or are in publishing at any time.
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{select, tick, Receiver};
+use crossbeam_channel::{bounded, select, tick, Receiver, Sender};
 
 use super::backoff::backoff;
 use super::signal::Signals;
@@ -16,6 +21,8 @@ use crate::store::{Failure, Store};
 
 /// Longest pause between two tries of a mark that failed on a database error.
 const MARK_RETRY_MAX: Duration = Duration::from_secs(1);
+/// Batches claimed and not yet settled, besides the one being settled.
+const IN_FLIGHT: usize = 2;
 
 /// What one round did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -27,73 +34,152 @@ pub(crate) struct Round {
     pub released: usize,
 }
 
-pub(crate) struct Relay<S, B> {
+/// A claimed batch on its way through publishing.
+pub(crate) struct Batch {
+    records: Vec<Record>,
+    started: Instant,
+    claimed: Instant,
+    published: Option<Instant>,
+    outcomes: Vec<Result<()>>,
+}
+
+impl Batch {
+    /// Publishes the records; one outcome per record, whatever the broker returned.
+    fn publish(&mut self, broker: &mut impl Broker) {
+        let mut outcomes = broker.publish(&self.records);
+        if outcomes.len() != self.records.len() {
+            log::error!(
+                "broker returned {} outcomes for {} records",
+                outcomes.len(),
+                self.records.len()
+            );
+            outcomes.resize_with(self.records.len(), || {
+                Err(Error::Broker("the broker returned no outcome".into()))
+            });
+        }
+        self.outcomes = outcomes;
+        self.published = Some(Instant::now());
+    }
+}
+
+/// The relay's database side; the broker is handed to [`Relay::run`] or [`Relay::round`].
+pub(crate) struct Relay<S> {
     pub store: Arc<S>,
-    pub broker: B,
     pub settings: DispatcherSettings,
     pub owner: String,
     pub signals: Signals,
 }
 
-impl<S: Store, B: Broker> Relay<S, B> {
+impl<S: Store> Relay<S> {
     /// Drains at once, then again on every wake-up and every `process_interval`, until
     /// the stop signal.
-    pub fn run(mut self, wake: Receiver<()>) {
+    pub fn run(mut self, mut broker: impl Broker, wake: Receiver<()>) {
         let ticks = tick(self.settings.process_interval);
-        loop {
-            self.drain();
-            select! {
-                recv(self.signals.stop) -> _ => return,
-                recv(wake) -> _ => {},
-                recv(ticks) -> _ => {},
-            }
-            if self.signals.stopped() {
+        let (to_publish, batches) = bounded::<Batch>(IN_FLIGHT - 1);
+        let (to_settle, published) = bounded::<Batch>(IN_FLIGHT);
+        thread::scope(|scope| {
+            let publisher = thread::Builder::new()
+                .name("outbox-publisher".into())
+                .spawn_scoped(scope, move || {
+                    for mut batch in batches {
+                        batch.publish(&mut broker);
+                        if to_settle.send(batch).is_err() {
+                            return;
+                        }
+                    }
+                });
+            if let Err(e) = publisher {
+                self.signals.report(Error::Thread(e));
                 return;
             }
-        }
+            loop {
+                self.drain(&to_publish, &published);
+                select! {
+                    recv(self.signals.stop) -> _ => break,
+                    recv(wake) -> _ => {},
+                    recv(ticks) -> _ => {},
+                }
+                if self.signals.stopped() {
+                    break;
+                }
+            }
+            drop(to_publish);
+        });
     }
 
-    /// Runs rounds back to back while they find work: each round's deliveries can make
-    /// the next messages of their keys eligible.
-    fn drain(&mut self) {
+    /// Claims batches back to back while they find work, each claimed while the one
+    /// before is being published, and settles each as it comes back. On the stop signal
+    /// it claims no more, and settles what is in flight.
+    fn drain(&mut self, to_publish: &Sender<Batch>, published: &Receiver<Batch>) {
+        let mut in_flight = 0;
         loop {
-            match self.round() {
-                Ok(round) if round.claimed > 0 && !self.signals.stopped() => continue,
-                Ok(_) => return,
-                Err(e) => {
-                    self.signals.report(e);
-                    return;
+            if in_flight < IN_FLIGHT && !self.signals.stopped() {
+                match self.claim() {
+                    Ok(Some(batch)) => {
+                        if to_publish.send(batch).is_err() {
+                            self.signals
+                                .report(Error::Broker("the publisher thread is gone".into()));
+                            return;
+                        }
+                        in_flight += 1;
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => self.signals.report(e),
                 }
+            }
+            if in_flight == 0 {
+                return;
+            }
+            let Ok(batch) = published.recv() else {
+                self.signals
+                    .report(Error::Broker("the publisher thread is gone".into()));
+                return;
+            };
+            in_flight -= 1;
+            // Its deliveries may let the next messages of their keys through: claim again.
+            if let Err(e) = self.settle(batch) {
+                self.signals.report(e);
             }
         }
     }
 
-    /// Claims one batch, publishes it and settles every row.
-    pub fn round(&mut self) -> Result<Round> {
+    /// Claims one batch, publishes it and settles every row, all on this thread.
+    #[cfg(test)]
+    pub fn round(&mut self, broker: &mut impl Broker) -> Result<Round> {
+        match self.claim()? {
+            Some(mut batch) => {
+                batch.publish(broker);
+                self.settle(batch)
+            }
+            None => Ok(Round::default()),
+        }
+    }
+
+    fn claim(&self) -> Result<Option<Batch>> {
         let started = Instant::now();
-        let lease_ends = started + self.settings.max_lock_duration;
         let records = self.store.claim(
             &self.owner,
             self.settings.batch_size,
             self.settings.dead_blocks_key,
         )?;
         if records.is_empty() {
-            return Ok(Round::default());
+            return Ok(None);
         }
-        let claimed = Instant::now();
-        let mut outcomes = self.broker.publish(&records);
-        let published = Instant::now();
-        if outcomes.len() != records.len() {
-            log::error!(
-                "broker returned {} outcomes for {} records",
-                outcomes.len(),
-                records.len()
-            );
-            outcomes.resize_with(records.len(), || {
-                Err(Error::Broker("the broker returned no outcome".into()))
-            });
-        }
+        Ok(Some(Batch {
+            records,
+            started,
+            claimed: Instant::now(),
+            published: None,
+            outcomes: Vec::new(),
+        }))
+    }
 
+    /// Marks every row of a published batch by its own outcome.
+    fn settle(&self, batch: Batch) -> Result<Round> {
+        let lease_ends = batch.started + self.settings.max_lock_duration;
+        let records = &batch.records;
+        let published = batch.published.unwrap_or(batch.claimed);
         // Settle each key's run in order: after a message fails, the later ones of its key
         // wait behind it. Those the broker did not send are released without an attempt;
         // one it acknowledged anyway is in Kafka already and is marked delivered.
@@ -102,7 +188,7 @@ impl<S: Store, B: Broker> Relay<S, B> {
         let mut released = Vec::new();
         let mut failed_keys = HashSet::new();
         let mut first_error = None;
-        for (record, outcome) in records.iter().zip(outcomes) {
+        for (record, outcome) in records.iter().zip(batch.outcomes) {
             let key = record.message.key().map(|k| (record.message.topic(), k));
             let behind_failure = key.is_some_and(|k| failed_keys.contains(&k));
             match outcome {
@@ -160,8 +246,8 @@ impl<S: Store, B: Broker> Relay<S, B> {
             "round: {} claimed in {:?}, published in {:?} ({} delivered, {} failed, {} released), \
              marked in {:?}",
             round.claimed,
-            claimed - started,
-            published - claimed,
+            batch.claimed - batch.started,
+            published - batch.claimed,
             round.delivered,
             round.failed,
             round.released,
@@ -237,16 +323,27 @@ mod tests {
         store: Arc<FakeStore>,
         broker: FakeBroker,
         settings: DispatcherSettings,
-    ) -> (Relay<FakeStore, FakeBroker>, Receiver<Error>, Sender<()>) {
+    ) -> (TestRelay, Receiver<Error>, Sender<()>) {
         let (signals, errors, stop) = Signals::for_test();
         let relay = Relay {
             store,
-            broker,
             settings,
             owner: "me".into(),
             signals,
         };
-        (relay, errors, stop)
+        (TestRelay { relay, broker }, errors, stop)
+    }
+
+    /// A relay with its broker, driven one round at a time on the test's thread.
+    struct TestRelay {
+        relay: Relay<FakeStore>,
+        broker: FakeBroker,
+    }
+
+    impl TestRelay {
+        fn round(&mut self) -> Result<Round> {
+            self.relay.round(&mut self.broker)
+        }
     }
 
     fn settings() -> DispatcherSettings {
