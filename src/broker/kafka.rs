@@ -91,7 +91,9 @@ impl KafkaBroker {
                 DEFAULT_DELIVERY_TIMEOUT.as_millis().to_string(),
             )
             // Room for the largest message `Message::validate` accepts plus its overhead.
-            .set("message.max.bytes", "1048576");
+            .set("message.max.bytes", "1048576")
+            // A batch is handed over whole and then awaited: waiting for more adds only delay.
+            .set("linger.ms", "0");
         for (key, value) in properties {
             config.set(key, value);
         }

@@ -30,6 +30,10 @@ const INSERT_CHUNK_BYTES: usize = 4 << 20;
 
 /// Most ids in one `IN (...)` list.
 const MAX_ID_LIST: usize = 1024;
+/// A row as the claim's scan reads it: id, topic, key, ready to take, leased to the
+/// claimer itself.
+type ScanRow = (u64, String, Option<Vec<u8>>, bool, bool);
+
 /// Columns a claim reads, in the order [`decode_record`] expects.
 const COLUMNS: &str =
     "o.id, o.message_id, o.topic, o.msg_key, o.headers, o.payload, o.number_of_attempts";
@@ -162,10 +166,11 @@ impl MySqlStore {
     fn choose(
         &self,
         tx: &mut Transaction<'_>,
+        owner: &str,
         limit: usize,
         dead_blocks_key: bool,
     ) -> Result<Vec<Candidate>> {
-        let window = (limit as u64).saturating_mul(4).max(1_000);
+        let window = (limit as u64).saturating_mul(2).max(1_000);
         let dead_before = if dead_blocks_key {
             format!(
                 "AND NOT EXISTS (SELECT 1 FROM `{}` p WHERE p.topic = o.topic AND p.msg_key = o.msg_key \
@@ -175,25 +180,29 @@ impl MySqlStore {
         } else {
             String::new()
         };
-        let first: Vec<(u64, String, Option<Vec<u8>>, bool)> = tx.exec(
+        let first: Vec<ScanRow> = tx.exec(
             format!(
                 "SELECT o.id, o.topic, o.msg_key, \
-                   (o.locked_by IS NULL AND o.available_on <= NOW(6) {dead_before}) \
+                   (o.locked_by IS NULL AND o.available_on <= NOW(6) {dead_before}), \
+                   o.locked_by <=> ? \
                  FROM `{}` o WHERE o.state = {PENDING} ORDER BY o.id LIMIT ?",
                 self.table
             ),
-            (window,),
+            (owner, window),
         )?;
+        let mine = first.iter().any(|row| row.4);
         let candidates: Vec<Candidate> = first.into_iter().map(candidate).collect();
         let picked: Vec<Candidate> = pick(&candidates, limit).into_iter().cloned().collect();
         let scanned_all = (candidates.len() as u64) < window;
-        if !picked.is_empty() || scanned_all {
+        // Dig past held-back rows only when this claimer has nothing in flight there:
+        // otherwise its own deliveries are about to let them through.
+        if !picked.is_empty() || scanned_all || mine {
             return Ok(picked);
         }
 
         let blocking = if dead_blocks_key { "(0, 2)" } else { "(0)" };
         let slide_sql = format!(
-            "SELECT o.id, o.topic, o.msg_key, TRUE FROM `{t}` o \
+            "SELECT o.id, o.topic, o.msg_key, TRUE, FALSE FROM `{t}` o \
              WHERE o.state = {PENDING} AND o.id > ? AND o.id <= ? \
                AND o.locked_by IS NULL AND o.available_on <= NOW(6) \
                AND (o.msg_key IS NULL OR NOT EXISTS ( \
@@ -213,8 +222,7 @@ impl MySqlStore {
         let mut from = candidates.last().map_or(0, |c| c.id);
         while from < last {
             let to = from.saturating_add(window);
-            let heads: Vec<(u64, String, Option<Vec<u8>>, bool)> =
-                tx.exec(&slide_sql, (from, to, limit as u64))?;
+            let heads: Vec<ScanRow> = tx.exec(&slide_sql, (from, to, limit as u64))?;
             if !heads.is_empty() {
                 return Ok(heads.into_iter().map(candidate).collect());
             }
@@ -296,7 +304,7 @@ impl Store for MySqlStore {
         self.conns.with(|conn| {
             let opts = TxOpts::default().set_isolation_level(Some(IsolationLevel::ReadCommitted));
             let mut tx = conn.start_transaction(opts)?;
-            let chosen = self.choose(&mut tx, limit, dead_blocks_key)?;
+            let chosen = self.choose(&mut tx, owner, limit, dead_blocks_key)?;
             if chosen.is_empty() {
                 return Ok(Vec::new());
             }
@@ -551,7 +559,7 @@ fn take<T: mysql::prelude::FromValue>(row: &mut Row, index: usize, id: u64) -> R
     }
 }
 
-fn candidate((id, topic, key, ready): (u64, String, Option<Vec<u8>>, bool)) -> Candidate {
+fn candidate((id, topic, key, ready, _mine): ScanRow) -> Candidate {
     Candidate {
         id,
         key: key.map(|k| (topic, k)),
