@@ -110,10 +110,7 @@ fn largest_accepted_message_is_stored_and_published_whole() {
         1
     );
 
-    let handle = Dispatcher::new(table.store.clone(), broker(), fast_settings(), "large")
-        .unwrap()
-        .start()
-        .unwrap();
+    let handle = table.dispatch(broker(), fast_settings(), "large");
     let got = consume(
         &topic,
         1,

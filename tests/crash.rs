@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use mysql::prelude::Queryable;
-use outbox::{Dispatcher, DispatcherSettings, Outbox};
+use outbox::{DispatcherSettings, Outbox};
 
 /// Starts `outbox-relay` on `table`; returns the process and its lease owner.
 fn spawn_relay(table: &str, instance: &str, extra_properties: &str) -> (Child, String) {
@@ -145,11 +145,7 @@ fn killed_dispatcher_process_loses_nothing_and_keeps_key_order() {
         batch_size: 50,
         ..fast_settings()
     };
-    let thread_dispatcher =
-        Dispatcher::new(table.store.clone(), broker(), settings, "survivor-thread")
-            .unwrap()
-            .start()
-            .unwrap();
+    let thread_dispatcher = table.dispatch(broker(), settings, "survivor-thread");
 
     let got = consume(
         &topic,

@@ -28,10 +28,7 @@ fn committed_message_arrives_intact_and_row_ends_delivered() {
     let id = outbox.add(&mut tx, &message).unwrap();
     tx.commit().unwrap();
 
-    let handle = Dispatcher::new(table.store.clone(), broker(), fast_settings(), "commit")
-        .unwrap()
-        .start()
-        .unwrap();
+    let handle = table.dispatch(broker(), fast_settings(), "commit");
     let got = consume(&topic, 1, WAIT, Duration::from_millis(500));
     assert_eq!(got.len(), 1, "exactly one record: {got:?}");
     let record = &got[0];
@@ -66,10 +63,7 @@ fn rolled_back_message_is_never_published() {
     let table = TestTable::new("rollback");
     let topic = unique("rollback");
     let outbox = Outbox::new(&table.store);
-    let handle = Dispatcher::new(table.store.clone(), broker(), fast_settings(), "rollback")
-        .unwrap()
-        .start()
-        .unwrap();
+    let handle = table.dispatch(broker(), fast_settings(), "rollback");
 
     let mut tx = table.pool.start_transaction(TxOpts::default()).unwrap();
     outbox
@@ -103,7 +97,6 @@ fn concurrent_dispatchers_publish_each_message_exactly_once() {
     const N: usize = 2_000;
     let table = TestTable::new("concurrent");
     let topic = unique("concurrent");
-    let outbox = Outbox::new(&table.store);
     // Half keyed (100 keys), half without a key.
     let messages: Vec<Message> = (0..N)
         .map(|i| {
@@ -115,32 +108,20 @@ fn concurrent_dispatchers_publish_each_message_exactly_once() {
             }
         })
         .collect();
-    let mut tx = table.pool.start_transaction(TxOpts::default()).unwrap();
-    let ids = outbox.add_all(&mut tx, &messages).unwrap();
-    tx.commit().unwrap();
+    let ids = table.commit(&messages);
 
     let settings = DispatcherSettings {
         batch_size: 50,
         ..fast_settings()
     };
     let handles: Vec<_> = (0..3)
-        .map(|i| {
-            Dispatcher::new(
-                table.store.clone(),
-                broker(),
-                settings.clone(),
-                &format!("d{i}"),
-            )
-            .unwrap()
-            .start()
-            .unwrap()
-        })
+        .map(|i| table.dispatch(broker(), settings.clone(), &format!("d{i}")))
         .collect();
     let got = consume(&topic, N, Duration::from_secs(90), Duration::from_secs(2));
     let counts = id_counts(&got);
     let duplicates: Vec<_> = counts.iter().filter(|(_, &n)| n > 1).collect();
     assert!(duplicates.is_empty(), "published twice: {duplicates:?}");
-    let expected: HashSet<String> = ids.iter().map(|id| id.hyphenated().to_string()).collect();
+    let expected: HashSet<String> = ids.into_iter().collect();
     let published: HashSet<String> = counts.into_keys().collect();
     assert_eq!(published, expected);
     assert!(wait_for(WAIT, || table.count("state = 1") == N as u64));
@@ -163,15 +144,7 @@ fn unreachable_broker_makes_message_dead_after_max_attempts() {
         ..fast_settings()
     };
     // Nothing listens on port 9: every delivery times out.
-    let handle = Dispatcher::new(
-        table.store.clone(),
-        broker_at("127.0.0.1:9"),
-        settings,
-        "dead",
-    )
-    .unwrap()
-    .start()
-    .unwrap();
+    let handle = table.dispatch(broker_at("127.0.0.1:9"), settings, "dead");
     assert!(
         wait_for(Duration::from_secs(60), || table.count("state = 2") == 1),
         "the row goes dead"
@@ -198,15 +171,7 @@ fn without_a_limit_message_waits_for_the_broker_and_is_then_delivered() {
         .unwrap();
     tx.commit().unwrap();
 
-    let mut down = Dispatcher::new(
-        table.store.clone(),
-        broker_at("127.0.0.1:9"),
-        fast_settings(),
-        "down",
-    )
-    .unwrap()
-    .start()
-    .unwrap();
+    let mut down = table.dispatch(broker_at("127.0.0.1:9"), fast_settings(), "down");
     assert!(
         wait_for(Duration::from_secs(60), || table
             .count("number_of_attempts >= 2")
@@ -221,10 +186,7 @@ fn without_a_limit_message_waits_for_the_broker_and_is_then_delivered() {
     );
 
     // The broker is back: a dispatcher that reaches it delivers the message.
-    let up = Dispatcher::new(table.store.clone(), broker(), fast_settings(), "up")
-        .unwrap()
-        .start()
-        .unwrap();
+    let up = table.dispatch(broker(), fast_settings(), "up");
     let got = consume(&topic, 1, WAIT, Duration::from_millis(500));
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].message_id(), id.hyphenated().to_string());
@@ -249,10 +211,7 @@ fn lock_checker_releases_leases_of_a_dead_instance_only_when_expired() {
         max_lock_duration: Duration::from_secs(60),
         ..fast_settings()
     };
-    let handle = Dispatcher::new(table.store.clone(), broker(), settings, "locks")
-        .unwrap()
-        .start()
-        .unwrap();
+    let handle = table.dispatch(broker(), settings, "locks");
     let got = consume(&topic, 1, WAIT, Duration::from_secs(1));
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0].message_id(), stale.hyphenated().to_string());
@@ -304,10 +263,7 @@ fn retention_deletes_old_delivered_rows_and_never_pending_ones() {
         cleanup_batch_size: 10, // 25 old rows: three chunks
         ..fast_settings()
     };
-    let handle = Dispatcher::new(table.store.clone(), broker(), settings, "retention")
-        .unwrap()
-        .start()
-        .unwrap();
+    let handle = table.dispatch(broker(), settings, "retention");
     assert!(wait_for(WAIT, || table
         .count("payload LIKE 'old-delivered%'")
         == 0));
@@ -326,10 +282,7 @@ fn retention_deletes_old_delivered_rows_and_never_pending_ones() {
         dead_retention: Some(Duration::from_secs(3600)),
         ..fast_settings()
     };
-    let handle = Dispatcher::new(table.store.clone(), broker(), settings, "retention")
-        .unwrap()
-        .start()
-        .unwrap();
+    let handle = table.dispatch(broker(), settings, "retention");
     assert!(wait_for(WAIT, || table.count("payload LIKE 'old-dead%'") == 0));
     assert_eq!(table.count("payload LIKE 'old-pending%' AND state = 0"), 4);
     drop(handle);
@@ -345,10 +298,7 @@ fn stop_returns_promptly_joined_and_loses_nothing_in_flight() {
         batch_size: 20,
         ..fast_settings()
     };
-    let mut handle = Dispatcher::new(table.store.clone(), broker(), settings.clone(), "stop1")
-        .unwrap()
-        .start()
-        .unwrap();
+    let mut handle = table.dispatch(broker(), settings.clone(), "stop1");
     let owner = handle.owner().to_string();
     let mut ids = HashSet::new();
     for chunk in 0..10 {
@@ -389,10 +339,7 @@ fn stop_returns_promptly_joined_and_loses_nothing_in_flight() {
     let delivered_at_stop = table.count("state = 1");
 
     // A new dispatcher delivers the rest; every message arrives exactly once.
-    let again = Dispatcher::new(table.store.clone(), broker(), settings, "stop2")
-        .unwrap()
-        .start()
-        .unwrap();
+    let again = table.dispatch(broker(), settings, "stop2");
     let got = consume(&topic, N, Duration::from_secs(60), Duration::from_secs(1));
     let counts = id_counts(&got);
     assert!(counts.values().all(|&n| n == 1), "no duplicates");
@@ -417,10 +364,7 @@ fn rows_written_by_hand_with_corrupt_headers_go_dead_without_blocking_others() {
     outbox.add(&mut tx, &Message::new(&topic, "good")).unwrap();
     tx.commit().unwrap();
 
-    let handle = Dispatcher::new(table.store.clone(), broker(), fast_settings(), "corrupt")
-        .unwrap()
-        .start()
-        .unwrap();
+    let handle = table.dispatch(broker(), fast_settings(), "corrupt");
     let got = consume(&topic, 1, WAIT, Duration::from_millis(500));
     assert_eq!(
         got.iter().map(|r| r.payload.clone()).collect::<Vec<_>>(),

@@ -10,9 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use mysql::TxOpts;
-use outbox::{
-    Broker, Dispatcher, DispatcherSettings, Error, KafkaBroker, Message, Outbox, Record, Store,
-};
+use outbox::{Broker, DispatcherSettings, Error, KafkaBroker, Message, Outbox, Record, Store};
 
 /// The real broker, with a random share of sends failed before they reach it.
 struct FlakyBroker {
@@ -93,15 +91,7 @@ fn per_key_commit_order_holds_with_concurrent_writers_dispatchers_and_failures()
                 percent: 5,
                 failed: failed.clone(),
             };
-            Dispatcher::new(
-                table.store.clone(),
-                broker,
-                settings.clone(),
-                &format!("d{i}"),
-            )
-            .unwrap()
-            .start()
-            .unwrap()
+            table.dispatch(broker, settings.clone(), &format!("d{i}"))
         })
         .collect();
 
@@ -184,7 +174,6 @@ fn poison_broker() -> KafkaBroker {
 /// Adds, in one transaction: key `poisoned` with a good message, the poison message and
 /// two more good ones; five good messages on each of keys `a`..`e`; five without key.
 fn add_poisoned_backlog(table: &TestTable, topic: &str) {
-    let outbox = Outbox::new(&table.store);
     let mut messages = vec![
         Message::new(topic, "poisoned:1").with_key("poisoned"),
         Message::new(topic, vec![b'x'; 20_000]).with_key("poisoned"),
@@ -195,9 +184,7 @@ fn add_poisoned_backlog(table: &TestTable, topic: &str) {
         messages.extend((1..=5).map(|v| Message::new(topic, format!("{key}:{v}")).with_key(key)));
     }
     messages.extend((1..=5).map(|v| Message::new(topic, format!("none:{v}"))));
-    let mut tx = table.pool.start_transaction(TxOpts::default()).unwrap();
-    outbox.add_all(&mut tx, &messages).unwrap();
-    tx.commit().unwrap();
+    table.commit(&messages);
 }
 
 fn payloads(records: &[Consumed]) -> Vec<String> {
@@ -212,15 +199,7 @@ fn poison_message_holds_back_only_its_own_key() {
     let table = TestTable::new("poison");
     let topic = unique("poison");
     add_poisoned_backlog(&table, &topic);
-    let handle = Dispatcher::new(
-        table.store.clone(),
-        poison_broker(),
-        fast_settings(),
-        "poison",
-    )
-    .unwrap()
-    .start()
-    .unwrap();
+    let handle = table.dispatch(poison_broker(), fast_settings(), "poison");
 
     // Everything but the poison message and the two behind it: 1 + 25 + 5.
     let got = consume(&topic, 31, Duration::from_secs(30), Duration::from_secs(1));
@@ -253,15 +232,7 @@ fn dead_message_releases_its_key_by_default() {
         max_attempts: Some(2),
         ..fast_settings()
     };
-    let handle = Dispatcher::new(
-        table.store.clone(),
-        poison_broker(),
-        settings,
-        "dead_release",
-    )
-    .unwrap()
-    .start()
-    .unwrap();
+    let handle = table.dispatch(poison_broker(), settings, "dead_release");
     let got = consume(&topic, 33, Duration::from_secs(30), Duration::from_secs(1));
     let poisoned: Vec<String> = payloads(&got)
         .into_iter()
@@ -286,10 +257,7 @@ fn dead_message_holds_its_key_when_configured() {
         dead_blocks_key: true,
         ..fast_settings()
     };
-    let handle = Dispatcher::new(table.store.clone(), poison_broker(), settings, "dead_block")
-        .unwrap()
-        .start()
-        .unwrap();
+    let handle = table.dispatch(poison_broker(), settings, "dead_block");
     assert!(wait_for(Duration::from_secs(30), || table
         .count("state = 2")
         == 1));
@@ -340,11 +308,8 @@ fn later_messages_of_a_key_wait_while_another_dispatcher_holds_an_earlier_one() 
 #[test]
 fn a_stale_lease_holder_cannot_mark_fail_or_unlock_a_row_taken_over() {
     let table = TestTable::new("fencing");
-    let outbox = Outbox::new(&table.store);
-    let mut tx = table.pool.start_transaction(TxOpts::default()).unwrap();
     let batch: Vec<_> = (0..3).map(|i| Message::new("t", format!("m{i}"))).collect();
-    outbox.add_all(&mut tx, &batch).unwrap();
-    tx.commit().unwrap();
+    table.commit(&batch);
     let store = &table.store;
 
     let stale = store.claim("stale#1", 10, false).unwrap();
@@ -432,19 +397,13 @@ fn murmur2_matches_the_jvm_clients_values() {
 fn each_key_lands_in_the_partition_a_jvm_producer_would_choose() {
     let table = TestTable::new("partitions");
     let topic = unique("partitions");
-    let outbox = Outbox::new(&table.store);
     let keys: Vec<String> = (0..40).map(|i| format!("customer-{i}")).collect();
-    let mut tx = table.pool.start_transaction(TxOpts::default()).unwrap();
     let batch: Vec<_> = keys
         .iter()
         .map(|k| Message::new(&topic, k.as_str()).with_key(k.as_str()))
         .collect();
-    outbox.add_all(&mut tx, &batch).unwrap();
-    tx.commit().unwrap();
-    let handle = Dispatcher::new(table.store.clone(), broker(), fast_settings(), "partitions")
-        .unwrap()
-        .start()
-        .unwrap();
+    table.commit(&batch);
+    let handle = table.dispatch(broker(), fast_settings(), "partitions");
     let got = consume(
         &topic,
         keys.len(),
@@ -476,14 +435,11 @@ fn each_key_lands_in_the_partition_a_jvm_producer_would_choose() {
 #[test]
 fn a_claim_takes_unbroken_runs_of_a_key_and_stops_at_a_gap() {
     let table = TestTable::new("runs");
-    let outbox = Outbox::new(&table.store);
-    let mut tx = table.pool.start_transaction(TxOpts::default()).unwrap();
     let batch: Vec<_> = ["k:1", "j:1", "k:2", "k:3", "j:2", "k:4"]
         .iter()
         .map(|p| Message::new("t", *p).with_key(&p[..1]))
         .collect();
-    outbox.add_all(&mut tx, &batch).unwrap();
-    tx.commit().unwrap();
+    table.commit(&batch);
     // k:3 is backing off: the run of k must stop before it, and k:4 must not jump it.
     table.exec("UPDATE {t} SET available_on = NOW(6) + INTERVAL 1 HOUR WHERE payload = 'k:3'");
 

@@ -70,6 +70,34 @@ impl TestTable {
             .unwrap_or(0)
     }
 
+    /// Adds `messages` in one committed transaction; returns their ids.
+    pub fn commit(&self, messages: &[outbox::Message]) -> Vec<String> {
+        let mut tx = self
+            .pool
+            .start_transaction(mysql::TxOpts::default())
+            .unwrap();
+        let ids = outbox::Outbox::new(&self.store)
+            .add_all(&mut tx, messages)
+            .unwrap();
+        tx.commit().unwrap();
+        ids.into_iter()
+            .map(|id| id.hyphenated().to_string())
+            .collect()
+    }
+
+    /// Starts a dispatcher on this table.
+    pub fn dispatch(
+        &self,
+        broker: impl outbox::Broker,
+        settings: DispatcherSettings,
+        instance: &str,
+    ) -> outbox::DispatcherHandle {
+        outbox::Dispatcher::new(self.store.clone(), broker, settings, instance)
+            .unwrap()
+            .start()
+            .unwrap()
+    }
+
     pub fn exec(&self, sql: &str) {
         self.conn()
             .query_drop(sql.replace("{t}", &format!("`{}`", self.name)))
