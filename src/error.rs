@@ -21,6 +21,14 @@ pub enum Error {
     #[error("database error: {0}")]
     Database(#[from] mysql::Error),
 
+    /// No connection came free in the pool in time: the application may be holding them
+    /// all. The worker tries again at its next tick.
+    #[error("no database connection came free in the pool within {waited:?}")]
+    PoolExhausted {
+        /// How long the worker waited.
+        waited: std::time::Duration,
+    },
+
     /// A row in the outbox table could not be decoded (for example, headers edited by hand).
     #[error("row {id} of the outbox table is corrupt: {reason}")]
     CorruptRow {
@@ -56,10 +64,20 @@ impl Error {
     /// deadlock, an unreachable broker); false for bad input and bad settings.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Database(e) => !matches!(e, mysql::Error::UrlError(_)),
-            Error::Kafka(_) | Error::Broker(_) | Error::Thread(_) | Error::WorkerPanicked(..) => {
-                true
+            Error::Database(mysql::Error::MySqlError(e)) => {
+                TRANSIENT_SERVER_ERRORS.contains(&e.code)
             }
+            Error::Database(e) => matches!(
+                e,
+                mysql::Error::IoError(_)
+                    | mysql::Error::CodecError(_)
+                    | mysql::Error::DriverError(_)
+            ),
+            Error::Kafka(_)
+            | Error::Broker(_)
+            | Error::PoolExhausted { .. }
+            | Error::Thread(_)
+            | Error::WorkerPanicked(..) => true,
             Error::InvalidMessage(_)
             | Error::Config(_)
             | Error::CorruptRow { .. }
@@ -75,6 +93,11 @@ impl Error {
         Error::InvalidMessage(reason.into())
     }
 }
+
+/// Server errors that pass: too many connections (1040), server shutting down (1053),
+/// lock wait timeout (1205), deadlock (1213), query interrupted (1317), connection
+/// killed (1927), disconnected for inactivity (4031).
+const TRANSIENT_SERVER_ERRORS: [u16; 7] = [1040, 1053, 1205, 1213, 1317, 1927, 4031];
 
 /// The dispatcher's worker threads, as named in errors and thread names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -190,3 +190,26 @@ fn invalid_settings_are_refused_at_construction() {
     }
     assert_eq!(table.count("1"), 0);
 }
+
+#[test]
+fn a_wrong_database_password_is_a_clear_error_that_retrying_will_not_fix() {
+    let url = database_url();
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    let wrong = format!("{scheme}://root:not-the-password@{host}");
+    let err: Error = mysql::Pool::new(wrong.as_str())
+        .map(|_| ())
+        .unwrap_err()
+        .into();
+    assert!(matches!(err, Error::Database(_)), "{err}");
+    assert!(err.to_string().contains("Access denied"), "{err}");
+    assert!(!err.is_retryable());
+}
+
+#[test]
+fn a_broker_address_that_does_not_resolve_is_refused() {
+    match outbox::KafkaBroker::new("kafka.no-such-host.invalid:9092") {
+        Err(Error::Config(reason)) => assert!(reason.contains("resolve"), "{reason}"),
+        other => panic!("expected Config error, got {other:?}"),
+    }
+}

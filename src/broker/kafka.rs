@@ -1,6 +1,7 @@
 //! [`Broker`] on Kafka, through librdkafka's synchronous `BaseProducer`.
 
 use std::collections::HashSet;
+use std::net::ToSocketAddrs;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -59,7 +60,8 @@ impl KafkaBroker {
     ///
     /// # Errors
     ///
-    /// [`Error::Kafka`] if librdkafka refuses the configuration. An unreachable broker is
+    /// [`Error::Config`] if no bootstrap server resolves to an address; [`Error::Kafka`] if
+    /// librdkafka refuses the configuration. A broker that resolves but does not answer is
     /// not an error here: it shows as failed deliveries.
     pub fn new(bootstrap_servers: &str) -> Result<KafkaBroker> {
         KafkaBroker::with_properties(bootstrap_servers, std::iter::empty::<(&str, &str)>())
@@ -71,7 +73,8 @@ impl KafkaBroker {
     ///
     /// # Errors
     ///
-    /// [`Error::Kafka`] for an unknown property or a bad value.
+    /// [`Error::Kafka`] for an unknown property or a bad value; [`Error::Config`] as for
+    /// [`new`](KafkaBroker::new).
     pub fn with_properties<K, V>(
         bootstrap_servers: &str,
         properties: impl IntoIterator<Item = (K, V)>,
@@ -96,6 +99,15 @@ impl KafkaBroker {
             .set("linger.ms", "0");
         for (key, value) in properties {
             config.set(key, value);
+        }
+        let servers = config
+            .get("bootstrap.servers")
+            .unwrap_or_default()
+            .to_string();
+        if !servers.split(',').any(resolves) {
+            return Err(Error::config(format!(
+                "none of the Kafka bootstrap servers {servers:?} resolves to an address"
+            )));
         }
         let delivery_timeout = config
             .get("message.timeout.ms")
@@ -197,6 +209,26 @@ impl Drop for KafkaBroker {
     }
 }
 
+/// True when a bootstrap server (`[protocol://]host[:port]`) resolves to an address.
+fn resolves(server: &str) -> bool {
+    let server = server.trim();
+    let address = server.split_once("://").map_or(server, |(_, rest)| rest);
+    if address.is_empty() {
+        return false;
+    }
+    let with_port = if address
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
+    {
+        address.to_string()
+    } else {
+        format!("{address}:9092")
+    };
+    with_port
+        .to_socket_addrs()
+        .is_ok_and(|mut addrs| addrs.next().is_some())
+}
+
 /// Delivery outcomes of the batch being published.
 #[derive(Default)]
 struct Pending {
@@ -276,6 +308,29 @@ mod tests {
             KafkaBroker::new("127.0.0.1:9").unwrap().delivery_timeout(),
             DEFAULT_DELIVERY_TIMEOUT
         );
+    }
+
+    #[test]
+    fn addresses_that_do_not_resolve_are_refused() {
+        for servers in [
+            "",
+            " , ",
+            "no-such-host.invalid:9092",
+            "PLAINTEXT://no-such-host.invalid",
+        ] {
+            assert!(
+                matches!(KafkaBroker::new(servers), Err(Error::Config(_))),
+                "{servers:?}"
+            );
+        }
+        for servers in [
+            "127.0.0.1:9",
+            "localhost",
+            "PLAINTEXT://127.0.0.1:9092",
+            "no-such-host.invalid:1,127.0.0.1:9",
+        ] {
+            assert!(KafkaBroker::new(servers).is_ok(), "{servers:?}");
+        }
     }
 
     #[test]

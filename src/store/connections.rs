@@ -5,6 +5,8 @@
 //! The dispatcher's workers run the same few statements all the time, so the store
 //! keeps its connections instead, with their statement caches.
 
+use std::time::Duration;
+
 use mysql::{Pool, PooledConn};
 use parking_lot::Mutex;
 
@@ -12,6 +14,8 @@ use crate::error::{Error, Result};
 
 /// Connections kept at most: one per dispatcher worker, and one spare.
 const MAX_IDLE: usize = 4;
+/// How long a worker waits for a free connection when the pool is exhausted.
+pub(crate) const POOL_WAIT: Duration = Duration::from_secs(2);
 
 pub(crate) struct Connections {
     pool: Pool,
@@ -40,7 +44,7 @@ impl Connections {
         let was_kept = kept.is_some();
         let mut conn = match kept {
             Some(conn) => conn,
-            None => self.pool.get_conn()?,
+            None => self.take()?,
         };
         match work(&mut conn) {
             Ok(value) => {
@@ -49,12 +53,24 @@ impl Connections {
             }
             Err(e) if was_kept && is_connection_lost(&e) => {
                 drop(conn);
-                let mut conn = self.pool.get_conn()?;
+                let mut conn = self.take()?;
                 let value = work(&mut conn)?;
                 self.keep(conn);
                 Ok(value)
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// A connection from the pool, waiting at most [`POOL_WAIT`]: a worker never blocks
+    /// for good on a pool the application has exhausted.
+    fn take(&self) -> Result<PooledConn> {
+        match self.pool.try_get_conn(POOL_WAIT) {
+            Ok(conn) => Ok(conn),
+            Err(mysql::Error::DriverError(mysql::DriverError::Timeout)) => {
+                Err(Error::PoolExhausted { waited: POOL_WAIT })
+            }
+            Err(e) => Err(e.into()),
         }
     }
 
