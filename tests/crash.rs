@@ -27,7 +27,7 @@ fn spawn_relay(table: &str, instance: &str, extra_properties: &str) -> (Child, S
         )
         .env(
             "OUTBOX_KAFKA_PROPERTIES",
-            format!("message.timeout.ms={DELIVERY_TIMEOUT_MS}{extra_properties}"),
+            format!("message.timeout.ms={MESSAGE_TIMEOUT_MS},request.timeout.ms={REQUEST_TIMEOUT_MS}{extra_properties}"),
         )
         .env("RUST_LOG", "warn")
         .stdin(Stdio::piped())

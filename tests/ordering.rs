@@ -161,14 +161,9 @@ fn per_key_commit_order_holds_with_concurrent_writers_dispatchers_and_failures()
 /// A message larger than the producer's `message.max.bytes`: librdkafka refuses it on
 /// every attempt.
 fn poison_broker() -> KafkaBroker {
-    KafkaBroker::with_properties(
-        &brokers(),
-        [
-            ("message.timeout.ms", DELIVERY_TIMEOUT_MS.to_string()),
-            ("message.max.bytes", "10000".to_string()),
-        ],
-    )
-    .unwrap()
+    let mut properties = test_properties();
+    properties.push(("message.max.bytes".into(), "10000".into()));
+    KafkaBroker::with_properties(&brokers(), properties).unwrap()
 }
 
 /// Adds, in one transaction: key `poisoned` with a good message, the poison message and

@@ -16,8 +16,10 @@ use crate::error::{Error, Result};
 use crate::message::MESSAGE_ID_HEADER;
 use crate::record::Record;
 
-/// Delivery timeout when `message.timeout.ms` is not set.
-const DEFAULT_DELIVERY_TIMEOUT: Duration = Duration::from_secs(30);
+/// `message.timeout.ms` when not set: how long librdkafka tries a message.
+const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// librdkafka's default `request.timeout.ms`.
+const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time past the delivery timeout that `publish` waits for the last delivery reports.
 const REPORT_GRACE: Duration = Duration::from_secs(2);
 /// How long one `poll` blocks while waiting for delivery reports. rdkafka's `poll` serves
@@ -41,6 +43,7 @@ const POLL_STEP: Duration = Duration::from_millis(1);
 /// # Ok(()) }
 /// ```
 pub struct KafkaBroker {
+    config: ClientConfig,
     producer: BaseProducer<Reports>,
     delivery_timeout: Duration,
     batch: u64,
@@ -56,7 +59,11 @@ impl std::fmt::Debug for KafkaBroker {
 
 impl KafkaBroker {
     /// A producer for the comma-separated `bootstrap_servers`, with the defaults above and
-    /// a 30 s delivery timeout (`message.timeout.ms`).
+    /// `message.timeout.ms` = 30 s.
+    ///
+    /// Its [`delivery_timeout`](Broker::delivery_timeout), the longest a publish can wait
+    /// for its last delivery report, is `message.timeout.ms` + `request.timeout.ms`
+    /// (default 30 s): a message sent just before its own timeout waits for its request.
     ///
     /// # Errors
     ///
@@ -91,7 +98,7 @@ impl KafkaBroker {
             .set("partitioner", "murmur2_random")
             .set(
                 "message.timeout.ms",
-                DEFAULT_DELIVERY_TIMEOUT.as_millis().to_string(),
+                DEFAULT_MESSAGE_TIMEOUT.as_millis().to_string(),
             )
             // Room for the largest message `Message::validate` accepts plus its overhead.
             .set("message.max.bytes", "1048576")
@@ -109,13 +116,20 @@ impl KafkaBroker {
                 "none of the Kafka bootstrap servers {servers:?} resolves to an address"
             )));
         }
-        let delivery_timeout = config
-            .get("message.timeout.ms")
-            .or_else(|| config.get("delivery.timeout.ms"))
-            .and_then(|ms| ms.parse().ok())
-            .map_or(DEFAULT_DELIVERY_TIMEOUT, Duration::from_millis);
+        let millis = |names: &[&str], default: Duration| {
+            names
+                .iter()
+                .find_map(|name| config.get(name))
+                .and_then(|ms| ms.parse().ok())
+                .map_or(default, Duration::from_millis)
+        };
+        let delivery_timeout = millis(
+            &["message.timeout.ms", "delivery.timeout.ms"],
+            DEFAULT_MESSAGE_TIMEOUT,
+        ) + millis(&["request.timeout.ms"], DEFAULT_REQUEST_TIMEOUT);
         let producer = config.create_with_context(Reports::default())?;
         Ok(KafkaBroker {
+            config,
             producer,
             delivery_timeout,
             batch: 0,
@@ -157,6 +171,41 @@ impl KafkaBroker {
     }
 }
 
+impl KafkaBroker {
+    /// Replaces the producer with a new one (and so a new producer id) when it hit a fatal
+    /// error, or when a whole batch timed out. An idempotent producer keeps its sequence
+    /// state across failures; a broker that lost that state (restarted without it) will
+    /// not take its messages any more, and librdkafka retries them until they time out,
+    /// for good. A new producer starts afresh; the relay retries what failed, and what was
+    /// acknowledged stays acknowledged. With the broker simply down, replacing it changes
+    /// nothing but the connection attempts.
+    fn renew_if_stuck(&mut self, outcomes: &[Result<(), KafkaError>]) {
+        let timed_out = |o: &Result<(), KafkaError>| {
+            matches!(
+                o,
+                Err(KafkaError::MessageProduction(
+                    RDKafkaErrorCode::MessageTimedOut
+                ))
+            )
+        };
+        let fatal = self.producer.client().fatal_error();
+        let all_timed_out = !outcomes.is_empty() && outcomes.iter().all(timed_out);
+        if fatal.is_none() && !all_timed_out {
+            return;
+        }
+        match &fatal {
+            Some((code, reason)) => {
+                log::error!("kafka producer hit a fatal error ({code:?}: {reason}); replacing it")
+            }
+            None => log::warn!("every message of a batch timed out; replacing the kafka producer"),
+        }
+        match self.config.create_with_context(Reports::default()) {
+            Ok(producer) => self.producer = producer,
+            Err(e) => log::error!("could not create a new kafka producer: {e}"),
+        }
+    }
+}
+
 impl Broker for KafkaBroker {
     fn publish(&mut self, records: &[Record]) -> Vec<Result<()>> {
         self.batch = self.batch.wrapping_add(1);
@@ -184,16 +233,19 @@ impl Broker for KafkaBroker {
             self.producer.poll(POLL_STEP);
         }
         let pending = std::mem::take(&mut *self.producer.context().pending.lock());
-        pending
+        let outcomes: Vec<Result<(), KafkaError>> = pending
             .outcomes
             .into_iter()
-            .map(|outcome| match outcome {
-                Some(Ok(())) => Ok(()),
-                Some(Err(e)) => Err(Error::Kafka(e)),
-                None => Err(Error::Kafka(KafkaError::MessageProduction(
+            .map(|outcome| {
+                outcome.unwrap_or(Err(KafkaError::MessageProduction(
                     RDKafkaErrorCode::MessageTimedOut,
-                ))),
+                )))
             })
+            .collect();
+        self.renew_if_stuck(&outcomes);
+        outcomes
+            .into_iter()
+            .map(|outcome| outcome.map_err(Error::Kafka))
             .collect()
     }
 
@@ -300,13 +352,19 @@ mod tests {
     }
 
     #[test]
-    fn delivery_timeout_follows_the_property() {
-        let broker =
-            KafkaBroker::with_properties("127.0.0.1:9", [("message.timeout.ms", "1500")]).unwrap();
-        assert_eq!(broker.delivery_timeout(), Duration::from_millis(1500));
+    fn delivery_timeout_is_message_timeout_plus_request_timeout() {
+        let broker = KafkaBroker::with_properties(
+            "127.0.0.1:9",
+            [
+                ("message.timeout.ms", "1500"),
+                ("request.timeout.ms", "700"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(broker.delivery_timeout(), Duration::from_millis(2200));
         assert_eq!(
             KafkaBroker::new("127.0.0.1:9").unwrap().delivery_timeout(),
-            DEFAULT_DELIVERY_TIMEOUT
+            Duration::from_secs(60)
         );
     }
 

@@ -113,8 +113,20 @@ impl Drop for TestTable {
     }
 }
 
-/// Delivery timeout of the tests' brokers: short, so failures show quickly.
-pub const DELIVERY_TIMEOUT_MS: u64 = 3_000;
+/// `message.timeout.ms` and `request.timeout.ms` of the tests' brokers: short, so that
+/// failures show quickly.
+pub const MESSAGE_TIMEOUT_MS: u64 = 3_000;
+pub const REQUEST_TIMEOUT_MS: u64 = 2_000;
+/// The tests' brokers' delivery timeout: the longest a publish waits.
+pub const DELIVERY_TIMEOUT_MS: u64 = MESSAGE_TIMEOUT_MS + REQUEST_TIMEOUT_MS;
+
+/// The Kafka properties of the tests' brokers.
+pub fn test_properties() -> Vec<(String, String)> {
+    vec![
+        ("message.timeout.ms".into(), MESSAGE_TIMEOUT_MS.to_string()),
+        ("request.timeout.ms".into(), REQUEST_TIMEOUT_MS.to_string()),
+    ]
+}
 
 /// A broker on the test Kafka with a short delivery timeout.
 pub fn broker() -> KafkaBroker {
@@ -122,11 +134,7 @@ pub fn broker() -> KafkaBroker {
 }
 
 pub fn broker_at(servers: &str) -> KafkaBroker {
-    KafkaBroker::with_properties(
-        servers,
-        [("message.timeout.ms", DELIVERY_TIMEOUT_MS.to_string())],
-    )
-    .unwrap()
+    KafkaBroker::with_properties(servers, test_properties()).unwrap()
 }
 
 /// Settings that make every worker run often.
@@ -188,8 +196,19 @@ impl Consumed {
 /// Reads `topic` from the beginning until `expected` records arrived, then `linger` more
 /// (to catch records that should not be there), or until `timeout`.
 pub fn consume(topic: &str, expected: usize, timeout: Duration, linger: Duration) -> Vec<Consumed> {
+    consume_from(&brokers(), topic, expected, timeout, linger)
+}
+
+/// As [`consume`], from the brokers at `servers`.
+pub fn consume_from(
+    servers: &str,
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+    linger: Duration,
+) -> Vec<Consumed> {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", servers)
         .set("group.id", unique("test"))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
