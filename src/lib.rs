@@ -18,7 +18,7 @@
 //! store.migrate()?; // CREATE TABLE IF NOT EXISTS
 //! let outbox = Outbox::new(&store);
 //!
-//! // The relay: three OS threads, stopped when the handle is stopped or dropped.
+//! // The relay: OS threads, stopped when the handle is stopped or dropped.
 //! let broker = KafkaBroker::new("127.0.0.1:9092")?;
 //! let settings = DispatcherSettings { batch_size: 500, ..Default::default() };
 //! let mut handle = Dispatcher::new(store, broker, settings, "orders-service-1")?.start()?;

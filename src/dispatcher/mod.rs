@@ -23,11 +23,13 @@ use crate::store::Store;
 /// Longest instance id; the lease owner adds a random suffix to it.
 pub const MAX_INSTANCE_ID_LEN: usize = 80;
 
-/// Relays committed messages from a [`Store`] to a [`Broker`] on three OS threads:
+/// Relays committed messages from a [`Store`] to a [`Broker`] on four OS threads:
 ///
-/// - **relay** (`outbox-relay`): claims up to `batch_size` rows, publishes them, marks
-///   each by its own delivery report; drains back to back while it finds work, then
-///   waits for the next `process_interval` or a wake-up;
+/// - **relay** (`outbox-relay`): claims up to `batch_size` rows and marks each by its own
+///   delivery report; drains back to back while it finds work, then waits for the next
+///   `process_interval` or a wake-up;
+/// - **publisher** (`outbox-publisher`, the relay's): publishes one batch while the relay
+///   claims the next and marks the last;
 /// - **lock checker** (`outbox-lock-checker`): releases leases older than
 ///   `max_lock_duration`, left by a dispatcher that died;
 /// - **cleaner** (`outbox-cleaner`): deletes delivered rows past `retention`.

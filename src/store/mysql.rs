@@ -275,9 +275,7 @@ impl MySqlStore {
     }
 
     /// Runs `sql`, whose last condition is `id IN ({ids})`, over `ids` in chunks, after
-    /// the `leading` parameters; returns the rows changed. The lists are padded to a few
-    /// fixed lengths (repeating the last id), so the connection's prepared statements are
-    /// reused.
+    /// the `leading` parameters; returns the rows changed.
     fn update_ids(&self, sql: &str, leading: Vec<Value>, ids: &[u64]) -> Result<u64> {
         if ids.is_empty() {
             return Ok(0);
@@ -285,13 +283,11 @@ impl MySqlStore {
         self.conns.with(|conn| {
             let mut changed = 0;
             for chunk in ids.chunks(MAX_ID_LIST) {
-                let len = chunk.len().next_power_of_two().min(MAX_ID_LIST);
+                let chunk = padded(chunk);
+                let in_list = placeholders(chunk.len());
                 let mut params = leading.clone();
-                params.extend((0..len).map(|i| Value::from(chunk[i.min(chunk.len() - 1)])));
-                conn.exec_drop(
-                    sql.replace("{ids}", &placeholders(len)),
-                    Params::Positional(params),
-                )?;
+                params.extend(chunk);
+                conn.exec_drop(sql.replace("{ids}", &in_list), Params::Positional(params))?;
                 changed += conn.affected_rows();
             }
             Ok(changed)
@@ -309,19 +305,13 @@ impl Store for MySqlStore {
                 return Ok(Vec::new());
             }
             // Lock what is still unleased; another claimer may have taken some since.
-            let len = chosen
-                .len()
-                .next_power_of_two()
-                .min(MAX_ID_LIST.max(chosen.len()));
-            let ids: Vec<Value> = (0..len)
-                .map(|i| Value::from(chosen[i.min(chosen.len() - 1)].id))
-                .collect();
+            let ids = padded(&chosen.iter().map(|c| c.id).collect::<Vec<_>>());
             let rows: Vec<Row> = tx.exec(
                 format!(
                     "SELECT {COLUMNS} FROM `{}` o WHERE o.id IN ({}) AND o.state = {PENDING} \
                      AND o.locked_by IS NULL FOR UPDATE SKIP LOCKED",
                     self.table,
-                    placeholders(len)
+                    placeholders(ids.len())
                 ),
                 Params::Positional(ids),
             )?;
@@ -344,16 +334,15 @@ impl Store for MySqlStore {
                 tx.commit()?;
                 return Ok(Vec::new());
             }
+            let ids = padded(&kept);
+            let sql = format!(
+                "UPDATE `{}` SET locked_by = ?, locked_on = NOW(6) WHERE id IN ({})",
+                self.table,
+                placeholders(ids.len())
+            );
             let mut params = vec![Value::from(owner)];
-            params.extend(kept.iter().map(|&id| Value::from(id)));
-            tx.exec_drop(
-                format!(
-                    "UPDATE `{}` SET locked_by = ?, locked_on = NOW(6) WHERE id IN ({})",
-                    self.table,
-                    placeholders(kept.len())
-                ),
-                Params::Positional(params),
-            )?;
+            params.extend(ids);
+            tx.exec_drop(sql, Params::Positional(params))?;
             tx.commit()?;
             Ok(kept.iter().filter_map(|id| locked.remove(id)).collect())
         })
@@ -446,6 +435,23 @@ fn validate_table_name(table: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// `ids` as parameters, padded to a power of two (up to [`MAX_ID_LIST`]) by repeating the
+/// last: `IN` lists of a few fixed lengths let the connection reuse its prepared
+/// statements, and a repeated id changes nothing.
+fn padded(ids: &[u64]) -> Vec<Value> {
+    let Some(&last) = ids.last() else {
+        return Vec::new();
+    };
+    let len = if ids.len() <= MAX_ID_LIST {
+        ids.len().next_power_of_two()
+    } else {
+        ids.len()
+    };
+    (0..len)
+        .map(|i| Value::from(ids.get(i).copied().unwrap_or(last)))
+        .collect()
 }
 
 fn placeholders(n: usize) -> String {
@@ -619,6 +625,17 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn id_lists_are_padded_to_a_few_lengths_with_the_last_id() {
+        assert!(padded(&[]).is_empty());
+        assert_eq!(padded(&[7]), vec![Value::from(7u64)]);
+        assert_eq!(
+            padded(&[1, 2, 3]),
+            [1u64, 2, 3, 3].map(Value::from).to_vec()
+        );
+        assert_eq!(padded(&vec![5; MAX_ID_LIST + 1]).len(), MAX_ID_LIST + 1);
     }
 
     #[test]
