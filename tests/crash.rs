@@ -4,42 +4,11 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
 use mysql::prelude::Queryable;
 use outbox::{DispatcherSettings, Outbox};
-
-/// Starts `outbox-relay` on `table`; returns the process and its lease owner.
-fn spawn_relay(table: &str, instance: &str, extra_properties: &str) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
-        .env("OUTBOX_DATABASE_URL", small_pool_url())
-        .env("OUTBOX_KAFKA_BROKERS", brokers())
-        .env("OUTBOX_TABLE", table)
-        .env("OUTBOX_INSTANCE", instance)
-        .env("OUTBOX_BATCH_SIZE", "50")
-        .env("OUTBOX_PROCESS_INTERVAL_MS", "50")
-        .env(
-            "OUTBOX_MAX_LOCK_MS",
-            (DELIVERY_TIMEOUT_MS + 5_000).to_string(),
-        )
-        .env(
-            "OUTBOX_KAFKA_PROPERTIES",
-            format!("message.timeout.ms={MESSAGE_TIMEOUT_MS},request.timeout.ms={REQUEST_TIMEOUT_MS}{extra_properties}"),
-        )
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("outbox-relay starts");
-    let mut owner = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut owner)
-        .unwrap();
-    (child, owner.trim().to_string())
-}
 
 #[test]
 fn killed_dispatcher_process_loses_nothing_and_keeps_key_order() {
@@ -64,7 +33,7 @@ fn killed_dispatcher_process_loses_nothing_and_keeps_key_order() {
     // The victim: a separate process, killed after Kafka acknowledged its batch and
     // before it could mark it: the test holds row locks on the batch, so the victim's
     // mark waits, and then the victim dies. Those messages must be published again.
-    let (mut victim, owner) = spawn_relay(&table.name, "victim", "");
+    let (mut victim, owner) = spawn_relay(&table.name, "victim", "", &[]);
     assert!(owner.starts_with("victim#"), "{owner}");
     let mut blocker = table.conn();
     let mut leased_rows = 0;
@@ -140,7 +109,7 @@ fn killed_dispatcher_process_loses_nothing_and_keeps_key_order() {
     assert!((delivered_by_victim as usize) < total, "work was left");
 
     // The survivors: another process and a dispatcher thread.
-    let (mut survivor, _) = spawn_relay(&table.name, "survivor", "");
+    let (mut survivor, _) = spawn_relay(&table.name, "survivor", "", &[]);
     let settings = DispatcherSettings {
         batch_size: 50,
         ..fast_settings()

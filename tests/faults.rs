@@ -429,3 +429,53 @@ fn database_killed_mid_drain_recovers_and_marks_only_what_kafka_acknowledged() {
     }
     drop(handle);
 }
+
+#[test]
+fn dispatchers_whose_host_clocks_are_off_by_minutes_neither_steal_nor_stall() {
+    // Two relay processes, one with its clock 15 minutes behind and one 15 minutes ahead,
+    // both checking leases every 100 ms with a 10 s lease. Were any lease or backoff
+    // decision made on the host's clock, the one ahead would take the other's leases as
+    // long expired and publish their messages again, and the one behind would take
+    // fresh backoffs as far in the future.
+    let table = TestTable::new("clock");
+    let topic = unique("clock");
+    let ids: HashSet<String> = table
+        .commit(
+            &(0..2_000)
+                .map(|i| {
+                    Message::new(&topic, format!("k{}:{i}", i % 40))
+                        .with_key(format!("k{}", i % 40))
+                })
+                .collect::<Vec<_>>(),
+        )
+        .into_iter()
+        .collect();
+    let skewed = |offset: &'static str| -> Vec<&'static str> { vec!["faketime", "-f", offset] };
+    // Lingering makes every batch hold its leases for a while.
+    let (mut behind, _) = spawn_relay(&table.name, "behind", ",linger.ms=100", &skewed("-15m"));
+    let (mut ahead, _) = spawn_relay(&table.name, "ahead", ",linger.ms=100", &skewed("+15m"));
+
+    let got = consume(
+        &topic,
+        2_000,
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    );
+    let counts = id_counts(&got);
+    assert_eq!(
+        counts.keys().cloned().collect::<HashSet<_>>(),
+        ids,
+        "everything arrived"
+    );
+    assert!(
+        counts.values().all(|&n| n == 1),
+        "no lease was taken over: nothing twice"
+    );
+    assert!(wait_for(Duration::from_secs(10), || table
+        .count("state = 1")
+        == 2_000));
+    for relay in [&mut behind, &mut ahead] {
+        drop(relay.stdin.take());
+        assert!(relay.wait().unwrap().success());
+    }
+}

@@ -437,3 +437,50 @@ pub fn assert_commit_order(
         }
     }
 }
+
+/// Starts the `outbox-relay` binary on `table` (run through `wrapper`, a command and its
+/// arguments, when not empty); returns the process and its lease owner, which it prints.
+/// Closing its standard input stops it gracefully.
+pub fn spawn_relay(
+    table: &str,
+    instance: &str,
+    extra_properties: &str,
+    wrapper: &[&str],
+) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let relay = env!("CARGO_BIN_EXE_outbox-relay");
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut command = Command::new(program);
+            command.args(args).arg(relay);
+            command
+        }
+        None => Command::new(relay),
+    };
+    let mut child = command
+        .env("OUTBOX_DATABASE_URL", small_pool_url())
+        .env("OUTBOX_KAFKA_BROKERS", brokers())
+        .env("OUTBOX_TABLE", table)
+        .env("OUTBOX_INSTANCE", instance)
+        .env("OUTBOX_BATCH_SIZE", "50")
+        .env("OUTBOX_PROCESS_INTERVAL_MS", "50")
+        .env("OUTBOX_LOCK_CHECK_INTERVAL_MS", "100")
+        .env("OUTBOX_MAX_LOCK_MS", (DELIVERY_TIMEOUT_MS + 5_000).to_string())
+        .env(
+            "OUTBOX_KAFKA_PROPERTIES",
+            format!(
+                "message.timeout.ms={MESSAGE_TIMEOUT_MS},request.timeout.ms={REQUEST_TIMEOUT_MS}{extra_properties}"
+            ),
+        )
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("outbox-relay starts ({wrapper:?}): {e}"));
+    let mut owner = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut owner)
+        .unwrap();
+    (child, owner.trim().to_string())
+}
