@@ -300,6 +300,8 @@ impl PrivateDatabase {
     fn start(&mut self) {
         let child = std::process::Command::new("/usr/sbin/mariadbd")
             .args(["--no-defaults", "--user=root", "--bind-address=127.0.0.1"])
+            // Short lock waits, so that the lock-wait test sees timeouts within seconds.
+            .arg("--innodb-lock-wait-timeout=1")
             .arg(format!("--port={}", self.port))
             .arg(format!("--datadir={}", self.dir.join("data").display()))
             .arg(format!("--socket={}", self.dir.join("sock").display()))
@@ -478,4 +480,122 @@ fn dispatchers_whose_host_clocks_are_off_by_minutes_neither_steal_nor_stall() {
         drop(relay.stdin.take());
         assert!(relay.wait().unwrap().success());
     }
+}
+
+#[test]
+fn lock_wait_timeouts_from_an_application_holding_outbox_rows_are_retried_never_fatal() {
+    // A private server whose lock waits time out after 1 s. Meanwhile an application
+    // thread keeps locking the oldest pending rows (leased ones included) for 1.5 s at a
+    // time, writers keep adding, and two dispatchers drain: their marks wait on those
+    // locks and time out, their claims skip the rows and hold back those keys.
+    let mut database = PrivateDatabase::new();
+    database.start();
+    let pool = mysql::Pool::new(database.url().as_str()).unwrap();
+    let store = MySqlStore::with_table(pool.clone(), "outbox").unwrap();
+    store.migrate().unwrap();
+    let topic = unique("lock_wait");
+    let outbox = outbox::Outbox::new(&store);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+    let meddler = {
+        let (pool, stop) = (pool.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut held = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok(mut tx) = pool.start_transaction(TxOpts::default()) else {
+                    continue;
+                };
+                let rows: Vec<u64> = tx
+                    .query("SELECT id FROM outbox WHERE state = 0 ORDER BY id LIMIT 20 FOR UPDATE")
+                    .unwrap_or_default();
+                held += rows.len();
+                std::thread::sleep(Duration::from_millis(1_500));
+                let _ = tx.rollback();
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            held
+        })
+    };
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (pool, outbox, topic) = (pool.clone(), outbox.clone(), topic.clone());
+            std::thread::spawn(move || {
+                let mut ids = Vec::new();
+                for round in 0..25 {
+                    let batch: Vec<Message> = (0..20)
+                        .map(|i| {
+                            Message::new(&topic, format!("w{w}:{round}:{i}"))
+                                .with_key(format!("w{w}-{}", i % 10))
+                        })
+                        .collect();
+                    loop {
+                        let mut tx = pool.start_transaction(TxOpts::default()).unwrap();
+                        match outbox
+                            .add_all(&mut tx, &batch)
+                            .and_then(|ids| Ok(tx.commit().map(|_| ids)?))
+                        {
+                            Ok(new) => {
+                                ids.extend(new.into_iter().map(|id| id.hyphenated().to_string()));
+                                break;
+                            }
+                            Err(e) if e.is_retryable() => continue,
+                            Err(e) => panic!("writer {w}: {e}"),
+                        }
+                    }
+                }
+                ids
+            })
+        })
+        .collect();
+    let settings = outbox::DispatcherSettings {
+        batch_size: 20,
+        ..fast_settings()
+    };
+    let handles: Vec<_> = (0..2)
+        .map(|i| {
+            outbox::Dispatcher::new(store.clone(), broker(), settings.clone(), &format!("lw{i}"))
+                .unwrap()
+                .start()
+                .unwrap()
+        })
+        .collect();
+
+    let ids: HashSet<String> = writers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2_000);
+    let got = consume(
+        &topic,
+        2_000,
+        Duration::from_secs(120),
+        Duration::from_secs(1),
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        meddler.join().unwrap() > 0,
+        "the application did hold outbox rows"
+    );
+    let counts = id_counts(&got);
+    assert_eq!(
+        counts.keys().cloned().collect::<HashSet<_>>(),
+        ids,
+        "nothing lost"
+    );
+    assert!(counts.values().all(|&n| n == 1), "nothing twice");
+
+    let errors: Vec<Error> = handles
+        .iter()
+        .flat_map(|h| h.errors().try_iter().collect::<Vec<_>>())
+        .collect();
+    let lock_waits: Vec<&Error> = errors
+        .iter()
+        .filter(|e| matches!(e, Error::Database(mysql::Error::MySqlError(m)) if m.code == 1205))
+        .collect();
+    assert!(
+        !lock_waits.is_empty(),
+        "lock wait timeouts were reported: {errors:?}"
+    );
+    assert!(lock_waits.iter().all(|e| e.is_retryable()));
+    drop(handles);
 }
