@@ -310,6 +310,8 @@ impl PrivateDatabase {
                 "--log-error={}",
                 self.dir.join("error.log").display()
             ))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .spawn()
             .expect("mariadbd starts");
         self.process = Some(child);
