@@ -61,7 +61,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         settings.max_lock_duration = Duration::from_millis(ms);
     }
 
-    let store = MySqlStore::with_table(mysql::Pool::new(database_url.as_str())?, &table)?;
+    let store = MySqlStore::with_table(pool(&database_url)?, &table)?;
     store.migrate()?;
     let broker = KafkaBroker::with_properties(&brokers, properties)?;
     let mut handle = Dispatcher::new(store, broker, settings, &instance)?.start()?;
@@ -82,6 +82,19 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     handle.stop()?;
     Ok(())
+}
+
+/// The relay's pool. The dispatcher keeps at most four connections, so unless the URL
+/// sets `pool_min`/`pool_max`, the pool opens one connection at start and at most eight
+/// (the mysql crate's default opens ten at once, each with its own buffers).
+fn pool(url: &str) -> Result<mysql::Pool, mysql::Error> {
+    let opts = mysql::Opts::from_url(url)?;
+    if url.contains("pool_min") || url.contains("pool_max") {
+        return mysql::Pool::new(opts);
+    }
+    let constraints = mysql::PoolConstraints::new_const::<1, 8>();
+    let pool_opts = mysql::PoolOpts::default().with_constraints(constraints);
+    mysql::Pool::new(mysql::OptsBuilder::from_opts(opts).pool_opts(pool_opts))
 }
 
 fn var(name: &str) -> Option<String> {
