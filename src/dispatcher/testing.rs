@@ -83,6 +83,22 @@ impl FakeStore {
         *self.mark_failures.lock() = n;
     }
 
+    /// Releases the leased rows among `ids` after `change`; fails when told to.
+    fn update_leased(&self, ids: &[u64], change: impl Fn(&mut FakeRow)) -> Result<u64> {
+        Self::injected(&self.mark_failures)?;
+        let mut rows = self.rows.lock();
+        let mut n = 0;
+        for row in rows
+            .iter_mut()
+            .filter(|r| r.locked && ids.contains(&r.record.id))
+        {
+            change(row);
+            row.locked = false;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     fn injected(counter: &Mutex<u32>) -> Result<()> {
         let mut left = counter.lock();
         if *left > 0 {
@@ -123,19 +139,10 @@ impl Store for FakeStore {
     }
 
     fn mark_delivered(&self, _owner: &str, ids: &[u64]) -> Result<u64> {
-        Self::injected(&self.mark_failures)?;
-        let mut rows = self.rows.lock();
-        let mut n = 0;
-        for row in rows
-            .iter_mut()
-            .filter(|r| r.locked && ids.contains(&r.record.id))
-        {
+        self.update_leased(ids, |row| {
             row.delivered = true;
-            row.locked = false;
             row.attempts += 1;
-            n += 1;
-        }
-        Ok(n)
+        })
     }
 
     fn mark_failed(&self, _owner: &str, failures: &[Failure]) -> Result<u64> {
@@ -159,17 +166,7 @@ impl Store for FakeStore {
     }
 
     fn release(&self, _owner: &str, ids: &[u64]) -> Result<u64> {
-        Self::injected(&self.mark_failures)?;
-        let mut rows = self.rows.lock();
-        let mut n = 0;
-        for row in rows
-            .iter_mut()
-            .filter(|r| r.locked && ids.contains(&r.record.id))
-        {
-            row.locked = false;
-            n += 1;
-        }
-        Ok(n)
+        self.update_leased(ids, |_| {})
     }
 
     fn release_expired(&self, _older_than: Duration) -> Result<u64> {
