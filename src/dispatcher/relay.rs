@@ -1,8 +1,9 @@
 //! The relay worker: claim a batch, publish it, mark each row by its own outcome.
 //!
-//! While the relay drains, publishing runs on a thread of its own (`outbox-publisher`),
-//! so that the next batch is claimed, and the last one marked, while one is on its way
-//! to the broker. At most two batches wait for or are in publishing at any time.
+//! While the relay drains, the three steps run on three threads, each on its own batch:
+//! the relay's thread claims, `outbox-publisher` publishes, and `outbox-settler` marks
+//! the rows by their outcomes, batch after batch in the order they were claimed. At most
+//! [`IN_FLIGHT`] batches are claimed and not yet settled at any time.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -21,8 +22,9 @@ use crate::store::{Failure, Store};
 
 /// Longest pause between two tries of a mark that failed on a database error.
 const MARK_RETRY_MAX: Duration = Duration::from_secs(1);
-/// Batches claimed and not yet settled, besides the one being settled.
-const IN_FLIGHT: usize = 2;
+/// Most batches claimed and not yet settled: one being claimed ahead, one publishing,
+/// one being marked.
+pub(crate) const IN_FLIGHT: usize = 3;
 
 /// What one round did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -73,10 +75,12 @@ pub(crate) struct Relay<S> {
 impl<S: Store> Relay<S> {
     /// Drains at once, then again on every wake-up and every `process_interval`, until
     /// the stop signal.
-    pub fn run(mut self, mut broker: impl Broker, wake: Receiver<()>) {
+    pub fn run(self, mut broker: impl Broker, wake: Receiver<()>) {
         let ticks = tick(self.settings.process_interval);
-        let (to_publish, batches) = bounded::<Batch>(IN_FLIGHT - 1);
+        let (to_publish, batches) = bounded::<Batch>(IN_FLIGHT);
         let (to_settle, published) = bounded::<Batch>(IN_FLIGHT);
+        let (to_relay, settled) = bounded::<()>(IN_FLIGHT);
+        let relay = &self;
         thread::scope(|scope| {
             let publisher = thread::Builder::new()
                 .name("outbox-publisher".into())
@@ -88,32 +92,57 @@ impl<S: Store> Relay<S> {
                         }
                     }
                 });
-            if let Err(e) = publisher {
-                self.signals.report(Error::Thread(e));
+            let settler = publisher.and_then(|_| {
+                thread::Builder::new()
+                    .name("outbox-settler".into())
+                    .spawn_scoped(scope, move || {
+                        for batch in published {
+                            if let Err(e) = relay.settle(batch) {
+                                relay.signals.report(e);
+                            }
+                            if to_relay.send(()).is_err() {
+                                return;
+                            }
+                        }
+                    })
+            });
+            if let Err(e) = settler {
+                relay.signals.report(Error::Thread(e));
                 return;
             }
+            let mut in_flight = 0;
             loop {
-                self.drain(&to_publish, &published);
+                relay.drain(&to_publish, &settled, &mut in_flight);
                 select! {
-                    recv(self.signals.stop) -> _ => break,
+                    recv(relay.signals.stop) -> _ => break,
                     recv(wake) -> _ => {},
                     recv(ticks) -> _ => {},
                 }
-                if self.signals.stopped() {
+                if relay.signals.stopped() {
                     break;
                 }
             }
+            // Let what is in flight be published and settled before the threads end.
             drop(to_publish);
+            while in_flight > 0 && settled.recv().is_ok() {
+                in_flight -= 1;
+            }
         });
     }
 
-    /// Claims batches back to back while they find work, each claimed while the one
-    /// before is being published, and settles each as it comes back. On the stop signal
-    /// it claims no more, and settles what is in flight.
-    fn drain(&mut self, to_publish: &Sender<Batch>, published: &Receiver<Batch>) {
-        let mut in_flight = 0;
+    /// Claims batches back to back while they find work, up to [`IN_FLIGHT`] ahead of
+    /// their settling, and claims again as each is settled: its deliveries may let the
+    /// next messages of their keys through. Returns when a claim finds nothing and
+    /// nothing is in flight, or on the stop signal.
+    fn drain(&self, to_publish: &Sender<Batch>, settled: &Receiver<()>, in_flight: &mut usize) {
         loop {
-            if in_flight < IN_FLIGHT && !self.signals.stopped() {
+            while settled.try_recv().is_ok() {
+                *in_flight -= 1;
+            }
+            if self.signals.stopped() {
+                return;
+            }
+            if *in_flight < IN_FLIGHT {
                 match self.claim() {
                     Ok(Some(batch)) => {
                         if to_publish.send(batch).is_err() {
@@ -121,25 +150,26 @@ impl<S: Store> Relay<S> {
                                 .report(Error::Broker("the publisher thread is gone".into()));
                             return;
                         }
-                        in_flight += 1;
+                        *in_flight += 1;
                         continue;
                     }
                     Ok(None) => {}
                     Err(e) => self.signals.report(e),
                 }
             }
-            if in_flight == 0 {
+            if *in_flight == 0 {
                 return;
             }
-            let Ok(batch) = published.recv() else {
-                self.signals
-                    .report(Error::Broker("the publisher thread is gone".into()));
-                return;
-            };
-            in_flight -= 1;
-            // Its deliveries may let the next messages of their keys through: claim again.
-            if let Err(e) = self.settle(batch) {
-                self.signals.report(e);
+            select! {
+                recv(settled) -> done => match done {
+                    Ok(()) => *in_flight -= 1,
+                    Err(_) => {
+                        self.signals
+                            .report(Error::Broker("the settler thread is gone".into()));
+                        return;
+                    }
+                },
+                recv(self.signals.stop) -> _ => return,
             }
         }
     }

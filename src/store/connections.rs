@@ -12,8 +12,9 @@ use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
 
-/// Connections kept at most: one per dispatcher worker, and one spare.
-const MAX_IDLE: usize = 4;
+/// Connections kept at most: one per dispatcher thread that uses the database (relay,
+/// settler, lock checker, cleaner), and one spare.
+const MAX_IDLE: usize = 5;
 /// How long a worker waits for a free connection when the pool is exhausted.
 pub(crate) const POOL_WAIT: Duration = Duration::from_secs(2);
 
