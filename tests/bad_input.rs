@@ -143,6 +143,32 @@ fn table_names_that_are_not_plain_identifiers_are_refused() {
 }
 
 #[test]
+fn a_table_with_an_earlier_layout_is_refused_by_migrate_and_left_as_it_was() {
+    use mysql::prelude::Queryable;
+    let pool = mysql::Pool::new(database_url().as_str()).unwrap();
+    let name = unique("old_layout");
+    let mut conn = pool.get_conn().unwrap();
+    conn.query_drop(format!(
+        "CREATE TABLE `{name}` (id BIGINT UNSIGNED AUTO_INCREMENT PRIMARY KEY, \
+         locked_by VARCHAR(100) NULL, payload LONGBLOB NOT NULL)"
+    ))
+    .unwrap();
+    conn.query_drop(format!("INSERT INTO `{name}` (payload) VALUES ('kept')"))
+        .unwrap();
+    let store = MySqlStore::with_table(pool.clone(), &name).unwrap();
+    let outcome = store.migrate();
+    let rows: Vec<(Option<String>, Vec<u8>)> = conn
+        .query(format!("SELECT locked_by, payload FROM `{name}`"))
+        .unwrap();
+    conn.query_drop(format!("DROP TABLE `{name}`")).unwrap();
+    match outcome {
+        Err(Error::Config(reason)) => assert!(reason.contains("earlier"), "{reason}"),
+        other => panic!("expected a Config error, got {other:?}"),
+    }
+    assert_eq!(rows, vec![(None, b"kept".to_vec())]);
+}
+
+#[test]
 fn invalid_settings_are_refused_at_construction() {
     let table = TestTable::new("bad_settings");
     let d = fast_settings;

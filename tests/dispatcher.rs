@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use mysql::prelude::Queryable;
 use mysql::TxOpts;
-use outbox::{Dispatcher, DispatcherSettings, Message, Outbox, MESSAGE_ID_HEADER};
+use outbox::{Dispatcher, DispatcherSettings, Message, MySqlStore, Outbox, MESSAGE_ID_HEADER};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -51,7 +51,7 @@ fn committed_message_arrives_intact_and_row_ends_delivered() {
     );
     assert!(
         wait_for(WAIT, || table.count(
-            "state = 1 AND processed_on IS NOT NULL AND locked_by IS NULL"
+            "state = 1 AND processed_on > created_on AND locked_by = 0"
         ) == 1),
         "the row ends delivered with processed_on set"
     );
@@ -150,7 +150,7 @@ fn unreachable_broker_makes_message_dead_after_max_attempts() {
         "the row goes dead"
     );
     assert_eq!(
-        table.count("state = 2 AND number_of_attempts = 2 AND error <> '' AND locked_by IS NULL"),
+        table.count("state = 2 AND number_of_attempts = 2 AND error <> '' AND locked_by = 0"),
         1
     );
     assert!(
@@ -180,7 +180,7 @@ fn without_a_limit_message_waits_for_the_broker_and_is_then_delivered() {
     );
     down.stop().unwrap();
     assert_eq!(
-        table.count("state = 0 AND locked_by IS NULL"),
+        table.count("state = 0 AND locked_by = 0"),
         1,
         "still pending, lease released"
     );
@@ -204,8 +204,11 @@ fn lock_checker_releases_leases_of_a_dead_instance_only_when_expired() {
     let fresh = outbox.add(&mut tx, &Message::new(&topic, "fresh")).unwrap();
     tx.commit().unwrap();
     // Both rows claimed by an instance that died: one an hour ago, one just now.
-    table.exec("UPDATE {t} SET locked_by = 'dead#1', locked_on = NOW(6) - INTERVAL 1 HOUR WHERE payload = 'stale'");
-    table.exec("UPDATE {t} SET locked_by = 'dead#1', locked_on = NOW(6) WHERE payload = 'fresh'");
+    let dead = MySqlStore::lease_token("dead#1");
+    table.exec(&format!("UPDATE {{t}} SET locked_by = {dead}, locked_on = NOW(6) - INTERVAL 1 HOUR WHERE payload = 'stale'"));
+    table.exec(&format!(
+        "UPDATE {{t}} SET locked_by = {dead}, locked_on = NOW(6) WHERE payload = 'fresh'"
+    ));
 
     let settings = DispatcherSettings {
         max_lock_duration: Duration::from_secs(60),
@@ -219,7 +222,9 @@ fn lock_checker_releases_leases_of_a_dead_instance_only_when_expired() {
         .count("state = 1 AND payload = 'stale'")
         == 1));
     assert_eq!(
-        table.count("state = 0 AND locked_by = 'dead#1' AND payload = 'fresh'"),
+        table.count(&format!(
+            "state = 0 AND locked_by = {dead} AND payload = 'fresh'"
+        )),
         1,
         "a lease younger than max_lock_duration ({fresh}) is left alone"
     );
@@ -332,7 +337,7 @@ fn stop_returns_promptly_joined_and_loses_nothing_in_flight() {
         "threads joined"
     );
     assert_eq!(
-        table.count(&format!("locked_by = '{owner}'")),
+        table.count(&format!("locked_by = {}", MySqlStore::lease_token(&owner))),
         0,
         "the batch in flight was settled, no row left leased"
     );

@@ -67,6 +67,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut handle = Dispatcher::new(store, broker, settings, &instance)?.start()?;
     // Print the lease owner so that a supervisor (or a test) can find this process's rows.
     println!("{}", handle.owner());
+    log::info!(
+        "{} holds its leases as locked_by = {}",
+        handle.owner(),
+        MySqlStore::lease_token(handle.owner())
+    );
 
     let (closed_tx, closed_rx) = bounded::<()>(1);
     std::thread::spawn(move || {

@@ -23,13 +23,14 @@ use crate::store::Store;
 /// Longest instance id; the lease owner adds a random suffix to it.
 pub const MAX_INSTANCE_ID_LEN: usize = 80;
 
-/// Relays committed messages from a [`Store`] to a [`Broker`] on four OS threads:
+/// Relays committed messages from a [`Store`] to a [`Broker`] on five OS threads:
 ///
-/// - **relay** (`outbox-relay`): claims up to `batch_size` rows and marks each by its own
-///   delivery report; drains back to back while it finds work, then waits for the next
-///   `process_interval` or a wake-up;
+/// - **relay** (`outbox-relay`): claims up to `batch_size` rows; drains back to back
+///   while it finds work, then waits for the next `process_interval` or a wake-up;
 /// - **publisher** (`outbox-publisher`, the relay's): publishes one batch while the relay
-///   claims the next and marks the last;
+///   claims the next;
+/// - **settler** (`outbox-settler`, the relay's): marks each row of a published batch by
+///   its own delivery report, batch after batch in claim order;
 /// - **lock checker** (`outbox-lock-checker`): releases leases older than
 ///   `max_lock_duration`, left by a dispatcher that died;
 /// - **cleaner** (`outbox-cleaner`): deletes delivered rows past `retention`.
@@ -56,7 +57,7 @@ pub struct Dispatcher<S, B> {
 
 impl<S: Store, B: Broker> Dispatcher<S, B> {
     /// A dispatcher named `instance_id` (1 to 80 characters, no control characters; it
-    /// shows in `locked_by` with a random suffix, so restarts and duplicates of the same
+    /// is the lease owner with a random suffix, so restarts and duplicates of the same
     /// name never share leases).
     ///
     /// # Errors
@@ -155,7 +156,8 @@ impl DispatcherHandle {
         &self.errors
     }
 
-    /// The lease owner written to `locked_by`: the instance id and a random suffix.
+    /// The lease owner: the instance id and a random suffix. `MySqlStore` writes it to
+    /// `locked_by` as [`MySqlStore::lease_token`](crate::MySqlStore::lease_token).
     pub fn owner(&self) -> &str {
         &self.owner
     }

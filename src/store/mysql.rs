@@ -88,6 +88,18 @@ impl MySqlStore {
         })
     }
 
+    /// The number a lease owner is written as in `locked_by` (0 means no lease): the
+    /// owner's 64-bit FNV-1a hash, never 0. A number rather than the owner's name keeps the
+    /// column fixed in width, so that taking and ending a lease rewrite the row in place.
+    pub fn lease_token(owner: &str) -> u64 {
+        const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
+        let hash = owner.bytes().fold(OFFSET, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(PRIME)
+        });
+        hash.max(1)
+    }
+
     /// The table's name.
     pub fn table(&self) -> &str {
         &self.table
@@ -103,10 +115,27 @@ impl MySqlStore {
     ///
     /// # Errors
     ///
-    /// [`Error::Database`] if the statement fails.
+    /// [`Error::Database`] if a statement fails;
+    /// [`Error::Config`] if the table exists with the layout of an earlier version
+    /// (`locked_by` not a number), which this store cannot use.
     pub fn migrate(&self) -> Result<()> {
         let ddl = SCHEMA.replacen("`outbox`", &format!("`{}`", self.table), 1);
-        self.conns.with(|conn| Ok(conn.query_drop(&ddl)?))
+        let lease_type: Option<String> = self.conns.with(|conn| {
+            conn.query_drop(&ddl)?;
+            Ok(conn.exec_first(
+                "SELECT DATA_TYPE FROM information_schema.COLUMNS \
+                 WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND COLUMN_NAME = 'locked_by'",
+                (&*self.table,),
+            )?)
+        })?;
+        match lease_type.as_deref() {
+            Some("bigint") => Ok(()),
+            other => Err(Error::config(format!(
+                "table `{}` exists with another layout (locked_by is {other:?}, not bigint): \
+                 it was made by an earlier outbox version; see sql/outbox.sql",
+                self.table
+            ))),
+        }
     }
 
     /// Inserts validated messages with their ids through `tx`, in order: multi-row
@@ -183,12 +212,12 @@ impl MySqlStore {
         let first: Vec<ScanRow> = tx.exec(
             format!(
                 "SELECT o.id, o.topic, o.msg_key, \
-                   (o.locked_by IS NULL AND o.available_on <= NOW(6) {dead_before}), \
-                   o.locked_by <=> ? \
+                   (o.locked_by = 0 AND o.available_on <= NOW(6) {dead_before}), \
+                   o.locked_by = ? \
                  FROM `{}` o WHERE o.state = {PENDING} ORDER BY o.id LIMIT ?",
                 self.table
             ),
-            (owner, window),
+            (Self::lease_token(owner), window),
         )?;
         let mine = first.iter().any(|row| row.4);
         let candidates: Vec<Candidate> = first.into_iter().map(candidate).collect();
@@ -204,7 +233,7 @@ impl MySqlStore {
         let slide_sql = format!(
             "SELECT o.id, o.topic, o.msg_key, TRUE, FALSE FROM `{t}` o \
              WHERE o.state = {PENDING} AND o.id > ? AND o.id <= ? \
-               AND o.locked_by IS NULL AND o.available_on <= NOW(6) \
+               AND o.locked_by = 0 AND o.available_on <= NOW(6) \
                AND (o.msg_key IS NULL OR NOT EXISTS ( \
                  SELECT 1 FROM `{t}` p WHERE p.topic = o.topic AND p.msg_key = o.msg_key \
                    AND p.state IN {blocking} AND p.id < o.id)) \
@@ -309,7 +338,7 @@ impl Store for MySqlStore {
             let rows: Vec<Row> = tx.exec(
                 format!(
                     "SELECT {COLUMNS} FROM `{}` o WHERE o.id IN ({}) AND o.state = {PENDING} \
-                     AND o.locked_by IS NULL FOR UPDATE SKIP LOCKED",
+                     AND o.locked_by = 0 FOR UPDATE SKIP LOCKED",
                     self.table,
                     placeholders(ids.len())
                 ),
@@ -340,7 +369,7 @@ impl Store for MySqlStore {
                 self.table,
                 placeholders(ids.len())
             );
-            let mut params = vec![Value::from(owner)];
+            let mut params = vec![Value::from(Self::lease_token(owner))];
             params.extend(ids);
             tx.exec_drop(sql, Params::Positional(params))?;
             tx.commit()?;
@@ -351,11 +380,11 @@ impl Store for MySqlStore {
     fn mark_delivered(&self, owner: &str, ids: &[u64]) -> Result<u64> {
         let sql = format!(
             "UPDATE `{}` SET state = {DELIVERED}, processed_on = NOW(6), last_attempted_on = NOW(6), \
-             number_of_attempts = number_of_attempts + 1, locked_by = NULL, locked_on = NULL \
+             number_of_attempts = number_of_attempts + 1, locked_by = 0 \
              WHERE locked_by = ? AND state = {PENDING} AND id IN ({{ids}})",
             self.table
         );
-        self.update_ids(&sql, vec![Value::from(owner)], ids)
+        self.update_ids(&sql, vec![Value::from(Self::lease_token(owner))], ids)
     }
 
     fn mark_failed(&self, owner: &str, failures: &[Failure]) -> Result<u64> {
@@ -364,9 +393,9 @@ impl Store for MySqlStore {
         }
         let sql = format!(
             "UPDATE `{}` SET number_of_attempts = number_of_attempts + 1, error = ?, \
-             last_attempted_on = NOW(6), locked_by = NULL, locked_on = NULL, \
+             last_attempted_on = NOW(6), locked_by = 0, \
              available_on = NOW(6) + INTERVAL ? MICROSECOND, state = ?, \
-             processed_on = IF(? = {DEAD}, NOW(6), NULL) \
+             processed_on = IF(? = {DEAD}, NOW(6), processed_on) \
              WHERE id = ? AND locked_by = ? AND state = {PENDING}",
             self.table
         );
@@ -383,7 +412,7 @@ impl Store for MySqlStore {
                         state,
                         state,
                         failure.id,
-                        owner,
+                        Self::lease_token(owner),
                     ),
                 )?;
                 changed += tx.affected_rows();
@@ -395,18 +424,19 @@ impl Store for MySqlStore {
 
     fn release(&self, owner: &str, ids: &[u64]) -> Result<u64> {
         let sql = format!(
-            "UPDATE `{}` SET locked_by = NULL, locked_on = NULL \
+            "UPDATE `{}` SET locked_by = 0 \
              WHERE locked_by = ? AND state = {PENDING} AND id IN ({{ids}})",
             self.table
         );
-        self.update_ids(&sql, vec![Value::from(owner)], ids)
+        self.update_ids(&sql, vec![Value::from(Self::lease_token(owner))], ids)
     }
 
     fn release_expired(&self, older_than: Duration) -> Result<u64> {
         self.read_committed(
             &format!(
-                "UPDATE `{}` SET locked_by = NULL, locked_on = NULL \
-                 WHERE state = {PENDING} AND locked_on < NOW(6) - INTERVAL ? MICROSECOND",
+                "UPDATE `{}` SET locked_by = 0 \
+                 WHERE state = {PENDING} AND locked_by <> 0 \
+                   AND locked_on < NOW(6) - INTERVAL ? MICROSECOND",
                 self.table
             ),
             (micros(older_than),),
@@ -636,6 +666,18 @@ mod tests {
             [1u64, 2, 3, 3].map(Value::from).to_vec()
         );
         assert_eq!(padded(&vec![5; MAX_ID_LIST + 1]).len(), MAX_ID_LIST + 1);
+    }
+
+    #[test]
+    fn lease_tokens_are_fnv1a_and_never_zero() {
+        // FNV-1a 64 reference values.
+        assert_eq!(MySqlStore::lease_token("a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(MySqlStore::lease_token("foobar"), 0x8594_4171_f739_67e8);
+        assert_ne!(
+            MySqlStore::lease_token("billing#00000001"),
+            MySqlStore::lease_token("billing#00000002")
+        );
+        assert_eq!(MySqlStore::lease_token(""), 0xcbf2_9ce4_8422_2325);
     }
 
     #[test]
