@@ -510,6 +510,12 @@ fn lock_wait_timeouts_from_an_application_holding_outbox_rows_are_retried_never_
                 let rows: Vec<u64> = tx
                     .query("SELECT id FROM outbox WHERE state = 0 ORDER BY id LIMIT 20 FOR UPDATE")
                     .unwrap_or_default();
+                if rows.is_empty() {
+                    // Drained for now: look again soon, so as not to miss the next rows.
+                    let _ = tx.rollback();
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
                 held += rows.len();
                 std::thread::sleep(Duration::from_millis(1_500));
                 let _ = tx.rollback();
@@ -524,6 +530,9 @@ fn lock_wait_timeouts_from_an_application_holding_outbox_rows_are_retried_never_
             std::thread::spawn(move || {
                 let mut ids = Vec::new();
                 for round in 0..25 {
+                    // Spread the writes over a few seconds, so that the application's
+                    // locks meet rows in flight, however fast the dispatchers drain.
+                    std::thread::sleep(Duration::from_millis(100));
                     let batch: Vec<Message> = (0..20)
                         .map(|i| {
                             Message::new(&topic, format!("w{w}:{round}:{i}"))

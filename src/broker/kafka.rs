@@ -22,10 +22,14 @@ const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time past the delivery timeout that `publish` waits for the last delivery reports.
 const REPORT_GRACE: Duration = Duration::from_secs(2);
-/// How long one `poll` blocks while waiting for delivery reports. rdkafka's `poll` serves
-/// events until its whole timeout has passed, so this step is the granularity at which
-/// `publish` notices that the last report came in: keep it short.
-const POLL_STEP: Duration = Duration::from_millis(1);
+/// How long `publish` sleeps between two looks for delivery reports that found none.
+///
+/// It polls with a zero timeout and sleeps itself: rdkafka's `poll` rounds what is left of
+/// its timeout down to whole milliseconds, so a short timed poll spins instead of
+/// blocking, and a longer one always lasts its whole timeout. (librdkafka's own timed
+/// waits also take absolute wall-clock deadlines, which a process under `faketime` never
+/// reaches.)
+const REPORT_PAUSE: Duration = Duration::from_micros(200);
 
 /// Publishes to Kafka with `acks=all`, idempotence on and the JVM client's key
 /// partitioning (`murmur2_random`), so the same key lands in the same partition as with a
@@ -163,7 +167,8 @@ impl KafkaBroker {
                     if Instant::now() < deadline =>
                 {
                     base = back;
-                    self.producer.poll(POLL_STEP);
+                    self.producer.poll(Duration::ZERO);
+                    std::thread::sleep(REPORT_PAUSE);
                 }
                 Err((e, _)) => return Err(e),
             }
@@ -229,8 +234,15 @@ impl Broker for KafkaBroker {
                     .settle(self.batch, index, Err(e));
             }
         }
-        while self.producer.context().pending.lock().waiting > 0 && Instant::now() < deadline {
-            self.producer.poll(POLL_STEP);
+        let waiting = || self.producer.context().pending.lock().waiting;
+        let mut before = waiting();
+        while before > 0 && Instant::now() < deadline {
+            self.producer.poll(Duration::ZERO);
+            let now = waiting();
+            if now == before {
+                std::thread::sleep(REPORT_PAUSE);
+            }
+            before = now;
         }
         let pending = std::mem::take(&mut *self.producer.context().pending.lock());
         let outcomes: Vec<Result<(), KafkaError>> = pending
