@@ -118,9 +118,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // A consumer reads along, to check each key's order in what it sees.
     let consumer_stop = Arc::new(AtomicBool::new(false));
+    let pause = Arc::new(Pause::default());
     let reader = {
-        let (topic, stop) = (topic.clone(), consumer_stop.clone());
-        std::thread::spawn(move || read_along(&topic, &stop))
+        let (topic, stop, pause) = (topic.clone(), consumer_stop.clone(), pause.clone());
+        std::thread::spawn(move || read_along(&topic, &stop, &pause))
     };
 
     let restart_every = match std::env::var("SOAK_RESTART_SECONDS")
@@ -141,8 +142,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|r| resident_kib(r.id()))
             .sum::<std::io::Result<u64>>()?;
         samples.push((rss, sessions(&admin, &user)?));
+        // A line a minute, so that a long soak shows whether memory levels off.
+        if samples.len() % 12 == 0 {
+            println!(
+                "  {:>5} s: outbox-relay resident memory (both) {rss} KiB",
+                start.elapsed().as_secs()
+            );
+        }
         if Instant::now() >= next_restart {
-            broker.restart()?;
+            // The reader's consumer is closed over the restart: librdkafka 2.12's consumer
+            // can crash on a leader change announced in a Fetch response without a topic
+            // id, which Tansu sends as it comes back (see README, "Failures").
+            pause.hold();
+            let restarted = broker.restart();
+            pause.release();
+            restarted?;
             next_restart = Instant::now() + restart_every;
         }
     }
@@ -207,8 +221,50 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// Reads `topic` from the beginning of every partition as it grows. After a broker
 /// restart its offsets are out of range on the new, empty log and reset to the start.
 /// Returns how many records it read and how many broke their key's order.
-fn read_along(topic: &str, stop: &AtomicBool) -> (u64, u64) {
+/// Lets the main thread close the reader's consumer while it restarts the broker.
+#[derive(Default)]
+struct Pause {
+    wanted: AtomicBool,
+    /// True while the reader holds no consumer.
+    idle: AtomicBool,
+}
+
+impl Pause {
+    /// Asks the reader to close its consumer and waits (up to 10 s) until it has.
+    fn hold(&self) {
+        self.wanted.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.idle.load(Ordering::SeqCst) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn release(&self) {
+        self.wanted.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Reads the topic as the soak runs, with a new consumer after each broker restart
+/// (reading the new broker's log from its beginning), and checks each key's order.
+fn read_along(topic: &str, stop: &AtomicBool, pause: &Pause) -> (u64, u64) {
     let mut order = OrderCheck::default();
+    while !stop.load(Ordering::Relaxed) {
+        if pause.wanted.load(Ordering::SeqCst) {
+            pause.idle.store(true, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
+        }
+        pause.idle.store(false, Ordering::SeqCst);
+        if pause.wanted.load(Ordering::SeqCst) {
+            continue;
+        }
+        read_until_paused(topic, stop, pause, &mut order);
+    }
+    order.result()
+}
+
+fn read_until_paused(topic: &str, stop: &AtomicBool, pause: &Pause, order: &mut OrderCheck) {
+    let done = || stop.load(Ordering::Relaxed) || pause.wanted.load(Ordering::SeqCst);
     let Ok(consumer) = ClientConfig::new()
         .set("bootstrap.servers", broker_address())
         .set("group.id", format!("{topic}.reader"))
@@ -216,7 +272,8 @@ fn read_along(topic: &str, stop: &AtomicBool) -> (u64, u64) {
         .set("enable.auto.commit", "false")
         .create::<BaseConsumer>()
     else {
-        return order.result();
+        std::thread::sleep(Duration::from_millis(200));
+        return;
     };
     let partitions = loop {
         let found = consumer
@@ -224,7 +281,7 @@ fn read_along(topic: &str, stop: &AtomicBool) -> (u64, u64) {
             .ok()
             .and_then(|m| m.topics().first().map(|t| t.partitions().len()))
             .unwrap_or(0);
-        if found > 0 || stop.load(Ordering::Relaxed) {
+        if found > 0 || done() {
             break found;
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -233,17 +290,16 @@ fn read_along(topic: &str, stop: &AtomicBool) -> (u64, u64) {
     for p in 0..partitions as i32 {
         let _ = assignment.add_partition_offset(topic, p, Offset::Beginning);
     }
-    if consumer.assign(&assignment).is_err() {
-        return order.result();
+    if partitions == 0 || consumer.assign(&assignment).is_err() {
+        return;
     }
-    while !stop.load(Ordering::Relaxed) {
+    while !done() {
         if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
             order.read(&String::from_utf8_lossy(
                 message.payload().unwrap_or_default(),
             ));
         }
     }
-    order.result()
 }
 
 /// Counts the records read whose key's order broke: a message read after a later one of
