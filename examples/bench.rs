@@ -2,8 +2,9 @@
 //! and broker. Every figure is the median of `BENCH_RUNS` runs (default 3) with its
 //! spread; rates are compared only with baselines measured in the same run.
 //!
-//! - add cost: a business transaction (one INSERT, commit) with and without `Outbox::add`;
-//!   the batch add (100 messages per transaction);
+//! - add cost: a business transaction (one INSERT, commit) with and without `Outbox::add`,
+//!   and with a no-op statement instead (the ceiling of any add that is a statement of its
+//!   own); the batch add (100 messages per transaction);
 //! - drain: a backlog of `BENCH_BACKLOG` messages (default 100,000; 200-byte payloads,
 //!   3 headers, 1,000 keys) drained by 1 and by 4 dispatchers, and on a single key;
 //! - raw limits: the same messages produced straight through rdkafka (no database), and
@@ -75,23 +76,27 @@ fn add_cost(
     eprintln!("add cost ({runs} runs)");
     let mut plain = Vec::new();
     let mut with_add = Vec::new();
+    let mut with_noop = Vec::new();
     let mut batch = Vec::new();
     for run in 0..runs {
-        // Alternate the order so that neither side always runs on a warmer server.
-        let (a, b) = if run % 2 == 0 {
-            let a = bench.business_transactions(2_000, false)?;
-            (a, bench.business_transactions(2_000, true)?)
-        } else {
-            let b = bench.business_transactions(2_000, true)?;
-            (bench.business_transactions(2_000, false)?, b)
-        };
-        plain.push(a);
-        with_add.push(b);
+        // Rotate the order so that no variant always runs on a warmer server.
+        let mut order = [Extra::Nothing, Extra::Outbox, Extra::NoOp];
+        order.rotate_left(run % 3);
+        for extra in order {
+            let rate = bench.business_transactions(2_000, extra)?;
+            match extra {
+                Extra::Nothing => plain.push(rate),
+                Extra::Outbox => with_add.push(rate),
+                Extra::NoOp => with_noop.push(rate),
+            }
+        }
         batch.push(bench.batch_add(200, 100)?);
     }
     table.rate("transaction without outbox (tx/s)", &plain);
     table.rate("transaction with Outbox::add (tx/s)", &with_add);
     table.ratio("  with / without", &with_add, &plain);
+    table.rate("transaction with a no-op statement (tx/s)", &with_noop);
+    table.ratio("  no-op / without: ceiling of any add", &with_noop, &plain);
     table.rate("batch add, 100 per tx (msg/s)", &batch);
     Ok(())
 }
@@ -178,6 +183,17 @@ fn memory(
     Ok(())
 }
 
+/// What a business transaction does besides its INSERT.
+#[derive(Clone, Copy)]
+enum Extra {
+    Nothing,
+    /// One `Outbox::add`.
+    Outbox,
+    /// One statement that does nothing (`DO 0`): the round trip any add that is a
+    /// statement of its own costs at the least.
+    NoOp,
+}
+
 /// The servers, and a name for every table and topic the benchmark makes.
 struct Bench {
     pool: Pool,
@@ -222,12 +238,11 @@ impl Bench {
             .query_drop(format!("DROP TABLE IF EXISTS `{table}`"))
     }
 
-    /// `n` transactions of one business INSERT each, with or without one outbox message;
-    /// transactions per second.
+    /// `n` transactions of one business INSERT each, and `extra`; transactions per second.
     fn business_transactions(
         &self,
         n: usize,
-        with_outbox: bool,
+        extra: Extra,
     ) -> Result<f64, Box<dyn std::error::Error>> {
         let store = self.store("add")?;
         let outbox = Outbox::new(&store);
@@ -243,8 +258,12 @@ impl Bench {
         for i in 0..n {
             let mut tx = conn.start_transaction(TxOpts::default())?;
             tx.exec_drop(&insert, (format!("customer-{}", i % KEYS), i as i64))?;
-            if with_outbox {
-                outbox.add(&mut tx, &sample_message(&topic, i, KEYS))?;
+            match extra {
+                Extra::Nothing => {}
+                Extra::Outbox => {
+                    outbox.add(&mut tx, &sample_message(&topic, i, KEYS))?;
+                }
+                Extra::NoOp => tx.query_drop("DO 0")?,
             }
             tx.commit()?;
         }
