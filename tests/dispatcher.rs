@@ -437,3 +437,44 @@ fn dispatcher_recovers_after_its_database_connections_are_killed() {
     table.exec(&format!("DROP USER '{user}'@'%'"));
     table.exec(&format!("DROP USER '{user}'@'localhost'"));
 }
+
+#[test]
+fn stop_with_the_broker_down_waits_for_one_publish_and_releases_the_rest_untried() {
+    let table = TestTable::new("stop_down");
+    let topic = unique("stop_down");
+    let messages: Vec<Message> = (0..60)
+        .map(|i| Message::new(&topic, format!("m{i}")))
+        .collect();
+    let mut tx = table.pool.start_transaction(TxOpts::default()).unwrap();
+    Outbox::new(&table.store).add_all(&mut tx, &messages).unwrap();
+    tx.commit().unwrap();
+    let settings = DispatcherSettings {
+        batch_size: 20,
+        ..fast_settings()
+    };
+    // Nothing listens on port 9: a publish lasts until its messages time out.
+    let mut handle = table.dispatch(broker_at("127.0.0.1:9"), settings, "stop_down");
+    assert!(
+        wait_for(Duration::from_secs(5), || table.count("locked_by <> 0") == 60),
+        "three batches claimed: one publishing, two waiting"
+    );
+    let started = std::time::Instant::now();
+    handle.stop().unwrap();
+    let took = started.elapsed();
+    // Publishing the three one after the other would take three message timeouts.
+    assert!(
+        took < Duration::from_millis(2 * MESSAGE_TIMEOUT_MS),
+        "stop took {took:?}"
+    );
+    assert_eq!(table.count("locked_by <> 0"), 0, "no lease left behind");
+    assert_eq!(
+        table.count("state = 0 AND number_of_attempts = 1"),
+        20,
+        "the batch being published failed and counts an attempt"
+    );
+    assert_eq!(
+        table.count("state = 0 AND number_of_attempts = 0"),
+        40,
+        "the batches waiting were released untried"
+    );
+}

@@ -173,9 +173,10 @@ impl DispatcherHandle {
         Waker(self.wake.clone())
     }
 
-    /// Gives the stop signal and joins the threads. The batch in flight is settled first:
-    /// it is published and marked (when the broker is down this takes up to its delivery
-    /// timeout). Calling it again does nothing.
+    /// Gives the stop signal and joins the threads. The batch being published is settled
+    /// first: its publish finishes (when the broker is down this takes up to its delivery
+    /// timeout) and its rows are marked; batches claimed but not yet published are
+    /// released untried. Calling it again does nothing.
     ///
     /// # Errors
     ///

@@ -86,7 +86,11 @@ impl<S: Store> Relay<S> {
                 .name("outbox-publisher".into())
                 .spawn_scoped(scope, move || {
                     for mut batch in batches {
-                        batch.publish(&mut broker);
+                        // After the stop signal, batches still waiting go back untried:
+                        // stopping waits for one publish at most, even with the broker down.
+                        if !relay.signals.stopped() {
+                            batch.publish(&mut broker);
+                        }
                         if to_settle.send(batch).is_err() {
                             return;
                         }
@@ -209,6 +213,17 @@ impl<S: Store> Relay<S> {
     fn settle(&self, batch: Batch) -> Result<Round> {
         let lease_ends = batch.started + self.settings.max_lock_duration;
         let records = &batch.records;
+        if batch.published.is_none() {
+            let ids: Vec<u64> = records.iter().map(|r| r.id).collect();
+            let released =
+                self.retry_until(lease_ends, |store, owner| store.release(owner, &ids))?;
+            log::debug!("{released} rows released unpublished at stop");
+            return Ok(Round {
+                claimed: records.len(),
+                released: records.len(),
+                ..Round::default()
+            });
+        }
         let published = batch.published.unwrap_or(batch.claimed);
         // Settle each key's run in order: after a message fails, the later ones of its key
         // wait behind it. Those the broker did not send are released without an attempt;
@@ -490,6 +505,27 @@ mod tests {
             (0, false, ""),
             "the one behind it was not tried"
         );
+    }
+
+    #[test]
+    fn a_batch_never_published_is_released_without_an_attempt() {
+        let store = Arc::new(FakeStore::with(["a", "b"].map(|p| Message::new("t", p))));
+        let (relay, _errors, _stop) =
+            relay(store.clone(), FakeBroker::failing_payloads([]), settings());
+        let batch = relay.relay.claim().unwrap().expect("a batch");
+        assert_eq!(
+            relay.relay.settle(batch).unwrap(),
+            Round {
+                claimed: 2,
+                released: 2,
+                ..Round::default()
+            }
+        );
+        for id in [1, 2] {
+            let row = store.row(id);
+            assert_eq!((row.attempts, row.locked, row.dead), (0, false, false));
+        }
+        assert!(store.delivered_ids().is_empty());
     }
 
     #[test]
