@@ -88,4 +88,4 @@ pub use crate::message::{
 pub use crate::outbox::Outbox;
 pub use crate::record::Record;
 pub use crate::settings::{DispatcherSettings, MAX_BATCH_SIZE};
-pub use crate::store::{Failure, MySqlStore, Store};
+pub use crate::store::{Claim, Failure, MySqlStore, Store};

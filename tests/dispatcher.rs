@@ -446,7 +446,9 @@ fn stop_with_the_broker_down_waits_for_one_publish_and_releases_the_rest_untried
         .map(|i| Message::new(&topic, format!("m{i}")))
         .collect();
     let mut tx = table.pool.start_transaction(TxOpts::default()).unwrap();
-    Outbox::new(&table.store).add_all(&mut tx, &messages).unwrap();
+    Outbox::new(&table.store)
+        .add_all(&mut tx, &messages)
+        .unwrap();
     tx.commit().unwrap();
     let settings = DispatcherSettings {
         batch_size: 20,
@@ -455,7 +457,8 @@ fn stop_with_the_broker_down_waits_for_one_publish_and_releases_the_rest_untried
     // Nothing listens on port 9: a publish lasts until its messages time out.
     let mut handle = table.dispatch(broker_at("127.0.0.1:9"), settings, "stop_down");
     assert!(
-        wait_for(Duration::from_secs(5), || table.count("locked_by <> 0") == 60),
+        wait_for(Duration::from_secs(5), || table.count("locked_by <> 0")
+            == 60),
         "three batches claimed: one publishing, two waiting"
     );
     let started = std::time::Instant::now();

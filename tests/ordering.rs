@@ -283,18 +283,33 @@ fn later_messages_of_a_key_wait_while_another_dispatcher_holds_an_earlier_one() 
     let store = &table.store;
     let a = store.claim("A#1", 1, false).unwrap();
     assert_eq!(
-        a.iter().map(|r| r.message.payload()).collect::<Vec<_>>(),
+        a.records
+            .iter()
+            .map(|r| r.message.payload())
+            .collect::<Vec<_>>(),
         vec![b"k:1"]
+    );
+    assert!(
+        a.more,
+        "the claim stopped at its limit with rows left to take"
     );
     let b = store.claim("B#1", 10, false).unwrap();
     assert_eq!(
-        b.iter().map(|r| r.message.payload()).collect::<Vec<_>>(),
+        b.records
+            .iter()
+            .map(|r| r.message.payload())
+            .collect::<Vec<_>>(),
         vec![b"j:1"],
         "k:2 is held back"
     );
-    assert_eq!(store.claim("B#1", 10, false).unwrap(), vec![], "still held");
-    assert_eq!(store.mark_delivered("A#1", &[a[0].id]).unwrap(), 1);
-    let b = store.claim("B#1", 10, false).unwrap();
+    assert!(!b.more, "what is left waits behind a message in flight");
+    assert_eq!(
+        store.claim("B#1", 10, false).unwrap(),
+        outbox::Claim::default(),
+        "still held"
+    );
+    assert_eq!(store.mark_delivered("A#1", &[a.records[0].id]).unwrap(), 1);
+    let b = store.claim("B#1", 10, false).unwrap().records;
     assert_eq!(
         b.iter().map(|r| r.message.payload()).collect::<Vec<_>>(),
         vec![b"k:2"],
@@ -309,7 +324,7 @@ fn a_stale_lease_holder_cannot_mark_fail_or_unlock_a_row_taken_over() {
     table.commit(&batch);
     let store = &table.store;
 
-    let stale = store.claim("stale#1", 10, false).unwrap();
+    let stale = store.claim("stale#1", 10, false).unwrap().records;
     assert_eq!(stale.len(), 3);
     thread::sleep(Duration::from_millis(5));
     assert_eq!(
@@ -317,7 +332,7 @@ fn a_stale_lease_holder_cannot_mark_fail_or_unlock_a_row_taken_over() {
         3,
         "the lock checker releases the leases"
     );
-    let current = store.claim("current#1", 10, false).unwrap();
+    let current = store.claim("current#1", 10, false).unwrap().records;
     assert_eq!(
         current.iter().map(|r| r.id).collect::<Vec<_>>(),
         stale.iter().map(|r| r.id).collect::<Vec<_>>()
@@ -441,7 +456,9 @@ fn a_claim_takes_unbroken_runs_of_a_key_and_stops_at_a_gap() {
     // k:3 is backing off: the run of k must stop before it, and k:4 must not jump it.
     table.exec("UPDATE {t} SET available_on = NOW(6) + INTERVAL 1 HOUR WHERE payload = 'k:3'");
 
-    let claimed = table.store.claim("A#1", 100, false).unwrap();
+    let claim = table.store.claim("A#1", 100, false).unwrap();
+    assert!(!claim.more, "the rest waits behind k:3");
+    let claimed = claim.records;
     let payloads: Vec<_> = claimed
         .iter()
         .map(|r| String::from_utf8_lossy(r.message.payload()).into_owned())
@@ -453,7 +470,7 @@ fn a_claim_takes_unbroken_runs_of_a_key_and_stops_at_a_gap() {
     );
     assert_eq!(
         table.store.claim("B#1", 100, false).unwrap(),
-        vec![],
+        outbox::Claim::default(),
         "nothing is left for another claimer"
     );
 

@@ -139,22 +139,27 @@ impl<S: Store> Relay<S> {
     /// next messages of their keys through. Returns when a claim finds nothing and
     /// nothing is in flight, or on the stop signal.
     fn drain(&self, to_publish: &Sender<Batch>, settled: &Receiver<()>, in_flight: &mut usize) {
+        // False after a claim that left nothing it could take: the next one waits until a
+        // batch is settled, since only that can let more through.
+        let mut claim_now = true;
         loop {
             while settled.try_recv().is_ok() {
                 *in_flight -= 1;
+                claim_now = true;
             }
             if self.signals.stopped() {
                 return;
             }
-            if *in_flight < IN_FLIGHT {
+            if *in_flight < IN_FLIGHT && claim_now {
                 match self.claim() {
-                    Ok(Some(batch)) => {
+                    Ok(Some((batch, more))) => {
                         if to_publish.send(batch).is_err() {
                             self.signals
                                 .report(Error::Broker("the publisher thread is gone".into()));
                             return;
                         }
                         *in_flight += 1;
+                        claim_now = more;
                         continue;
                     }
                     Ok(None) => {}
@@ -166,7 +171,10 @@ impl<S: Store> Relay<S> {
             }
             select! {
                 recv(settled) -> done => match done {
-                    Ok(()) => *in_flight -= 1,
+                    Ok(()) => {
+                        *in_flight -= 1;
+                        claim_now = true;
+                    }
                     Err(_) => {
                         self.signals
                             .report(Error::Broker("the settler thread is gone".into()));
@@ -182,7 +190,7 @@ impl<S: Store> Relay<S> {
     #[cfg(test)]
     pub fn round(&mut self, broker: &mut impl Broker) -> Result<Round> {
         match self.claim()? {
-            Some(mut batch) => {
+            Some((mut batch, _)) => {
                 batch.publish(broker);
                 self.settle(batch)
             }
@@ -190,23 +198,25 @@ impl<S: Store> Relay<S> {
         }
     }
 
-    fn claim(&self) -> Result<Option<Batch>> {
+    /// Claims a batch; with it, whether claiming again at once would find more.
+    fn claim(&self) -> Result<Option<(Batch, bool)>> {
         let started = Instant::now();
-        let records = self.store.claim(
+        let claim = self.store.claim(
             &self.owner,
             self.settings.batch_size,
             self.settings.dead_blocks_key,
         )?;
-        if records.is_empty() {
+        if claim.records.is_empty() {
             return Ok(None);
         }
-        Ok(Some(Batch {
-            records,
+        let batch = Batch {
+            records: claim.records,
             started,
             claimed: Instant::now(),
             published: None,
             outcomes: Vec::new(),
-        }))
+        };
+        Ok(Some((batch, claim.more)))
     }
 
     /// Marks every row of a published batch by its own outcome.
@@ -512,7 +522,7 @@ mod tests {
         let store = Arc::new(FakeStore::with(["a", "b"].map(|p| Message::new("t", p))));
         let (relay, _errors, _stop) =
             relay(store.clone(), FakeBroker::failing_payloads([]), settings());
-        let batch = relay.relay.claim().unwrap().expect("a batch");
+        let (batch, _) = relay.relay.claim().unwrap().expect("a batch");
         assert_eq!(
             relay.relay.settle(batch).unwrap(),
             Round {

@@ -10,7 +10,7 @@ use crate::broker::Broker;
 use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::record::Record;
-use crate::store::{Failure, Store};
+use crate::store::{Claim, Failure, Store};
 
 #[derive(Debug, Clone)]
 pub(crate) struct FakeRow {
@@ -111,12 +111,13 @@ impl FakeStore {
 }
 
 impl Store for FakeStore {
-    fn claim(&self, _owner: &str, limit: usize, dead_blocks_key: bool) -> Result<Vec<Record>> {
+    fn claim(&self, _owner: &str, limit: usize, dead_blocks_key: bool) -> Result<Claim> {
         Self::injected(&self.claim_failures)?;
         // A key is held once one of its blocking rows is not taken by this claim.
         let mut rows = self.rows.lock();
         let mut held = HashSet::new();
         let mut claimed = Vec::new();
+        let mut more = false;
         for row in rows.iter_mut() {
             let key = row
                 .record
@@ -126,6 +127,7 @@ impl Store for FakeStore {
             let blocking = !row.delivered && (!row.dead || dead_blocks_key);
             let eligible = !row.delivered && !row.dead && !row.locked && row.available;
             let free_key = key.as_ref().is_none_or(|k| !held.contains(k));
+            more |= eligible && free_key && claimed.len() == limit;
             if eligible && free_key && claimed.len() < limit {
                 row.locked = true;
                 let mut record = row.record.clone();
@@ -135,7 +137,10 @@ impl Store for FakeStore {
                 held.extend(key);
             }
         }
-        Ok(claimed)
+        Ok(Claim {
+            records: claimed,
+            more,
+        })
     }
 
     fn mark_delivered(&self, _owner: &str, ids: &[u64]) -> Result<u64> {

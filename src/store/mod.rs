@@ -24,7 +24,7 @@ pub trait Store: Send + Sync + 'static {
     /// in the same claim: so a key's messages are never in flight at two dispatchers, and
     /// a claim may carry a run of one key's messages, in order. Rows without a key are
     /// never held back.
-    fn claim(&self, owner: &str, limit: usize, dead_blocks_key: bool) -> Result<Vec<Record>>;
+    fn claim(&self, owner: &str, limit: usize, dead_blocks_key: bool) -> Result<Claim>;
 
     /// Marks rows delivered. Returns how many were still leased to `owner` and changed.
     fn mark_delivered(&self, owner: &str, ids: &[u64]) -> Result<u64>;
@@ -49,6 +49,17 @@ pub trait Store: Send + Sync + 'static {
     fn purge_dead(&self, older_than: Duration, limit: usize) -> Result<u64>;
 }
 
+/// What a [`Store::claim`] took.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Claim {
+    /// The rows leased, in id order.
+    pub records: Vec<Record>,
+    /// True when the claim stopped at its limit with rows left that it could have taken:
+    /// claiming again at once finds work. False when what is left waits behind messages in
+    /// flight or backing off, so the next claim may wait for a batch to be settled.
+    pub more: bool,
+}
+
 /// One failed send, as [`Store::mark_failed`] records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
@@ -64,7 +75,7 @@ pub struct Failure {
 
 /// A shared store is a store: the dispatcher can take an `Arc` the application keeps too.
 impl<S: Store + ?Sized> Store for Arc<S> {
-    fn claim(&self, owner: &str, limit: usize, dead_blocks_key: bool) -> Result<Vec<Record>> {
+    fn claim(&self, owner: &str, limit: usize, dead_blocks_key: bool) -> Result<Claim> {
         (**self).claim(owner, limit, dead_blocks_key)
     }
 

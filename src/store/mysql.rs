@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::claim::{keep_unbroken, pick, Candidate};
 use super::connections::Connections;
-use super::{Failure, Store};
+use super::{Claim, Failure, Store};
 use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::record::Record;
@@ -198,7 +198,7 @@ impl MySqlStore {
         owner: &str,
         limit: usize,
         dead_blocks_key: bool,
-    ) -> Result<Vec<Candidate>> {
+    ) -> Result<(Vec<Candidate>, bool)> {
         let window = (limit as u64).saturating_mul(2).max(1_000);
         let dead_before = if dead_blocks_key {
             format!(
@@ -221,12 +221,13 @@ impl MySqlStore {
         )?;
         let mine = first.iter().any(|row| row.4);
         let candidates: Vec<Candidate> = first.into_iter().map(candidate).collect();
-        let picked: Vec<Candidate> = pick(&candidates, limit).into_iter().cloned().collect();
+        // One more than the limit tells whether the claim leaves work behind it.
+        let picked: Vec<Candidate> = pick(&candidates, limit + 1).into_iter().cloned().collect();
         let scanned_all = (candidates.len() as u64) < window;
         // Dig past held-back rows only when this claimer has nothing in flight there:
         // otherwise its own deliveries are about to let them through.
         if !picked.is_empty() || scanned_all || mine {
-            return Ok(picked);
+            return Ok(at_most(picked, limit));
         }
 
         let blocking = if dead_blocks_key { "(0, 2)" } else { "(0)" };
@@ -251,13 +252,13 @@ impl MySqlStore {
         let mut from = candidates.last().map_or(0, |c| c.id);
         while from < last {
             let to = from.saturating_add(window);
-            let heads: Vec<ScanRow> = tx.exec(&slide_sql, (from, to, limit as u64))?;
+            let heads: Vec<ScanRow> = tx.exec(&slide_sql, (from, to, limit as u64 + 1))?;
             if !heads.is_empty() {
-                return Ok(heads.into_iter().map(candidate).collect());
+                return Ok(at_most(heads.into_iter().map(candidate).collect(), limit));
             }
             from = to;
         }
-        Ok(Vec::new())
+        Ok((Vec::new(), false))
     }
 
     /// Makes corrupt rows dead, with the reason as their error, so they block nothing.
@@ -325,13 +326,13 @@ impl MySqlStore {
 }
 
 impl Store for MySqlStore {
-    fn claim(&self, owner: &str, limit: usize, dead_blocks_key: bool) -> Result<Vec<Record>> {
+    fn claim(&self, owner: &str, limit: usize, dead_blocks_key: bool) -> Result<Claim> {
         self.conns.with(|conn| {
             let opts = TxOpts::default().set_isolation_level(Some(IsolationLevel::ReadCommitted));
             let mut tx = conn.start_transaction(opts)?;
-            let chosen = self.choose(&mut tx, owner, limit, dead_blocks_key)?;
+            let (chosen, more) = self.choose(&mut tx, owner, limit, dead_blocks_key)?;
             if chosen.is_empty() {
-                return Ok(Vec::new());
+                return Ok(Claim::default());
             }
             // Lock what is still unleased; another claimer may have taken some since.
             let ids = padded(&chosen.iter().map(|c| c.id).collect::<Vec<_>>());
@@ -361,7 +362,7 @@ impl Store for MySqlStore {
             let kept = keep_unbroken(&picked, &present);
             if kept.is_empty() {
                 tx.commit()?;
-                return Ok(Vec::new());
+                return Ok(Claim::default());
             }
             let ids = padded(&kept);
             let sql = format!(
@@ -373,7 +374,10 @@ impl Store for MySqlStore {
             params.extend(ids);
             tx.exec_drop(sql, Params::Positional(params))?;
             tx.commit()?;
-            Ok(kept.iter().filter_map(|id| locked.remove(id)).collect())
+            Ok(Claim {
+                records: kept.iter().filter_map(|id| locked.remove(id)).collect(),
+                more,
+            })
         })
     }
 
@@ -593,6 +597,13 @@ fn take<T: mysql::prelude::FromValue>(row: &mut Row, index: usize, id: u64) -> R
             reason: format!("column {index} is missing"),
         }),
     }
+}
+
+/// The first `limit` of `candidates`, and whether there were more.
+fn at_most(mut candidates: Vec<Candidate>, limit: usize) -> (Vec<Candidate>, bool) {
+    let more = candidates.len() > limit;
+    candidates.truncate(limit);
+    (candidates, more)
 }
 
 fn candidate((id, topic, key, ready, _mine): ScanRow) -> Candidate {
