@@ -78,18 +78,11 @@ fn add_cost(
     let mut with_add = Vec::new();
     let mut with_noop = Vec::new();
     let mut batch = Vec::new();
-    for run in 0..runs {
-        // Rotate the order so that no variant always runs on a warmer server.
-        let mut order = [Extra::Nothing, Extra::Outbox, Extra::NoOp];
-        order.rotate_left(run % 3);
-        for extra in order {
-            let rate = bench.business_transactions(2_000, extra)?;
-            match extra {
-                Extra::Nothing => plain.push(rate),
-                Extra::Outbox => with_add.push(rate),
-                Extra::NoOp => with_noop.push(rate),
-            }
-        }
+    for _ in 0..runs {
+        let [a, b, c] = bench.business_transactions(5_000)?;
+        plain.push(a);
+        with_add.push(b);
+        with_noop.push(c);
         batch.push(bench.batch_add(200, 100)?);
     }
     table.rate("transaction without outbox (tx/s)", &plain);
@@ -186,12 +179,12 @@ fn memory(
 /// What a business transaction does besides its INSERT.
 #[derive(Clone, Copy)]
 enum Extra {
-    Nothing,
+    Nothing = 0,
     /// One `Outbox::add`.
-    Outbox,
+    Outbox = 1,
     /// One statement that does nothing (`DO 0`): the round trip any add that is a
     /// statement of its own costs at the least.
-    NoOp,
+    NoOp = 2,
 }
 
 /// The servers, and a name for every table and topic the benchmark makes.
@@ -238,12 +231,11 @@ impl Bench {
             .query_drop(format!("DROP TABLE IF EXISTS `{table}`"))
     }
 
-    /// `n` transactions of one business INSERT each, and `extra`; transactions per second.
-    fn business_transactions(
-        &self,
-        n: usize,
-        extra: Extra,
-    ) -> Result<f64, Box<dyn std::error::Error>> {
+    /// `n` transactions of one business INSERT each for each [`Extra`], interleaved in
+    /// blocks of 100 so that all three meet the same server weather; transactions per
+    /// second for nothing, `Outbox::add` and the no-op, in that order.
+    fn business_transactions(&self, n: usize) -> Result<[f64; 3], Box<dyn std::error::Error>> {
+        const BLOCK: usize = 100;
         let store = self.store("add")?;
         let outbox = Outbox::new(&store);
         let business = self.name("orders");
@@ -254,23 +246,30 @@ impl Bench {
         ))?;
         let insert = format!("INSERT INTO `{business}` (customer, total) VALUES (?, ?)");
         let topic = self.name("topic");
-        let start = Instant::now();
-        for i in 0..n {
-            let mut tx = conn.start_transaction(TxOpts::default())?;
-            tx.exec_drop(&insert, (format!("customer-{}", i % KEYS), i as i64))?;
-            match extra {
-                Extra::Nothing => {}
-                Extra::Outbox => {
-                    outbox.add(&mut tx, &sample_message(&topic, i, KEYS))?;
+        let mut order = [Extra::Nothing, Extra::Outbox, Extra::NoOp];
+        let mut spent = [Duration::ZERO; 3];
+        for block in 0..n.div_ceil(BLOCK) {
+            for extra in order {
+                let start = Instant::now();
+                for i in block * BLOCK..((block + 1) * BLOCK).min(n) {
+                    let mut tx = conn.start_transaction(TxOpts::default())?;
+                    tx.exec_drop(&insert, (format!("customer-{}", i % KEYS), i as i64))?;
+                    match extra {
+                        Extra::Nothing => {}
+                        Extra::Outbox => {
+                            outbox.add(&mut tx, &sample_message(&topic, i, KEYS))?;
+                        }
+                        Extra::NoOp => tx.query_drop("DO 0")?,
+                    }
+                    tx.commit()?;
                 }
-                Extra::NoOp => tx.query_drop("DO 0")?,
+                spent[extra as usize] += start.elapsed();
             }
-            tx.commit()?;
+            order.rotate_left(1);
         }
-        let rate = n as f64 / start.elapsed().as_secs_f64();
         self.drop_table(&business)?;
         self.drop_table(store.table())?;
-        Ok(rate)
+        Ok(spent.map(|d| n as f64 / d.as_secs_f64()))
     }
 
     /// `n` transactions of `per_tx` messages through `add_all`; messages per second.
