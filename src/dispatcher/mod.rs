@@ -330,4 +330,36 @@ mod tests {
         assert!(handle.threads.is_empty());
         handle.stop().unwrap();
     }
+
+    #[test]
+    fn a_claim_that_left_nothing_to_take_waits_for_a_settle_not_a_rescan() {
+        // One key, one message a batch: each claim leaves the next message behind the one
+        // in flight, so claiming again before it is settled would find nothing.
+        let messages = (0..30).map(|i| Message::new("t", format!("{i}")).with_key("k"));
+        let store = Arc::new(FakeStore::with(messages));
+        let settings = DispatcherSettings {
+            batch_size: 1,
+            process_interval: Duration::from_secs(10),
+            ..Default::default()
+        };
+        let dispatcher = Dispatcher::new(
+            store.clone(),
+            FakeBroker::failing_payloads([]),
+            settings,
+            "t",
+        )
+        .unwrap();
+        let mut handle = dispatcher.start().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while store.delivered_ids().len() < 30 && std::time::Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        handle.stop().unwrap();
+        assert_eq!(store.delivered_ids().len(), 30);
+        assert!(
+            store.empty_claims() <= 1,
+            "{} claims found nothing; only the last one should",
+            store.empty_claims()
+        );
+    }
 }

@@ -29,6 +29,7 @@ pub(crate) struct FakeStore {
     rows: Mutex<Vec<FakeRow>>,
     claim_failures: Mutex<u32>,
     mark_failures: Mutex<u32>,
+    empty_claims: Mutex<u32>,
 }
 
 impl FakeStore {
@@ -73,6 +74,11 @@ impl FakeStore {
     /// Ends every backoff now.
     pub fn make_available(&self) {
         self.rows.lock().iter_mut().for_each(|r| r.available = true);
+    }
+
+    /// How many claims found nothing to take.
+    pub fn empty_claims(&self) -> u32 {
+        *self.empty_claims.lock()
     }
 
     pub fn fail_next_claims(&self, n: u32) {
@@ -127,7 +133,14 @@ impl Store for FakeStore {
             let blocking = !row.delivered && (!row.dead || dead_blocks_key);
             let eligible = !row.delivered && !row.dead && !row.locked && row.available;
             let free_key = key.as_ref().is_none_or(|k| !held.contains(k));
-            more |= eligible && free_key && claimed.len() == limit;
+            // Past the limit, a next claim could take a ready row whose key is neither
+            // held nor in this claim (those rows will be in flight).
+            let in_claim = key.as_ref().is_some_and(|k| {
+                claimed.iter().any(|r: &Record| {
+                    r.message.topic() == k.0 && r.message.key() == Some(k.1.as_str())
+                })
+            });
+            more |= eligible && free_key && !in_claim && claimed.len() == limit;
             if eligible && free_key && claimed.len() < limit {
                 row.locked = true;
                 let mut record = row.record.clone();
@@ -136,6 +149,9 @@ impl Store for FakeStore {
             } else if blocking {
                 held.extend(key);
             }
+        }
+        if claimed.is_empty() {
+            *self.empty_claims.lock() += 1;
         }
         Ok(Claim {
             records: claimed,

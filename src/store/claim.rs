@@ -21,11 +21,17 @@ pub(crate) struct Candidate {
 /// order): a ready row is taken unless its key is blocked, and a key is blocked from its
 /// first pending row that is not taken on. So of each key, only an unbroken run from its
 /// oldest pending row is taken. Rows without a key are taken whenever ready.
-pub(crate) fn pick(candidates: &[Candidate], limit: usize) -> Vec<&Candidate> {
+///
+/// Also says whether a next claim could take more right away: whether a ready row is
+/// left past the limit whose key is neither blocked nor in this claim (the rows taken now
+/// will be in flight, and hold their keys).
+pub(crate) fn pick(candidates: &[Candidate], limit: usize) -> (Vec<&Candidate>, bool) {
     let mut blocked = HashSet::new();
     let mut picked = Vec::new();
-    for candidate in candidates {
+    let mut past_limit = candidates.len();
+    for (index, candidate) in candidates.iter().enumerate() {
         if picked.len() == limit {
+            past_limit = index;
             break;
         }
         let key = candidate.key.as_ref();
@@ -38,7 +44,20 @@ pub(crate) fn pick(candidates: &[Candidate], limit: usize) -> Vec<&Candidate> {
             blocked.insert(k);
         }
     }
-    picked
+    blocked.extend(picked.iter().filter_map(|c| c.key.as_ref()));
+    let mut more = false;
+    for candidate in &candidates[past_limit..] {
+        let key = candidate.key.as_ref();
+        if key.is_some_and(|k| blocked.contains(k)) {
+            continue;
+        }
+        if candidate.ready {
+            more = true;
+            break;
+        }
+        blocked.extend(key);
+    }
+    (picked, more)
 }
 
 /// Of the `picked` rows (in id order), keeps those still unbroken once locked: a row
@@ -90,13 +109,13 @@ mod tests {
             row(8, Some("a"), true), // must not overtake 7
             row(9, Some("c"), true),
         ];
-        assert_eq!(ids(&pick(&rows, 100)), vec![1, 3, 6, 9]);
+        assert_eq!(ids(&pick(&rows, 100).0), vec![1, 3, 6, 9]);
     }
 
     #[test]
     fn stops_at_the_limit() {
         let rows: Vec<_> = (1..=10).map(|i| row(i, Some("hot"), true)).collect();
-        assert_eq!(ids(&pick(&rows, 4)), vec![1, 2, 3, 4]);
+        assert_eq!(ids(&pick(&rows, 4).0), vec![1, 2, 3, 4]);
     }
 
     #[test]
@@ -108,7 +127,7 @@ mod tests {
             row(4, Some("a"), true),
             row(5, None, true),
         ];
-        let picked = pick(&rows, 100);
+        let (picked, _) = pick(&rows, 100);
         let locked: HashSet<u64> = [1, 3, 4].into();
         assert_eq!(
             keep_unbroken(&picked, &locked),
@@ -124,10 +143,32 @@ mod tests {
     }
 
     #[test]
+    fn says_more_only_for_rows_a_next_claim_could_take() {
+        let hot: Vec<_> = (1..=10).map(|i| row(i, Some("hot"), true)).collect();
+        assert!(
+            !pick(&hot, 4).1,
+            "the rest of the run waits behind the rows in flight"
+        );
+        let mut mixed = hot.clone();
+        mixed.push(row(11, Some("cold"), true));
+        assert!(pick(&mixed, 4).1, "another key is ready");
+        let mut keyless = hot.clone();
+        keyless.push(row(11, None, true));
+        assert!(pick(&keyless, 4).1, "a row without a key never waits");
+        let held = [
+            row(1, Some("a"), true),
+            row(2, Some("b"), false),
+            row(3, Some("b"), true),
+        ];
+        assert!(!pick(&held, 1).1, "b waits behind its row backing off");
+        assert!(!pick(&hot, 10).1, "nothing past the limit");
+    }
+
+    #[test]
     fn same_key_name_on_another_topic_is_another_key() {
         let mut other = row(2, Some("a"), true);
         other.key = Some(("u".into(), b"a".to_vec()));
         let rows = [row(1, Some("a"), false), other];
-        assert_eq!(ids(&pick(&rows, 10)), vec![2]);
+        assert_eq!(ids(&pick(&rows, 10).0), vec![2]);
     }
 }

@@ -221,13 +221,13 @@ impl MySqlStore {
         )?;
         let mine = first.iter().any(|row| row.4);
         let candidates: Vec<Candidate> = first.into_iter().map(candidate).collect();
-        // One more than the limit tells whether the claim leaves work behind it.
-        let picked: Vec<Candidate> = pick(&candidates, limit + 1).into_iter().cloned().collect();
+        let (picked, more) = pick(&candidates, limit);
+        let picked: Vec<Candidate> = picked.into_iter().cloned().collect();
         let scanned_all = (candidates.len() as u64) < window;
         // Dig past held-back rows only when this claimer has nothing in flight there:
         // otherwise its own deliveries are about to let them through.
         if !picked.is_empty() || scanned_all || mine {
-            return Ok(at_most(picked, limit));
+            return Ok((picked, more));
         }
 
         let blocking = if dead_blocks_key { "(0, 2)" } else { "(0)" };
@@ -252,9 +252,13 @@ impl MySqlStore {
         let mut from = candidates.last().map_or(0, |c| c.id);
         while from < last {
             let to = from.saturating_add(window);
+            // One more than the limit tells whether a next claim finds work at once.
             let heads: Vec<ScanRow> = tx.exec(&slide_sql, (from, to, limit as u64 + 1))?;
             if !heads.is_empty() {
-                return Ok(at_most(heads.into_iter().map(candidate).collect(), limit));
+                let mut heads: Vec<Candidate> = heads.into_iter().map(candidate).collect();
+                let more = heads.len() > limit;
+                heads.truncate(limit);
+                return Ok((heads, more));
             }
             from = to;
         }
@@ -597,13 +601,6 @@ fn take<T: mysql::prelude::FromValue>(row: &mut Row, index: usize, id: u64) -> R
             reason: format!("column {index} is missing"),
         }),
     }
-}
-
-/// The first `limit` of `candidates`, and whether there were more.
-fn at_most(mut candidates: Vec<Candidate>, limit: usize) -> (Vec<Candidate>, bool) {
-    let more = candidates.len() > limit;
-    candidates.truncate(limit);
-    (candidates, more)
 }
 
 fn candidate((id, topic, key, ready, _mine): ScanRow) -> Candidate {
