@@ -483,3 +483,43 @@ fn a_claim_takes_unbroken_runs_of_a_key_and_stops_at_a_gap() {
     assert_eq!(table.store.release("A#1", &ids).unwrap(), 4);
     assert_eq!(table.count("locked_by = 0 AND number_of_attempts = 0"), 6);
 }
+
+#[test]
+fn a_claim_looks_past_a_window_held_by_stale_leases_but_not_by_fresh_ones() {
+    let table = TestTable::new("stale_head");
+    // 1,000 rows of ten keys fill the claim's first window (limit 10 reads 1,000 rows),
+    // all leased to a dispatcher; behind them, a key nobody holds.
+    let held: Vec<Message> = (0..1_000)
+        .map(|i| Message::new("t", format!("held:{i}")).with_key(format!("h{}", i % 10)))
+        .collect();
+    table.commit(&held);
+    let free: Vec<Message> = (0..3)
+        .map(|i| Message::new("t", format!("free:{i}")).with_key("free"))
+        .collect();
+    table.commit(&free);
+    let holder = MySqlStore::lease_token("holder#1");
+    table.exec(&format!(
+        "UPDATE {{t}} SET locked_by = {holder}, locked_on = NOW(6) WHERE payload LIKE 'held:%'"
+    ));
+    assert_eq!(
+        table.store.claim("B#1", 10, false).unwrap(),
+        outbox::Claim::default(),
+        "a fresh lease's deliveries are about to free its keys: no digging"
+    );
+    // The holder died a minute ago: its leases are stale long before the lock checker
+    // (max_lock_duration) releases them, and the rest of the table goes on meanwhile.
+    table.exec("UPDATE {t} SET locked_on = NOW(6) - INTERVAL 1 MINUTE WHERE payload LIKE 'held:%'");
+    let claimed: Vec<String> = table
+        .store
+        .claim("B#1", 10, false)
+        .unwrap()
+        .records
+        .iter()
+        .map(|r| String::from_utf8_lossy(r.message.payload()).into_owned())
+        .collect();
+    assert_eq!(
+        claimed,
+        vec!["free:0"],
+        "past the first window a claim takes each key's oldest row only"
+    );
+}

@@ -28,10 +28,14 @@ const INSERT_CHUNK: usize = 500;
 /// servers' default `max_allowed_packet` of 16 MiB and more).
 const INSERT_CHUNK_BYTES: usize = 4 << 20;
 
+/// How recent a lease must be for the claim to count its row as being published. A
+/// dispatcher settles its batches within the broker's delivery timeout, usually within
+/// milliseconds; a lease older than this may belong to a dispatcher that died.
+const FRESH_LEASE: Duration = Duration::from_secs(10);
 /// Most ids in one `IN (...)` list.
 const MAX_ID_LIST: usize = 1024;
-/// A row as the claim's scan reads it: id, topic, key, ready to take, leased to the
-/// claimer itself.
+/// A row as the claim's scan reads it: id, topic, key, ready to take, leased (to any
+/// claimer) less than [`FRESH_LEASE`] ago.
 type ScanRow = (u64, String, Option<Vec<u8>>, bool, bool);
 
 /// Columns a claim reads, in the order [`decode_record`] expects.
@@ -189,13 +193,13 @@ impl MySqlStore {
     /// The first read takes the oldest `window` pending rows in id order, in one snapshot,
     /// and [`pick`] applies the order rule to them: every older pending row of a key is in
     /// that read, so runs of one key can be taken whole. Only when nothing there can be
-    /// taken (all held back behind messages in flight or backing off), the scan slides on
-    /// a window at a time, taking there only rows with no older blocking row at all,
-    /// checked by a subquery in the same snapshot.
+    /// taken, and none of it was leased in the last [`FRESH_LEASE`] (all held back behind
+    /// messages backing off, dead, or leased by a dispatcher that may have died), the scan
+    /// slides on a window at a time, taking there only rows with no older
+    /// blocking row at all, checked by a subquery in the same snapshot.
     fn choose(
         &self,
         tx: &mut Transaction<'_>,
-        owner: &str,
         limit: usize,
         dead_blocks_key: bool,
     ) -> Result<(Vec<Candidate>, bool)> {
@@ -213,20 +217,24 @@ impl MySqlStore {
             format!(
                 "SELECT o.id, o.topic, o.msg_key, \
                    (o.locked_by = 0 AND o.available_on <= NOW(6) {dead_before}), \
-                   o.locked_by = ? \
+                   (o.locked_by <> 0 AND o.locked_on > NOW(6) - INTERVAL ? MICROSECOND) \
                  FROM `{}` o WHERE o.state = {PENDING} ORDER BY o.id LIMIT ?",
                 self.table
             ),
-            (Self::lease_token(owner), window),
+            (micros(FRESH_LEASE), window),
         )?;
-        let mine = first.iter().any(|row| row.4);
+        let in_flight = first.iter().any(|row| row.4);
         let candidates: Vec<Candidate> = first.into_iter().map(candidate).collect();
         let (picked, more) = pick(&candidates, limit);
         let picked: Vec<Candidate> = picked.into_iter().cloned().collect();
         let scanned_all = (candidates.len() as u64) < window;
-        // Dig past held-back rows only when this claimer has nothing in flight there:
-        // otherwise its own deliveries are about to let them through.
-        if !picked.is_empty() || scanned_all || mine {
+        // Dig past held-back rows only when nothing is in flight there, at this claimer or
+        // another: otherwise those deliveries are about to let rows through, and sliding
+        // on would read the rest of the backlog to find every key held behind them (with
+        // several dispatchers on one backlog, that halved the drain). A lease older than
+        // FRESH_LEASE does not count: its holder may be dead, and the rest must not wait
+        // the whole max_lock_duration for the lock checker.
+        if !picked.is_empty() || scanned_all || in_flight {
             return Ok((picked, more));
         }
 
@@ -334,7 +342,7 @@ impl Store for MySqlStore {
         self.conns.with(|conn| {
             let opts = TxOpts::default().set_isolation_level(Some(IsolationLevel::ReadCommitted));
             let mut tx = conn.start_transaction(opts)?;
-            let (chosen, more) = self.choose(&mut tx, owner, limit, dead_blocks_key)?;
+            let (chosen, more) = self.choose(&mut tx, limit, dead_blocks_key)?;
             if chosen.is_empty() {
                 return Ok(Claim::default());
             }
@@ -603,7 +611,7 @@ fn take<T: mysql::prelude::FromValue>(row: &mut Row, index: usize, id: u64) -> R
     }
 }
 
-fn candidate((id, topic, key, ready, _mine): ScanRow) -> Candidate {
+fn candidate((id, topic, key, ready, _leased): ScanRow) -> Candidate {
     Candidate {
         id,
         key: key.map(|k| (topic, k)),
