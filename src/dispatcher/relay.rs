@@ -116,7 +116,7 @@ impl<S: Store> Relay<S> {
             }
             let mut in_flight = 0;
             loop {
-                relay.drain(&to_publish, &settled, &mut in_flight);
+                relay.drain(&to_publish, &settled, &wake, &mut in_flight);
                 select! {
                     recv(relay.signals.stop) -> _ => break,
                     recv(wake) -> _ => {},
@@ -135,12 +135,18 @@ impl<S: Store> Relay<S> {
     }
 
     /// Claims batches back to back while they find work, up to [`IN_FLIGHT`] ahead of
-    /// their settling, and claims again as each is settled: its deliveries may let the
-    /// next messages of their keys through. Returns when a claim finds nothing and
-    /// nothing is in flight, or on the stop signal.
-    fn drain(&self, to_publish: &Sender<Batch>, settled: &Receiver<()>, in_flight: &mut usize) {
+    /// their settling, and claims again as each is settled (its deliveries may let the
+    /// next messages of their keys through) or on a wake-up (new messages). Returns when a
+    /// claim finds nothing and nothing is in flight, or on the stop signal.
+    fn drain(
+        &self,
+        to_publish: &Sender<Batch>,
+        settled: &Receiver<()>,
+        wake: &Receiver<()>,
+        in_flight: &mut usize,
+    ) {
         // False after a claim that left nothing it could take: the next one waits until a
-        // batch is settled, since only that can let more through.
+        // batch is settled, or the application says it committed more.
         let mut claim_now = true;
         loop {
             while settled.try_recv().is_ok() {
@@ -181,6 +187,7 @@ impl<S: Store> Relay<S> {
                         return;
                     }
                 },
+                recv(wake) -> _ => claim_now = true,
                 recv(self.signals.stop) -> _ => return,
             }
         }
