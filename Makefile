@@ -86,8 +86,13 @@ else
 	@echo "using the Kafka brokers at $(OUTBOX_KAFKA_BROKERS)"
 endif
 
+# Stops the broker `make services` started (it keeps every message in memory), and waits
+# until its port is free, so that `make stop-broker bench` starts a fresh one.
 stop-broker:
-	@if [ -f $(SERVICES)/tansu.pid ]; then kill $$(cat $(SERVICES)/tansu.pid) 2>/dev/null || true; rm -f $(SERVICES)/tansu.pid; fi
+	@if [ -f $(SERVICES)/tansu.pid ]; then \
+	  kill $$(cat $(SERVICES)/tansu.pid) 2>/dev/null || true; rm -f $(SERVICES)/tansu.pid; \
+	  for i in $$(seq 1 40); do (exec 3<>/dev/tcp/127.0.0.1/9092) 2>/dev/null || break; sleep 0.25; done; \
+	fi
 
 clean: stop-broker
 	cargo clean
