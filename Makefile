@@ -38,7 +38,7 @@ bench: services
 	cargo build --release --bin outbox-relay --example bench
 	BENCH_RELAY=target/release/outbox-relay target/release/examples/bench
 
-# A bounded soak (SOAK_SECONDS, default 180): writers, two dispatchers, and a broker of
+# A bounded soak (SOAK_SECONDS, default 600): writers, two dispatchers, and a broker of
 # its own restarted every 30 s. Not part of the tests: it takes minutes.
 soak: services
 	cargo build --release --bin outbox-relay --example soak

@@ -5,7 +5,7 @@
 //! none is dead, what the consumer read keeps each key's order, and resident memory and
 //! open database connections did not grow.
 //!
-//! `SOAK_SECONDS` (default 180) sets the length; `OUTBOX_DATABASE_URL` the database.
+//! `SOAK_SECONDS` (default 600) sets the length; `OUTBOX_DATABASE_URL` the database.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,6 +21,10 @@ use outbox::{Message, MySqlStore, Outbox};
 
 const KEYS_PER_WRITER: u64 = 50;
 const WRITERS: u64 = 2;
+/// How often memory and sessions are sampled.
+const SAMPLE_EVERY: Duration = Duration::from_secs(5);
+/// How long the relays' memory may grow before it must level off.
+const WARM_UP: Duration = Duration::from_secs(240);
 /// Broker restart period unless `SOAK_RESTART_SECONDS` says otherwise (0: never).
 const RESTART_EVERY: Duration = Duration::from_secs(30);
 
@@ -29,7 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let seconds: u64 = std::env::var("SOAK_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(180);
+        .unwrap_or(600);
     let url = std::env::var("OUTBOX_DATABASE_URL")
         .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
     let run = outbox::uuid::Uuid::now_v7().simple().to_string()[24..].to_string();
@@ -70,6 +74,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .env("OUTBOX_INSTANCE", format!("soak-{i}"))
                 .env("OUTBOX_PROCESS_INTERVAL_MS", "100")
                 .env("OUTBOX_MAX_LOCK_MS", "20000")
+                // Well under the final wait: a message that failed at many restarts in a
+                // row must still be due again before the soak stops looking.
+                .env("OUTBOX_BACKOFF_MAX_MS", "5000")
                 .env(
                     "OUTBOX_KAFKA_PROPERTIES",
                     "message.timeout.ms=5000,request.timeout.ms=5000",
@@ -136,7 +143,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut next_restart = start + restart_every;
     let mut samples = Vec::new();
     while start.elapsed() < Duration::from_secs(seconds) {
-        std::thread::sleep(Duration::from_secs(5));
+        std::thread::sleep(SAMPLE_EVERY);
         let rss: u64 = relays
             .iter()
             .map(|r| resident_kib(r.id()))
@@ -188,8 +195,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let delivered = count(1)?;
     let dead = count(2)?;
-    // Memory and sessions are compared from a quarter in (after warm-up) to the end.
-    let (warm, last) = (samples[samples.len() / 4], samples[samples.len() - 1]);
+    // Whatever is still pending, as the table has it: why it did not go.
+    let stuck: Vec<(u64, u32, i64, u64, Option<String>)> = admin.get_conn()?.query(format!(
+        "SELECT id, number_of_attempts, TIMESTAMPDIFF(SECOND, NOW(6), available_on), \
+         locked_by, LEFT(error, 120) FROM `{table}` WHERE state = 0 ORDER BY id LIMIT 20"
+    ))?;
+    for (id, attempts, due_in, locked_by, error) in &stuck {
+        println!(
+            "  pending row {id}: {attempts} attempts, due in {due_in} s, locked_by {locked_by}, \
+             error {error:?}"
+        );
+    }
+    // Memory and sessions are compared from the end of the warm-up to the end. The relays'
+    // memory grows for about four minutes (connections open as they are needed, and their
+    // buffers fill), so the warm-up is 240 s, or half of a shorter soak.
+    let warm_up = WARM_UP.min(Duration::from_secs(seconds / 2));
+    let warm_index = (warm_up.as_secs() / SAMPLE_EVERY.as_secs()) as usize;
+    let (warm, last) = (
+        samples[warm_index.min(samples.len() - 1)],
+        samples[samples.len() - 1],
+    );
     let peak_rss = samples.iter().map(|s| s.0).max().unwrap_or(0);
     println!("soak: {seconds} s, broker restarted every {restart_every:?}");
     println!(

@@ -12,6 +12,7 @@
 //! | `OUTBOX_KAFKA_PROPERTIES` | none; `name=value` pairs separated by commas |
 //! | `OUTBOX_BATCH_SIZE`, `OUTBOX_MAX_ATTEMPTS` | as `DispatcherSettings` |
 //! | `OUTBOX_PROCESS_INTERVAL_MS`, `OUTBOX_LOCK_CHECK_INTERVAL_MS`, `OUTBOX_MAX_LOCK_MS` | as `DispatcherSettings` |
+//! | `OUTBOX_BACKOFF_MIN_MS`, `OUTBOX_BACKOFF_MAX_MS` | as `DispatcherSettings` |
 //!
 //! It runs until its standard input closes (then it settles the batch in flight and
 //! exits 0). Killed in any other way, it loses nothing: its leases expire and other
@@ -59,6 +60,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     if let Some(ms) = number("OUTBOX_MAX_LOCK_MS")? {
         settings.max_lock_duration = Duration::from_millis(ms);
+    }
+    if let Some(ms) = number("OUTBOX_BACKOFF_MIN_MS")? {
+        settings.backoff_min = Duration::from_millis(ms);
+    }
+    if let Some(ms) = number("OUTBOX_BACKOFF_MAX_MS")? {
+        settings.backoff_max = Duration::from_millis(ms);
     }
 
     let store = MySqlStore::with_table(pool(&database_url)?, &table)?;

@@ -54,9 +54,10 @@ pub trait Store: Send + Sync + 'static {
 pub struct Claim {
     /// The rows leased, in id order.
     pub records: Vec<Record>,
-    /// True when the claim stopped at its limit with rows left that it could have taken:
-    /// claiming again at once finds work. False when what is left waits behind messages in
-    /// flight or backing off, so the next claim may wait for a batch to be settled.
+    /// True when the claim stopped at its limit and a claim right after it would find
+    /// work: a ready row is left whose key is neither held back nor in this claim (those
+    /// keys wait behind the rows just taken). False otherwise: the next claim may wait
+    /// until a batch is settled.
     pub more: bool,
 }
 
