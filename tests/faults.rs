@@ -131,10 +131,7 @@ impl PrivateBroker {
     }
 
     fn kill(&mut self) {
-        if let Some(mut child) = self.process.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_child(&mut self.process);
     }
 }
 
@@ -325,10 +322,7 @@ impl PrivateDatabase {
     }
 
     fn kill(&mut self) {
-        if let Some(mut child) = self.process.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_child(&mut self.process);
     }
 }
 
@@ -609,4 +603,12 @@ fn lock_wait_timeouts_from_an_application_holding_outbox_rows_are_retried_never_
     );
     assert!(lock_waits.iter().all(|e| e.is_retryable()));
     drop(handles);
+}
+
+/// Kills a private server's process (SIGKILL) and reaps it, if it runs.
+fn kill_child(process: &mut Option<std::process::Child>) {
+    if let Some(mut child) = process.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }

@@ -304,6 +304,28 @@ mod tests {
         assert!(a.owner.starts_with("x#"));
     }
 
+    /// A started dispatcher on `store` and a broker that takes everything, once `n` rows
+    /// are delivered (or 5 s have passed).
+    fn run_until_delivered(
+        store: &Arc<FakeStore>,
+        settings: DispatcherSettings,
+        n: usize,
+    ) -> DispatcherHandle {
+        let dispatcher = Dispatcher::new(
+            store.clone(),
+            FakeBroker::failing_payloads([]),
+            settings,
+            "t",
+        )
+        .unwrap();
+        let handle = dispatcher.start().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while store.delivered_ids().len() < n && std::time::Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        handle
+    }
+
     #[test]
     fn delivers_everything_then_stops_joined() {
         let messages =
@@ -313,18 +335,7 @@ mod tests {
             process_interval: Duration::from_millis(10),
             ..Default::default()
         };
-        let dispatcher = Dispatcher::new(
-            store.clone(),
-            FakeBroker::failing_payloads([]),
-            settings,
-            "t",
-        )
-        .unwrap();
-        let mut handle = dispatcher.start().unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while store.delivered_ids().len() < 30 && std::time::Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(5));
-        }
+        let mut handle = run_until_delivered(&store, settings, 30);
         handle.stop().unwrap();
         assert_eq!(store.delivered_ids(), (1..=30).collect::<Vec<_>>());
         assert!(handle.threads.is_empty());
@@ -342,18 +353,7 @@ mod tests {
             process_interval: Duration::from_secs(10),
             ..Default::default()
         };
-        let dispatcher = Dispatcher::new(
-            store.clone(),
-            FakeBroker::failing_payloads([]),
-            settings,
-            "t",
-        )
-        .unwrap();
-        let mut handle = dispatcher.start().unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while store.delivered_ids().len() < 30 && std::time::Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(5));
-        }
+        let mut handle = run_until_delivered(&store, settings, 30);
         handle.stop().unwrap();
         assert_eq!(store.delivered_ids().len(), 30);
         assert!(

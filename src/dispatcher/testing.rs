@@ -1,6 +1,5 @@
 //! In-memory `Store` and `Broker` for the dispatcher's unit tests.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -10,6 +9,7 @@ use crate::broker::Broker;
 use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::record::Record;
+use crate::store::claim::{pick, Candidate};
 use crate::store::{Claim, Failure, Store};
 
 #[derive(Debug, Clone)]
@@ -119,36 +119,31 @@ impl FakeStore {
 impl Store for FakeStore {
     fn claim(&self, _owner: &str, limit: usize, dead_blocks_key: bool) -> Result<Claim> {
         Self::injected(&self.claim_failures)?;
-        // A key is held once one of its blocking rows is not taken by this claim.
+        // The same order rule as the SQL store: every blocking row is a candidate, in id
+        // order, ready when it could be taken.
         let mut rows = self.rows.lock();
-        let mut held = HashSet::new();
-        let mut claimed = Vec::new();
-        let mut more = false;
-        for row in rows.iter_mut() {
-            let key = row
-                .record
-                .message
-                .key()
-                .map(|k| (row.record.message.topic().to_string(), k.to_string()));
-            let blocking = !row.delivered && (!row.dead || dead_blocks_key);
-            let eligible = !row.delivered && !row.dead && !row.locked && row.available;
-            let free_key = key.as_ref().is_none_or(|k| !held.contains(k));
-            // Past the limit, a next claim could take a ready row whose key is neither
-            // held nor in this claim (those rows will be in flight).
-            let in_claim = key.as_ref().is_some_and(|k| {
-                claimed.iter().any(|r: &Record| {
-                    r.message.topic() == k.0 && r.message.key() == Some(k.1.as_str())
-                })
-            });
-            more |= eligible && free_key && !in_claim && claimed.len() == limit;
-            if eligible && free_key && claimed.len() < limit {
-                row.locked = true;
-                let mut record = row.record.clone();
-                record.attempts = row.attempts;
-                claimed.push(record);
-            } else if blocking {
-                held.extend(key);
-            }
+        let candidates: Vec<Candidate> = rows
+            .iter()
+            .filter(|row| !row.delivered && (!row.dead || dead_blocks_key))
+            .map(|row| Candidate {
+                id: row.record.id,
+                key: row.record.message.key().map(|k| {
+                    (
+                        row.record.message.topic().to_string(),
+                        k.as_bytes().to_vec(),
+                    )
+                }),
+                ready: !row.dead && !row.locked && row.available,
+            })
+            .collect();
+        let (picked, more) = pick(&candidates, limit);
+        let mut claimed = Vec::with_capacity(picked.len());
+        for candidate in picked {
+            let row = &mut rows[candidate.id as usize - 1];
+            row.locked = true;
+            let mut record = row.record.clone();
+            record.attempts = row.attempts;
+            claimed.push(record);
         }
         if claimed.is_empty() {
             *self.empty_claims.lock() += 1;

@@ -1,6 +1,6 @@
 //! What the dispatcher needs from a database, and the MySQL implementation.
 
-mod claim;
+pub(crate) mod claim;
 mod connections;
 mod mysql;
 
@@ -19,7 +19,7 @@ use crate::record::Record;
 /// Times are the database's clock, never the caller's.
 pub trait Store: Send + Sync + 'static {
     /// Leases up to `limit` pending, unleased rows whose `available_on` has come to
-    /// `owner`, and returns them in id order. A row is taken only when every older row of
+    /// `owner`, and returns them in id order in a [`Claim`]. A row is taken only when every older row of
     /// its topic and key that is still pending (or dead, with `dead_blocks_key`) is taken
     /// in the same claim: so a key's messages are never in flight at two dispatchers, and
     /// a claim may carry a run of one key's messages, in order. Rows without a key are
