@@ -50,6 +50,12 @@ pub enum Error {
     #[error("json error: {0}")]
     Json(#[from] serde_json::Error),
 
+    /// An [`OutboxTransaction`](crate::OutboxTransaction) was committed after writing some
+    /// of its messages had failed (the failed `add` returned that error): it was rolled
+    /// back instead, so that no message added before is silently missing.
+    #[error("transaction rolled back at commit: writing its messages had failed")]
+    RolledBack,
+
     /// A dispatcher thread could not be started.
     #[error("could not start a dispatcher thread: {0}")]
     Thread(#[source] std::io::Error),
@@ -81,6 +87,7 @@ impl Error {
             Error::InvalidMessage(_)
             | Error::Config(_)
             | Error::CorruptRow { .. }
+            | Error::RolledBack
             | Error::Json(_) => false,
         }
     }

@@ -73,6 +73,7 @@ mod outbox;
 mod record;
 mod settings;
 mod store;
+mod transaction;
 
 pub use mysql;
 pub use rdkafka;
@@ -89,3 +90,4 @@ pub use crate::outbox::Outbox;
 pub use crate::record::Record;
 pub use crate::settings::{DispatcherSettings, MAX_BATCH_SIZE};
 pub use crate::store::{Claim, Failure, MySqlStore, Store};
+pub use crate::transaction::OutboxTransaction;

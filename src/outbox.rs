@@ -5,12 +5,16 @@ use uuid::Uuid;
 use crate::error::Result;
 use crate::message::Message;
 use crate::store::MySqlStore;
+use crate::transaction::{Connection, OutboxTransaction};
 
 /// Adds messages to an outbox table inside the caller's MySQL transaction, so that they
 /// are published if and only if that transaction commits.
 ///
-/// `Outbox` never opens, commits or rolls back anything itself. It is cheap to clone and
-/// can be shared between threads.
+/// [`add`](Outbox::add) never opens, commits or rolls back anything itself: it is one
+/// INSERT on the caller's transaction. To save that INSERT's round trip, start the
+/// transaction with [`start_transaction`](Outbox::start_transaction) instead: its
+/// messages are written with the COMMIT ([`OutboxTransaction`]). `Outbox` is cheap to
+/// clone and can be shared between threads.
 ///
 /// ```no_run
 /// use mysql::prelude::Queryable;
@@ -52,6 +56,32 @@ impl Outbox {
         let id = Uuid::now_v7();
         self.store.insert(tx, &[(id, message)])?;
         Ok(id)
+    }
+
+    /// Starts a transaction on a connection from the store's pool whose messages are
+    /// written in the same round trip as its COMMIT; see [`OutboxTransaction`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`](crate::Error::Database) if no connection can be had or the
+    /// transaction cannot start.
+    pub fn start_transaction(&self, opts: mysql::TxOpts) -> Result<OutboxTransaction<'static>> {
+        let conn = self.store.pool().get_conn()?;
+        OutboxTransaction::start(Connection::Pooled(conn), &self.store, opts)
+    }
+
+    /// As [`start_transaction`](Outbox::start_transaction), on the caller's connection
+    /// (for a pooled one, `pooled.as_mut()`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`](crate::Error::Database) if the transaction cannot start.
+    pub fn start_transaction_on<'a>(
+        &self,
+        conn: &'a mut mysql::Conn,
+        opts: mysql::TxOpts,
+    ) -> Result<OutboxTransaction<'a>> {
+        OutboxTransaction::start(Connection::Borrowed(conn), &self.store, opts)
     }
 
     /// Validates every message, then inserts them all through `tx` in multi-row INSERTs.

@@ -114,7 +114,13 @@ fn per_key_commit_order_holds_with_concurrent_writers_dispatchers_and_failures()
                     let key = format!("k{}", rng.below(KEYS as u64));
                     let n = (1 + rng.below(3) as u32).min((PER_WRITER - committed) as u32);
                     let commit = rng.below(10) != 0;
-                    match aggregates.write(&pool, &outbox, &topic, &key, n, commit) {
+                    // Half the writers add on the transaction, half on the commit.
+                    let written = if w % 2 == 0 {
+                        aggregates.write(&pool, &outbox, &topic, &key, n, commit)
+                    } else {
+                        aggregates.write_on_commit(&outbox, &topic, &key, n, commit)
+                    };
+                    match written {
                         Ok(ids) if commit => committed += ids.len(),
                         Ok(ids) => rolled_back.extend(ids),
                         Err(e) if e.is_retryable() => retries += 1,

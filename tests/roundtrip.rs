@@ -1,5 +1,6 @@
 //! Property: any message `add` accepts comes out of the broker byte for byte (topic, key,
-//! headers in order, payload), with the message id it was given.
+//! headers in order, payload), with the message id it was given: added on the caller's
+//! transaction or kept for the COMMIT of an `OutboxTransaction`.
 
 mod common;
 
@@ -51,31 +52,54 @@ proptest! {
 
     #[test]
     fn accepted_messages_come_out_of_the_broker_byte_for_byte(messages in batch()) {
-        let messages: Vec<Message> = messages
-            .into_iter()
-            .filter(|m| m.headers().iter().all(|(n, _)| !n.eq_ignore_ascii_case(MESSAGE_ID_HEADER)))
-            .collect();
-        prop_assume!(!messages.is_empty());
-        for m in &messages {
-            prop_assert!(m.validate().is_ok(), "{m:?}");
-        }
-        let table = TestTable::new("roundtrip");
-        let ids = table.commit(&messages);
-        let handle = table.dispatch(broker(), fast_settings(), "roundtrip");
-        let topic = messages[0].topic().to_string();
-        let got = consume(&topic, messages.len(), Duration::from_secs(30), Duration::from_millis(300));
-        drop(handle);
-        prop_assert_eq!(got.len(), messages.len());
-
-        let sent: HashMap<&String, &Message> = ids.iter().zip(&messages).collect();
-        for record in &got {
-            let id = record.message_id();
-            let original = sent[&id];
-            prop_assert_eq!(record.key.as_deref(), original.key());
-            prop_assert_eq!(&record.payload[..], original.payload());
-            let mut expected: Vec<(String, Vec<u8>)> = original.headers().to_vec();
-            expected.push((MESSAGE_ID_HEADER.to_string(), id.clone().into_bytes()));
-            prop_assert_eq!(&record.headers, &expected);
-        }
+        round_trip(messages, TestTable::commit)?;
     }
+
+    #[test]
+    fn messages_written_with_the_commit_come_out_byte_for_byte(messages in batch()) {
+        round_trip(messages, TestTable::commit_on_commit)?;
+    }
+}
+
+/// Writes `messages` with `write`, relays them, and checks what the broker hands out.
+fn round_trip(
+    messages: Vec<Message>,
+    write: fn(&TestTable, &[Message]) -> Vec<String>,
+) -> Result<(), TestCaseError> {
+    let messages: Vec<Message> = messages
+        .into_iter()
+        .filter(|m| {
+            m.headers()
+                .iter()
+                .all(|(n, _)| !n.eq_ignore_ascii_case(MESSAGE_ID_HEADER))
+        })
+        .collect();
+    prop_assume!(!messages.is_empty());
+    for m in &messages {
+        prop_assert!(m.validate().is_ok(), "{m:?}");
+    }
+    let table = TestTable::new("roundtrip");
+    let ids = write(&table, &messages);
+    let handle = table.dispatch(broker(), fast_settings(), "roundtrip");
+    let topic = messages[0].topic().to_string();
+    let got = consume(
+        &topic,
+        messages.len(),
+        Duration::from_secs(30),
+        Duration::from_millis(300),
+    );
+    drop(handle);
+    prop_assert_eq!(got.len(), messages.len());
+
+    let sent: HashMap<&String, &Message> = ids.iter().zip(&messages).collect();
+    for record in &got {
+        let id = record.message_id();
+        let original = sent[&id];
+        prop_assert_eq!(record.key.as_deref(), original.key());
+        prop_assert_eq!(&record.payload[..], original.payload());
+        let mut expected: Vec<(String, Vec<u8>)> = original.headers().to_vec();
+        expected.push((MESSAGE_ID_HEADER.to_string(), id.clone().into_bytes()));
+        prop_assert_eq!(&record.headers, &expected);
+    }
+    Ok(())
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use self::mysql::MySqlStore;
+pub(crate) use self::mysql::{push_row_literal, INSERT_CHUNK, INSERT_CHUNK_BYTES};
 use crate::error::Result;
 use crate::record::Record;
 

@@ -23,10 +23,12 @@ const MAX_TABLE_NAME_LEN: usize = 64;
 /// Longest error text kept in a row (the `error` column's width).
 const MAX_ERROR_LEN: usize = 1000;
 /// Most rows one INSERT of a batch add carries.
-const INSERT_CHUNK: usize = 500;
+pub(crate) const INSERT_CHUNK: usize = 500;
 /// Bytes of messages after which a batch add starts a new INSERT (well under the
 /// servers' default `max_allowed_packet` of 16 MiB and more).
-const INSERT_CHUNK_BYTES: usize = 4 << 20;
+pub(crate) const INSERT_CHUNK_BYTES: usize = 4 << 20;
+/// The columns an add writes, in the order its values follow.
+const INSERT_COLUMNS: &str = "message_id, topic, msg_key, headers, payload";
 
 /// How recent a lease must be for the claim to count its row as being published. A
 /// dispatcher settles its batches within the broker's delivery timeout, usually within
@@ -180,12 +182,15 @@ impl MySqlStore {
             params.push(Value::Bytes(message.payload().to_vec()));
         }
         let values = vec!["(?, ?, ?, ?, ?)"; rows.len()].join(", ");
-        let sql = format!(
-            "INSERT INTO `{}` (message_id, topic, msg_key, headers, payload) VALUES {values}",
-            self.table
-        );
+        let sql = format!("{}{values}", self.insert_head());
         tx.exec_drop(sql, Params::Positional(params))?;
         Ok(())
+    }
+
+    /// `INSERT INTO <table> (<columns>) VALUES `: rows follow, as
+    /// [`push_row_literal`] writes them or as placeholders.
+    pub(crate) fn insert_head(&self) -> String {
+        format!("INSERT INTO `{}` ({INSERT_COLUMNS}) VALUES ", self.table)
     }
 
     /// Chooses the rows to claim, without locking anything yet.
@@ -531,6 +536,44 @@ fn encode_headers(headers: &[(String, Vec<u8>)]) -> Option<String> {
     Some(Json::Array(pairs).to_string())
 }
 
+/// Appends one row of an INSERT after [`MySqlStore::insert_head`] to `sql`, every value
+/// a hexadecimal literal: nothing in a message can end the literal or change the
+/// statement, whatever the server's SQL mode. The topic and headers carry their character
+/// set so that MySQL 8 takes them as text (its JSON type refuses binary strings).
+pub(crate) fn push_row_literal(sql: &mut String, id: Uuid, message: &Message) {
+    sql.push('(');
+    push_hex(sql, "", id.as_bytes());
+    sql.push_str(", ");
+    push_hex(sql, "_ascii ", message.topic().as_bytes());
+    sql.push_str(", ");
+    match message.key() {
+        Some(key) => push_hex(sql, "", key.as_bytes()),
+        None => sql.push_str("NULL"),
+    }
+    sql.push_str(", ");
+    match encode_headers(message.headers()) {
+        Some(headers) => push_hex(sql, "_utf8mb4 ", headers.as_bytes()),
+        None => sql.push_str("NULL"),
+    }
+    sql.push_str(", ");
+    push_hex(sql, "", message.payload());
+    sql.push(')');
+}
+
+/// Appends `X'<bytes in hex>'` after `introducer` (a character set such as `_ascii `, or
+/// nothing for a binary string).
+fn push_hex(sql: &mut String, introducer: &str, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
+    sql.reserve(introducer.len() + 3 + 2 * bytes.len());
+    sql.push_str(introducer);
+    sql.push_str("X'");
+    for byte in bytes {
+        sql.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        sql.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+    }
+    sql.push('\'');
+}
+
 fn decode_headers(text: &str) -> std::result::Result<Vec<(String, Vec<u8>)>, String> {
     let json: Json =
         serde_json::from_str(text).map_err(|e| format!("headers are not JSON: {e}"))?;
@@ -622,6 +665,40 @@ fn candidate((id, topic, key, ready, _leased): ScanRow) -> Candidate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn row_literals_are_hex_with_nulls_for_no_key_and_no_headers() {
+        let id = Uuid::from_bytes([0xab; 16]);
+        let mut sql = String::new();
+        push_row_literal(
+            &mut sql,
+            id,
+            &Message::new("t.1", vec![0x00, 0x27, 0x5c, 0xff]),
+        );
+        assert_eq!(
+            sql,
+            format!(
+                "(X'{}', _ascii X'742E31', NULL, NULL, X'00275CFF')",
+                "AB".repeat(16)
+            )
+        );
+    }
+
+    #[test]
+    fn row_literals_carry_key_and_headers_as_encoded() {
+        let message = Message::new("t", "").with_key("k'").with_header("h", "v");
+        let mut sql = String::new();
+        push_row_literal(&mut sql, Uuid::nil(), &message);
+        let headers: String = encode_headers(message.headers())
+            .unwrap()
+            .bytes()
+            .map(|b| format!("{b:02X}"))
+            .collect();
+        assert!(
+            sql.ends_with(&format!(", X'6B27', _utf8mb4 X'{headers}', X'')")),
+            "{sql}"
+        );
+    }
 
     #[test]
     fn headers_round_trip_in_order_with_binary_values() {

@@ -85,6 +85,19 @@ impl TestTable {
             .collect()
     }
 
+    /// Adds `messages` one by one in an `OutboxTransaction`, which writes them with its
+    /// COMMIT; returns their ids.
+    pub fn commit_on_commit(&self, messages: &[outbox::Message]) -> Vec<String> {
+        let outbox = outbox::Outbox::new(&self.store);
+        let mut tx = outbox.start_transaction(mysql::TxOpts::default()).unwrap();
+        let ids = messages
+            .iter()
+            .map(|m| tx.add(m).unwrap().hyphenated().to_string())
+            .collect();
+        tx.commit().unwrap();
+        ids
+    }
+
     /// Starts a dispatcher on this table.
     pub fn dispatch(
         &self,
@@ -324,7 +337,8 @@ impl Aggregates {
     }
 
     /// One business transaction on `key`: `n` events with the next versions, committed
-    /// or rolled back. Returns the message ids. The payload of each event is `key:version`.
+    /// or rolled back, through `Outbox::add_all`. Returns the message ids. The payload of
+    /// each event is `key:version`.
     pub fn write(
         &self,
         pool: &mysql::Pool,
@@ -335,6 +349,47 @@ impl Aggregates {
         commit: bool,
     ) -> Result<Vec<String>, outbox::Error> {
         let mut tx = pool.start_transaction(mysql::TxOpts::default())?;
+        let ids = self.bump(&mut tx, topic, key, n, |tx, messages| {
+            outbox.add_all(tx, messages)
+        })?;
+        if commit {
+            tx.commit()?;
+        } else {
+            tx.rollback()?;
+        }
+        Ok(ids)
+    }
+
+    /// As [`write`](Aggregates::write), in an `OutboxTransaction` (the messages ride on
+    /// the COMMIT) on a connection from `outbox`'s store.
+    pub fn write_on_commit(
+        &self,
+        outbox: &outbox::Outbox,
+        topic: &str,
+        key: &str,
+        n: u32,
+        commit: bool,
+    ) -> Result<Vec<String>, outbox::Error> {
+        let mut tx = outbox.start_transaction(mysql::TxOpts::default())?;
+        let ids = self.bump(&mut tx, topic, key, n, |tx, messages| tx.add_all(messages))?;
+        if commit {
+            tx.commit()?;
+        } else {
+            tx.rollback()?;
+        }
+        Ok(ids)
+    }
+
+    /// Locks `key`'s row, adds `n` events with the next versions through `add`, and
+    /// writes the new version.
+    fn bump<Q: Queryable>(
+        &self,
+        tx: &mut Q,
+        topic: &str,
+        key: &str,
+        n: u32,
+        add: impl FnOnce(&mut Q, &[outbox::Message]) -> outbox::Result<Vec<uuid::Uuid>>,
+    ) -> Result<Vec<String>, outbox::Error> {
         let version: u32 = tx
             .exec_first(
                 format!(
@@ -347,16 +402,11 @@ impl Aggregates {
         let messages: Vec<_> = (1..=n)
             .map(|i| outbox::Message::new(topic, format!("{key}:{}", version + i)).with_key(key))
             .collect();
-        let ids = outbox.add_all(&mut tx, &messages)?;
+        let ids = add(tx, &messages)?;
         tx.exec_drop(
             format!("UPDATE `{}` SET version = ? WHERE k = ?", self.table),
             (version + n, key),
         )?;
-        if commit {
-            tx.commit()?;
-        } else {
-            tx.rollback()?;
-        }
         Ok(ids
             .into_iter()
             .map(|id| id.hyphenated().to_string())

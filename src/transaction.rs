@@ -1,0 +1,307 @@
+//! A MySQL transaction whose outbox messages travel with its COMMIT.
+
+use std::fmt;
+
+use mysql::prelude::{AsStatement, Queryable};
+use mysql::{AccessMode, Binary, Conn, Params, PooledConn, QueryResult, Statement, Text, TxOpts};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::message::Message;
+use crate::store::{push_row_literal, MySqlStore, INSERT_CHUNK, INSERT_CHUNK_BYTES};
+
+/// A MySQL transaction whose messages are written in the same round trip as its COMMIT.
+///
+/// Started by [`Outbox::start_transaction`](crate::Outbox::start_transaction). Run the
+/// business statements on it as on a `mysql::Transaction` (it is [`Queryable`]) and add
+/// messages with [`add`](OutboxTransaction::add): each is validated at once and kept.
+/// [`commit`](OutboxTransaction::commit) sends their INSERT and the COMMIT in one packet;
+/// the server runs the COMMIT only if the INSERT succeeded. The guarantee is the one of
+/// [`Outbox::add`](crate::Outbox::add): the messages are published if and only if the
+/// transaction commits. What is saved is the INSERT's own round trip, which is most of
+/// what an add costs a small transaction, and more the farther away the database is.
+///
+/// Dropped without `commit`, it rolls back. Unlike with `Outbox::add`:
+/// - the messages' rows are written at commit, so the transaction's own statements do not
+///   see them, and an error in writing them (a missing table, say) comes from `commit`,
+///   after which the transaction is rolled back;
+/// - past 500 messages or 4 MiB of them, the ones kept so far are written at once in an
+///   INSERT of their own, so that no packet outgrows the server's `max_allowed_packet`;
+///   if that fails, `add` returns the error and `commit` will refuse
+///   ([`Error::RolledBack`]).
+///
+/// ```no_run
+/// use mysql::prelude::Queryable;
+/// # fn main() -> outbox::Result<()> {
+/// let pool = mysql::Pool::new("mysql://root@127.0.0.1:3306/test")?;
+/// let outbox = outbox::Outbox::new(&outbox::MySqlStore::new(pool));
+///
+/// let mut tx = outbox.start_transaction(mysql::TxOpts::default())?;
+/// tx.exec_drop("UPDATE accounts SET balance = balance - 10 WHERE id = ?", (7,))?;
+/// let id = tx.add(&outbox::Message::new("accounts", "debited").with_key("7"))?;
+/// tx.commit()?; // the INSERT and the COMMIT, in one round trip
+/// println!("queued {id}");
+/// # Ok(()) }
+/// ```
+pub struct OutboxTransaction<'a> {
+    conn: Connection<'a>,
+    insert_head: String,
+    /// The INSERT of the rows added and not yet written; empty when there are none.
+    unsent: String,
+    unsent_rows: usize,
+    /// Writing messages failed: the transaction may not commit.
+    broken: bool,
+    /// Committed or rolled back.
+    finished: bool,
+}
+
+/// The connection a transaction runs on: its own from a pool, or the caller's.
+pub(crate) enum Connection<'a> {
+    Pooled(PooledConn),
+    Borrowed(&'a mut Conn),
+}
+
+impl Connection<'_> {
+    fn get(&mut self) -> &mut Conn {
+        match self {
+            Connection::Pooled(conn) => conn.as_mut(),
+            Connection::Borrowed(conn) => conn,
+        }
+    }
+}
+
+impl<'a> OutboxTransaction<'a> {
+    /// Starts a transaction on `conn` for messages to `store`'s table.
+    pub(crate) fn start(
+        mut conn: Connection<'a>,
+        store: &MySqlStore,
+        opts: TxOpts,
+    ) -> Result<OutboxTransaction<'a>> {
+        run(conn.get(), &start_statement(&opts))?;
+        Ok(OutboxTransaction {
+            conn,
+            insert_head: store.insert_head(),
+            unsent: String::new(),
+            unsent_rows: 0,
+            broken: false,
+            finished: false,
+        })
+    }
+
+    /// Validates `message` and keeps it to be written with the COMMIT. Returns its message
+    /// id (a UUIDv7), as [`Outbox::add`](crate::Outbox::add) does.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidMessage`] before anything is kept or written (the transaction can
+    /// go on); [`Error::Database`] if the messages kept so far had to be written and that
+    /// failed (the transaction will not commit).
+    pub fn add(&mut self, message: &Message) -> Result<Uuid> {
+        message.validate()?;
+        let id = Uuid::now_v7();
+        self.keep(id, message)?;
+        Ok(id)
+    }
+
+    /// Validates every message, then keeps them all, in order, as [`add`] does. Returns
+    /// their message ids in the same order.
+    ///
+    /// [`add`]: OutboxTransaction::add
+    ///
+    /// # Errors
+    ///
+    /// As [`add`]: if any message is invalid, none is kept.
+    pub fn add_all(&mut self, messages: &[Message]) -> Result<Vec<Uuid>> {
+        for message in messages {
+            message.validate()?;
+        }
+        messages
+            .iter()
+            .map(|message| {
+                let id = Uuid::now_v7();
+                self.keep(id, message).map(|()| id)
+            })
+            .collect()
+    }
+
+    /// Writes the messages added and commits, in one round trip.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if the INSERT or the COMMIT fails: the transaction is rolled
+    /// back. [`Error::RolledBack`] if an earlier `add` failed to write messages.
+    pub fn commit(mut self) -> Result<()> {
+        if self.broken {
+            return Err(Error::RolledBack);
+        }
+        let sql = if self.unsent_rows == 0 {
+            "COMMIT".to_string()
+        } else {
+            let mut sql = std::mem::take(&mut self.unsent);
+            sql.push_str("; COMMIT");
+            sql
+        };
+        run(self.conn.get(), &sql)?;
+        self.finished = true;
+        Ok(())
+    }
+
+    /// Rolls back: nothing the transaction did, messages included, is written.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] if the ROLLBACK could not be sent (the server rolls back a
+    /// transaction whose connection is lost).
+    pub fn rollback(mut self) -> Result<()> {
+        self.finished = true;
+        run(self.conn.get(), "ROLLBACK")
+    }
+
+    /// Adds one row to the unsent INSERT, writing the unsent rows first when the INSERT
+    /// is full.
+    fn keep(&mut self, id: Uuid, message: &Message) -> Result<()> {
+        if self.broken {
+            return Err(Error::RolledBack);
+        }
+        let full = self.unsent_rows == INSERT_CHUNK
+            || (self.unsent_rows > 0
+                && self.unsent.len() + 2 * message.size() > 2 * INSERT_CHUNK_BYTES);
+        if full {
+            let sql = std::mem::take(&mut self.unsent);
+            self.unsent_rows = 0;
+            if let Err(e) = run(self.conn.get(), &sql) {
+                self.broken = true;
+                return Err(e);
+            }
+        }
+        if self.unsent_rows == 0 {
+            self.unsent.push_str(&self.insert_head);
+        } else {
+            self.unsent.push_str(", ");
+        }
+        push_row_literal(&mut self.unsent, id, message);
+        self.unsent_rows += 1;
+        Ok(())
+    }
+}
+
+impl Drop for OutboxTransaction<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            if let Err(e) = self.conn.get().query_drop("ROLLBACK") {
+                log::debug!("outbox transaction: ROLLBACK on drop failed: {e}");
+            }
+        }
+    }
+}
+
+impl fmt::Debug for OutboxTransaction<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OutboxTransaction")
+            .field("unsent_rows", &self.unsent_rows)
+            .field("broken", &self.broken)
+            .field("finished", &self.finished)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Queryable for OutboxTransaction<'_> {
+    fn query_iter<Q: AsRef<str>>(
+        &mut self,
+        query: Q,
+    ) -> mysql::Result<QueryResult<'_, '_, '_, Text>> {
+        self.conn.get().query_iter(query)
+    }
+
+    fn prep<Q: AsRef<str>>(&mut self, query: Q) -> mysql::Result<Statement> {
+        self.conn.get().prep(query)
+    }
+
+    fn close(&mut self, stmt: Statement) -> mysql::Result<()> {
+        self.conn.get().close(stmt)
+    }
+
+    fn exec_iter<S, P>(
+        &mut self,
+        stmt: S,
+        params: P,
+    ) -> mysql::Result<QueryResult<'_, '_, '_, Binary>>
+    where
+        S: AsStatement,
+        P: Into<Params>,
+    {
+        self.conn.get().exec_iter(stmt, params)
+    }
+
+    fn exec_batch<S, P, I>(&mut self, stmt: S, params: I) -> mysql::Result<()>
+    where
+        Self: Sized,
+        S: AsStatement,
+        P: Into<Params>,
+        I: IntoIterator<Item = P>,
+    {
+        self.conn.get().exec_batch(stmt, params)
+    }
+}
+
+/// Runs `sql`, one statement or several, and reads every result: the first statement that
+/// fails is the error (the server runs none after it).
+fn run(conn: &mut Conn, sql: &str) -> Result<()> {
+    let mut result = conn.query_iter(sql)?;
+    while let Some(set) = result.iter() {
+        for row in set {
+            row?;
+        }
+    }
+    Ok(())
+}
+
+/// The statements that start a transaction with `opts`, as `mysql::Conn` would send them,
+/// in one string.
+fn start_statement(opts: &TxOpts) -> String {
+    let mut sql = String::new();
+    if let Some(level) = opts.isolation_level() {
+        sql.push_str(&format!("SET TRANSACTION ISOLATION LEVEL {level}; "));
+    }
+    sql.push_str("START TRANSACTION");
+    let mut characteristics = Vec::new();
+    if opts.with_consistent_snapshot() {
+        characteristics.push("WITH CONSISTENT SNAPSHOT");
+    }
+    match opts.access_mode() {
+        Some(AccessMode::ReadOnly) => characteristics.push("READ ONLY"),
+        Some(AccessMode::ReadWrite) => characteristics.push("READ WRITE"),
+        None => {}
+    }
+    if !characteristics.is_empty() {
+        sql.push(' ');
+        sql.push_str(&characteristics.join(", "));
+    }
+    sql
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mysql::IsolationLevel;
+
+    #[test]
+    fn default_options_start_a_plain_transaction() {
+        assert_eq!(start_statement(&TxOpts::default()), "START TRANSACTION");
+    }
+
+    #[test]
+    fn options_become_the_statements_mysql_conn_sends() {
+        let opts = TxOpts::default()
+            .set_isolation_level(Some(IsolationLevel::ReadCommitted))
+            .set_with_consistent_snapshot(true)
+            .set_access_mode(Some(AccessMode::ReadOnly));
+        assert_eq!(
+            start_statement(&opts),
+            "SET TRANSACTION ISOLATION LEVEL READ COMMITTED; \
+             START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY"
+        );
+        let opts = TxOpts::default().set_access_mode(Some(AccessMode::ReadWrite));
+        assert_eq!(start_statement(&opts), "START TRANSACTION READ WRITE");
+    }
+}
