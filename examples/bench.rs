@@ -77,12 +77,14 @@ fn add_cost(
     let mut plain = Vec::new();
     let mut with_add = Vec::new();
     let mut with_noop = Vec::new();
+    let mut on_commit = Vec::new();
     let mut batch = Vec::new();
     for _ in 0..runs {
-        let [a, b, c] = bench.business_transactions(5_000)?;
+        let [a, b, c, d] = bench.business_transactions(5_000)?;
         plain.push(a);
         with_add.push(b);
         with_noop.push(c);
+        on_commit.push(d);
         batch.push(bench.batch_add(200, 100)?);
     }
     table.rate("transaction without outbox (tx/s)", &plain);
@@ -90,6 +92,8 @@ fn add_cost(
     table.ratio("  with / without", &with_add, &plain);
     table.rate("transaction with a no-op statement (tx/s)", &with_noop);
     table.ratio("  no-op / without: ceiling of any add", &with_noop, &plain);
+    table.rate("OutboxTransaction, add on the commit (tx/s)", &on_commit);
+    table.ratio("  on the commit / without", &on_commit, &plain);
     table.rate("batch add, 100 per tx (msg/s)", &batch);
     Ok(())
 }
@@ -185,6 +189,9 @@ enum Extra {
     /// One statement that does nothing (`DO 0`): the round trip any add that is a
     /// statement of its own costs at the least.
     NoOp = 2,
+    /// The transaction is an `OutboxTransaction` and its one add is written with the
+    /// COMMIT.
+    OnCommit = 3,
 }
 
 /// The servers, and a name for every table and topic the benchmark makes.
@@ -232,9 +239,9 @@ impl Bench {
     }
 
     /// `n` transactions of one business INSERT each for each [`Extra`], interleaved in
-    /// blocks of 100 so that all three meet the same server weather; transactions per
-    /// second for nothing, `Outbox::add` and the no-op, in that order.
-    fn business_transactions(&self, n: usize) -> Result<[f64; 3], Box<dyn std::error::Error>> {
+    /// blocks of 100 so that all four meet the same server weather; transactions per
+    /// second for each, in the order of [`Extra`].
+    fn business_transactions(&self, n: usize) -> Result<[f64; 4], Box<dyn std::error::Error>> {
         const BLOCK: usize = 100;
         let store = self.store("add")?;
         let outbox = Outbox::new(&store);
@@ -246,20 +253,29 @@ impl Bench {
         ))?;
         let insert = format!("INSERT INTO `{business}` (customer, total) VALUES (?, ?)");
         let topic = self.name("topic");
-        let mut order = [Extra::Nothing, Extra::Outbox, Extra::NoOp];
-        let mut spent = [Duration::ZERO; 3];
+        let mut order = [Extra::Nothing, Extra::Outbox, Extra::NoOp, Extra::OnCommit];
+        let mut spent = [Duration::ZERO; 4];
         for block in 0..n.div_ceil(BLOCK) {
             for extra in order {
                 let start = Instant::now();
                 for i in block * BLOCK..((block + 1) * BLOCK).min(n) {
+                    let row = (format!("customer-{}", i % KEYS), i as i64);
+                    if let Extra::OnCommit = extra {
+                        let mut tx =
+                            outbox.start_transaction_on(conn.as_mut(), TxOpts::default())?;
+                        tx.exec_drop(&insert, row)?;
+                        tx.add(&sample_message(&topic, i, KEYS))?;
+                        tx.commit()?;
+                        continue;
+                    }
                     let mut tx = conn.start_transaction(TxOpts::default())?;
-                    tx.exec_drop(&insert, (format!("customer-{}", i % KEYS), i as i64))?;
+                    tx.exec_drop(&insert, row)?;
                     match extra {
-                        Extra::Nothing => {}
                         Extra::Outbox => {
                             outbox.add(&mut tx, &sample_message(&topic, i, KEYS))?;
                         }
                         Extra::NoOp => tx.query_drop("DO 0")?,
+                        Extra::Nothing | Extra::OnCommit => {}
                     }
                     tx.commit()?;
                 }
