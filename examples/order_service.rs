@@ -2,7 +2,8 @@
 //!
 //! It places orders, each in one transaction with its `OrderCreated` event; some payments
 //! are declined and their transactions rolled back. Paid orders get an `OrderPaid` event
-//! in a second transaction. A dispatcher relays the events to Kafka, and a consumer reads
+//! in a second transaction, started through the outbox so that the event rides on its
+//! COMMIT. A dispatcher relays the events to Kafka, and a consumer reads
 //! the topic back to show that every committed event arrived, in order per order, and
 //! that nothing from a rolled-back transaction did.
 //!
@@ -83,14 +84,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         tx.commit()?;
 
-        let mut tx = pool.start_transaction(TxOpts::default())?;
+        // The payment, in a transaction started through the outbox: its event is written
+        // in the same round trip as the COMMIT.
+        let mut tx = outbox.start_transaction(TxOpts::default())?;
         tx.exec_drop(
             "UPDATE demo_orders SET status = 'paid' WHERE id = ?",
             (order_id,),
         )?;
         let paid = serde_json::json!({"order": order_id, "paid_cents": total});
-        outbox.add(
-            &mut tx,
+        tx.add(
             &Message::json(&topic, &paid)?
                 .with_key(&key)
                 .with_header("event-type", "OrderPaid"),

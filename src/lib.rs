@@ -33,6 +33,14 @@
 //! tx.commit()?;
 //! handle.wake(); // optional: publish now rather than at the next poll
 //!
+//! // The same, one round trip shorter: the message's INSERT rides on the COMMIT, and
+//! // the commit wakes the dispatcher.
+//! let outbox = outbox.with_waker(handle.waker());
+//! let mut tx = outbox.start_transaction(mysql::TxOpts::default())?;
+//! tx.exec_drop("INSERT INTO orders (id, total) VALUES (?, ?)", (43, 2999))?;
+//! tx.add(&Message::new("orders", r#"{"id":43}"#).with_key("order-43"))?;
+//! tx.commit()?;
+//!
 //! for error in handle.errors().try_iter() {
 //!     eprintln!("outbox: {error}");
 //! }

@@ -2,6 +2,7 @@
 
 use uuid::Uuid;
 
+use crate::dispatcher::Waker;
 use crate::error::Result;
 use crate::message::Message;
 use crate::store::MySqlStore;
@@ -33,6 +34,7 @@ use crate::transaction::{Connection, OutboxTransaction};
 #[derive(Debug, Clone)]
 pub struct Outbox {
     store: MySqlStore,
+    waker: Option<Waker>,
 }
 
 impl Outbox {
@@ -40,7 +42,28 @@ impl Outbox {
     pub fn new(store: &MySqlStore) -> Outbox {
         Outbox {
             store: store.clone(),
+            waker: None,
         }
+    }
+
+    /// This outbox, with its transactions'
+    /// [`commit`](OutboxTransaction::commit) waking a dispatcher (from
+    /// [`DispatcherHandle::waker`](crate::DispatcherHandle::waker)) when it wrote messages,
+    /// so that they are published at once rather than at the next poll. After
+    /// [`add`](Outbox::add) on your own transaction, wake it yourself once it committed.
+    pub fn with_waker(mut self, waker: Waker) -> Outbox {
+        self.waker = Some(waker);
+        self
+    }
+
+    /// The table messages go to.
+    pub(crate) fn store(&self) -> &MySqlStore {
+        &self.store
+    }
+
+    /// The waker set by [`with_waker`](Outbox::with_waker).
+    pub(crate) fn waker(&self) -> Option<&Waker> {
+        self.waker.as_ref()
     }
 
     /// Validates `message` and inserts it through `tx`. Returns its message id (a UUIDv7),
@@ -67,7 +90,7 @@ impl Outbox {
     /// transaction cannot start.
     pub fn start_transaction(&self, opts: mysql::TxOpts) -> Result<OutboxTransaction<'static>> {
         let conn = self.store.pool().get_conn()?;
-        OutboxTransaction::start(Connection::Pooled(conn), &self.store, opts)
+        OutboxTransaction::start(Connection::Pooled(conn), self, opts)
     }
 
     /// As [`start_transaction`](Outbox::start_transaction), on the caller's connection
@@ -81,7 +104,7 @@ impl Outbox {
         conn: &'a mut mysql::Conn,
         opts: mysql::TxOpts,
     ) -> Result<OutboxTransaction<'a>> {
-        OutboxTransaction::start(Connection::Borrowed(conn), &self.store, opts)
+        OutboxTransaction::start(Connection::Borrowed(conn), self, opts)
     }
 
     /// Validates every message, then inserts them all through `tx` in multi-row INSERTs.

@@ -6,9 +6,11 @@ use mysql::prelude::{AsStatement, Queryable};
 use mysql::{AccessMode, Binary, Conn, Params, PooledConn, QueryResult, Statement, Text, TxOpts};
 use uuid::Uuid;
 
+use crate::dispatcher::Waker;
 use crate::error::{Error, Result};
 use crate::message::Message;
-use crate::store::{push_row_literal, MySqlStore, INSERT_CHUNK, INSERT_CHUNK_BYTES};
+use crate::outbox::Outbox;
+use crate::store::{push_row_literal, INSERT_CHUNK, INSERT_CHUNK_BYTES};
 
 /// A MySQL transaction whose messages are written in the same round trip as its COMMIT.
 ///
@@ -49,6 +51,10 @@ pub struct OutboxTransaction<'a> {
     /// The INSERT of the rows added and not yet written; empty when there are none.
     unsent: String,
     unsent_rows: usize,
+    /// Messages added, written or not.
+    added: usize,
+    /// Woken after a commit that wrote messages.
+    waker: Option<Waker>,
     /// Writing messages failed: the transaction may not commit.
     broken: bool,
     /// Committed or rolled back.
@@ -71,18 +77,20 @@ impl Connection<'_> {
 }
 
 impl<'a> OutboxTransaction<'a> {
-    /// Starts a transaction on `conn` for messages to `store`'s table.
+    /// Starts a transaction on `conn` for messages to `outbox`'s table.
     pub(crate) fn start(
         mut conn: Connection<'a>,
-        store: &MySqlStore,
+        outbox: &Outbox,
         opts: TxOpts,
     ) -> Result<OutboxTransaction<'a>> {
         run(conn.get(), &start_statement(&opts))?;
         Ok(OutboxTransaction {
             conn,
-            insert_head: store.insert_head(),
+            insert_head: outbox.store().insert_head(),
             unsent: String::new(),
             unsent_rows: 0,
+            added: 0,
+            waker: outbox.waker().cloned(),
             broken: false,
             finished: false,
         })
@@ -124,7 +132,9 @@ impl<'a> OutboxTransaction<'a> {
             .collect()
     }
 
-    /// Writes the messages added and commits, in one round trip.
+    /// Writes the messages added and commits, in one round trip. Then, if it wrote
+    /// messages, wakes the dispatcher set by
+    /// [`Outbox::with_waker`](crate::Outbox::with_waker).
     ///
     /// # Errors
     ///
@@ -143,6 +153,9 @@ impl<'a> OutboxTransaction<'a> {
         };
         run(self.conn.get(), &sql)?;
         self.finished = true;
+        if let (Some(waker), true) = (&self.waker, self.added > 0) {
+            waker.wake();
+        }
         Ok(())
     }
 
@@ -181,6 +194,7 @@ impl<'a> OutboxTransaction<'a> {
         }
         push_row_literal(&mut self.unsent, id, message);
         self.unsent_rows += 1;
+        self.added += 1;
         Ok(())
     }
 }
@@ -198,6 +212,7 @@ impl Drop for OutboxTransaction<'_> {
 impl fmt::Debug for OutboxTransaction<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OutboxTransaction")
+            .field("added", &self.added)
             .field("unsent_rows", &self.unsent_rows)
             .field("broken", &self.broken)
             .field("finished", &self.finished)

@@ -294,6 +294,39 @@ fn retention_deletes_old_delivered_rows_and_never_pending_ones() {
 }
 
 #[test]
+fn an_outbox_with_a_waker_wakes_the_relay_when_its_transaction_commits() {
+    let table = TestTable::new("waker");
+    let settings = DispatcherSettings {
+        process_interval: Duration::from_secs(120),
+        ..fast_settings()
+    };
+    // The first message is there at start; once it is delivered the relay sleeps.
+    let plain = Outbox::new(&table.store);
+    let commit = |outbox: &Outbox, payload: &str| {
+        let mut tx = outbox.start_transaction(TxOpts::default()).unwrap();
+        tx.add(&Message::new("waker", payload)).unwrap();
+        tx.commit().unwrap();
+    };
+    commit(&plain, "at start");
+    let handle = table.dispatch(broker(), settings, "waker");
+    assert!(wait_for(WAIT, || table.count("state = 1") == 1));
+    thread::sleep(Duration::from_millis(500));
+
+    commit(&plain, "no waker");
+    assert!(
+        !wait_for(Duration::from_secs(2), || table.count("state = 1") > 1),
+        "without a wake-up the relay waits for its next poll"
+    );
+    let waking = plain.clone().with_waker(handle.waker());
+    commit(&waking, "with a waker");
+    assert!(
+        wait_for(WAIT, || table.count("state = 1") == 3),
+        "the commit woke the relay, which took both"
+    );
+    drop(handle);
+}
+
+#[test]
 fn stop_returns_promptly_joined_and_loses_nothing_in_flight() {
     const N: usize = 300;
     let table = TestTable::new("stop");
