@@ -6,7 +6,8 @@ mod common;
 use common::*;
 use mysql::prelude::Queryable;
 use mysql::{AccessMode, TxOpts};
-use outbox::{Error, Message, Outbox};
+use outbox::uuid::Uuid;
+use outbox::{Error, Message, Outbox, OutboxTransaction};
 
 /// A business table next to the outbox table, dropped at the end.
 struct Orders {
@@ -34,6 +35,12 @@ impl Orders {
             (total,),
         )
         .unwrap();
+    }
+
+    /// Order `i` and its event in `tx`; the event's message id.
+    fn place(&self, tx: &mut OutboxTransaction<'_>, i: usize) -> Uuid {
+        self.insert(tx, i as i32);
+        tx.add(&message(i)).unwrap()
     }
 
     /// Committed business rows, seen from another connection.
@@ -70,7 +77,13 @@ impl Drop for Orders {
     }
 }
 
-fn simple_ids(ids: &[outbox::uuid::Uuid]) -> Vec<String> {
+/// Asserts that `conn` is in no transaction: nothing was left open on it.
+fn assert_idle(conn: &mut mysql::PooledConn) {
+    let in_transaction: Option<u8> = conn.query_first("SELECT @@in_transaction").unwrap();
+    assert_eq!(in_transaction, Some(0), "no transaction left open");
+}
+
+fn simple_ids(ids: &[Uuid]) -> Vec<String> {
     ids.iter().map(|id| id.simple().to_string()).collect()
 }
 
@@ -109,8 +122,7 @@ fn on_the_callers_connection_the_connection_stays_usable() {
     let mut tx = outbox
         .start_transaction_on(conn.as_mut(), TxOpts::default())
         .unwrap();
-    orders.insert(&mut tx, 10);
-    let id = tx.add(&message(1)).unwrap();
+    let id = orders.place(&mut tx, 1);
     tx.commit().unwrap();
     assert_eq!(orders.messages(), simple_ids(&[id]));
 
@@ -124,25 +136,18 @@ fn dropped_or_rolled_back_it_writes_nothing() {
     let orders = Orders::new();
     let outbox = orders.outbox();
     let mut tx = outbox.start_transaction(TxOpts::default()).unwrap();
-    orders.insert(&mut tx, 10);
-    tx.add(&message(1)).unwrap();
+    orders.place(&mut tx, 1);
     drop(tx);
 
     let mut conn = orders.table.conn();
     let mut tx = outbox
         .start_transaction_on(conn.as_mut(), TxOpts::default())
         .unwrap();
-    orders.insert(&mut tx, 20);
-    tx.add(&message(2)).unwrap();
+    orders.place(&mut tx, 2);
     tx.rollback().unwrap();
 
     assert_eq!((orders.committed(), orders.messages().len()), (0, 0));
-    let in_transaction: Option<u8> = conn.query_first("SELECT @@in_transaction").unwrap();
-    assert_eq!(
-        in_transaction,
-        Some(0),
-        "the borrowed connection is left clean"
-    );
+    assert_idle(&mut conn);
 }
 
 #[test]
@@ -153,8 +158,7 @@ fn a_failed_insert_at_commit_commits_nothing() {
     let mut tx = outbox
         .start_transaction_on(conn.as_mut(), TxOpts::default())
         .unwrap();
-    orders.insert(&mut tx, 10);
-    tx.add(&message(1)).unwrap();
+    orders.place(&mut tx, 1);
     // The transaction has not touched the outbox table yet, so it can go.
     orders.drop_outbox_table();
 
@@ -168,8 +172,7 @@ fn a_failed_insert_at_commit_commits_nothing() {
         0,
         "the business row went with the message"
     );
-    let in_transaction: Option<u8> = conn.query_first("SELECT @@in_transaction").unwrap();
-    assert_eq!(in_transaction, Some(0), "rolled back, not left open");
+    assert_idle(&mut conn);
 }
 
 #[test]
@@ -179,8 +182,7 @@ fn a_refused_message_keeps_nothing_and_the_transaction_goes_on() {
         .outbox()
         .start_transaction(TxOpts::default())
         .unwrap();
-    orders.insert(&mut tx, 10);
-    let kept = tx.add(&message(1)).unwrap();
+    let kept = orders.place(&mut tx, 1);
     let bad = Message::new("no spaces in topics", "x");
     assert!(matches!(tx.add(&bad), Err(Error::InvalidMessage(_))));
     assert!(matches!(
