@@ -74,6 +74,13 @@ impl Connection<'_> {
             Connection::Borrowed(conn) => conn,
         }
     }
+
+    fn get_ref(&self) -> &Conn {
+        match self {
+            Connection::Pooled(conn) => conn,
+            Connection::Borrowed(conn) => conn,
+        }
+    }
 }
 
 impl<'a> OutboxTransaction<'a> {
@@ -168,6 +175,23 @@ impl<'a> OutboxTransaction<'a> {
     pub fn rollback(mut self) -> Result<()> {
         self.finished = true;
         run(self.conn.get(), "ROLLBACK")
+    }
+
+    /// The AUTO_INCREMENT id the last statement run on this transaction generated, if
+    /// any, as `mysql::Transaction::last_insert_id`. Read it before adding more messages:
+    /// an `add` past 500 messages or 4 MiB runs an INSERT of its own.
+    pub fn last_insert_id(&self) -> Option<u64> {
+        Some(self.conn.get_ref().last_insert_id()).filter(|&id| id != 0)
+    }
+
+    /// Rows the last statement run on this transaction changed, as the server reports.
+    pub fn affected_rows(&self) -> u64 {
+        self.conn.get_ref().affected_rows()
+    }
+
+    /// Warnings of the last statement run on this transaction.
+    pub fn warnings(&self) -> u16 {
+        self.conn.get_ref().warnings()
     }
 
     /// Adds one row to the unsent INSERT, writing the unsent rows first when the INSERT

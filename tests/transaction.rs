@@ -105,12 +105,19 @@ fn commit_writes_the_business_rows_and_the_messages_together() {
         .start_transaction(TxOpts::default())
         .unwrap();
     orders.insert(&mut tx, 10);
+    let (order_id, inserted) = (tx.last_insert_id(), tx.affected_rows());
     let first = tx.add(&message(1)).unwrap();
     let rest = tx.add_all(&[message(2), message(3)]).unwrap();
     assert_eq!((orders.committed(), orders.messages().len()), (0, 0));
     tx.commit().unwrap();
 
     assert_eq!(orders.committed(), 1);
+    let committed_id: Option<u64> = orders
+        .table
+        .conn()
+        .query_first(format!("SELECT id FROM `{}`", orders.name))
+        .unwrap();
+    assert_eq!((order_id, inserted), (committed_id, 1));
     let mut ids = vec![first];
     ids.extend(rest);
     assert_eq!(
