@@ -285,3 +285,27 @@ fn transaction_options_reach_the_server() {
     );
     assert!(orders.messages().is_empty());
 }
+
+#[test]
+fn a_connection_killed_before_commit_is_an_error_and_commits_nothing() {
+    let orders = Orders::new();
+    let mut tx = orders
+        .outbox()
+        .start_transaction(TxOpts::default())
+        .unwrap();
+    orders.place(&mut tx, 1);
+    let id: Option<u64> = tx.query_first("SELECT CONNECTION_ID()").unwrap();
+    orders
+        .table
+        .conn()
+        .query_drop(format!("KILL CONNECTION {}", id.unwrap()))
+        .unwrap();
+
+    let err = tx.commit().unwrap_err();
+    assert!(matches!(err, Error::Database(_)), "{err}");
+    assert!(
+        err.is_retryable(),
+        "a lost connection is worth another try: {err}"
+    );
+    assert_eq!((orders.committed(), orders.messages().len()), (0, 0));
+}
