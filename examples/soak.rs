@@ -1,4 +1,5 @@
-//! `make soak`: a bounded soak. Writers add at a steady rate while two dispatchers
+//! `make soak`: a bounded soak. Writers add at a steady rate (one through `Outbox::add`,
+//! one through an `OutboxTransaction`) while two dispatchers
 //! (`outbox-relay` processes) relay
 //! to a broker of the soak's own (Tansu from `make services`) that is killed and
 //! restarted every 30 s. At the end: every committed message is delivered (by the table),
@@ -116,12 +117,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     n += 1;
                     let key = format!("w{w}-k{}", n % KEYS_PER_WRITER);
                     let version = versions.get(&key).copied().unwrap_or(0) + 1;
-                    let mut tx = pool.start_transaction(TxOpts::default())?;
-                    outbox.add(
-                        &mut tx,
-                        &Message::new(&topic, format!("{key}:{version}")).with_key(&key),
-                    )?;
-                    tx.commit()?;
+                    let message = Message::new(&topic, format!("{key}:{version}")).with_key(&key);
+                    // Half the writers add on their transaction, half on the commit.
+                    if w % 2 == 0 {
+                        let mut tx = pool.start_transaction(TxOpts::default())?;
+                        outbox.add(&mut tx, &message)?;
+                        tx.commit()?;
+                    } else {
+                        let mut tx = outbox.start_transaction(TxOpts::default())?;
+                        tx.add(&message)?;
+                        tx.commit()?;
+                    }
                     versions.insert(key, version);
                     committed.fetch_add(1, Ordering::Relaxed);
                 }
