@@ -37,6 +37,11 @@ impl Orders {
         .unwrap();
     }
 
+    /// A transaction on a connection from the outbox's pool.
+    fn begin(&self) -> OutboxTransaction<'static> {
+        self.outbox().start_transaction(TxOpts::default()).unwrap()
+    }
+
     /// Order `i` and its event in `tx`; the event's message id.
     fn place(&self, tx: &mut OutboxTransaction<'_>, i: usize) -> Uuid {
         self.insert(tx, i as i32);
@@ -100,10 +105,7 @@ fn message(i: usize) -> Message {
 #[test]
 fn commit_writes_the_business_rows_and_the_messages_together() {
     let orders = Orders::new();
-    let mut tx = orders
-        .outbox()
-        .start_transaction(TxOpts::default())
-        .unwrap();
+    let mut tx = orders.begin();
     orders.insert(&mut tx, 10);
     let (order_id, inserted) = (tx.last_insert_id(), tx.affected_rows());
     let first = tx.add(&message(1)).unwrap();
@@ -198,10 +200,7 @@ fn a_failed_insert_at_commit_commits_nothing() {
 #[test]
 fn a_refused_message_keeps_nothing_and_the_transaction_goes_on() {
     let orders = Orders::new();
-    let mut tx = orders
-        .outbox()
-        .start_transaction(TxOpts::default())
-        .unwrap();
+    let mut tx = orders.begin();
     let kept = orders.place(&mut tx, 1);
     let bad = Message::new("no spaces in topics", "x");
     assert!(matches!(tx.add(&bad), Err(Error::InvalidMessage(_))));
@@ -222,10 +221,7 @@ fn a_refused_message_keeps_nothing_and_the_transaction_goes_on() {
 #[test]
 fn large_batches_are_written_in_several_inserts_in_order() {
     let orders = Orders::new();
-    let mut tx = orders
-        .outbox()
-        .start_transaction(TxOpts::default())
-        .unwrap();
+    let mut tx = orders.begin();
     orders.insert(&mut tx, 10);
     // More rows than one INSERT carries, then more bytes than one INSERT carries.
     let small: Vec<Message> = (0..1_201).map(message).collect();
@@ -257,10 +253,7 @@ fn large_batches_are_written_in_several_inserts_in_order() {
 #[test]
 fn when_writing_early_fails_commit_refuses_and_rolls_back() {
     let orders = Orders::new();
-    let mut tx = orders
-        .outbox()
-        .start_transaction(TxOpts::default())
-        .unwrap();
+    let mut tx = orders.begin();
     orders.insert(&mut tx, 10);
     let full: Vec<Message> = (0..500).map(message).collect();
     tx.add_all(&full).unwrap();
@@ -289,10 +282,7 @@ fn transaction_options_reach_the_server() {
 #[test]
 fn a_connection_killed_before_commit_is_an_error_and_commits_nothing() {
     let orders = Orders::new();
-    let mut tx = orders
-        .outbox()
-        .start_transaction(TxOpts::default())
-        .unwrap();
+    let mut tx = orders.begin();
     orders.place(&mut tx, 1);
     let id: Option<u64> = tx.query_first("SELECT CONNECTION_ID()").unwrap();
     orders
