@@ -15,8 +15,9 @@ use crate::store::{push_row_literal, INSERT_CHUNK, INSERT_CHUNK_BYTES};
 /// A MySQL transaction whose messages are written in the same round trip as its COMMIT.
 ///
 /// Started by [`Outbox::start_transaction`](crate::Outbox::start_transaction). Run the
-/// business statements on it as on a `mysql::Transaction` (it is [`Queryable`]) and add
-/// messages with [`add`](OutboxTransaction::add): each is validated at once and kept.
+/// business statements on it as on a `mysql::Transaction` (it is [`Queryable`]: code
+/// that takes `&mut impl Queryable` takes either) and add messages with
+/// [`add`](OutboxTransaction::add): each is validated at once and kept.
 /// [`commit`](OutboxTransaction::commit) sends their INSERT and the COMMIT in one packet;
 /// the server runs the COMMIT only if the INSERT succeeded. The guarantee is the one of
 /// [`Outbox::add`](crate::Outbox::add): the messages are published if and only if the
