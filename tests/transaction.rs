@@ -42,6 +42,13 @@ impl Orders {
         self.outbox().start_transaction(TxOpts::default()).unwrap()
     }
 
+    /// A transaction on the caller's connection `conn`.
+    fn begin_on<'c>(&self, conn: &'c mut mysql::PooledConn) -> OutboxTransaction<'c> {
+        self.outbox()
+            .start_transaction_on(conn.as_mut(), TxOpts::default())
+            .unwrap()
+    }
+
     /// Order `i` and its event in `tx`; the event's message id.
     fn place(&self, tx: &mut OutboxTransaction<'_>, i: usize) -> Uuid {
         self.insert(tx, i as i32);
@@ -133,10 +140,7 @@ fn commit_writes_the_business_rows_and_the_messages_together() {
 fn on_the_callers_connection_the_connection_stays_usable() {
     let orders = Orders::new();
     let mut conn = orders.table.conn();
-    let outbox = orders.outbox();
-    let mut tx = outbox
-        .start_transaction_on(conn.as_mut(), TxOpts::default())
-        .unwrap();
+    let mut tx = orders.begin_on(&mut conn);
     let id = orders.place(&mut tx, 1);
     tx.commit().unwrap();
     assert_eq!(orders.messages(), simple_ids(&[id]));
@@ -149,23 +153,18 @@ fn on_the_callers_connection_the_connection_stays_usable() {
 #[test]
 fn dropped_or_rolled_back_it_writes_nothing() {
     let orders = Orders::new();
-    let outbox = orders.outbox();
     let mut conn = orders.table.conn();
-    let mut tx = outbox
-        .start_transaction_on(conn.as_mut(), TxOpts::default())
-        .unwrap();
+    let mut tx = orders.begin_on(&mut conn);
     orders.place(&mut tx, 1);
     drop(tx);
     assert_idle(&mut conn);
 
-    let mut tx = outbox
-        .start_transaction_on(conn.as_mut(), TxOpts::default())
-        .unwrap();
+    let mut tx = orders.begin_on(&mut conn);
     orders.place(&mut tx, 2);
     tx.rollback().unwrap();
     assert_idle(&mut conn);
 
-    let mut tx = outbox.start_transaction(TxOpts::default()).unwrap();
+    let mut tx = orders.begin();
     orders.place(&mut tx, 3);
     drop(tx);
 
@@ -176,10 +175,7 @@ fn dropped_or_rolled_back_it_writes_nothing() {
 fn a_failed_insert_at_commit_commits_nothing() {
     let orders = Orders::new();
     let mut conn = orders.table.conn();
-    let outbox = orders.outbox();
-    let mut tx = outbox
-        .start_transaction_on(conn.as_mut(), TxOpts::default())
-        .unwrap();
+    let mut tx = orders.begin_on(&mut conn);
     orders.place(&mut tx, 1);
     // The transaction has not touched the outbox table yet, so it can go.
     orders.drop_outbox_table();
