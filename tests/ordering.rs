@@ -9,6 +9,7 @@ use std::thread;
 use std::time::Duration;
 
 use common::*;
+use mysql::prelude::Queryable;
 use mysql::TxOpts;
 use outbox::{
     Broker, DispatcherSettings, Error, KafkaBroker, Message, MySqlStore, Outbox, Record, Store,
@@ -176,7 +177,8 @@ fn poison_broker() -> KafkaBroker {
 
 /// Adds, in one transaction: key `poisoned` with a good message, the poison message and
 /// two more good ones; five good messages on each of keys `a`..`e`; five without key.
-fn add_poisoned_backlog(table: &TestTable, topic: &str) {
+/// Returns their message ids in that order.
+fn add_poisoned_backlog(table: &TestTable, topic: &str) -> Vec<String> {
     let mut messages = vec![
         Message::new(topic, "poisoned:1").with_key("poisoned"),
         Message::new(topic, vec![b'x'; 20_000]).with_key("poisoned"),
@@ -187,7 +189,7 @@ fn add_poisoned_backlog(table: &TestTable, topic: &str) {
         messages.extend((1..=5).map(|v| Message::new(topic, format!("{key}:{v}")).with_key(key)));
     }
     messages.extend((1..=5).map(|v| Message::new(topic, format!("none:{v}"))));
-    table.commit(&messages);
+    table.commit(&messages)
 }
 
 fn payloads(records: &[Consumed]) -> Vec<String> {
@@ -251,16 +253,16 @@ fn dead_message_releases_its_key_by_default() {
 }
 
 #[test]
-fn dead_message_holds_its_key_when_configured() {
+fn dead_message_holds_its_key_when_configured_until_replayed() {
     let table = TestTable::new("dead_block");
     let topic = unique("dead_block");
-    add_poisoned_backlog(&table, &topic);
+    let ids = add_poisoned_backlog(&table, &topic);
     let settings = DispatcherSettings {
         max_attempts: Some(2),
         dead_blocks_key: true,
         ..fast_settings()
     };
-    let handle = table.dispatch(poison_broker(), settings, "dead_block");
+    let handle = table.dispatch(poison_broker(), settings.clone(), "dead_block");
     assert!(wait_for(Duration::from_secs(30), || table
         .count("state = 2")
         == 1));
@@ -270,6 +272,27 @@ fn dead_message_holds_its_key_when_configured() {
         table.count("payload IN ('poisoned:3', 'poisoned:4') AND state = 0"),
         2
     );
+    drop(handle);
+
+    // An operator replays the dead message with the README's statement, to a dispatcher
+    // whose broker takes it: it goes out, and then the two it held back, in key order.
+    let replay = format!(
+        "UPDATE `{}` SET state = 0, number_of_attempts = 0, available_on = NOW(6), \
+         processed_on = '1970-01-01' WHERE message_id = UNHEX(REPLACE(?, '-', ''))",
+        table.name
+    );
+    table.conn().exec_drop(replay, (&ids[1],)).unwrap();
+    let handle = table.dispatch(broker(), settings, "dead_block_replay");
+    let got = consume(&topic, 34, Duration::from_secs(30), Duration::from_secs(1));
+    let poisoned: Vec<String> = got
+        .iter()
+        .filter(|r| r.key.as_deref() == Some("poisoned"))
+        .map(|r| r.message_id())
+        .collect();
+    assert_eq!(poisoned, ids[..4], "the key's four messages, in order");
+    assert!(wait_for(Duration::from_secs(30), || table
+        .count("state = 1")
+        == 34));
     drop(handle);
 }
 
