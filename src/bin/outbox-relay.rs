@@ -14,20 +14,27 @@
 //! | `OUTBOX_PROCESS_INTERVAL_MS`, `OUTBOX_LOCK_CHECK_INTERVAL_MS`, `OUTBOX_MAX_LOCK_MS` | as `DispatcherSettings` |
 //! | `OUTBOX_BACKOFF_MIN_MS`, `OUTBOX_BACKOFF_MAX_MS` | as `DispatcherSettings` |
 //!
-//! It runs until its standard input closes (then it settles the batch in flight and
-//! exits 0). Killed in any other way, it loses nothing: its leases expire and other
-//! dispatchers take its rows over. Logs go to standard error (`RUST_LOG`, default `info`).
+//! It runs until SIGTERM or SIGINT, or until its standard input closes when that is a
+//! pipe (a parent that dies stops it): then it settles the batch in flight and exits 0.
+//! A second signal while it settles makes it exit at once, with 1. Killed in any other
+//! way, it loses nothing: its leases expire and other dispatchers take its rows over.
+//! Logs go to standard error (`RUST_LOG`, default `info`).
 
 use std::io::Read;
+use std::os::fd::AsFd;
+use std::os::unix::fs::FileTypeExt;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crossbeam_channel::{bounded, select};
+use crossbeam_channel::{bounded, select, Receiver};
 use outbox::{Dispatcher, DispatcherSettings, KafkaBroker, MySqlStore};
 
 fn main() -> ExitCode {
+    // Before any thread starts, so that every thread inherits the mask and only the
+    // signal thread ever takes these signals.
+    let signals = block_stop_signals();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match run() {
+    match run(signals) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("outbox-relay: {e}");
@@ -36,7 +43,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run() -> Result<(), Box<dyn std::error::Error>> {
+fn run(signals: libc::sigset_t) -> Result<(), Box<dyn std::error::Error>> {
     let database_url =
         var("OUTBOX_DATABASE_URL").unwrap_or_else(|| "mysql://root@127.0.0.1:3306/test".into());
     let brokers = var("OUTBOX_KAFKA_BROKERS").unwrap_or_else(|| "127.0.0.1:9092".into());
@@ -80,20 +87,80 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         MySqlStore::lease_token(handle.owner())
     );
 
-    let (closed_tx, closed_rx) = bounded::<()>(1);
-    std::thread::spawn(move || {
-        let _ = std::io::stdin().read_to_end(&mut Vec::new());
-        let _ = closed_tx.send(());
-    });
+    let stop = stop_requests(signals);
     loop {
         select! {
-            recv(closed_rx) -> _ => break,
+            recv(stop) -> why => {
+                log::info!("{}: {}, stopping", handle.owner(), why.unwrap_or("stop requested"));
+                break;
+            }
             // Errors are logged by the library; the channel only closes if every worker died.
             recv(handle.errors()) -> error => if error.is_err() { break },
         }
     }
     handle.stop()?;
     Ok(())
+}
+
+/// Blocks SIGTERM and SIGINT in the calling thread (and so in every thread it starts
+/// later); returns the set, for [`stop_requests`] to wait on.
+fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: the set is a local initialised by sigemptyset before use, and
+    // pthread_sigmask only reads it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Why the relay should stop, when it should: the first of `signals`, or standard input
+/// closing when it is a pipe or a socket. A terminal or `/dev/null` (a service manager's
+/// usual standard input) is not watched. A second signal exits the process at once.
+fn stop_requests(signals: libc::sigset_t) -> Receiver<&'static str> {
+    let (stop_tx, stop_rx) = bounded(2);
+    let signal_stop = stop_tx.clone();
+    std::thread::spawn(move || {
+        let mut received = 0;
+        loop {
+            let mut signal = 0;
+            // SAFETY: `signals` is a valid set and `signal` a valid place for the answer.
+            if unsafe { libc::sigwait(&signals, &mut signal) } != 0 {
+                continue;
+            }
+            received += 1;
+            if received > 1 {
+                log::error!("a second signal: exiting without settling the batch in flight");
+                std::process::exit(1);
+            }
+            let name = if signal == libc::SIGINT {
+                "SIGINT"
+            } else {
+                "SIGTERM"
+            };
+            let _ = signal_stop.send(name);
+        }
+    });
+    if stdin_is_a_pipe() {
+        std::thread::spawn(move || {
+            let _ = std::io::stdin().read_to_end(&mut Vec::new());
+            let _ = stop_tx.send("standard input closed");
+        });
+    }
+    stop_rx
+}
+
+fn stdin_is_a_pipe() -> bool {
+    let Ok(fd) = std::io::stdin().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    std::fs::File::from(fd)
+        .metadata()
+        .map(|m| m.file_type().is_fifo() || m.file_type().is_socket())
+        .unwrap_or(false)
 }
 
 /// The relay's pool. The dispatcher keeps at most four connections, so unless the URL

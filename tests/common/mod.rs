@@ -499,7 +499,19 @@ pub fn spawn_relay(
     extra_properties: &str,
     wrapper: &[&str],
 ) -> (std::process::Child, String) {
-    use std::io::BufRead;
+    let mut command = relay_command(table, instance, extra_properties, wrapper);
+    command.stdin(std::process::Stdio::piped());
+    start_relay(command)
+}
+
+/// The command that runs the `outbox-relay` binary on `table` with the tests' settings
+/// and brokers, as [`spawn_relay`] starts it; its standard input is left to the caller.
+pub fn relay_command(
+    table: &str,
+    instance: &str,
+    extra_properties: &str,
+    wrapper: &[&str],
+) -> std::process::Command {
     use std::process::{Command, Stdio};
     let relay = env!("CARGO_BIN_EXE_outbox-relay");
     let mut command = match wrapper.split_first() {
@@ -510,7 +522,7 @@ pub fn spawn_relay(
         }
         None => Command::new(relay),
     };
-    let mut child = command
+    command
         .env("OUTBOX_DATABASE_URL", small_pool_url())
         .env("OUTBOX_KAFKA_BROKERS", brokers())
         .env("OUTBOX_TABLE", table)
@@ -526,10 +538,16 @@ pub fn spawn_relay(
             ),
         )
         .env("RUST_LOG", "warn")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
+        .stdout(Stdio::piped());
+    command
+}
+
+/// Starts a relay from [`relay_command`]; returns the process and its lease owner.
+pub fn start_relay(mut command: std::process::Command) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = command
         .spawn()
-        .unwrap_or_else(|e| panic!("outbox-relay starts ({wrapper:?}): {e}"));
+        .unwrap_or_else(|e| panic!("outbox-relay starts ({command:?}): {e}"));
     let mut owner = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut owner)

@@ -1,0 +1,94 @@
+//! `outbox-relay` as service managers run it: standard input from `/dev/null`, stopped by
+//! a signal.
+
+mod common;
+
+use std::process::{Child, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use outbox::Message;
+
+fn send_signal(child: &Child, signal: libc::c_int) {
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    // SAFETY: kill takes any pid and signal number and only reports failure.
+    assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "signal sent");
+}
+
+/// The child's exit status, if it exits within `timeout`.
+fn exit_within(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn with_stdin_from_dev_null_the_relay_runs_until_sigterm_then_exits_0_holding_nothing() {
+    let table = TestTable::new("relay_term");
+    let topic = unique("relay_term");
+    let first: Vec<Message> = (0..20)
+        .map(|i| Message::new(&topic, format!("m{i}")).with_key(format!("k{}", i % 4)))
+        .collect();
+    table.commit(&first);
+    let mut command = relay_command(&table.name, "term", "", &[]);
+    command.stdin(Stdio::null());
+    let (mut relay, _owner) = start_relay(command);
+
+    assert!(
+        wait_for(Duration::from_secs(30), || table.count("state = 1") == 20),
+        "the relay delivers"
+    );
+    // A message committed later is delivered too: the relay did not stop after a round.
+    table.commit(&[Message::new(&topic, "later").with_key("k0")]);
+    assert!(
+        wait_for(Duration::from_secs(30), || table.count("state = 1") == 21),
+        "the relay is still running"
+    );
+    assert!(relay.try_wait().unwrap().is_none());
+
+    send_signal(&relay, libc::SIGTERM);
+    let status = exit_within(&mut relay, Duration::from_secs(20)).expect("SIGTERM stops it");
+    assert_eq!(status.code(), Some(0), "a clean stop, not a kill: {status}");
+    assert_eq!(table.count("locked_by <> 0"), 0, "no lease left behind");
+}
+
+#[test]
+fn a_second_signal_while_the_relay_settles_exits_at_once_and_loses_nothing() {
+    let table = TestTable::new("relay_twice");
+    let topic = unique("relay_twice");
+    table.commit(&[Message::new(&topic, "never arrives")]);
+    // Nothing listens on port 9: the publish in flight waits out message.timeout.ms.
+    let mut command = relay_command(&table.name, "twice", ",message.timeout.ms=60000", &[]);
+    command
+        .env("OUTBOX_KAFKA_BROKERS", "127.0.0.1:9")
+        .env("OUTBOX_MAX_LOCK_MS", "120000")
+        .env("RUST_LOG", "warn,rdkafka=off,librdkafka=off") // the refused connections
+        .stdin(Stdio::null());
+    let (mut relay, _owner) = start_relay(command);
+    assert!(
+        wait_for(Duration::from_secs(30), || table.count("locked_by <> 0")
+            == 1),
+        "the message is being published"
+    );
+
+    send_signal(&relay, libc::SIGINT);
+    assert!(
+        exit_within(&mut relay, Duration::from_secs(1)).is_none(),
+        "the first signal waits for the publish in flight"
+    );
+    send_signal(&relay, libc::SIGINT);
+    let status = exit_within(&mut relay, Duration::from_secs(5)).expect("the second exits");
+    assert_eq!(status.code(), Some(1), "{status}");
+    assert_eq!(
+        table.count("state = 0"),
+        1,
+        "still pending: its lease expires and another relay sends it"
+    );
+}
