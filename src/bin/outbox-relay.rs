@@ -128,8 +128,10 @@ fn stop_requests(signals: libc::sigset_t) -> Receiver<&'static str> {
         loop {
             let mut signal = 0;
             // SAFETY: `signals` is a valid set and `signal` a valid place for the answer.
-            if unsafe { libc::sigwait(&signals, &mut signal) } != 0 {
-                continue;
+            let failed = unsafe { libc::sigwait(&signals, &mut signal) };
+            if failed != 0 {
+                log::error!("waiting for signals failed ({failed}): SIGTERM will not stop the relay cleanly");
+                return;
             }
             received += 1;
             if received > 1 {
@@ -153,6 +155,7 @@ fn stop_requests(signals: libc::sigset_t) -> Receiver<&'static str> {
     stop_rx
 }
 
+/// Whether standard input is a pipe or a socket, which a parent process holds.
 fn stdin_is_a_pipe() -> bool {
     let Ok(fd) = std::io::stdin().as_fd().try_clone_to_owned() else {
         return false;
