@@ -417,8 +417,10 @@ fn dispatchers_whose_host_clocks_are_off_by_minutes_neither_steal_nor_stall() {
 fn lock_wait_timeouts_from_an_application_holding_outbox_rows_are_retried_never_fatal() {
     // A private server whose lock waits time out after 1 s. Meanwhile an application
     // thread keeps locking the oldest pending rows (leased ones included) for 1.5 s at a
-    // time, writers keep adding, and two dispatchers drain: their marks wait on those
-    // locks and time out, their claims skip the rows and hold back those keys.
+    // time, writers keep adding, and two dispatchers drain: their claims skip the rows
+    // and hold back those keys, and marks that meet the locks wait and time out. So that
+    // one surely does, the application also locks the first batch one dispatcher
+    // publishes, before its mark.
     let mut database = PrivateDatabase::new();
     database.start();
     let pool = mysql::Pool::new(database.url().as_str()).unwrap();
@@ -491,14 +493,21 @@ fn lock_wait_timeouts_from_an_application_holding_outbox_rows_are_retried_never_
         batch_size: 20,
         ..fast_settings()
     };
-    let handles: Vec<_> = (0..2)
-        .map(|i| {
-            outbox::Dispatcher::new(store.clone(), broker(), settings.clone(), &format!("lw{i}"))
-                .unwrap()
-                .start()
-                .unwrap()
-        })
-        .collect();
+    let locking = LockAfterFirstPublish {
+        inner: broker(),
+        pool: pool.clone(),
+        done: false,
+    };
+    let handles = vec![
+        outbox::Dispatcher::new(store.clone(), locking, settings.clone(), "lw0")
+            .unwrap()
+            .start()
+            .unwrap(),
+        outbox::Dispatcher::new(store.clone(), broker(), settings.clone(), "lw1")
+            .unwrap()
+            .start()
+            .unwrap(),
+    ];
 
     let ids: HashSet<String> = writers
         .into_iter()
@@ -538,6 +547,45 @@ fn lock_wait_timeouts_from_an_application_holding_outbox_rows_are_retried_never_
     );
     assert!(lock_waits.iter().all(|e| e.is_retryable()));
     drop(handles);
+}
+
+/// A Kafka broker after whose first successful publish an application locks the batch's
+/// rows (`FOR UPDATE`, for 1.5 s) before the publish returns: the dispatcher's mark of
+/// that batch then waits on the lock, past a 1 s lock wait timeout.
+struct LockAfterFirstPublish {
+    inner: outbox::KafkaBroker,
+    pool: mysql::Pool,
+    done: bool,
+}
+
+impl outbox::Broker for LockAfterFirstPublish {
+    fn publish(&mut self, records: &[outbox::Record]) -> Vec<outbox::Result<()>> {
+        let outcomes = self.inner.publish(records);
+        if self.done || records.is_empty() || outcomes.iter().any(|o| o.is_err()) {
+            return outcomes;
+        }
+        self.done = true;
+        let ids: Vec<String> = records.iter().map(|r| r.id.to_string()).collect();
+        let (locked_tx, locked_rx) = crossbeam_channel::bounded(1);
+        let pool = self.pool.clone();
+        std::thread::spawn(move || {
+            let mut tx = pool.start_transaction(TxOpts::default()).unwrap();
+            tx.query_drop(format!(
+                "SELECT id FROM outbox WHERE id IN ({}) FOR UPDATE",
+                ids.join(", ")
+            ))
+            .unwrap();
+            locked_tx.send(()).unwrap();
+            std::thread::sleep(Duration::from_millis(1_500));
+            tx.rollback().unwrap();
+        });
+        locked_rx.recv().unwrap();
+        outcomes
+    }
+
+    fn delivery_timeout(&self) -> Duration {
+        self.inner.delivery_timeout()
+    }
 }
 
 /// Kills a private server's process (SIGKILL) and reaps it, if it runs.
