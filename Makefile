@@ -18,35 +18,38 @@ LOCAL_BROKER := $(filter 127.0.0.1:9092,$(OUTBOX_KAFKA_BROKERS))
 
 all: build
 
+# `cli` builds the outbox-relay binary, which several tests run.
+FEATURES := --features cli
+
 build:
-	cargo build --all-targets
+	cargo build --all-targets $(FEATURES)
 
 test: services
-	cargo test
+	cargo test $(FEATURES)
 
 unit-test:
 	cargo test --lib
 
 integration-test: services
-	cargo test --test '*'
+	cargo test --test '*' $(FEATURES)
 
 demo: services
 	cargo run --example order_service
 
 # Release-mode benchmark; BENCH_RUNS, BENCH_BACKLOG and BENCH_HOT_BACKLOG scale it down.
 bench: services
-	cargo build --release --bin outbox-relay --example bench
+	cargo build --release $(FEATURES) --bin outbox-relay --example bench
 	BENCH_RELAY=target/release/outbox-relay target/release/examples/bench
 
 # A bounded soak (SOAK_SECONDS, default 600): writers, two dispatchers, and a broker of
 # its own restarted every 30 s. Not part of the tests: it takes minutes.
 soak: services
-	cargo build --release --bin outbox-relay --example soak
+	cargo build --release $(FEATURES) --bin outbox-relay --example soak
 	target/release/examples/soak
 
 lint:
 	cargo fmt --all -- --check
-	cargo clippy --all-targets -- -D warnings
+	cargo clippy --all-targets $(FEATURES) -- -D warnings
 
 services: mariadb broker faketime
 

@@ -476,12 +476,12 @@ impl Bench {
             }
             let ids: Vec<String> = rows.iter().map(|r| r.0.to_string()).collect();
             tx.query_drop(format!(
-                "UPDATE `{t}` SET locked_by = 1, locked_on = NOW(6) WHERE id IN ({})",
+                "UPDATE `{t}` SET locked_by = 1, locked_on = UTC_TIMESTAMP(6) WHERE id IN ({})",
                 ids.join(",")
             ))?;
             tx.commit()?;
             conn.query_drop(format!(
-                "UPDATE `{t}` SET state = 1, processed_on = NOW(6), last_attempted_on = NOW(6), \
+                "UPDATE `{t}` SET state = 1, processed_on = UTC_TIMESTAMP(6), last_attempted_on = UTC_TIMESTAMP(6), \
                  number_of_attempts = number_of_attempts + 1, locked_by = 0 \
                  WHERE locked_by = 1 AND id IN ({})",
                 ids.join(",")

@@ -210,7 +210,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dead = count(2)?;
     // Whatever is still pending, as the table has it: why it did not go.
     let stuck: Vec<(u64, u32, i64, u64, Option<String>)> = admin.get_conn()?.query(format!(
-        "SELECT id, number_of_attempts, TIMESTAMPDIFF(SECOND, NOW(6), available_on), \
+        "SELECT id, number_of_attempts, TIMESTAMPDIFF(SECOND, UTC_TIMESTAMP(6), available_on), \
          locked_by, LEFT(error, 120) FROM `{table}` WHERE state = 0 ORDER BY id LIMIT 20"
     ))?;
     for (id, attempts, due_in, locked_by, error) in &stuck {

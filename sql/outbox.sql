@@ -1,6 +1,7 @@
 -- The outbox table, for MySQL 8.0+ and MariaDB 10.6+.
 -- MySqlStore::migrate() applies this file with the table name replaced by the configured one.
--- state: 0 pending, 1 delivered, 2 dead. All times are the database's clock.
+-- state: 0 pending, 1 delivered, 2 dead. All times are the database's clock in UTC
+-- (UTC_TIMESTAMP(6)), whatever the session's time_zone: never NOW() or CURRENT_TIMESTAMP.
 -- The columns a dispatcher updates are fixed in width and NOT NULL, so that taking a
 -- lease and marking a row rewrite it in place: a row that grows in pages packed by
 -- inserts in id order moves or splits its page, at twice the cost (measured). "Never" is
@@ -14,8 +15,8 @@ CREATE TABLE IF NOT EXISTS `outbox` (
   headers            JSON            NULL,
   payload            LONGBLOB        NOT NULL,
   state              TINYINT         NOT NULL DEFAULT 0,
-  created_on         DATETIME(6)     NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
-  available_on       DATETIME(6)     NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
+  created_on         DATETIME(6)     NOT NULL DEFAULT (UTC_TIMESTAMP(6)),
+  available_on       DATETIME(6)     NOT NULL DEFAULT (UTC_TIMESTAMP(6)),
   locked_by          BIGINT UNSIGNED NOT NULL DEFAULT 0,
   locked_on          DATETIME(6)     NOT NULL DEFAULT '1970-01-01 00:00:00',
   processed_on       DATETIME(6)     NOT NULL DEFAULT '1970-01-01 00:00:00',

@@ -60,9 +60,18 @@ pub enum Error {
     #[error("could not start a dispatcher thread: {0}")]
     Thread(#[source] std::io::Error),
 
-    /// A dispatcher thread panicked; the dispatcher should be stopped and restarted.
+    /// A dispatcher thread panicked; the dispatcher should be stopped and restarted. A
+    /// relay whose publisher or settler died claims nothing more and releases its leases.
     #[error("dispatcher worker {0} panicked: {1}")]
     WorkerPanicked(Worker, String),
+
+    /// [`DispatcherHandle::stop_timeout`](crate::DispatcherHandle::stop_timeout) returned
+    /// before every thread had ended; they end by themselves, and a later `stop` joins them.
+    #[error("the dispatcher's threads had not ended after {waited:?}")]
+    StopTimedOut {
+        /// How long the stop waited.
+        waited: std::time::Duration,
+    },
 }
 
 impl Error {
@@ -83,6 +92,7 @@ impl Error {
             | Error::Broker(_)
             | Error::PoolExhausted { .. }
             | Error::Thread(_)
+            | Error::StopTimedOut { .. }
             | Error::WorkerPanicked(..) => true,
             Error::InvalidMessage(_)
             | Error::Config(_)
@@ -110,8 +120,12 @@ const TRANSIENT_SERVER_ERRORS: [u16; 7] = [1040, 1053, 1205, 1213, 1317, 1927, 4
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Worker {
-    /// Claims, publishes and marks messages.
+    /// Claims messages, and drives the publisher and the settler.
     Relay,
+    /// Publishes the relay's batches to the broker.
+    Publisher,
+    /// Marks each published row by its delivery outcome.
+    Settler,
     /// Releases leases older than `max_lock_duration`.
     LockChecker,
     /// Deletes delivered (and, if set, dead) rows past their retention.
@@ -122,6 +136,8 @@ impl fmt::Display for Worker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Worker::Relay => "relay",
+            Worker::Publisher => "publisher",
+            Worker::Settler => "settler",
             Worker::LockChecker => "lock-checker",
             Worker::Cleaner => "cleaner",
         })

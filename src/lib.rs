@@ -83,6 +83,7 @@ mod settings;
 mod store;
 mod transaction;
 
+pub use crossbeam_channel;
 pub use mysql;
 pub use rdkafka;
 pub use uuid;

@@ -1,5 +1,7 @@
 //! The message a service hands to the outbox, and the rules it must follow.
 
+use uuid::Uuid;
+
 use crate::error::{Error, Result};
 
 /// Longest topic name Kafka accepts.
@@ -146,6 +148,15 @@ impl Message {
         let headers: usize = self.headers.iter().map(|(n, v)| n.len() + v.len()).sum();
         self.payload.len() + self.key.as_ref().map_or(0, String::len) + headers
     }
+}
+
+/// Validates every message, then gives each its message id (a UUIDv7), in order: the
+/// first step of every add. Nothing is returned if any message is invalid.
+pub(crate) fn with_ids(messages: &[Message]) -> Result<Vec<(Uuid, &Message)>> {
+    for message in messages {
+        message.validate()?;
+    }
+    Ok(messages.iter().map(|m| (Uuid::now_v7(), m)).collect())
 }
 
 fn validate_topic(topic: &str) -> Result<()> {

@@ -1,10 +1,12 @@
 //! The producer side: adding messages inside the caller's transaction.
 
+use mysql::prelude::Queryable;
 use uuid::Uuid;
 
 use crate::dispatcher::Waker;
 use crate::error::Result;
-use crate::message::Message;
+use crate::message::{with_ids, Message};
+use crate::store::insert::Insert;
 use crate::store::MySqlStore;
 use crate::transaction::{Connection, OutboxTransaction};
 
@@ -56,16 +58,6 @@ impl Outbox {
         self
     }
 
-    /// The table messages go to.
-    pub(crate) fn store(&self) -> &MySqlStore {
-        &self.store
-    }
-
-    /// The waker set by [`with_waker`](Outbox::with_waker).
-    pub(crate) fn waker(&self) -> Option<&Waker> {
-        self.waker.as_ref()
-    }
-
     /// Validates `message` and inserts it through `tx`. Returns its message id (a UUIDv7),
     /// which consumers see in the [`MESSAGE_ID_HEADER`](crate::MESSAGE_ID_HEADER) header.
     ///
@@ -75,10 +67,8 @@ impl Outbox {
     /// [`Error::Database`](crate::Error::Database) if the INSERT fails (the transaction is
     /// the caller's to roll back).
     pub fn add(&self, tx: &mut mysql::Transaction<'_>, message: &Message) -> Result<Uuid> {
-        message.validate()?;
-        let id = Uuid::now_v7();
-        self.store.insert(tx, &[(id, message)])?;
-        Ok(id)
+        let mut ids = self.add_all(tx, std::slice::from_ref(message))?;
+        Ok(ids.pop().unwrap_or_else(Uuid::nil))
     }
 
     /// Starts a transaction on a connection from the store's pool whose messages are
@@ -90,7 +80,12 @@ impl Outbox {
     /// transaction cannot start.
     pub fn start_transaction(&self, opts: mysql::TxOpts) -> Result<OutboxTransaction<'static>> {
         let conn = self.store.pool().get_conn()?;
-        OutboxTransaction::start(Connection::Pooled(conn), self, opts)
+        OutboxTransaction::start(
+            Connection::Pooled(conn),
+            self.store.table(),
+            self.waker.clone(),
+            opts,
+        )
     }
 
     /// As [`start_transaction`](Outbox::start_transaction), on the caller's connection
@@ -104,10 +99,16 @@ impl Outbox {
         conn: &'a mut mysql::Conn,
         opts: mysql::TxOpts,
     ) -> Result<OutboxTransaction<'a>> {
-        OutboxTransaction::start(Connection::Borrowed(conn), self, opts)
+        OutboxTransaction::start(
+            Connection::Borrowed(conn),
+            self.store.table(),
+            self.waker.clone(),
+            opts,
+        )
     }
 
-    /// Validates every message, then inserts them all through `tx` in multi-row INSERTs.
+    /// Validates every message, then inserts them all through `tx` in multi-row INSERTs
+    /// (of at most 500 rows and about 4 MiB each).
     /// Returns their message ids in the same order. Within a key, they are published in
     /// this order.
     ///
@@ -119,11 +120,10 @@ impl Outbox {
         tx: &mut mysql::Transaction<'_>,
         messages: &[Message],
     ) -> Result<Vec<Uuid>> {
-        for message in messages {
-            message.validate()?;
+        let rows = with_ids(messages)?;
+        for statement in Insert::statements(self.store.table(), &rows) {
+            tx.query_drop(statement)?;
         }
-        let rows: Vec<(Uuid, &Message)> = messages.iter().map(|m| (Uuid::now_v7(), m)).collect();
-        self.store.insert(tx, &rows)?;
         Ok(rows.into_iter().map(|(id, _)| id).collect())
     }
 }

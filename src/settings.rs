@@ -7,6 +7,10 @@ use crate::error::{Error, Result};
 /// Largest accepted `batch_size`.
 pub const MAX_BATCH_SIZE: usize = 10_000;
 
+/// Most batches the relay holds claimed at once (one claimed ahead, one publishing, one
+/// being marked): a lease must outlast that many delivery timeouts.
+pub(crate) const PIPELINE_DEPTH: u32 = 3;
+
 /// The dispatcher's settings. Build from [`Default`] and change what you need:
 ///
 /// ```
@@ -31,7 +35,8 @@ pub struct DispatcherSettings {
     /// How often the cleaner deletes rows past their retention. Defaults to 60 s.
     pub cleanup_interval: Duration,
     /// How long a claimed row stays locked before the lock checker releases it for
-    /// another dispatcher. Must exceed the broker's delivery timeout by
+    /// another dispatcher. The relay holds up to three claimed batches, each published in
+    /// turn, so this must be at least three times the broker's delivery timeout, plus
     /// [`LEASE_MARGIN`](Self::LEASE_MARGIN). Defaults to 5 min.
     pub max_lock_duration: Duration,
     /// How long delivered rows are kept before the cleaner deletes them. Pending rows are
@@ -127,10 +132,15 @@ impl DispatcherSettings {
         if self.backoff_min > self.backoff_max {
             return Err(Error::config("backoff_min must not exceed backoff_max"));
         }
-        if self.max_lock_duration < delivery_timeout + Self::LEASE_MARGIN {
+        let held = delivery_timeout
+            .saturating_mul(PIPELINE_DEPTH)
+            .saturating_add(Self::LEASE_MARGIN);
+        if self.max_lock_duration < held {
             return Err(Error::config(format!(
-                "max_lock_duration ({:?}) must be at least the broker's delivery timeout ({:?}) \
-                 plus {:?}, or a live lease would expire while its batch is still being sent",
+                "max_lock_duration ({:?}) must be at least {PIPELINE_DEPTH} times the broker's \
+                 delivery timeout ({:?}) plus {:?}: the relay holds up to {PIPELINE_DEPTH} \
+                 claimed batches, published one after the other, and a live lease must not \
+                 expire while its batch waits or is being sent",
                 self.max_lock_duration,
                 delivery_timeout,
                 Self::LEASE_MARGIN
@@ -147,7 +157,11 @@ mod tests {
     const DELIVERY: Duration = Duration::from_secs(30);
 
     fn refused(settings: DispatcherSettings) -> String {
-        match settings.validate(DELIVERY) {
+        refused_with(settings, DELIVERY)
+    }
+
+    fn refused_with(settings: DispatcherSettings, delivery: Duration) -> String {
+        match settings.validate(delivery) {
             Err(Error::Config(reason)) => reason,
             other => panic!("expected Config error, got {other:?}"),
         }
@@ -156,6 +170,12 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         DispatcherSettings::default().validate(DELIVERY).unwrap();
+    }
+
+    #[test]
+    fn an_endless_delivery_timeout_is_refused_not_overflowed() {
+        assert!(refused_with(DispatcherSettings::default(), Duration::MAX)
+            .contains("max_lock_duration"));
     }
 
     #[test]
@@ -212,6 +232,19 @@ mod tests {
             ..d()
         };
         assert!(refused(short_lease).contains("max_lock_duration"));
+        let two_batches = DispatcherSettings {
+            max_lock_duration: DELIVERY * 2 + DispatcherSettings::LEASE_MARGIN,
+            ..d()
+        };
+        assert!(
+            refused(two_batches).contains("3 times"),
+            "a lease must outlast every batch the relay holds"
+        );
+        let three = DispatcherSettings {
+            max_lock_duration: DELIVERY * 3 + DispatcherSettings::LEASE_MARGIN,
+            ..d()
+        };
+        three.validate(DELIVERY).unwrap();
         let huge = DispatcherSettings {
             retention: Duration::from_secs(u64::MAX),
             ..d()

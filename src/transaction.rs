@@ -8,9 +8,8 @@ use uuid::Uuid;
 
 use crate::dispatcher::Waker;
 use crate::error::{Error, Result};
-use crate::message::Message;
-use crate::outbox::Outbox;
-use crate::store::{push_row_literal, INSERT_CHUNK, INSERT_CHUNK_BYTES};
+use crate::message::{with_ids, Message};
+use crate::store::insert::Insert;
 
 /// A MySQL transaction whose messages are written in the same round trip as its COMMIT.
 ///
@@ -48,10 +47,8 @@ use crate::store::{push_row_literal, INSERT_CHUNK, INSERT_CHUNK_BYTES};
 /// ```
 pub struct OutboxTransaction<'a> {
     conn: Connection<'a>,
-    insert_head: String,
-    /// The INSERT of the rows added and not yet written; empty when there are none.
-    unsent: String,
-    unsent_rows: usize,
+    /// The rows added and not yet written.
+    unsent: Insert,
     /// Messages added, written or not.
     added: usize,
     /// Woken after a commit that wrote messages.
@@ -85,20 +82,20 @@ impl Connection<'_> {
 }
 
 impl<'a> OutboxTransaction<'a> {
-    /// Starts a transaction on `conn` for messages to `outbox`'s table.
+    /// Starts a transaction on `conn` for messages to the outbox table `table`; its
+    /// commit wakes `waker`.
     pub(crate) fn start(
         mut conn: Connection<'a>,
-        outbox: &Outbox,
+        table: &str,
+        waker: Option<Waker>,
         opts: TxOpts,
     ) -> Result<OutboxTransaction<'a>> {
         run(conn.get(), &start_statement(&opts))?;
         Ok(OutboxTransaction {
             conn,
-            insert_head: outbox.store().insert_head(),
-            unsent: String::new(),
-            unsent_rows: 0,
+            unsent: Insert::new(table),
             added: 0,
-            waker: outbox.waker().cloned(),
+            waker,
             broken: false,
             finished: false,
         })
@@ -113,10 +110,8 @@ impl<'a> OutboxTransaction<'a> {
     /// go on); [`Error::Database`] if the messages kept so far had to be written and that
     /// failed (the transaction will not commit).
     pub fn add(&mut self, message: &Message) -> Result<Uuid> {
-        message.validate()?;
-        let id = Uuid::now_v7();
-        self.keep(id, message)?;
-        Ok(id)
+        let mut ids = self.add_all(std::slice::from_ref(message))?;
+        Ok(ids.pop().unwrap_or_else(Uuid::nil))
     }
 
     /// Validates every message, then keeps them all, in order, as [`add`] does. Returns
@@ -128,16 +123,11 @@ impl<'a> OutboxTransaction<'a> {
     ///
     /// As [`add`]: if any message is invalid, none is kept.
     pub fn add_all(&mut self, messages: &[Message]) -> Result<Vec<Uuid>> {
-        for message in messages {
-            message.validate()?;
+        let rows = with_ids(messages)?;
+        for (id, message) in &rows {
+            self.keep(*id, message)?;
         }
-        messages
-            .iter()
-            .map(|message| {
-                let id = Uuid::now_v7();
-                self.keep(id, message).map(|()| id)
-            })
-            .collect()
+        Ok(rows.into_iter().map(|(id, _)| id).collect())
     }
 
     /// Writes the messages added and commits, in one round trip. Then, if it wrote
@@ -152,13 +142,11 @@ impl<'a> OutboxTransaction<'a> {
         if self.broken {
             return Err(Error::RolledBack);
         }
-        let sql = if self.unsent_rows == 0 {
-            "COMMIT".to_string()
-        } else {
-            let mut sql = std::mem::take(&mut self.unsent);
-            sql.push_str("; COMMIT");
-            sql
-        };
+        let mut sql = self.unsent.take();
+        if !sql.is_empty() {
+            sql.push_str("; ");
+        }
+        sql.push_str("COMMIT");
         run(self.conn.get(), &sql)?;
         self.finished = true;
         if let (Some(waker), true) = (&self.waker, self.added > 0) {
@@ -201,24 +189,14 @@ impl<'a> OutboxTransaction<'a> {
         if self.broken {
             return Err(Error::RolledBack);
         }
-        let full = self.unsent_rows == INSERT_CHUNK
-            || (self.unsent_rows > 0
-                && self.unsent.len() + 2 * message.size() > 2 * INSERT_CHUNK_BYTES);
-        if full {
-            let sql = std::mem::take(&mut self.unsent);
-            self.unsent_rows = 0;
+        if !self.unsent.fits(message) {
+            let sql = self.unsent.take();
             if let Err(e) = run(self.conn.get(), &sql) {
                 self.broken = true;
                 return Err(e);
             }
         }
-        if self.unsent_rows == 0 {
-            self.unsent.push_str(&self.insert_head);
-        } else {
-            self.unsent.push_str(", ");
-        }
-        push_row_literal(&mut self.unsent, id, message);
-        self.unsent_rows += 1;
+        self.unsent.push(id, message);
         self.added += 1;
         Ok(())
     }
@@ -238,7 +216,7 @@ impl fmt::Debug for OutboxTransaction<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OutboxTransaction")
             .field("added", &self.added)
-            .field("unsent_rows", &self.unsent_rows)
+            .field("unsent_rows", &self.unsent.rows())
             .field("broken", &self.broken)
             .field("finished", &self.finished)
             .finish_non_exhaustive()

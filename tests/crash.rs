@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use mysql::prelude::Queryable;
-use outbox::{DispatcherSettings, MySqlStore, Outbox};
+use outbox::{DispatcherSettings, Outbox};
 
 #[test]
 fn killed_dispatcher_process_loses_nothing_and_keeps_key_order() {
@@ -46,10 +46,11 @@ fn killed_dispatcher_process_loses_nothing_and_keeps_key_order() {
             let ids: Vec<u64> = blocker
                 .exec(
                     format!(
-                        "SELECT id FROM `{}` WHERE locked_by = ? FOR UPDATE",
-                        table.name
+                        "SELECT id FROM `{}` WHERE {} FOR UPDATE",
+                        table.name,
+                        leased_by(&owner)
                     ),
-                    (MySqlStore::lease_token(&owner),),
+                    (),
                 )
                 .unwrap();
             leased_rows = ids.len();
@@ -89,10 +90,11 @@ fn killed_dispatcher_process_loses_nothing_and_keeps_key_order() {
         .conn()
         .exec_map(
             format!(
-                "SELECT HEX(message_id) FROM `{}` WHERE locked_by = ?",
-                table.name
+                "SELECT HEX(message_id) FROM `{}` WHERE {}",
+                table.name,
+                leased_by(&owner)
             ),
-            (MySqlStore::lease_token(&owner),),
+            (),
             |hex: String| hex,
         )
         .unwrap()

@@ -204,10 +204,10 @@ fn lock_checker_releases_leases_of_a_dead_instance_only_when_expired() {
     let fresh = outbox.add(&mut tx, &Message::new(&topic, "fresh")).unwrap();
     tx.commit().unwrap();
     // Both rows claimed by an instance that died: one an hour ago, one just now.
-    let dead = MySqlStore::lease_token("dead#1");
-    table.exec(&format!("UPDATE {{t}} SET locked_by = {dead}, locked_on = NOW(6) - INTERVAL 1 HOUR WHERE payload = 'stale'"));
+    let dead = MySqlStore::leases_of("dead#1").start() + 7;
+    table.exec(&format!("UPDATE {{t}} SET locked_by = {dead}, locked_on = UTC_TIMESTAMP(6) - INTERVAL 1 HOUR WHERE payload = 'stale'"));
     table.exec(&format!(
-        "UPDATE {{t}} SET locked_by = {dead}, locked_on = NOW(6) WHERE payload = 'fresh'"
+        "UPDATE {{t}} SET locked_by = {dead}, locked_on = UTC_TIMESTAMP(6) WHERE payload = 'fresh'"
     ));
 
     let settings = DispatcherSettings {
@@ -250,18 +250,18 @@ fn retention_deletes_old_delivered_rows_and_never_pending_ones() {
     outbox.add_all(&mut tx, &batch("old-dead", 2)).unwrap();
     tx.commit().unwrap();
     table.exec(
-        "UPDATE {t} SET state = 1, processed_on = NOW(6) - INTERVAL 2 DAY, created_on = NOW(6) - INTERVAL 3 DAY \
+        "UPDATE {t} SET state = 1, processed_on = UTC_TIMESTAMP(6) - INTERVAL 2 DAY, created_on = UTC_TIMESTAMP(6) - INTERVAL 3 DAY \
          WHERE payload LIKE 'old-delivered%'",
     );
     table.exec(
-        "UPDATE {t} SET state = 1, processed_on = NOW(6) WHERE payload LIKE 'new-delivered%'",
+        "UPDATE {t} SET state = 1, processed_on = UTC_TIMESTAMP(6) WHERE payload LIKE 'new-delivered%'",
     );
     // Pending for a year, and not yet due: retention must not touch it, nor the relay.
     table.exec(
-        "UPDATE {t} SET created_on = NOW(6) - INTERVAL 1 YEAR, available_on = NOW(6) + INTERVAL 1 DAY \
+        "UPDATE {t} SET created_on = UTC_TIMESTAMP(6) - INTERVAL 1 YEAR, available_on = UTC_TIMESTAMP(6) + INTERVAL 1 DAY \
          WHERE payload LIKE 'old-pending%'",
     );
-    table.exec("UPDATE {t} SET state = 2, processed_on = NOW(6) - INTERVAL 2 DAY WHERE payload LIKE 'old-dead%'");
+    table.exec("UPDATE {t} SET state = 2, processed_on = UTC_TIMESTAMP(6) - INTERVAL 2 DAY WHERE payload LIKE 'old-dead%'");
 
     let settings = DispatcherSettings {
         retention: Duration::from_secs(24 * 3600),
@@ -375,7 +375,7 @@ fn stop_returns_promptly_joined_and_loses_nothing_in_flight() {
         "threads joined"
     );
     assert_eq!(
-        table.count(&format!("locked_by = {}", MySqlStore::lease_token(&owner))),
+        table.count(&leased_by(&owner)),
         0,
         "the batch in flight was settled, no row left leased"
     );

@@ -277,7 +277,7 @@ fn dead_message_holds_its_key_when_configured_until_replayed() {
     // An operator replays the dead message with the README's statement, to a dispatcher
     // whose broker takes it: it goes out, and then the two it held back, in key order.
     let replay = format!(
-        "UPDATE `{}` SET state = 0, number_of_attempts = 0, available_on = NOW(6), \
+        "UPDATE `{}` SET state = 0, number_of_attempts = 0, available_on = UTC_TIMESTAMP(6), \
          processed_on = '1970-01-01' WHERE message_id = UNHEX(REPLACE(?, '-', ''))",
         table.name
     );
@@ -337,7 +337,10 @@ fn later_messages_of_a_key_wait_while_another_dispatcher_holds_an_earlier_one() 
         outbox::Claim::default(),
         "still held"
     );
-    assert_eq!(store.mark_delivered("A#1", &[a.records[0].id]).unwrap(), 1);
+    assert_eq!(
+        store.mark_delivered(a.lease, &[a.records[0].id]).unwrap(),
+        1
+    );
     let b = store.claim("B#1", 10, false).unwrap().records;
     assert_eq!(
         b.iter().map(|r| r.message.payload()).collect::<Vec<_>>(),
@@ -353,22 +356,48 @@ fn a_stale_lease_holder_cannot_mark_fail_or_unlock_a_row_taken_over() {
     table.commit(&batch);
     let store = &table.store;
 
-    let stale = store.claim("stale#1", 10, false).unwrap().records;
-    assert_eq!(stale.len(), 3);
+    let stale = store.claim("stale#1", 10, false).unwrap();
+    assert_eq!(stale.records.len(), 3);
     thread::sleep(Duration::from_millis(5));
     assert_eq!(
         store.release_expired(Duration::ZERO).unwrap(),
         3,
         "the lock checker releases the leases"
     );
-    let current = store.claim("current#1", 10, false).unwrap().records;
+    let current = store.claim("current#1", 10, false).unwrap();
+    let ids: Vec<u64> = stale.records.iter().map(|r| r.id).collect();
     assert_eq!(
-        current.iter().map(|r| r.id).collect::<Vec<_>>(),
-        stale.iter().map(|r| r.id).collect::<Vec<_>>()
+        current.records.iter().map(|r| r.id).collect::<Vec<_>>(),
+        ids
     );
+    assert_stale_lease_changes_nothing(&table, stale.lease, &ids, current.lease);
+    assert_eq!(store.mark_delivered(current.lease, &ids).unwrap(), 3);
+}
 
-    let ids: Vec<u64> = stale.iter().map(|r| r.id).collect();
-    assert_eq!(store.mark_delivered("stale#1", &ids).unwrap(), 0);
+#[test]
+fn an_earlier_claim_of_the_same_owner_cannot_touch_rows_a_later_claim_took() {
+    let table = TestTable::new("fence_claim");
+    let batch: Vec<_> = (0..3).map(|i| Message::new("t", format!("m{i}"))).collect();
+    table.commit(&batch);
+    let store = &table.store;
+
+    // The same dispatcher claims, releases (its batch was not published), and claims the
+    // same rows again; a late write of the first claim must not reach the second's rows.
+    let first = store.claim("same#1", 10, false).unwrap();
+    let ids: Vec<u64> = first.records.iter().map(|r| r.id).collect();
+    assert_eq!(store.release(first.lease, &ids).unwrap(), 3);
+    let second = store.claim("same#1", 10, false).unwrap();
+    assert_eq!(second.records.len(), 3);
+    assert_ne!(first.lease, second.lease, "every claim has its own lease");
+    assert!(MySqlStore::leases_of("same#1").contains(&second.lease));
+    assert_stale_lease_changes_nothing(&table, first.lease, &ids, second.lease);
+}
+
+/// Writes of `stale` to `ids` change nothing: the rows stay pending, untried and held
+/// by `current`.
+fn assert_stale_lease_changes_nothing(table: &TestTable, stale: u64, ids: &[u64], current: u64) {
+    let store = &table.store;
+    assert_eq!(store.mark_delivered(stale, ids).unwrap(), 0);
     let failures: Vec<_> = ids
         .iter()
         .map(|&id| outbox::Failure {
@@ -378,17 +407,15 @@ fn a_stale_lease_holder_cannot_mark_fail_or_unlock_a_row_taken_over() {
             dead: true,
         })
         .collect();
-    assert_eq!(store.mark_failed("stale#1", &failures).unwrap(), 0);
-    assert_eq!(store.release("stale#1", &ids).unwrap(), 0);
+    assert_eq!(store.mark_failed(stale, &failures).unwrap(), 0);
+    assert_eq!(store.release(stale, ids).unwrap(), 0);
     assert_eq!(
         table.count(&format!(
-            "state = 0 AND locked_by = {} AND number_of_attempts = 0 AND error IS NULL",
-            MySqlStore::lease_token("current#1")
+            "state = 0 AND locked_by = {current} AND number_of_attempts = 0 AND error IS NULL"
         )),
-        3,
+        ids.len() as u64,
         "the rows are untouched and still leased to the current holder"
     );
-    assert_eq!(store.mark_delivered("current#1", &ids).unwrap(), 3);
 }
 
 /// Kafka's murmur2 (as in the JVM client's `Utils.murmur2`), written from the algorithm.
@@ -483,9 +510,12 @@ fn a_claim_takes_unbroken_runs_of_a_key_and_stops_at_a_gap() {
         .collect();
     table.commit(&batch);
     // k:3 is backing off: the run of k must stop before it, and k:4 must not jump it.
-    table.exec("UPDATE {t} SET available_on = NOW(6) + INTERVAL 1 HOUR WHERE payload = 'k:3'");
+    table.exec(
+        "UPDATE {t} SET available_on = UTC_TIMESTAMP(6) + INTERVAL 1 HOUR WHERE payload = 'k:3'",
+    );
 
     let claim = table.store.claim("A#1", 100, false).unwrap();
+    let claim_lease = claim.lease;
     assert!(!claim.more, "the rest waits behind k:3");
     let claimed = claim.records;
     let payloads: Vec<_> = claimed
@@ -505,11 +535,11 @@ fn a_claim_takes_unbroken_runs_of_a_key_and_stops_at_a_gap() {
 
     let ids: Vec<u64> = claimed.iter().map(|r| r.id).collect();
     assert_eq!(
-        table.store.release("B#1", &ids).unwrap(),
+        table.store.release(claim_lease + 1, &ids).unwrap(),
         0,
-        "only the owner can release"
+        "only the claim's lease can release"
     );
-    assert_eq!(table.store.release("A#1", &ids).unwrap(), 4);
+    assert_eq!(table.store.release(claim_lease, &ids).unwrap(), 4);
     assert_eq!(table.count("locked_by = 0 AND number_of_attempts = 0"), 6);
 }
 
@@ -526,9 +556,9 @@ fn a_claim_looks_past_a_window_held_by_stale_leases_but_not_by_fresh_ones() {
         .map(|i| Message::new("t", format!("free:{i}")).with_key("free"))
         .collect();
     table.commit(&free);
-    let holder = MySqlStore::lease_token("holder#1");
+    let holder = MySqlStore::leases_of("holder#1").start() + 1;
     table.exec(&format!(
-        "UPDATE {{t}} SET locked_by = {holder}, locked_on = NOW(6) WHERE payload LIKE 'held:%'"
+        "UPDATE {{t}} SET locked_by = {holder}, locked_on = UTC_TIMESTAMP(6) WHERE payload LIKE 'held:%'"
     ));
     assert_eq!(
         table.store.claim("B#1", 10, false).unwrap(),
@@ -537,7 +567,7 @@ fn a_claim_looks_past_a_window_held_by_stale_leases_but_not_by_fresh_ones() {
     );
     // The holder died a minute ago: its leases are stale long before the lock checker
     // (max_lock_duration) releases them, and the rest of the table goes on meanwhile.
-    table.exec("UPDATE {t} SET locked_on = NOW(6) - INTERVAL 1 MINUTE WHERE payload LIKE 'held:%'");
+    table.exec("UPDATE {t} SET locked_on = UTC_TIMESTAMP(6) - INTERVAL 1 MINUTE WHERE payload LIKE 'held:%'");
     let claimed: Vec<String> = table
         .store
         .claim("B#1", 10, false)

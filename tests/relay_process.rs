@@ -68,7 +68,7 @@ fn a_second_signal_while_the_relay_settles_exits_at_once_and_loses_nothing() {
     let mut command = relay_command(&table.name, "twice", ",message.timeout.ms=60000", &[]);
     command
         .env("OUTBOX_KAFKA_BROKERS", "127.0.0.1:9")
-        .env("OUTBOX_MAX_LOCK_MS", "120000")
+        .env("OUTBOX_MAX_LOCK_MS", "200000") // three delivery timeouts of 62 s, and the margin
         .env("RUST_LOG", "warn,rdkafka=off,librdkafka=off") // the refused connections
         .stdin(Stdio::null());
     let (mut relay, _owner) = start_relay(command);

@@ -16,7 +16,8 @@
 //!
 //! It runs until SIGTERM or SIGINT, or until its standard input closes when that is a
 //! pipe (a parent that dies stops it): then it settles the batch in flight and exits 0.
-//! A second signal while it settles makes it exit at once, with 1. Killed in any other
+//! A second signal while it settles makes it exit at once, with 1; so does a worker of
+//! the dispatcher that died (after its leases were released). Killed in any other
 //! way, it loses nothing: its leases expire and other dispatchers take its rows over.
 //! Logs go to standard error (`RUST_LOG`, default `info`).
 
@@ -26,7 +27,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crossbeam_channel::{bounded, select, Receiver};
+use crossbeam_channel::{bounded, select, tick, Receiver};
 use outbox::{Dispatcher, DispatcherSettings, KafkaBroker, MySqlStore};
 
 fn main() -> ExitCode {
@@ -34,6 +35,13 @@ fn main() -> ExitCode {
     // signal thread ever takes these signals.
     let signals = block_stop_signals();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let signals = match signals {
+        Ok(signals) => signals,
+        Err(e) => {
+            log::error!("outbox-relay: could not block SIGTERM and SIGINT to wait for them: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     match run(signals) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -81,40 +89,51 @@ fn run(signals: libc::sigset_t) -> Result<(), Box<dyn std::error::Error>> {
     let mut handle = Dispatcher::new(store, broker, settings, &instance)?.start()?;
     // Print the lease owner so that a supervisor (or a test) can find this process's rows.
     println!("{}", handle.owner());
+    let leases = MySqlStore::leases_of(handle.owner());
     log::info!(
-        "{} holds its leases as locked_by = {}",
+        "{} holds its leases as locked_by BETWEEN {} AND {}",
         handle.owner(),
-        MySqlStore::lease_token(handle.owner())
+        leases.start(),
+        leases.end()
     );
 
     let stop = stop_requests(signals);
+    let checks = tick(Duration::from_secs(1));
     loop {
         select! {
             recv(stop) -> why => {
                 log::info!("{}: {}, stopping", handle.owner(), why.unwrap_or("stop requested"));
                 break;
             }
-            // Errors are logged by the library; the channel only closes if every worker died.
-            recv(handle.errors()) -> error => if error.is_err() { break },
+            // Errors are logged by the library; a worker that died ends the process.
+            recv(handle.errors()) -> error => match error {
+                Ok(outbox::Error::WorkerPanicked(..)) | Err(_) => break,
+                Ok(_) => {}
+            },
+            recv(checks) -> _ => if !handle.is_running() { break },
         }
     }
+    // Err, and so exit status 1, if a worker died.
     handle.stop()?;
     Ok(())
 }
 
 /// Blocks SIGTERM and SIGINT in the calling thread (and so in every thread it starts
 /// later); returns the set, for [`stop_requests`] to wait on.
-fn block_stop_signals() -> libc::sigset_t {
+fn block_stop_signals() -> std::io::Result<libc::sigset_t> {
     // SAFETY: the set is a local initialised by sigemptyset before use, and
     // pthread_sigmask only reads it.
-    unsafe {
+    let failed = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::sigaddset(&mut set, libc::SIGINT);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
+        match libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) {
+            0 => return Ok(set),
+            code => code,
+        }
+    };
+    Err(std::io::Error::from_raw_os_error(failed))
 }
 
 /// Why the relay should stop, when it should: the first of `signals`, or standard input
@@ -148,7 +167,10 @@ fn stop_requests(signals: libc::sigset_t) -> Receiver<&'static str> {
     });
     if stdin_is_a_pipe() {
         std::thread::spawn(move || {
-            let _ = std::io::stdin().read_to_end(&mut Vec::new());
+            // Whatever a parent writes is read and dropped, a buffer at a time.
+            let mut buffer = [0u8; 4096];
+            let mut stdin = std::io::stdin().lock();
+            while matches!(stdin.read(&mut buffer), Ok(n) if n > 0) {}
             let _ = stop_tx.send("standard input closed");
         });
     }
@@ -166,7 +188,7 @@ fn stdin_is_a_pipe() -> bool {
         .unwrap_or(false)
 }
 
-/// The relay's pool. The dispatcher keeps at most four connections, so unless the URL
+/// The relay's pool. The dispatcher keeps at most five connections, so unless the URL
 /// sets `pool_min`/`pool_max`, the pool opens one connection at start and at most eight
 /// (the mysql crate's default opens ten at once, each with its own buffers).
 fn pool(url: &str) -> Result<mysql::Pool, mysql::Error> {

@@ -10,11 +10,12 @@ mod testing;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
 use self::relay::Relay;
-use self::signal::{Signals, ERROR_CAPACITY};
+use self::signal::{panic_text, Shared, Signals, ERROR_CAPACITY, STOP_RETRY};
 use crate::broker::Broker;
 use crate::error::{Error, Result, Worker};
 use crate::settings::DispatcherSettings;
@@ -89,16 +90,28 @@ impl<S: Store, B: Broker> Dispatcher<S, B> {
         })
     }
 
-    /// Spawns the worker threads and returns their handle.
+    /// Checks the store ([`Store::check`]), spawns the worker threads and returns their
+    /// handle.
     ///
     /// # Errors
     ///
-    /// [`Error::Thread`] if the system refuses a thread; no thread is left running.
+    /// What [`Store::check`] refuses for good (for `MySqlStore`: [`Error::Config`] for a
+    /// server that would refuse every claim, such as `binlog_format = STATEMENT`), before
+    /// any thread starts; a check that could not reach the database is only logged, and
+    /// the workers go on as through any outage. [`Error::Thread`] if the system refuses a
+    /// thread, and then no thread is left running.
     pub fn start(self) -> Result<DispatcherHandle> {
+        match self.store.check() {
+            Err(e) if e.is_retryable() => {
+                log::warn!("dispatcher {}: could not check the store: {e}", self.owner)
+            }
+            checked => checked?,
+        }
         let (stop_tx, stop_rx) = bounded::<()>(0);
         let (errors_tx, errors_rx) = bounded(ERROR_CAPACITY);
         let (wake_tx, wake_rx) = bounded(1);
-        let signals = Signals::new(stop_rx, errors_tx);
+        let shared = Arc::new(Shared::default());
+        let signals = Signals::new(stop_rx, errors_tx, shared.clone());
         let store = Arc::new(self.store);
         log::info!("dispatcher {} starting", self.owner);
 
@@ -108,12 +121,14 @@ impl<S: Store, B: Broker> Dispatcher<S, B> {
             wake: wake_tx,
             errors: errors_rx,
             threads: Vec::with_capacity(3),
+            shared,
         };
         let relay = Relay {
             store: store.clone(),
             settings: self.settings.clone(),
             owner: self.owner,
             signals: signals.clone(),
+            held: Default::default(),
         };
         let broker = self.broker;
         handle.spawn(Worker::Relay, &signals, move || relay.run(broker, wake_rx))?;
@@ -137,13 +152,14 @@ pub struct DispatcherHandle {
     wake: Sender<()>,
     errors: Receiver<Error>,
     threads: Vec<(Worker, JoinHandle<()>)>,
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for DispatcherHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DispatcherHandle")
             .field("owner", &self.owner)
-            .field("running", &!self.threads.is_empty())
+            .field("running", &self.is_running())
             .finish_non_exhaustive()
     }
 }
@@ -156,8 +172,19 @@ impl DispatcherHandle {
         &self.errors
     }
 
+    /// True until the dispatcher is stopped or one of its workers dies. A worker that
+    /// panicked is reported on [`errors`](DispatcherHandle::errors) and by
+    /// [`stop`](DispatcherHandle::stop); when it is the relay, its publisher or its
+    /// settler, the relay claims nothing more and releases the rows it held, so the
+    /// dispatcher should be stopped and started again (`outbox-relay` exits with 1).
+    pub fn is_running(&self) -> bool {
+        self.stop.is_some()
+            && self.shared.panicked().is_none()
+            && self.threads.iter().all(|(_, thread)| !thread.is_finished())
+    }
+
     /// The lease owner: the instance id and a random suffix. `MySqlStore` writes it to
-    /// `locked_by` as [`MySqlStore::lease_token`](crate::MySqlStore::lease_token).
+    /// `locked_by` as one of [`MySqlStore::leases_of`](crate::MySqlStore::leases_of).
     pub fn owner(&self) -> &str {
         &self.owner
     }
@@ -175,19 +202,63 @@ impl DispatcherHandle {
 
     /// Gives the stop signal and joins the threads. The batch being published is settled
     /// first: its publish finishes (when the broker is down this takes up to its delivery
-    /// timeout) and its rows are marked; batches claimed but not yet published are
-    /// released untried. Calling it again does nothing.
+    /// timeout) and its rows are marked, a mark that fails on a database error being
+    /// tried again for up to 10 s; batches claimed but not yet published are released
+    /// untried. Calling it again does nothing.
     ///
     /// # Errors
     ///
-    /// [`Error::WorkerPanicked`] if a thread could not be joined cleanly.
+    /// [`Error::WorkerPanicked`] for the first worker that panicked while the dispatcher
+    /// ran, or whose thread could not be joined.
     pub fn stop(&mut self) -> Result<()> {
-        if self.stop.take().is_none() {
+        self.signal_stop(None);
+        self.join(None)
+    }
+
+    /// As [`stop`](DispatcherHandle::stop), within `timeout`: marks that fail are tried
+    /// again only until then, and if a thread is still running then (a publish waiting
+    /// for an unreachable broker), it returns [`Error::StopTimedOut`]; the threads end by
+    /// themselves, and a later `stop` (or dropping the handle) waits for them.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::StopTimedOut`], or as [`stop`](DispatcherHandle::stop).
+    pub fn stop_timeout(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now().checked_add(timeout);
+        self.signal_stop(deadline);
+        self.join(deadline.map(|d| (d, timeout)))
+    }
+
+    /// Gives the stop signal, once, with the deadline for the writes after it (by
+    /// default [`STOP_RETRY`] from now).
+    fn signal_stop(&mut self, deadline: Option<Instant>) {
+        if let Some(sender) = self.stop.take() {
+            let now = Instant::now();
+            let deadline = deadline.or_else(|| now.checked_add(STOP_RETRY));
+            self.shared.set_stop_deadline(deadline.unwrap_or(now));
+            drop(sender);
+        }
+    }
+
+    /// Joins the threads, waiting at most until `deadline` when there is one.
+    fn join(&mut self, deadline: Option<(Instant, Duration)>) -> Result<()> {
+        if let Some((deadline, waited)) = deadline {
+            while self.threads.iter().any(|(_, t)| !t.is_finished()) {
+                if Instant::now() >= deadline {
+                    return Err(Error::StopTimedOut { waited });
+                }
+                Signals::wait(Duration::from_millis(5));
+            }
+        }
+        if self.threads.is_empty() {
             return Ok(());
         }
-        let mut result = Ok(());
+        let mut result = match self.shared.panicked() {
+            Some((worker, text)) => Err(Error::WorkerPanicked(worker, text)),
+            None => Ok(()),
+        };
         for (worker, thread) in self.threads.drain(..) {
-            if thread.join().is_err() {
+            if thread.join().is_err() && result.is_ok() {
                 result = Err(Error::WorkerPanicked(
                     worker,
                     "thread could not be joined".into(),
@@ -211,13 +282,7 @@ impl DispatcherHandle {
             .name(format!("outbox-{worker}"))
             .spawn(move || {
                 if let Err(panic) = catch_unwind(AssertUnwindSafe(body)) {
-                    let text = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_default();
-                    log::error!("outbox worker {worker} panicked: {text}");
-                    signals.report(Error::WorkerPanicked(worker, text));
+                    signals.panicked(worker, panic_text(&*panic));
                 }
             });
         match spawned {
@@ -235,6 +300,9 @@ impl DispatcherHandle {
 
 impl Drop for DispatcherHandle {
     fn drop(&mut self) {
+        if self.threads.is_empty() {
+            return;
+        }
         if let Err(e) = self.stop() {
             log::error!("stopping dispatcher {}: {e}", self.owner);
         }

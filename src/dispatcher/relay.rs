@@ -5,26 +5,28 @@
 //! the rows by their outcomes, batch after batch in the order they were claimed. At most
 //! [`IN_FLIGHT`] batches are claimed and not yet settled at any time.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, select, tick, Receiver, Sender};
+use parking_lot::Mutex;
 
 use super::backoff::backoff;
-use super::signal::Signals;
+use super::signal::{panic_text, Signals};
 use crate::broker::Broker;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Worker};
 use crate::record::Record;
-use crate::settings::DispatcherSettings;
+use crate::settings::{DispatcherSettings, PIPELINE_DEPTH};
 use crate::store::{Failure, Store};
 
 /// Longest pause between two tries of a mark that failed on a database error.
 const MARK_RETRY_MAX: Duration = Duration::from_secs(1);
 /// Most batches claimed and not yet settled: one being claimed ahead, one publishing,
-/// one being marked.
-pub(crate) const IN_FLIGHT: usize = 3;
+/// one being marked. Leases are validated against it.
+pub(crate) const IN_FLIGHT: usize = PIPELINE_DEPTH as usize;
 
 /// What one round did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +41,8 @@ pub(crate) struct Round {
 /// A claimed batch on its way through publishing.
 pub(crate) struct Batch {
     records: Vec<Record>,
+    /// The claim's lease.
+    lease: u64,
     started: Instant,
     claimed: Instant,
     published: Option<Instant>,
@@ -47,7 +51,22 @@ pub(crate) struct Batch {
 
 impl Batch {
     /// Publishes the records; one outcome per record, whatever the broker returned.
-    fn publish(&mut self, broker: &mut impl Broker) {
+    /// A batch whose lease could expire before the broker's delivery timeout is not
+    /// published (it is released when settled): another dispatcher might take it over
+    /// while it is still being sent.
+    fn publish(&mut self, broker: &mut impl Broker, max_lock_duration: Duration) {
+        let lease_ends = self.started + max_lock_duration;
+        let latest_end = Instant::now()
+            .checked_add(broker.delivery_timeout())
+            .and_then(|end| end.checked_add(DispatcherSettings::LEASE_MARGIN));
+        if latest_end.is_none_or(|end| end > lease_ends) {
+            log::warn!(
+                "a batch of {} messages waited too long to be published within its lease; \
+                 it is released untried",
+                self.records.len()
+            );
+            return;
+        }
         let mut outcomes = broker.publish(&self.records);
         if outcomes.len() != self.records.len() {
             log::error!(
@@ -70,17 +89,30 @@ pub(crate) struct Relay<S> {
     pub settings: DispatcherSettings,
     pub owner: String,
     pub signals: Signals,
+    /// The rows of every lease claimed and not yet settled, to release them if a worker
+    /// dies with them.
+    pub held: Mutex<HashMap<u64, Vec<u64>>>,
 }
 
 impl<S: Store> Relay<S> {
     /// Drains at once, then again on every wake-up and every `process_interval`, until
-    /// the stop signal.
-    pub fn run(self, mut broker: impl Broker, wake: Receiver<()>) {
+    /// the stop signal, or until the publisher or the settler died. Then releases every
+    /// lease still held. A panic of the relay's own thread goes on up, after that.
+    pub fn run(self, broker: impl Broker, wake: Receiver<()>) {
+        let outcome = catch_unwind(AssertUnwindSafe(|| self.pipeline(broker, wake)));
+        self.release_held();
+        if let Err(panic) = outcome {
+            resume_unwind(panic);
+        }
+    }
+
+    fn pipeline(&self, mut broker: impl Broker, wake: Receiver<()>) {
         let ticks = tick(self.settings.process_interval);
         let (to_publish, batches) = bounded::<Batch>(IN_FLIGHT);
         let (to_settle, published) = bounded::<Batch>(IN_FLIGHT);
         let (to_relay, settled) = bounded::<()>(IN_FLIGHT);
-        let relay = &self;
+        let relay = self;
+        let max_lock = self.settings.max_lock_duration;
         thread::scope(|scope| {
             let publisher = thread::Builder::new()
                 .name("outbox-publisher".into())
@@ -89,7 +121,15 @@ impl<S: Store> Relay<S> {
                         // After the stop signal, batches still waiting go back untried:
                         // stopping waits for one publish at most, even with the broker down.
                         if !relay.signals.stopped() {
-                            batch.publish(&mut broker);
+                            let published = catch_unwind(AssertUnwindSafe(|| {
+                                batch.publish(&mut broker, max_lock)
+                            }));
+                            if let Err(panic) = published {
+                                relay
+                                    .signals
+                                    .panicked(Worker::Publisher, panic_text(&*panic));
+                                return;
+                            }
                         }
                         if to_settle.send(batch).is_err() {
                             return;
@@ -101,9 +141,16 @@ impl<S: Store> Relay<S> {
                     .name("outbox-settler".into())
                     .spawn_scoped(scope, move || {
                         for batch in published {
-                            if let Err(e) = relay.settle(batch) {
-                                relay.signals.report(e);
+                            let lease = batch.lease;
+                            match catch_unwind(AssertUnwindSafe(|| relay.settle(batch))) {
+                                Ok(Ok(_)) => {}
+                                Ok(Err(e)) => relay.signals.report(e),
+                                Err(panic) => {
+                                    relay.signals.panicked(Worker::Settler, panic_text(&*panic));
+                                    return;
+                                }
                             }
+                            relay.held.lock().remove(&lease);
                             if to_relay.send(()).is_err() {
                                 return;
                             }
@@ -117,12 +164,15 @@ impl<S: Store> Relay<S> {
             let mut in_flight = 0;
             loop {
                 relay.drain(&to_publish, &settled, &wake, &mut in_flight);
+                if relay.signals.failed() {
+                    break;
+                }
                 select! {
                     recv(relay.signals.stop) -> _ => break,
                     recv(wake) -> _ => {},
                     recv(ticks) -> _ => {},
                 }
-                if relay.signals.stopped() {
+                if relay.signals.stopped() || relay.signals.failed() {
                     break;
                 }
             }
@@ -153,15 +203,13 @@ impl<S: Store> Relay<S> {
                 *in_flight -= 1;
                 claim_now = true;
             }
-            if self.signals.stopped() {
+            if self.signals.stopped() || self.signals.failed() {
                 return;
             }
             if *in_flight < IN_FLIGHT && claim_now {
                 match self.claim() {
                     Ok(Some((batch, more))) => {
                         if to_publish.send(batch).is_err() {
-                            self.signals
-                                .report(Error::Broker("the publisher thread is gone".into()));
                             return;
                         }
                         *in_flight += 1;
@@ -181,11 +229,7 @@ impl<S: Store> Relay<S> {
                         *in_flight -= 1;
                         claim_now = true;
                     }
-                    Err(_) => {
-                        self.signals
-                            .report(Error::Broker("the settler thread is gone".into()));
-                        return;
-                    }
+                    Err(_) => return,
                 },
                 recv(wake) -> _ => claim_now = true,
                 recv(self.signals.stop) -> _ => return,
@@ -198,7 +242,7 @@ impl<S: Store> Relay<S> {
     pub fn round(&mut self, broker: &mut impl Broker) -> Result<Round> {
         match self.claim()? {
             Some((mut batch, _)) => {
-                batch.publish(broker);
+                batch.publish(broker, self.settings.max_lock_duration);
                 self.settle(batch)
             }
             None => Ok(Round::default()),
@@ -216,7 +260,10 @@ impl<S: Store> Relay<S> {
         if claim.records.is_empty() {
             return Ok(None);
         }
+        let ids = claim.records.iter().map(|r| r.id).collect();
+        self.held.lock().insert(claim.lease, ids);
         let batch = Batch {
+            lease: claim.lease,
             records: claim.records,
             started,
             claimed: Instant::now(),
@@ -232,8 +279,11 @@ impl<S: Store> Relay<S> {
         let records = &batch.records;
         if batch.published.is_none() {
             let ids: Vec<u64> = records.iter().map(|r| r.id).collect();
-            let released =
-                self.retry_until(lease_ends, |store, owner| store.release(owner, &ids))?;
+            let released = self.retry_until(
+                lease_ends,
+                |store, lease| store.release(lease, &ids),
+                batch.lease,
+            )?;
             log::debug!("{released} rows released unpublished at stop");
             return Ok(Round {
                 claimed: records.len(),
@@ -287,20 +337,28 @@ impl<S: Store> Relay<S> {
             );
             self.signals.report(e);
         }
-        let marked = self.retry_until(lease_ends, |store, owner| {
-            store.mark_delivered(owner, &delivered)
-        })?;
-        let failed = self.retry_until(lease_ends, |store, owner| {
-            store.mark_failed(owner, &failures)
-        })?;
-        let unlocked =
-            self.retry_until(lease_ends, |store, owner| store.release(owner, &released))?;
+        let lease = batch.lease;
+        let marked = self.retry_until(
+            lease_ends,
+            |store, lease| store.mark_delivered(lease, &delivered),
+            lease,
+        )?;
+        let failed = self.retry_until(
+            lease_ends,
+            |store, lease| store.mark_failed(lease, &failures),
+            lease,
+        )?;
+        let unlocked = self.retry_until(
+            lease_ends,
+            |store, lease| store.release(lease, &released),
+            lease,
+        )?;
         let settled = marked + failed + unlocked;
         let lost = round.claimed as u64 - settled.min(round.claimed as u64);
         if lost > 0 {
             log::warn!(
-                "{lost} rows were no longer leased to {} when marked (lease expired and taken over); \
-                 they may be published twice",
+                "{lost} rows were no longer held by {}'s lease {lease} when marked (it expired and \
+                 they were taken over); they may be published twice",
                 self.owner
             );
         }
@@ -351,24 +409,43 @@ impl<S: Store> Relay<S> {
         }
     }
 
-    /// Runs a mark until it succeeds. A database error is reported and the mark tried
-    /// again, with growing pauses, until the lease would have expired anyway (or the stop
-    /// signal came): giving up earlier would only leave the rows to be published twice.
+    /// Runs a mark of the rows under `lease` until it succeeds. A database error is
+    /// reported and the mark tried again, with growing pauses, until the lease would have
+    /// expired anyway, or, once the stop signal came, until the stop's deadline: giving up
+    /// earlier would only leave the rows to be published twice.
     fn retry_until(
         &self,
         lease_ends: Instant,
-        mark: impl Fn(&S, &str) -> Result<u64>,
+        mark: impl Fn(&S, u64) -> Result<u64>,
+        lease: u64,
     ) -> Result<u64> {
         let mut pause = Duration::from_millis(50);
         loop {
-            match mark(&self.store, &self.owner) {
+            match mark(&self.store, lease) {
                 Ok(n) => return Ok(n),
-                Err(e) if Instant::now() + pause < lease_ends && !self.signals.stopped() => {
+                Err(e) if Instant::now() + pause < self.signals.retry_until(lease_ends) => {
                     self.signals.report(e);
-                    self.signals.pause(pause);
+                    if self.signals.stopped() {
+                        Signals::wait(pause);
+                    } else {
+                        self.signals.pause(pause);
+                    }
                     pause = (pause * 2).min(MARK_RETRY_MAX);
                 }
                 Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Releases the rows of every lease still held: batches a dead worker dropped, or
+    /// that were never settled. Each release is tried again as a mark is.
+    fn release_held(&self) {
+        let held = std::mem::take(&mut *self.held.lock());
+        for (lease, ids) in held {
+            let lease_ends = Instant::now() + self.settings.max_lock_duration;
+            match self.retry_until(lease_ends, |store, lease| store.release(lease, &ids), lease) {
+                Ok(n) => log::warn!("released {n} rows a stopped relay still held"),
+                Err(e) => self.signals.report(e),
             }
         }
     }
@@ -392,6 +469,7 @@ mod tests {
             settings,
             owner: "me".into(),
             signals,
+            held: Mutex::default(),
         };
         (TestRelay { relay, broker }, errors, stop)
     }
@@ -436,7 +514,7 @@ mod tests {
         assert_eq!(store.delivered_ids(), vec![1, 2, 4, 5]);
         let failed = store.row(3);
         assert_eq!(
-            (failed.attempts, failed.dead, failed.locked),
+            (failed.attempts, failed.dead, failed.lease != 0),
             (1, false, false)
         );
         assert!(failed.error.contains("refused m2"), "{}", failed.error);
@@ -513,12 +591,12 @@ mod tests {
         assert_eq!(store.delivered_ids(), vec![1]);
         let (b, c) = (store.row(2), store.row(3));
         assert_eq!(
-            (b.attempts, b.locked),
+            (b.attempts, b.lease != 0),
             (1, false),
             "the failure counts an attempt"
         );
         assert_eq!(
-            (c.attempts, c.locked, c.error.as_str()),
+            (c.attempts, c.lease != 0, c.error.as_str()),
             (0, false, ""),
             "the one behind it was not tried"
         );
@@ -540,7 +618,7 @@ mod tests {
         );
         for id in [1, 2] {
             let row = store.row(id);
-            assert_eq!((row.attempts, row.locked, row.dead), (0, false, false));
+            assert_eq!((row.attempts, row.lease != 0, row.dead), (0, false, false));
         }
         assert!(store.delivered_ids().is_empty());
     }

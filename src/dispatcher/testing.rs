@@ -17,7 +17,8 @@ pub(crate) struct FakeRow {
     pub record: Record,
     pub delivered: bool,
     pub dead: bool,
-    pub locked: bool,
+    /// The lease holding the row; 0 when none.
+    pub lease: u64,
     pub available: bool,
     pub attempts: u32,
     pub error: String,
@@ -30,6 +31,7 @@ pub(crate) struct FakeStore {
     claim_failures: Mutex<u32>,
     mark_failures: Mutex<u32>,
     empty_claims: Mutex<u32>,
+    claims: Mutex<u64>,
 }
 
 impl FakeStore {
@@ -46,7 +48,7 @@ impl FakeStore {
                 },
                 delivered: false,
                 dead: false,
-                locked: false,
+                lease: 0,
                 available: true,
                 attempts: 0,
                 error: String::new(),
@@ -89,17 +91,17 @@ impl FakeStore {
         *self.mark_failures.lock() = n;
     }
 
-    /// Releases the leased rows among `ids` after `change`; fails when told to.
-    fn update_leased(&self, ids: &[u64], change: impl Fn(&mut FakeRow)) -> Result<u64> {
+    /// Releases the rows among `ids` held under `lease` after `change`; fails when told to.
+    fn update_leased(&self, lease: u64, ids: &[u64], change: impl Fn(&mut FakeRow)) -> Result<u64> {
         Self::injected(&self.mark_failures)?;
         let mut rows = self.rows.lock();
         let mut n = 0;
         for row in rows
             .iter_mut()
-            .filter(|r| r.locked && ids.contains(&r.record.id))
+            .filter(|r| r.lease == lease && ids.contains(&r.record.id))
         {
             change(row);
-            row.locked = false;
+            row.lease = 0;
             n += 1;
         }
         Ok(n)
@@ -133,14 +135,19 @@ impl Store for FakeStore {
                         k.as_bytes().to_vec(),
                     )
                 }),
-                ready: !row.dead && !row.locked && row.available,
+                ready: !row.dead && row.lease == 0 && row.available,
             })
             .collect();
         let (picked, more) = pick(&candidates, limit);
+        let lease = {
+            let mut claims = self.claims.lock();
+            *claims += 1;
+            *claims
+        };
         let mut claimed = Vec::with_capacity(picked.len());
         for candidate in picked {
             let row = &mut rows[candidate.id as usize - 1];
-            row.locked = true;
+            row.lease = lease;
             let mut record = row.record.clone();
             record.attempts = row.attempts;
             claimed.push(record);
@@ -151,26 +158,27 @@ impl Store for FakeStore {
         Ok(Claim {
             records: claimed,
             more,
+            lease,
         })
     }
 
-    fn mark_delivered(&self, _owner: &str, ids: &[u64]) -> Result<u64> {
-        self.update_leased(ids, |row| {
+    fn mark_delivered(&self, lease: u64, ids: &[u64]) -> Result<u64> {
+        self.update_leased(lease, ids, |row| {
             row.delivered = true;
             row.attempts += 1;
         })
     }
 
-    fn mark_failed(&self, _owner: &str, failures: &[Failure]) -> Result<u64> {
+    fn mark_failed(&self, lease: u64, failures: &[Failure]) -> Result<u64> {
         Self::injected(&self.mark_failures)?;
         let mut rows = self.rows.lock();
         let mut n = 0;
         for failure in failures {
             if let Some(row) = rows
                 .iter_mut()
-                .find(|r| r.locked && r.record.id == failure.id)
+                .find(|r| r.lease == lease && r.record.id == failure.id)
             {
-                row.locked = false;
+                row.lease = 0;
                 row.available = false;
                 row.attempts += 1;
                 row.dead = failure.dead;
@@ -181,8 +189,8 @@ impl Store for FakeStore {
         Ok(n)
     }
 
-    fn release(&self, _owner: &str, ids: &[u64]) -> Result<u64> {
-        self.update_leased(ids, |_| {})
+    fn release(&self, lease: u64, ids: &[u64]) -> Result<u64> {
+        self.update_leased(lease, ids, |_| {})
     }
 
     fn release_expired(&self, _older_than: Duration) -> Result<u64> {

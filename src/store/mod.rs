@@ -1,24 +1,37 @@
 //! What the dispatcher needs from a database, and the MySQL implementation.
 
 pub(crate) mod claim;
+mod codec;
 mod connections;
+pub(crate) mod insert;
 mod mysql;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 pub use self::mysql::MySqlStore;
-pub(crate) use self::mysql::{push_row_literal, INSERT_CHUNK, INSERT_CHUNK_BYTES};
 use crate::error::Result;
 use crate::record::Record;
 
 /// The dispatcher's view of an outbox table.
 ///
-/// Every call that changes claimed rows takes the `owner` that claimed them and changes
-/// only rows still leased to that owner (fencing): once the lock checker released a
-/// lease and another dispatcher took the row, the stale owner's writes do nothing.
+/// Every claim leases its rows under a lease of its own ([`Claim::lease`]), and every
+/// call that changes claimed rows takes that lease and changes only rows still held
+/// under it (fencing): once the lock checker released a lease and another claim took
+/// the row, even one of the same dispatcher, the stale claim's writes do nothing.
 /// Times are the database's clock, never the caller's.
 pub trait Store: Send + Sync + 'static {
+    /// Checks that the database can serve a dispatcher, before its threads start. The
+    /// default does nothing.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`](crate::Error::Config) for a setup that would make every claim
+    /// fail; any error reaching the database.
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Leases up to `limit` pending, unleased rows whose `available_on` has come to
     /// `owner`, and returns them in id order in a [`Claim`]. A row is taken only when every older row of
     /// its topic and key that is still pending (or dead, with `dead_blocks_key`) is taken
@@ -27,16 +40,18 @@ pub trait Store: Send + Sync + 'static {
     /// never held back.
     fn claim(&self, owner: &str, limit: usize, dead_blocks_key: bool) -> Result<Claim>;
 
-    /// Marks rows delivered. Returns how many were still leased to `owner` and changed.
-    fn mark_delivered(&self, owner: &str, ids: &[u64]) -> Result<u64>;
+    /// Marks rows delivered. Returns how many were still held under `lease` and changed.
+    fn mark_delivered(&self, lease: u64, ids: &[u64]) -> Result<u64>;
 
     /// Records failed sends: one more attempt, the error, the lease released, the row
-    /// available again after `retry_in` (or dead). Returns how many rows changed.
-    fn mark_failed(&self, owner: &str, failures: &[Failure]) -> Result<u64>;
+    /// available again after `retry_in` (or dead), for rows still held under `lease`.
+    /// Returns how many rows changed.
+    fn mark_failed(&self, lease: u64, failures: &[Failure]) -> Result<u64>;
 
-    /// Releases `owner`'s leases on rows without counting an attempt: rows that were not
-    /// tried because an earlier message of their key failed. Returns how many.
-    fn release(&self, owner: &str, ids: &[u64]) -> Result<u64>;
+    /// Releases rows still held under `lease` without counting an attempt: rows that were
+    /// not tried (an earlier message of their key failed, or the dispatcher stopped).
+    /// Returns how many.
+    fn release(&self, lease: u64, ids: &[u64]) -> Result<u64>;
 
     /// Releases leases taken longer ago than `older_than`. Returns how many.
     fn release_expired(&self, older_than: Duration) -> Result<u64>;
@@ -60,6 +75,9 @@ pub struct Claim {
     /// keys wait behind the rows just taken). False otherwise: the next claim may wait
     /// until a batch is settled.
     pub more: bool,
+    /// This claim's lease, which no other claim shares: every later write to its rows
+    /// passes it back.
+    pub lease: u64,
 }
 
 /// One failed send, as [`Store::mark_failed`] records it.
@@ -77,20 +95,24 @@ pub struct Failure {
 
 /// A shared store is a store: the dispatcher can take an `Arc` the application keeps too.
 impl<S: Store + ?Sized> Store for Arc<S> {
+    fn check(&self) -> Result<()> {
+        (**self).check()
+    }
+
     fn claim(&self, owner: &str, limit: usize, dead_blocks_key: bool) -> Result<Claim> {
         (**self).claim(owner, limit, dead_blocks_key)
     }
 
-    fn mark_delivered(&self, owner: &str, ids: &[u64]) -> Result<u64> {
-        (**self).mark_delivered(owner, ids)
+    fn mark_delivered(&self, lease: u64, ids: &[u64]) -> Result<u64> {
+        (**self).mark_delivered(lease, ids)
     }
 
-    fn mark_failed(&self, owner: &str, failures: &[Failure]) -> Result<u64> {
-        (**self).mark_failed(owner, failures)
+    fn mark_failed(&self, lease: u64, failures: &[Failure]) -> Result<u64> {
+        (**self).mark_failed(lease, failures)
     }
 
-    fn release(&self, owner: &str, ids: &[u64]) -> Result<u64> {
-        (**self).release(owner, ids)
+    fn release(&self, lease: u64, ids: &[u64]) -> Result<u64> {
+        (**self).release(lease, ids)
     }
 
     fn release_expired(&self, older_than: Duration) -> Result<u64> {

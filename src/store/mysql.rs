@@ -1,20 +1,20 @@
 //! [`Store`] on MySQL 8.0+ and MariaDB 10.6+, through a `mysql::Pool`.
 
 use std::collections::{HashMap, HashSet};
+use std::ops::RangeInclusive;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use mysql::prelude::Queryable;
-use mysql::{IsolationLevel, Params, Pool, Row, Transaction, TxOpts, Value};
-use serde_json::Value as Json;
-use uuid::Uuid;
+use mysql::{IsolationLevel, Params, Pool, PooledConn, Row, Transaction, TxOpts, Value};
+use parking_lot::Mutex;
 
 use super::claim::{keep_unbroken, pick, Candidate};
+use super::codec::{decode_record, RECORD_COLUMNS};
 use super::connections::Connections;
 use super::{Claim, Failure, Store};
 use crate::error::{Error, Result};
-use crate::message::Message;
-use crate::record::Record;
 
 /// The schema, with `outbox` as the table name.
 const SCHEMA: &str = include_str!("../../sql/outbox.sql");
@@ -22,13 +22,6 @@ const SCHEMA: &str = include_str!("../../sql/outbox.sql");
 const MAX_TABLE_NAME_LEN: usize = 64;
 /// Longest error text kept in a row (the `error` column's width).
 const MAX_ERROR_LEN: usize = 1000;
-/// Most rows one INSERT of a batch add carries.
-pub(crate) const INSERT_CHUNK: usize = 500;
-/// Bytes of messages after which a batch add starts a new INSERT (well under the
-/// servers' default `max_allowed_packet` of 16 MiB and more).
-pub(crate) const INSERT_CHUNK_BYTES: usize = 4 << 20;
-/// The columns an add writes, in the order its values follow.
-const INSERT_COLUMNS: &str = "message_id, topic, msg_key, headers, payload";
 
 /// How recent a lease must be for the claim to count its row as being published. A
 /// dispatcher settles its batches within the broker's delivery timeout, usually within
@@ -40,9 +33,8 @@ const MAX_ID_LIST: usize = 1024;
 /// claimer) less than [`FRESH_LEASE`] ago.
 type ScanRow = (u64, String, Option<Vec<u8>>, bool, bool);
 
-/// Columns a claim reads, in the order [`decode_record`] expects.
-const COLUMNS: &str =
-    "o.id, o.message_id, o.topic, o.msg_key, o.headers, o.payload, o.number_of_attempts";
+/// The low bits of a lease that number an owner's claims.
+const CLAIM_BITS: u64 = 0xffff_ffff;
 
 const PENDING: u8 = 0;
 const DELIVERED: u8 = 1;
@@ -61,6 +53,12 @@ const DEAD: u8 = 2;
 pub struct MySqlStore {
     conns: Arc<Connections>,
     table: Arc<str>,
+    /// Numbers the claims, for their leases.
+    claims: Arc<AtomicU32>,
+    /// Leases of claims that failed after they may have committed (the COMMIT's answer
+    /// was lost with the connection): their rows, if any, are released before the next
+    /// claim.
+    orphans: Arc<Mutex<Vec<u64>>>,
 }
 
 impl std::fmt::Debug for MySqlStore {
@@ -77,6 +75,8 @@ impl MySqlStore {
         MySqlStore {
             conns: Arc::new(Connections::new(pool)),
             table: Arc::from("outbox"),
+            claims: Arc::default(),
+            orphans: Arc::default(),
         }
     }
 
@@ -89,21 +89,55 @@ impl MySqlStore {
     pub fn with_table(pool: Pool, table: &str) -> Result<MySqlStore> {
         validate_table_name(table)?;
         Ok(MySqlStore {
-            conns: Arc::new(Connections::new(pool)),
             table: Arc::from(table),
+            ..MySqlStore::new(pool)
         })
     }
 
-    /// The number a lease owner is written as in `locked_by` (0 means no lease): the
-    /// owner's 64-bit FNV-1a hash, never 0. A number rather than the owner's name keeps the
-    /// column fixed in width, so that taking and ending a lease rewrite the row in place.
-    pub fn lease_token(owner: &str) -> u64 {
+    /// The leases `owner`'s claims write to `locked_by` (0 means no lease): the high 32
+    /// bits are the owner's (of its 64-bit FNV-1a hash, never 0), the low 32 bits number
+    /// its claims. So rows leased by an owner are `locked_by BETWEEN start AND end`, and
+    /// every claim fences its own rows. A number rather than a name keeps the column fixed
+    /// in width, so that taking and ending a lease rewrite the row in place.
+    pub fn leases_of(owner: &str) -> RangeInclusive<u64> {
         const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
         const PRIME: u64 = 0x0000_0100_0000_01b3;
         let hash = owner.bytes().fold(OFFSET, |hash, byte| {
             (hash ^ u64::from(byte)).wrapping_mul(PRIME)
         });
-        hash.max(1)
+        let high = (hash & !CLAIM_BITS).max(CLAIM_BITS + 1);
+        high..=high | CLAIM_BITS
+    }
+
+    /// A lease no other claim of `owner` holds (until 2^32 claims later).
+    fn next_lease(&self, owner: &str) -> u64 {
+        let number = self.claims.fetch_add(1, Ordering::Relaxed);
+        Self::leases_of(owner).start() | u64::from(number)
+    }
+
+    /// Releases the rows of claims that may have committed without their claimer
+    /// knowing. Each is forgotten once its release committed.
+    fn release_orphans(&self, conn: &mut PooledConn) -> Result<()> {
+        let orphans = self.orphans.lock().clone();
+        if orphans.is_empty() {
+            return Ok(());
+        }
+        conn.exec_drop(
+            format!(
+                "UPDATE `{}` SET locked_by = 0 WHERE state = {PENDING} AND locked_by IN ({})",
+                self.table,
+                placeholders(orphans.len())
+            ),
+            orphans.clone(),
+        )?;
+        let released = conn.affected_rows();
+        if released > 0 {
+            log::warn!(
+                "released {released} rows of claims whose outcome was lost with their connection"
+            );
+        }
+        self.orphans.lock().retain(|lease| !orphans.contains(lease));
+        Ok(())
     }
 
     /// The table's name.
@@ -116,8 +150,9 @@ impl MySqlStore {
         self.conns.pool()
     }
 
-    /// Creates the table and its indexes if they do not exist (`sql/outbox.sql`).
-    /// Safe to call on every start, from several processes at once.
+    /// Creates the table and its indexes if they do not exist (`sql/outbox.sql`), and
+    /// brings the time defaults of a table made by an earlier version to UTC. Safe to call
+    /// on every start, from several processes at once.
     ///
     /// # Errors
     ///
@@ -126,71 +161,39 @@ impl MySqlStore {
     /// (`locked_by` not a number), which this store cannot use.
     pub fn migrate(&self) -> Result<()> {
         let ddl = SCHEMA.replacen("`outbox`", &format!("`{}`", self.table), 1);
-        let lease_type: Option<String> = self.conns.with(|conn| {
+        self.conns.with(|conn| {
             conn.query_drop(&ddl)?;
-            Ok(conn.exec_first(
-                "SELECT DATA_TYPE FROM information_schema.COLUMNS \
-                 WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND COLUMN_NAME = 'locked_by'",
+            let columns: Vec<(String, String, Option<String>)> = conn.exec(
+                "SELECT COLUMN_NAME, DATA_TYPE, COLUMN_DEFAULT FROM information_schema.COLUMNS \
+                 WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?",
                 (&*self.table,),
-            )?)
-        })?;
-        match lease_type.as_deref() {
-            Some("bigint") => Ok(()),
-            other => Err(Error::config(format!(
-                "table `{}` exists with another layout (locked_by is {other:?}, not bigint): \
-                 it was made by an earlier outbox version; see sql/outbox.sql",
-                self.table
-            ))),
-        }
-    }
-
-    /// Inserts validated messages with their ids through `tx`, in order: multi-row
-    /// INSERTs of at most [`INSERT_CHUNK`] rows and about [`INSERT_CHUNK_BYTES`] each.
-    pub(crate) fn insert(
-        &self,
-        tx: &mut mysql::Transaction<'_>,
-        rows: &[(Uuid, &Message)],
-    ) -> Result<()> {
-        let mut start = 0;
-        while start < rows.len() {
-            let mut end = start;
-            let mut bytes = 0;
-            while end < rows.len()
-                && end - start < INSERT_CHUNK
-                && (end == start || bytes < INSERT_CHUNK_BYTES)
-            {
-                bytes += rows[end].1.size();
-                end += 1;
+            )?;
+            let lease_type = columns
+                .iter()
+                .find(|(name, ..)| name == "locked_by")
+                .map(|(_, data_type, _)| data_type.as_str());
+            if lease_type != Some("bigint") {
+                return Err(Error::config(format!(
+                    "table `{}` exists with another layout (locked_by is {lease_type:?}, not \
+                     bigint): it was made by an earlier outbox version; see sql/outbox.sql",
+                    self.table
+                )));
             }
-            self.insert_chunk(tx, &rows[start..end])?;
-            start = end;
-        }
-        Ok(())
-    }
-
-    fn insert_chunk(
-        &self,
-        tx: &mut mysql::Transaction<'_>,
-        rows: &[(Uuid, &Message)],
-    ) -> Result<()> {
-        let mut params = Vec::with_capacity(rows.len() * 5);
-        for (id, message) in rows {
-            params.push(Value::Bytes(id.as_bytes().to_vec()));
-            params.push(Value::from(message.topic()));
-            params.push(message.key().map_or(Value::NULL, Value::from));
-            params.push(encode_headers(message.headers()).map_or(Value::NULL, Value::from));
-            params.push(Value::Bytes(message.payload().to_vec()));
-        }
-        let values = vec!["(?, ?, ?, ?, ?)"; rows.len()].join(", ");
-        let sql = format!("{}{values}", self.insert_head());
-        tx.exec_drop(sql, Params::Positional(params))?;
-        Ok(())
-    }
-
-    /// `INSERT INTO <table> (<columns>) VALUES `: rows follow, as
-    /// [`push_row_literal`] writes them or as placeholders.
-    pub(crate) fn insert_head(&self) -> String {
-        format!("INSERT INTO `{}` ({INSERT_COLUMNS}) VALUES ", self.table)
+            // Defaults that follow the session's time zone (CURRENT_TIMESTAMP): the add
+            // writes both times itself, and rows written by hand should agree with it.
+            for (name, _, default) in &columns {
+                let local = default
+                    .as_deref()
+                    .is_some_and(|d| d.to_ascii_lowercase().contains("current_timestamp"));
+                if local && (name == "created_on" || name == "available_on") {
+                    conn.query_drop(format!(
+                        "ALTER TABLE `{}` ALTER COLUMN {name} SET DEFAULT (UTC_TIMESTAMP(6))",
+                        self.table
+                    ))?;
+                }
+            }
+            Ok(())
+        })
     }
 
     /// Chooses the rows to claim, without locking anything yet.
@@ -221,8 +224,8 @@ impl MySqlStore {
         let first: Vec<ScanRow> = tx.exec(
             format!(
                 "SELECT o.id, o.topic, o.msg_key, \
-                   (o.locked_by = 0 AND o.available_on <= NOW(6) {dead_before}), \
-                   (o.locked_by <> 0 AND o.locked_on > NOW(6) - INTERVAL ? MICROSECOND) \
+                   (o.locked_by = 0 AND o.available_on <= UTC_TIMESTAMP(6) {dead_before}), \
+                   (o.locked_by <> 0 AND o.locked_on > UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND) \
                  FROM `{}` o WHERE o.state = {PENDING} ORDER BY o.id LIMIT ?",
                 self.table
             ),
@@ -247,7 +250,7 @@ impl MySqlStore {
         let slide_sql = format!(
             "SELECT o.id, o.topic, o.msg_key, TRUE, FALSE FROM `{t}` o \
              WHERE o.state = {PENDING} AND o.id > ? AND o.id <= ? \
-               AND o.locked_by = 0 AND o.available_on <= NOW(6) \
+               AND o.locked_by = 0 AND o.available_on <= UTC_TIMESTAMP(6) \
                AND (o.msg_key IS NULL OR NOT EXISTS ( \
                  SELECT 1 FROM `{t}` p WHERE p.topic = o.topic AND p.msg_key = o.msg_key \
                    AND p.state IN {blocking} AND p.id < o.id)) \
@@ -278,6 +281,70 @@ impl MySqlStore {
         Ok((Vec::new(), false))
     }
 
+    /// Claims under `lease` on `conn`; sets `leasing` once the lease is being written,
+    /// after which a failure may hide a committed claim.
+    fn claim_on(
+        &self,
+        conn: &mut PooledConn,
+        lease: u64,
+        limit: usize,
+        dead_blocks_key: bool,
+        leasing: &mut bool,
+    ) -> Result<Claim> {
+        let opts = TxOpts::default().set_isolation_level(Some(IsolationLevel::ReadCommitted));
+        let mut tx = conn.start_transaction(opts)?;
+        let (chosen, more) = self.choose(&mut tx, limit, dead_blocks_key)?;
+        if chosen.is_empty() {
+            return Ok(Claim::default());
+        }
+        // Lock what is still unleased; another claimer may have taken some since.
+        let ids = padded(&chosen.iter().map(|c| c.id).collect::<Vec<_>>());
+        let rows: Vec<Row> = tx.exec(
+            format!(
+                "SELECT {RECORD_COLUMNS} FROM `{}` o WHERE o.id IN ({}) AND o.state = {PENDING} \
+                 AND o.locked_by = 0 FOR UPDATE SKIP LOCKED",
+                self.table,
+                placeholders(ids.len())
+            ),
+            Params::Positional(ids),
+        )?;
+        let mut corrupt = Vec::new();
+        let mut locked = HashMap::with_capacity(rows.len());
+        for row in rows {
+            match decode_record(row) {
+                Ok(record) => {
+                    locked.insert(record.id, record);
+                }
+                Err(Error::CorruptRow { id, reason }) => corrupt.push((id, reason)),
+                Err(other) => return Err(other),
+            }
+        }
+        self.bury(&mut tx, &corrupt)?;
+        let picked: Vec<&Candidate> = chosen.iter().collect();
+        let present: HashSet<u64> = locked.keys().copied().collect();
+        let kept = keep_unbroken(&picked, &present);
+        if kept.is_empty() {
+            tx.commit()?;
+            return Ok(Claim::default());
+        }
+        let ids = padded(&kept);
+        let sql = format!(
+            "UPDATE `{}` SET locked_by = ?, locked_on = UTC_TIMESTAMP(6) WHERE id IN ({})",
+            self.table,
+            placeholders(ids.len())
+        );
+        let mut params = vec![Value::from(lease)];
+        params.extend(ids);
+        *leasing = true;
+        tx.exec_drop(sql, Params::Positional(params))?;
+        tx.commit()?;
+        Ok(Claim {
+            records: kept.iter().filter_map(|id| locked.remove(id)).collect(),
+            more,
+            lease,
+        })
+    }
+
     /// Makes corrupt rows dead, with the reason as their error, so they block nothing.
     fn bury(&self, tx: &mut Transaction<'_>, corrupt: &[(u64, String)]) -> Result<()> {
         for (id, reason) in corrupt {
@@ -287,8 +354,8 @@ impl MySqlStore {
             );
             tx.exec_drop(
                 format!(
-                    "UPDATE `{}` SET state = {DEAD}, error = ?, processed_on = NOW(6), \
-                     last_attempted_on = NOW(6) WHERE id = ?",
+                    "UPDATE `{}` SET state = {DEAD}, error = ?, processed_on = UTC_TIMESTAMP(6), \
+                     last_attempted_on = UTC_TIMESTAMP(6) WHERE id = ?",
                     self.table
                 ),
                 (truncate(&format!("corrupt row: {reason}")), id),
@@ -300,7 +367,7 @@ impl MySqlStore {
     fn purge(&self, state: u8, older_than: Duration, limit: usize) -> Result<u64> {
         self.read_committed(
             &format!(
-                "DELETE FROM `{}` WHERE state = ? AND processed_on < NOW(6) - INTERVAL ? MICROSECOND LIMIT ?",
+                "DELETE FROM `{}` WHERE state = ? AND processed_on < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND LIMIT ?",
                 self.table
             ),
             (state, micros(older_than), limit as u64),
@@ -343,80 +410,58 @@ impl MySqlStore {
 }
 
 impl Store for MySqlStore {
+    fn check(&self) -> Result<()> {
+        let (log_bin, format): (i64, String) = self
+            .conns
+            .with(|conn| {
+                Ok(conn.query_first(
+                    "SELECT CAST(@@GLOBAL.log_bin AS SIGNED), CAST(@@SESSION.binlog_format AS CHAR)",
+                )?)
+            })?
+            .unwrap_or_default();
+        if log_bin != 0 && format.eq_ignore_ascii_case("STATEMENT") {
+            return Err(Error::config(
+                "the server writes its binary log with binlog_format = STATEMENT, under which \
+                 every READ COMMITTED transaction fails (error 1665), and the dispatcher's claims \
+                 use them: set binlog_format to ROW or MIXED (in the server's configuration, with \
+                 SET GLOBAL, or for the dispatcher's connections in its pool's init statements)",
+            ));
+        }
+        Ok(())
+    }
+
     fn claim(&self, owner: &str, limit: usize, dead_blocks_key: bool) -> Result<Claim> {
         self.conns.with(|conn| {
-            let opts = TxOpts::default().set_isolation_level(Some(IsolationLevel::ReadCommitted));
-            let mut tx = conn.start_transaction(opts)?;
-            let (chosen, more) = self.choose(&mut tx, limit, dead_blocks_key)?;
-            if chosen.is_empty() {
-                return Ok(Claim::default());
+            self.release_orphans(conn)?;
+            let lease = self.next_lease(owner);
+            let mut leasing = false;
+            let claimed = self.claim_on(conn, lease, limit, dead_blocks_key, &mut leasing);
+            if claimed.is_err() && leasing {
+                self.orphans.lock().push(lease);
             }
-            // Lock what is still unleased; another claimer may have taken some since.
-            let ids = padded(&chosen.iter().map(|c| c.id).collect::<Vec<_>>());
-            let rows: Vec<Row> = tx.exec(
-                format!(
-                    "SELECT {COLUMNS} FROM `{}` o WHERE o.id IN ({}) AND o.state = {PENDING} \
-                     AND o.locked_by = 0 FOR UPDATE SKIP LOCKED",
-                    self.table,
-                    placeholders(ids.len())
-                ),
-                Params::Positional(ids),
-            )?;
-            let mut corrupt = Vec::new();
-            let mut locked = HashMap::with_capacity(rows.len());
-            for row in rows {
-                match decode_record(row) {
-                    Ok(record) => {
-                        locked.insert(record.id, record);
-                    }
-                    Err(Error::CorruptRow { id, reason }) => corrupt.push((id, reason)),
-                    Err(other) => return Err(other),
-                }
-            }
-            self.bury(&mut tx, &corrupt)?;
-            let picked: Vec<&Candidate> = chosen.iter().collect();
-            let present: HashSet<u64> = locked.keys().copied().collect();
-            let kept = keep_unbroken(&picked, &present);
-            if kept.is_empty() {
-                tx.commit()?;
-                return Ok(Claim::default());
-            }
-            let ids = padded(&kept);
-            let sql = format!(
-                "UPDATE `{}` SET locked_by = ?, locked_on = NOW(6) WHERE id IN ({})",
-                self.table,
-                placeholders(ids.len())
-            );
-            let mut params = vec![Value::from(Self::lease_token(owner))];
-            params.extend(ids);
-            tx.exec_drop(sql, Params::Positional(params))?;
-            tx.commit()?;
-            Ok(Claim {
-                records: kept.iter().filter_map(|id| locked.remove(id)).collect(),
-                more,
-            })
+            claimed
         })
     }
 
-    fn mark_delivered(&self, owner: &str, ids: &[u64]) -> Result<u64> {
+    fn mark_delivered(&self, lease: u64, ids: &[u64]) -> Result<u64> {
         let sql = format!(
-            "UPDATE `{}` SET state = {DELIVERED}, processed_on = NOW(6), last_attempted_on = NOW(6), \
+            "UPDATE `{}` SET state = {DELIVERED}, processed_on = UTC_TIMESTAMP(6), last_attempted_on = UTC_TIMESTAMP(6), \
              number_of_attempts = number_of_attempts + 1, locked_by = 0 \
              WHERE locked_by = ? AND state = {PENDING} AND id IN ({{ids}})",
             self.table
         );
-        self.update_ids(&sql, vec![Value::from(Self::lease_token(owner))], ids)
+        self.update_ids(&sql, vec![Value::from(lease)], ids)
     }
 
-    fn mark_failed(&self, owner: &str, failures: &[Failure]) -> Result<u64> {
+    fn mark_failed(&self, lease: u64, failures: &[Failure]) -> Result<u64> {
         if failures.is_empty() {
             return Ok(0);
         }
         let sql = format!(
             "UPDATE `{}` SET number_of_attempts = number_of_attempts + 1, error = ?, \
-             last_attempted_on = NOW(6), locked_by = 0, \
-             available_on = NOW(6) + INTERVAL ? MICROSECOND, state = ?, \
-             processed_on = IF(? = {DEAD}, NOW(6), processed_on) \
+             last_attempted_on = UTC_TIMESTAMP(6), locked_by = 0, \
+             available_on = UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND, state = ?, \
+             processed_on = IF(? = {DEAD}, UTC_TIMESTAMP(6), processed_on) \
              WHERE id = ? AND locked_by = ? AND state = {PENDING}",
             self.table
         );
@@ -433,7 +478,7 @@ impl Store for MySqlStore {
                         state,
                         state,
                         failure.id,
-                        Self::lease_token(owner),
+                        lease,
                     ),
                 )?;
                 changed += tx.affected_rows();
@@ -443,13 +488,13 @@ impl Store for MySqlStore {
         })
     }
 
-    fn release(&self, owner: &str, ids: &[u64]) -> Result<u64> {
+    fn release(&self, lease: u64, ids: &[u64]) -> Result<u64> {
         let sql = format!(
             "UPDATE `{}` SET locked_by = 0 \
              WHERE locked_by = ? AND state = {PENDING} AND id IN ({{ids}})",
             self.table
         );
-        self.update_ids(&sql, vec![Value::from(Self::lease_token(owner))], ids)
+        self.update_ids(&sql, vec![Value::from(lease)], ids)
     }
 
     fn release_expired(&self, older_than: Duration) -> Result<u64> {
@@ -457,7 +502,7 @@ impl Store for MySqlStore {
             &format!(
                 "UPDATE `{}` SET locked_by = 0 \
                  WHERE state = {PENDING} AND locked_by <> 0 \
-                   AND locked_on < NOW(6) - INTERVAL ? MICROSECOND",
+                   AND locked_on < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND",
                 self.table
             ),
             (micros(older_than),),
@@ -517,143 +562,6 @@ fn truncate(error: &str) -> String {
     error.chars().take(MAX_ERROR_LEN).collect()
 }
 
-/// Headers as stored: a JSON array of `[name, value]` pairs, in order, where the value is
-/// a string when it is UTF-8 and an array of byte values otherwise. `None` when empty.
-fn encode_headers(headers: &[(String, Vec<u8>)]) -> Option<String> {
-    if headers.is_empty() {
-        return None;
-    }
-    let pairs = headers
-        .iter()
-        .map(|(name, value)| {
-            let value = match std::str::from_utf8(value) {
-                Ok(text) => Json::from(text),
-                Err(_) => Json::from(value.clone()),
-            };
-            Json::Array(vec![Json::from(name.as_str()), value])
-        })
-        .collect();
-    Some(Json::Array(pairs).to_string())
-}
-
-/// Appends one row of an INSERT after [`MySqlStore::insert_head`] to `sql`, every value
-/// a hexadecimal literal: nothing in a message can end the literal or change the
-/// statement, whatever the server's SQL mode. The topic and headers carry their character
-/// set so that MySQL 8 takes them as text (its JSON type refuses binary strings).
-pub(crate) fn push_row_literal(sql: &mut String, id: Uuid, message: &Message) {
-    sql.push('(');
-    push_hex(sql, "", id.as_bytes());
-    sql.push_str(", ");
-    push_hex(sql, "_ascii ", message.topic().as_bytes());
-    sql.push_str(", ");
-    match message.key() {
-        Some(key) => push_hex(sql, "", key.as_bytes()),
-        None => sql.push_str("NULL"),
-    }
-    sql.push_str(", ");
-    match encode_headers(message.headers()) {
-        Some(headers) => push_hex(sql, "_utf8mb4 ", headers.as_bytes()),
-        None => sql.push_str("NULL"),
-    }
-    sql.push_str(", ");
-    push_hex(sql, "", message.payload());
-    sql.push(')');
-}
-
-/// Appends `X'<bytes in hex>'` after `introducer` (a character set such as `_ascii `, or
-/// nothing for a binary string).
-fn push_hex(sql: &mut String, introducer: &str, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
-    sql.reserve(introducer.len() + 3 + 2 * bytes.len());
-    sql.push_str(introducer);
-    sql.push_str("X'");
-    for byte in bytes {
-        sql.push(char::from(DIGITS[usize::from(byte >> 4)]));
-        sql.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
-    }
-    sql.push('\'');
-}
-
-fn decode_headers(text: &str) -> std::result::Result<Vec<(String, Vec<u8>)>, String> {
-    let json: Json =
-        serde_json::from_str(text).map_err(|e| format!("headers are not JSON: {e}"))?;
-    let Json::Array(pairs) = json else {
-        return Err("headers are not a JSON array".into());
-    };
-    pairs
-        .into_iter()
-        .map(|pair| match pair {
-            Json::Array(mut nv) if nv.len() == 2 => {
-                let value = nv.pop().unwrap_or_default();
-                let Some(Json::String(name)) = nv.pop() else {
-                    return Err("a header name is not a string".to_string());
-                };
-                let value = match value {
-                    Json::String(text) => text.into_bytes(),
-                    Json::Array(bytes) => bytes
-                        .into_iter()
-                        .map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok()))
-                        .collect::<Option<Vec<u8>>>()
-                        .ok_or_else(|| format!("header {name:?} has a byte out of range"))?,
-                    _ => {
-                        return Err(format!(
-                            "header {name:?} has a value that is neither string nor bytes"
-                        ))
-                    }
-                };
-                Ok((name, value))
-            }
-            _ => Err("a header is not a [name, value] pair".to_string()),
-        })
-        .collect()
-}
-
-fn decode_record(mut row: Row) -> Result<Record> {
-    let id: u64 = take(&mut row, 0, 0)?;
-    let corrupt = |reason: String| Error::CorruptRow { id, reason };
-    let message_id: Vec<u8> = take(&mut row, 1, id)?;
-    let topic: String = take(&mut row, 2, id)?;
-    let key: Option<Vec<u8>> = take(&mut row, 3, id)?;
-    let headers: Option<Vec<u8>> = take(&mut row, 4, id)?;
-    let payload: Vec<u8> = take(&mut row, 5, id)?;
-    let attempts: u32 = take(&mut row, 6, id)?;
-
-    let message_id =
-        Uuid::from_slice(&message_id).map_err(|e| corrupt(format!("message_id: {e}")))?;
-    let mut message = Message::new(topic, payload);
-    if let Some(key) = key {
-        let key = String::from_utf8(key).map_err(|_| corrupt("msg_key is not UTF-8".into()))?;
-        message = message.with_key(key);
-    }
-    if let Some(headers) = headers {
-        let text =
-            std::str::from_utf8(&headers).map_err(|_| corrupt("headers are not UTF-8".into()))?;
-        for (name, value) in decode_headers(text).map_err(corrupt)? {
-            message = message.with_header(name, value);
-        }
-    }
-    Ok(Record {
-        id,
-        message_id,
-        attempts,
-        message,
-    })
-}
-
-fn take<T: mysql::prelude::FromValue>(row: &mut Row, index: usize, id: u64) -> Result<T> {
-    match row.take_opt::<T, _>(index) {
-        Some(Ok(value)) => Ok(value),
-        Some(Err(e)) => Err(Error::CorruptRow {
-            id,
-            reason: format!("column {index}: {e}"),
-        }),
-        None => Err(Error::CorruptRow {
-            id,
-            reason: format!("column {index} is missing"),
-        }),
-    }
-}
-
 fn candidate((id, topic, key, ready, _leased): ScanRow) -> Candidate {
     Candidate {
         id,
@@ -665,68 +573,6 @@ fn candidate((id, topic, key, ready, _leased): ScanRow) -> Candidate {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn row_literals_are_hex_with_nulls_for_no_key_and_no_headers() {
-        let id = Uuid::from_bytes([0xab; 16]);
-        let mut sql = String::new();
-        push_row_literal(
-            &mut sql,
-            id,
-            &Message::new("t.1", vec![0x00, 0x27, 0x5c, 0xff]),
-        );
-        assert_eq!(
-            sql,
-            format!(
-                "(X'{}', _ascii X'742E31', NULL, NULL, X'00275CFF')",
-                "AB".repeat(16)
-            )
-        );
-    }
-
-    #[test]
-    fn row_literals_carry_key_and_headers_as_encoded() {
-        let message = Message::new("t", "").with_key("k'").with_header("h", "v");
-        let mut sql = String::new();
-        push_row_literal(&mut sql, Uuid::nil(), &message);
-        let headers: String = encode_headers(message.headers())
-            .unwrap()
-            .bytes()
-            .map(|b| format!("{b:02X}"))
-            .collect();
-        assert!(
-            sql.ends_with(&format!(", X'6B27', _utf8mb4 X'{headers}', X'')")),
-            "{sql}"
-        );
-    }
-
-    #[test]
-    fn headers_round_trip_in_order_with_binary_values() {
-        let headers = vec![
-            ("b".to_string(), b"2".to_vec()),
-            ("a".to_string(), vec![0, 159, 146, 150, 255]),
-            ("b".to_string(), "ünïcode".as_bytes().to_vec()),
-            ("empty".to_string(), Vec::new()),
-        ];
-        let text = encode_headers(&headers).unwrap();
-        assert_eq!(decode_headers(&text).unwrap(), headers);
-        assert_eq!(encode_headers(&[]), None);
-    }
-
-    #[test]
-    fn corrupt_headers_are_reported_not_panicked() {
-        for bad in [
-            "",
-            "{}",
-            "[1]",
-            "[[1, \"v\"]]",
-            "[[\"n\", 3]]",
-            "[[\"n\", [256]]]",
-            "[[\"n\"]]",
-        ] {
-            assert!(decode_headers(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn table_names_are_plain_identifiers() {
@@ -762,15 +608,28 @@ mod tests {
     }
 
     #[test]
-    fn lease_tokens_are_fnv1a_and_never_zero() {
-        // FNV-1a 64 reference values.
-        assert_eq!(MySqlStore::lease_token("a"), 0xaf63_dc4c_8601_ec8c);
-        assert_eq!(MySqlStore::lease_token("foobar"), 0x8594_4171_f739_67e8);
-        assert_ne!(
-            MySqlStore::lease_token("billing#00000001"),
-            MySqlStore::lease_token("billing#00000002")
+    fn leases_carry_the_owner_in_their_high_bits_and_are_never_zero() {
+        // FNV-1a 64 reference values: "a" 0xaf63dc4c8601ec8c, "foobar" 0x85944171f73967e8.
+        assert_eq!(
+            MySqlStore::leases_of("a"),
+            0xaf63_dc4c_0000_0000..=0xaf63_dc4c_ffff_ffff
         );
-        assert_eq!(MySqlStore::lease_token(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(
+            *MySqlStore::leases_of("foobar").start(),
+            0x8594_4171_0000_0000
+        );
+        assert_ne!(
+            MySqlStore::leases_of("billing#00000001"),
+            MySqlStore::leases_of("billing#00000002")
+        );
+        let store = MySqlStore::new(
+            mysql::Pool::new("mysql://127.0.0.1:1/d?pool_min=0&pool_max=1").unwrap(),
+        );
+        let first = store.next_lease("a");
+        let second = store.next_lease("a");
+        assert_ne!(first, second, "each claim its own lease");
+        assert!(MySqlStore::leases_of("a").contains(&second));
+        assert!(*MySqlStore::leases_of("").start() > 0);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod private_db;
 pub mod tansu;
 
 use std::collections::HashMap;
@@ -38,6 +39,12 @@ pub fn brokers() -> String {
 pub fn unique(prefix: &str) -> String {
     let id = uuid::Uuid::now_v7().simple().to_string();
     format!("{prefix}_{}", &id[id.len() - 12..])
+}
+
+/// The SQL condition for rows leased by any claim of `owner`.
+pub fn leased_by(owner: &str) -> String {
+    let leases = MySqlStore::leases_of(owner);
+    format!("locked_by BETWEEN {} AND {}", leases.start(), leases.end())
 }
 
 /// A fresh outbox table, dropped at the end of the test.
@@ -152,14 +159,19 @@ pub fn broker_at(servers: &str) -> KafkaBroker {
     KafkaBroker::with_properties(servers, test_properties()).unwrap()
 }
 
+/// The shortest `max_lock_duration` the tests' brokers allow: three delivery timeouts
+/// (the relay holds up to three batches) and the margin.
+pub fn shortest_lease() -> Duration {
+    Duration::from_millis(3 * DELIVERY_TIMEOUT_MS) + DispatcherSettings::LEASE_MARGIN
+}
+
 /// Settings that make every worker run often.
 pub fn fast_settings() -> DispatcherSettings {
     DispatcherSettings {
         process_interval: Duration::from_millis(50),
         lock_check_interval: Duration::from_millis(100),
         cleanup_interval: Duration::from_millis(100),
-        max_lock_duration: Duration::from_millis(DELIVERY_TIMEOUT_MS)
-            + DispatcherSettings::LEASE_MARGIN,
+        max_lock_duration: shortest_lease(),
         backoff_min: Duration::from_millis(50),
         backoff_max: Duration::from_millis(200),
         ..Default::default()
@@ -513,7 +525,9 @@ pub fn relay_command(
     wrapper: &[&str],
 ) -> std::process::Command {
     use std::process::{Command, Stdio};
-    let relay = env!("CARGO_BIN_EXE_outbox-relay");
+    let Some(relay) = option_env!("CARGO_BIN_EXE_outbox-relay") else {
+        panic!("the outbox-relay binary: run the tests with `--features cli` (make test)");
+    };
     let mut command = match wrapper.split_first() {
         Some((program, args)) => {
             let mut command = Command::new(program);
@@ -530,7 +544,7 @@ pub fn relay_command(
         .env("OUTBOX_BATCH_SIZE", "50")
         .env("OUTBOX_PROCESS_INTERVAL_MS", "50")
         .env("OUTBOX_LOCK_CHECK_INTERVAL_MS", "100")
-        .env("OUTBOX_MAX_LOCK_MS", (DELIVERY_TIMEOUT_MS + 5_000).to_string())
+        .env("OUTBOX_MAX_LOCK_MS", shortest_lease().as_millis().to_string())
         .env(
             "OUTBOX_KAFKA_PROPERTIES",
             format!(

@@ -1,0 +1,164 @@
+//! Leases: a claim whose answer is lost leaves nothing leased, and a server that would
+//! refuse every claim is refused at start.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use common::private_db::PrivateDatabase;
+use common::*;
+use outbox::{Dispatcher, Error, Message, MySqlStore, Store};
+
+/// A TCP proxy to the test database that, when armed, lets the next `COMMIT` reach the
+/// server and then cuts the connection before the server's answer comes back: the
+/// client cannot tell whether its transaction committed.
+struct CommitCutter {
+    port: u16,
+    armed: Arc<AtomicBool>,
+}
+
+impl CommitCutter {
+    fn start() -> CommitCutter {
+        let url = mysql::Opts::from_url(&database_url()).unwrap();
+        let upstream = format!("{}:{}", url.get_ip_or_hostname(), url.get_tcp_port());
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let armed = Arc::new(AtomicBool::new(false));
+        let armed_in = armed.clone();
+        thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let armed = armed_in.clone();
+                let (client_in, server_out) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                thread::spawn(move || forward_requests(client_in, server_out, armed));
+                thread::spawn(move || copy(server, client));
+            }
+        });
+        CommitCutter { port, armed }
+    }
+
+    fn url(&self) -> String {
+        let opts = mysql::Opts::from_url(&database_url()).unwrap();
+        let user = opts.get_user().unwrap_or("root");
+        let db = opts.get_db_name().unwrap_or("test");
+        format!(
+            "mysql://{user}@127.0.0.1:{}/{db}?pool_min=0&pool_max=4&prefer_socket=false",
+            self.port
+        )
+    }
+}
+
+/// Client to server, watching for a `COMMIT` (a COM_QUERY packet) while armed.
+fn forward_requests(mut client: TcpStream, mut server: TcpStream, armed: Arc<AtomicBool>) {
+    let mut buffer = [0u8; 65536];
+    while let Ok(n) = client.read(&mut buffer) {
+        if n == 0 {
+            break;
+        }
+        let chunk = &buffer[..n];
+        let commit = chunk.windows(7).any(|w| w == b"\x03COMMIT");
+        if commit && armed.swap(false, Ordering::SeqCst) {
+            // The client hears nothing more; the server gets the COMMIT and runs it.
+            let _ = client.shutdown(Shutdown::Both);
+            let _ = server.write_all(chunk);
+            thread::sleep(Duration::from_millis(300));
+            let _ = server.shutdown(Shutdown::Both);
+            return;
+        }
+        if server.write_all(chunk).is_err() {
+            break;
+        }
+    }
+    let _ = server.shutdown(Shutdown::Both);
+}
+
+fn copy(mut from: TcpStream, mut to: TcpStream) {
+    let _ = std::io::copy(&mut from, &mut to);
+    let _ = to.shutdown(Shutdown::Both);
+}
+
+#[test]
+fn a_claim_whose_commit_answer_was_lost_leaves_no_row_leased_to_nobody() {
+    let table = TestTable::new("orphans");
+    let messages: Vec<Message> = (0..10)
+        .map(|i| Message::new("t", format!("m{i}")))
+        .collect();
+    table.commit(&messages);
+
+    let cutter = CommitCutter::start();
+    let pool = mysql::Pool::new(cutter.url().as_str()).unwrap();
+    let store = MySqlStore::with_table(pool, &table.name).unwrap();
+    cutter.armed.store(true, Ordering::SeqCst);
+    let lost = store.claim("lost#1", 100, false);
+    assert!(lost.is_err(), "the claim's answer was cut: {lost:?}");
+    assert!(lost.unwrap_err().is_retryable());
+    assert_eq!(
+        table.count("locked_by <> 0"),
+        10,
+        "its COMMIT reached the server: the rows are leased"
+    );
+
+    let retried = store.claim("lost#1", 100, false).unwrap();
+    assert_eq!(
+        retried.records.len(),
+        10,
+        "the next claim released what the lost one took, and took it"
+    );
+    assert_eq!(
+        table.count(&format!("locked_by = {}", retried.lease)),
+        10,
+        "every row is held by the claim that knows it"
+    );
+}
+
+#[test]
+fn a_server_that_would_refuse_every_claim_is_refused_at_start() {
+    let mut database = PrivateDatabase::new();
+    database.options = vec![
+        "--server-id=1".into(),
+        "--log-bin=binlog".into(),
+        "--binlog-format=STATEMENT".into(),
+    ];
+    database.start();
+    let store = MySqlStore::with_table(
+        mysql::Pool::new(database.url().as_str()).unwrap(),
+        "statement_outbox",
+    )
+    .unwrap();
+    store.migrate().unwrap();
+    let mut tx = store
+        .pool()
+        .start_transaction(mysql::TxOpts::default())
+        .unwrap();
+    outbox::Outbox::new(&store)
+        .add(&mut tx, &Message::new("t", "p"))
+        .unwrap();
+    tx.commit().unwrap();
+    match store.claim("x#1", 10, false) {
+        Err(Error::Database(mysql::Error::MySqlError(e))) => assert_eq!(e.code, 1665),
+        other => panic!("a claim fails with error 1665 on such a server: {other:?}"),
+    }
+
+    let refused = Dispatcher::new(store, broker(), fast_settings(), "binlog")
+        .unwrap()
+        .start();
+    match refused {
+        Err(Error::Config(reason)) => assert!(reason.contains("binlog_format"), "{reason}"),
+        other => panic!("expected a Config error, got {other:?}"),
+    }
+
+    // The advice given works: the dispatcher's sessions at ROW.
+    let opts = mysql::OptsBuilder::from_opts(mysql::Opts::from_url(&database.url()).unwrap())
+        .init(vec!["SET SESSION binlog_format = 'ROW'"]);
+    let row = MySqlStore::with_table(mysql::Pool::new(opts).unwrap(), "statement_outbox").unwrap();
+    row.check().unwrap();
+    assert_eq!(row.claim("row#1", 10, false).unwrap().records.len(), 1);
+}
