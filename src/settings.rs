@@ -56,10 +56,12 @@ pub struct DispatcherSettings {
     pub batch_size: usize,
     /// Most rows the cleaner deletes in one statement. Defaults to 1,000.
     pub cleanup_batch_size: usize,
-    /// Wait before the first retry of a failed message; each further failure doubles it,
-    /// with jitter. Defaults to 1 s.
+    /// Least wait before a failed message is tried again. The first retry waits between
+    /// this and twice this, drawn at random; each further failure doubles the range, up
+    /// to `backoff_max`. Defaults to 1 s.
     pub backoff_min: Duration,
-    /// Longest wait between retries. Defaults to 5 min.
+    /// Longest wait between retries; waits near it are drawn from its upper half.
+    /// Defaults to 5 min.
     pub backoff_max: Duration,
 }
 

@@ -1,6 +1,6 @@
 //! [`Broker`] on Kafka, through librdkafka's synchronous `BaseProducer`.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::ToSocketAddrs;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,33 @@ use crate::record::Record;
 const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// librdkafka's default `request.timeout.ms`.
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// librdkafka's aliases, and the name each stands for. Properties are set under the
+/// second name only, so that two names of one property cannot both be set and leave
+/// librdkafka's choice between them to the order of a map.
+const ALIASES: [(&str, &str); 10] = [
+    ("bootstrap.servers", "metadata.broker.list"),
+    ("max.in.flight", "max.in.flight.requests.per.connection"),
+    ("sasl.mechanism", "sasl.mechanisms"),
+    (
+        "sasl.oauthbearer.client.credentials.client.id",
+        "sasl.oauthbearer.client.id",
+    ),
+    (
+        "sasl.oauthbearer.client.credentials.client.secret",
+        "sasl.oauthbearer.client.secret",
+    ),
+    ("linger.ms", "queue.buffering.max.ms"),
+    ("retries", "message.send.max.retries"),
+    ("compression.type", "compression.codec"),
+    ("acks", "request.required.acks"),
+    ("delivery.timeout.ms", "message.timeout.ms"),
+];
+
+/// The property that lets a user weaken the crate's delivery guarantees on purpose:
+/// `acks` other than `all`, idempotence off, or a `random` partitioner. It is the
+/// crate's, and never reaches librdkafka.
+pub const ALLOW_WEAK_DELIVERY: &str = "outbox.allow.weak.delivery";
+
 /// Time past the delivery timeout that `publish` waits for the last delivery reports.
 const REPORT_GRACE: Duration = Duration::from_secs(2);
 /// How long `publish` sleeps between two looks for delivery reports that found none.
@@ -79,12 +106,19 @@ impl KafkaBroker {
     }
 
     /// As [`new`](KafkaBroker::new), with further librdkafka properties (TLS, SASL,
-    /// compression, timeouts...). They are applied after the defaults, so they can
-    /// override them.
+    /// compression, timeouts...). They override the defaults, under whichever of
+    /// librdkafka's names they are given (`linger.ms` or `queue.buffering.max.ms`,
+    /// `delivery.timeout.ms` or `message.timeout.ms`, `acks` or `request.required.acks`).
+    ///
+    /// Properties that would break the outbox's guarantees are refused: `acks` other
+    /// than `all`, `enable.idempotence=false` and `partitioner=random` unless
+    /// [`ALLOW_WEAK_DELIVERY`]`=true` is given too, and `message.timeout.ms=0` (never
+    /// time out) always.
     ///
     /// # Errors
     ///
-    /// [`Error::Kafka`] for an unknown property or a bad value; [`Error::Config`] as for
+    /// [`Error::Kafka`] for an unknown property or a bad value; [`Error::Config`] for the
+    /// refusals above, one property given two values under two names, or as for
     /// [`new`](KafkaBroker::new).
     pub fn with_properties<K, V>(
         bootstrap_servers: &str,
@@ -94,43 +128,43 @@ impl KafkaBroker {
         K: Into<String>,
         V: Into<String>,
     {
-        let mut config = ClientConfig::new();
-        config
-            .set("bootstrap.servers", bootstrap_servers)
-            .set("acks", "all")
-            .set("enable.idempotence", "true")
-            .set("partitioner", "murmur2_random")
-            .set(
-                "message.timeout.ms",
-                DEFAULT_MESSAGE_TIMEOUT.as_millis().to_string(),
-            )
-            // Room for the largest message `Message::validate` accepts plus its overhead.
-            .set("message.max.bytes", "1048576")
-            // A batch is handed over whole and then awaited: waiting for more adds only delay.
-            .set("linger.ms", "0");
-        for (key, value) in properties {
-            config.set(key, value);
-        }
-        let servers = config
-            .get("bootstrap.servers")
-            .unwrap_or_default()
-            .to_string();
+        let properties = resolve(bootstrap_servers, properties)?;
+        let servers = properties
+            .get("metadata.broker.list")
+            .cloned()
+            .unwrap_or_default();
         if !servers.split(',').any(resolves) {
             return Err(Error::config(format!(
                 "none of the Kafka bootstrap servers {servers:?} resolves to an address"
             )));
         }
-        let millis = |names: &[&str], default: Duration| {
-            names
-                .iter()
-                .find_map(|name| config.get(name))
-                .and_then(|ms| ms.parse().ok())
-                .map_or(default, Duration::from_millis)
+        let millis = |name: &str, default: Duration| -> Result<Duration> {
+            match properties.get(name) {
+                None => Ok(default),
+                Some(value) => value
+                    .trim()
+                    .parse()
+                    .map(Duration::from_millis)
+                    .map_err(|_| {
+                        Error::config(format!(
+                            "{name}={value:?} is not a whole number of milliseconds"
+                        ))
+                    }),
+            }
         };
-        let delivery_timeout = millis(
-            &["message.timeout.ms", "delivery.timeout.ms"],
-            DEFAULT_MESSAGE_TIMEOUT,
-        ) + millis(&["request.timeout.ms"], DEFAULT_REQUEST_TIMEOUT);
+        let message_timeout = millis("message.timeout.ms", DEFAULT_MESSAGE_TIMEOUT)?;
+        if message_timeout.is_zero() {
+            return Err(Error::config(
+                "message.timeout.ms (delivery.timeout.ms) = 0 would let a message be tried \
+                 forever: the relay needs every publish to end, so that a lease can outlast it",
+            ));
+        }
+        let delivery_timeout =
+            message_timeout.saturating_add(millis("request.timeout.ms", DEFAULT_REQUEST_TIMEOUT)?);
+        let mut config = ClientConfig::new();
+        for (name, value) in &properties {
+            config.set(name, value);
+        }
         let producer = config.create_with_context(Reports::default())?;
         Ok(KafkaBroker {
             config,
@@ -273,6 +307,84 @@ impl Drop for KafkaBroker {
     }
 }
 
+/// The producer's properties: the crate's defaults, then the user's, every one under its
+/// canonical name, checked against the guarantees.
+fn resolve<K, V>(
+    bootstrap_servers: &str,
+    properties: impl IntoIterator<Item = (K, V)>,
+) -> Result<BTreeMap<String, String>>
+where
+    K: Into<String>,
+    V: Into<String>,
+{
+    let canonical = |name: &str| -> String {
+        let name = name.trim();
+        ALIASES
+            .iter()
+            .find(|(alias, _)| *alias == name)
+            .map_or(name, |(_, canonical)| canonical)
+            .to_string()
+    };
+    let mut resolved = BTreeMap::new();
+    for (name, value) in [
+        ("metadata.broker.list", bootstrap_servers),
+        ("request.required.acks", "all"),
+        ("enable.idempotence", "true"),
+        ("partitioner", "murmur2_random"),
+        ("message.timeout.ms", "30000"),
+        // Room for the largest message `Message::validate` accepts plus its overhead.
+        ("message.max.bytes", "1048576"),
+        // A batch is handed over whole and then awaited: waiting for more adds only delay.
+        ("queue.buffering.max.ms", "0"),
+    ] {
+        resolved.insert(name.to_string(), value.to_string());
+    }
+    let mut given: BTreeMap<String, (String, String)> = BTreeMap::new();
+    for (name, value) in properties {
+        let (name, value): (String, String) = (name.into(), value.into());
+        let key = canonical(&name);
+        if let Some((first, earlier)) = given.get(&key) {
+            if *earlier != value && *first != name {
+                return Err(Error::config(format!(
+                    "{first} and {name} are one librdkafka property ({key}), given two values"
+                )));
+            }
+        }
+        given.insert(key, (name, value));
+    }
+    let weak = given
+        .remove(ALLOW_WEAK_DELIVERY)
+        .is_some_and(|(_, value)| value.trim() == "true");
+    for (key, (_, value)) in given {
+        resolved.insert(key, value);
+    }
+    if !weak {
+        let setting = |name: &str| resolved.get(name).map(|v| v.trim().to_ascii_lowercase());
+        let mut weakened = Vec::new();
+        if !matches!(
+            setting("request.required.acks").as_deref(),
+            Some("all" | "-1")
+        ) {
+            weakened.push("acks other than all can lose acknowledged messages");
+        }
+        if setting("enable.idempotence").as_deref() != Some("true") {
+            weakened
+                .push("without idempotence, retries can reorder and duplicate a key's messages");
+        }
+        if setting("partitioner").as_deref() == Some("random") {
+            weakened
+                .push("the random partitioner scatters a key over partitions, losing its order");
+        }
+        if !weakened.is_empty() {
+            return Err(Error::config(format!(
+                "{}; set {ALLOW_WEAK_DELIVERY}=true to accept that",
+                weakened.join("; ")
+            )));
+        }
+    }
+    Ok(resolved)
+}
+
 /// True when a bootstrap server (`[protocol://]host[:port]`) resolves to an address.
 fn resolves(server: &str) -> bool {
     let server = server.trim();
@@ -401,6 +513,89 @@ mod tests {
         ] {
             assert!(KafkaBroker::new(servers).is_ok(), "{servers:?}");
         }
+    }
+
+    fn refused(properties: &[(&str, &str)]) -> String {
+        match KafkaBroker::with_properties("127.0.0.1:9", properties.iter().copied()) {
+            Err(Error::Config(reason)) => reason,
+            other => panic!("{properties:?} should be refused, got {other:?}"),
+        }
+    }
+
+    fn property(broker: &KafkaBroker, name: &str) -> Option<String> {
+        broker.config.get(name).map(str::to_string)
+    }
+
+    #[test]
+    fn aliases_are_resolved_before_the_delivery_timeout_is_computed() {
+        let broker = KafkaBroker::with_properties(
+            "127.0.0.1:9",
+            [
+                ("delivery.timeout.ms", "1500"),
+                ("request.timeout.ms", "700"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(broker.delivery_timeout(), Duration::from_millis(2200));
+        assert_eq!(
+            property(&broker, "message.timeout.ms").as_deref(),
+            Some("1500")
+        );
+        assert_eq!(property(&broker, "delivery.timeout.ms"), None);
+
+        let broker =
+            KafkaBroker::with_properties("127.0.0.1:9", [("linger.ms", "5"), ("acks", "-1")])
+                .unwrap();
+        assert_eq!(
+            property(&broker, "queue.buffering.max.ms").as_deref(),
+            Some("5")
+        );
+        assert_eq!(
+            property(&broker, "linger.ms"),
+            None,
+            "one name per property"
+        );
+        assert_eq!(
+            property(&broker, "request.required.acks").as_deref(),
+            Some("-1")
+        );
+        assert!(
+            refused(&[("linger.ms", "5"), ("queue.buffering.max.ms", "10")]).contains("two values")
+        );
+    }
+
+    #[test]
+    fn settings_that_break_the_guarantees_need_an_explicit_opt_out() {
+        for (name, value) in [
+            ("acks", "1"),
+            ("request.required.acks", "0"),
+            ("enable.idempotence", "false"),
+            ("partitioner", "random"),
+        ] {
+            assert!(
+                refused(&[(name, value)]).contains(ALLOW_WEAK_DELIVERY),
+                "{name}"
+            );
+            // librdkafka itself wants idempotence off for acks other than all.
+            let broker = KafkaBroker::with_properties(
+                "127.0.0.1:9",
+                [
+                    (name, value),
+                    ("enable.idempotence", "false"),
+                    (ALLOW_WEAK_DELIVERY, "true"),
+                ],
+            )
+            .unwrap();
+            assert_eq!(
+                property(&broker, ALLOW_WEAK_DELIVERY),
+                None,
+                "the crate's own"
+            );
+        }
+        for never in [("message.timeout.ms", "0"), ("delivery.timeout.ms", "0")] {
+            assert!(refused(&[never, (ALLOW_WEAK_DELIVERY, "true")]).contains("forever"));
+        }
+        assert!(refused(&[("request.timeout.ms", "soon")]).contains("milliseconds"));
     }
 
     #[test]

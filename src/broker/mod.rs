@@ -4,7 +4,7 @@ mod kafka;
 
 use std::time::Duration;
 
-pub use self::kafka::KafkaBroker;
+pub use self::kafka::{KafkaBroker, ALLOW_WEAK_DELIVERY};
 use crate::error::Result;
 use crate::record::Record;
 
