@@ -9,7 +9,7 @@ use crate::broker::Broker;
 use crate::error::{Error, Result};
 use crate::message::Message;
 use crate::record::Record;
-use crate::store::claim::{pick, Candidate};
+use crate::store::claim::{pick, retry_cap, Candidate};
 use crate::store::{Claim, Failure, Store};
 
 #[derive(Debug, Clone)]
@@ -136,9 +136,10 @@ impl Store for FakeStore {
                     )
                 }),
                 ready: !row.dead && row.lease == 0 && row.available,
+                retry: row.attempts > 0,
             })
             .collect();
-        let (picked, more) = pick(&candidates, limit);
+        let (picked, more) = pick(&candidates, limit, &mut retry_cap(limit));
         let lease = {
             let mut claims = self.claims.lock();
             *claims += 1;

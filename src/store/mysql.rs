@@ -10,7 +10,7 @@ use mysql::prelude::Queryable;
 use mysql::{IsolationLevel, Params, Pool, PooledConn, Row, Transaction, TxOpts, Value};
 use parking_lot::Mutex;
 
-use super::claim::{keep_unbroken, pick, Candidate};
+use super::claim::{keep_unbroken, pick, retry_cap, Candidate};
 use super::codec::{decode_record, RECORD_COLUMNS};
 use super::connections::Connections;
 use super::{Claim, Failure, Store};
@@ -29,9 +29,10 @@ const MAX_ERROR_LEN: usize = 1000;
 const FRESH_LEASE: Duration = Duration::from_secs(10);
 /// Most ids in one `IN (...)` list.
 const MAX_ID_LIST: usize = 1024;
-/// A row as the claim's scan reads it: id, topic, key, ready to take, leased (to any
-/// claimer) less than [`FRESH_LEASE`] ago.
-type ScanRow = (u64, String, Option<Vec<u8>>, bool, bool);
+/// A row as the claim's scan reads it: id, topic, key, ready to take, not in flight
+/// (unleased, or leased longer than [`FRESH_LEASE`] ago), and tried before. A row neither
+/// ready nor in flight holds its key back for longer than a delivery.
+type ScanRow = (u64, String, Option<Vec<u8>>, bool, bool, bool);
 
 /// The low bits of a lease that number an owner's claims.
 const CLAIM_BITS: u64 = 0xffff_ffff;
@@ -59,6 +60,9 @@ pub struct MySqlStore {
     /// was lost with the connection): their rows, if any, are released before the next
     /// claim.
     orphans: Arc<Mutex<Vec<u64>>>,
+    /// Where the claims' sweep past the oldest pending rows goes on from (0: from the
+    /// start).
+    sweep: Arc<Mutex<u64>>,
 }
 
 impl std::fmt::Debug for MySqlStore {
@@ -77,6 +81,7 @@ impl MySqlStore {
             table: Arc::from("outbox"),
             claims: Arc::default(),
             orphans: Arc::default(),
+            sweep: Arc::default(),
         }
     }
 
@@ -200,11 +205,13 @@ impl MySqlStore {
     ///
     /// The first read takes the oldest `window` pending rows in id order, in one snapshot,
     /// and [`pick`] applies the order rule to them: every older pending row of a key is in
-    /// that read, so runs of one key can be taken whole. Only when nothing there can be
-    /// taken, and none of it was leased in the last [`FRESH_LEASE`] (all held back behind
-    /// messages backing off, dead, or leased by a dispatcher that may have died), the scan
-    /// slides on a window at a time, taking there only rows with no older
-    /// blocking row at all, checked by a subquery in the same snapshot.
+    /// that read, so runs of one key can be taken whole. When that does not fill the
+    /// batch and some of those rows hold their keys back without being in flight (backing
+    /// off after a failure, behind a dead message, or leased more than [`FRESH_LEASE`] ago
+    /// by a dispatcher that may have died), the claim also reads two more windows past
+    /// them: the next one of a sweep through the rest of the backlog, and the newest
+    /// pending rows. So a backlog of failing messages, however long, delays the others by
+    /// a bounded amount of work per claim, not by its length.
     fn choose(
         &self,
         tx: &mut Transaction<'_>,
@@ -221,64 +228,81 @@ impl MySqlStore {
         } else {
             String::new()
         };
-        let first: Vec<ScanRow> = tx.exec(
+        let head: Vec<ScanRow> = tx.exec(
             format!(
                 "SELECT o.id, o.topic, o.msg_key, \
                    (o.locked_by = 0 AND o.available_on <= UTC_TIMESTAMP(6) {dead_before}), \
-                   (o.locked_by <> 0 AND o.locked_on > UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND) \
+                   (o.locked_by = 0 OR o.locked_on <= UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND), \
+                   o.number_of_attempts > 0 \
                  FROM `{}` o WHERE o.state = {PENDING} ORDER BY o.id LIMIT ?",
                 self.table
             ),
             (micros(FRESH_LEASE), window),
         )?;
-        let in_flight = first.iter().any(|row| row.4);
-        let candidates: Vec<Candidate> = first.into_iter().map(candidate).collect();
-        let (picked, more) = pick(&candidates, limit);
-        let picked: Vec<Candidate> = picked.into_iter().cloned().collect();
-        let scanned_all = (candidates.len() as u64) < window;
-        // Dig past held-back rows only when nothing is in flight there, at this claimer or
-        // another: otherwise those deliveries are about to let rows through, and sliding
-        // on would read the rest of the backlog to find every key held behind them (with
-        // several dispatchers on one backlog, that halved the drain). A lease older than
-        // FRESH_LEASE does not count: its holder may be dead, and the rest must not wait
-        // the whole max_lock_duration for the lock checker.
-        if !picked.is_empty() || scanned_all || in_flight {
-            return Ok((picked, more));
+        // Not ready, and not leased in the last FRESH_LEASE either.
+        let stuck = head.iter().any(|row| !row.3 && row.4);
+        let after_head = head.last().map_or(0, |row| row.0 + 1);
+        let scanned_all = (head.len() as u64) < window;
+        let candidates: Vec<Candidate> = head.into_iter().map(candidate).collect();
+        let mut retries = retry_cap(limit);
+        let (picked, mut more) = pick(&candidates, limit, &mut retries);
+        let mut chosen: Vec<Candidate> = picked.into_iter().cloned().collect();
+        // Rows in flight elsewhere are about to free their keys: only rows that hold their
+        // keys back for longer, or failed rows left by the cap, are a reason to read on.
+        let capped = retries == 0 && more;
+        if chosen.len() == limit || scanned_all || !(stuck || capped) {
+            return Ok((chosen, more));
         }
 
+        let newest: Option<u64> = tx.exec_first(
+            format!(
+                "SELECT MIN(id) FROM (SELECT id FROM `{}` WHERE state = {PENDING} \
+                 ORDER BY id DESC LIMIT ?) newest",
+                self.table
+            ),
+            (window,),
+        )?;
+        let tail_start = newest.unwrap_or(after_head).max(after_head);
+        let sweep_start = {
+            let sweep = *self.sweep.lock();
+            if (after_head..tail_start).contains(&sweep) {
+                sweep
+            } else {
+                after_head
+            }
+        };
         let blocking = if dead_blocks_key { "(0, 2)" } else { "(0)" };
-        let slide_sql = format!(
-            "SELECT o.id, o.topic, o.msg_key, TRUE, FALSE FROM `{t}` o \
-             WHERE o.state = {PENDING} AND o.id > ? AND o.id <= ? \
-               AND o.locked_by = 0 AND o.available_on <= UTC_TIMESTAMP(6) \
-               AND (o.msg_key IS NULL OR NOT EXISTS ( \
-                 SELECT 1 FROM `{t}` p WHERE p.topic = o.topic AND p.msg_key = o.msg_key \
-                   AND p.state IN {blocking} AND p.id < o.id)) \
+        let past_head_sql = format!(
+            "SELECT o.id, o.topic, o.msg_key, \
+               (o.locked_by = 0 AND o.available_on <= UTC_TIMESTAMP(6) {dead_before} \
+                AND (o.msg_key IS NULL OR NOT EXISTS ( \
+                  SELECT 1 FROM `{t}` p WHERE p.topic = o.topic AND p.msg_key = o.msg_key \
+                    AND p.state IN {blocking} AND p.id < ?))), \
+               FALSE, o.number_of_attempts > 0 \
+             FROM `{t}` o WHERE o.state = {PENDING} AND o.id >= ? AND o.id < ? \
              ORDER BY o.id LIMIT ?",
             t = self.table
         );
-        let last: Option<u64> = tx.exec_first(
-            format!(
-                "SELECT MAX(id) FROM `{}` WHERE state = {PENDING}",
-                self.table
-            ),
-            (),
-        )?;
-        let last = last.unwrap_or(0);
-        let mut from = candidates.last().map_or(0, |c| c.id);
-        while from < last {
-            let to = from.saturating_add(window);
-            // One more than the limit tells whether a next claim finds work at once.
-            let heads: Vec<ScanRow> = tx.exec(&slide_sql, (from, to, limit as u64 + 1))?;
-            if !heads.is_empty() {
-                let mut heads: Vec<Candidate> = heads.into_iter().map(candidate).collect();
-                let more = heads.len() > limit;
-                heads.truncate(limit);
-                return Ok((heads, more));
+        for (start, end) in [(sweep_start, tail_start), (tail_start, u64::MAX)] {
+            if start >= end || chosen.len() == limit {
+                continue;
             }
-            from = to;
+            // A row is ready here only if no older row of its key, before this window,
+            // holds it back; the rows of a key inside the window follow the run rule.
+            let rows: Vec<ScanRow> = tx.exec(&past_head_sql, (start, start, end, window))?;
+            if end == tail_start {
+                let next = match rows.last() {
+                    Some(last) if rows.len() as u64 == window => last.0 + 1,
+                    _ => 0,
+                };
+                *self.sweep.lock() = next;
+            }
+            let candidates: Vec<Candidate> = rows.into_iter().map(candidate).collect();
+            let (picked, more_here) = pick(&candidates, limit - chosen.len(), &mut retries);
+            chosen.extend(picked.into_iter().cloned());
+            more |= more_here;
         }
-        Ok((Vec::new(), false))
+        Ok((chosen, more))
     }
 
     /// Claims under `lease` on `conn`; sets `leasing` once the lease is being written,
@@ -562,11 +586,12 @@ fn truncate(error: &str) -> String {
     error.chars().take(MAX_ERROR_LEN).collect()
 }
 
-fn candidate((id, topic, key, ready, _leased): ScanRow) -> Candidate {
+fn candidate((id, topic, key, ready, _, retry): ScanRow) -> Candidate {
     Candidate {
         id,
         key: key.map(|k| (topic, k)),
         ready,
+        retry,
     }
 }
 
