@@ -42,6 +42,12 @@ pub enum Error {
     #[error("kafka error: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
 
+    /// The broker did not send a record at all: an earlier failure in its batch held it
+    /// back (one of its key, or one that stopped the producer). Its row is released
+    /// without counting an attempt.
+    #[error("not sent: {0}")]
+    NotSent(String),
+
     /// A custom [`Broker`](crate::Broker) failed.
     #[error("broker error: {0}")]
     Broker(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -89,6 +95,7 @@ impl Error {
                     | mysql::Error::DriverError(_)
             ),
             Error::Kafka(_)
+            | Error::NotSent(_)
             | Error::Broker(_)
             | Error::PoolExhausted { .. }
             | Error::Thread(_)

@@ -1,6 +1,6 @@
 //! [`Broker`] on Kafka, through librdkafka's synchronous `BaseProducer`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::ToSocketAddrs;
 use std::time::{Duration, Instant};
 
@@ -47,6 +47,12 @@ const ALIASES: [(&str, &str); 10] = [
 /// crate's, and never reaches librdkafka.
 pub const ALLOW_WEAK_DELIVERY: &str = "outbox.allow.weak.delivery";
 
+/// The property that makes a [`KafkaBroker`] send one message of a key at a time, each
+/// after the one before it was acknowledged: a key's order then holds on brokers that do
+/// not enforce the idempotent producer's sequence numbers. It is the crate's, and never
+/// reaches librdkafka. Defaults to `false`.
+pub const STRICT_KEY_ORDER: &str = "outbox.strict.key.order";
+
 /// Time past the delivery timeout that `publish` waits for the last delivery reports.
 const REPORT_GRACE: Duration = Duration::from_secs(2);
 /// How long `publish` sleeps between two looks for delivery reports that found none.
@@ -61,6 +67,17 @@ const REPORT_PAUSE: Duration = Duration::from_micros(200);
 /// Publishes to Kafka with `acks=all`, idempotence on and the JVM client's key
 /// partitioning (`murmur2_random`), so the same key lands in the same partition as with a
 /// Java producer.
+///
+/// A batch is sent whole, and a key's order then rests on the broker: a broker that
+/// enforces the idempotent producer's sequence numbers (Apache Kafka, Redpanda) appends
+/// nothing of a partition behind a message it refused, and `enable.gapless.guarantee`
+/// makes such a refusal stop the producer, whose queued messages are purged unsent
+/// (reported [`Error::NotSent`], released untried) before the producer is replaced. A
+/// broker that does not enforce them (the test broker, Tansu) appends a key's later
+/// messages behind the gap: with [`STRICT_KEY_ORDER`]`=true`, one message of a key is in
+/// flight at a time, each sent after the one before it was acknowledged, so that a
+/// refusal holds back the rest of its key whatever the broker does, at one round trip
+/// per message of a key in a batch.
 ///
 /// Each record carries the message's headers in order, then
 /// [`MESSAGE_ID_HEADER`](crate::MESSAGE_ID_HEADER) with the message id.
@@ -77,6 +94,8 @@ pub struct KafkaBroker {
     config: ClientConfig,
     producer: BaseProducer<Reports>,
     delivery_timeout: Duration,
+    /// One message of a key in flight at a time ([`STRICT_KEY_ORDER`]).
+    strict_key_order: bool,
     batch: u64,
 }
 
@@ -111,9 +130,10 @@ impl KafkaBroker {
     /// `delivery.timeout.ms` or `message.timeout.ms`, `acks` or `request.required.acks`).
     ///
     /// Properties that would break the outbox's guarantees are refused: `acks` other
-    /// than `all`, `enable.idempotence=false` and `partitioner=random` unless
-    /// [`ALLOW_WEAK_DELIVERY`]`=true` is given too, and `message.timeout.ms=0` (never
-    /// time out) always.
+    /// than `all`, `enable.idempotence=false`, `partitioner=random` and
+    /// `enable.gapless.guarantee=false` unless [`ALLOW_WEAK_DELIVERY`]`=true` is given
+    /// too, and `message.timeout.ms=0` (never time out) always. [`STRICT_KEY_ORDER`]`=true`
+    /// sends one message of a key at a time.
     ///
     /// # Errors
     ///
@@ -128,7 +148,7 @@ impl KafkaBroker {
         K: Into<String>,
         V: Into<String>,
     {
-        let properties = resolve(bootstrap_servers, properties)?;
+        let (properties, strict_key_order) = resolve(bootstrap_servers, properties)?;
         let servers = properties
             .get("metadata.broker.list")
             .cloned()
@@ -170,6 +190,7 @@ impl KafkaBroker {
             config,
             producer,
             delivery_timeout,
+            strict_key_order,
             batch: 0,
         })
     }
@@ -211,6 +232,26 @@ impl KafkaBroker {
 }
 
 impl KafkaBroker {
+    /// Polls for delivery reports until every record of `wave` has its outcome, or the
+    /// deadline passes.
+    fn await_reports(&self, wave: &[usize], deadline: Instant) {
+        let waiting = || {
+            let pending = self.producer.context().pending.lock();
+            wave.iter()
+                .filter(|&&i| matches!(pending.outcomes.get(i), Some(None)))
+                .count()
+        };
+        let mut before = waiting();
+        while before > 0 && Instant::now() < deadline {
+            self.producer.poll(Duration::ZERO);
+            let now = waiting();
+            if now == before {
+                std::thread::sleep(REPORT_PAUSE);
+            }
+            before = now;
+        }
+    }
+
     /// Replaces the producer with a new one (and so a new producer id) when it hit a fatal
     /// error, or when a whole batch timed out. An idempotent producer keeps its sequence
     /// state across failures; a broker that lost that state (restarted without it) will
@@ -227,14 +268,33 @@ impl KafkaBroker {
                 ))
             )
         };
+        // Errors after which the broker will not take this producer's messages any more.
+        let fenced = |o: &Result<(), KafkaError>| {
+            matches!(
+                o,
+                Err(KafkaError::MessageProduction(
+                    RDKafkaErrorCode::ProducerFenced
+                        | RDKafkaErrorCode::InvalidProducerEpoch
+                        | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                        | RDKafkaErrorCode::UnknownProducerId
+                        | RDKafkaErrorCode::InvalidProducerIdMapping
+                ))
+            )
+        };
         let fatal = self.producer.client().fatal_error();
         let all_timed_out = !outcomes.is_empty() && outcomes.iter().all(timed_out);
-        if fatal.is_none() && !all_timed_out {
+        let was_fenced = outcomes.iter().any(fenced);
+        if fatal.is_none() && !all_timed_out && !was_fenced {
             return;
         }
         match &fatal {
             Some((code, reason)) => {
-                log::error!("kafka producer hit a fatal error ({code:?}: {reason}); replacing it")
+                log::warn!(
+                    "kafka producer stopped on a fatal error ({code:?}: {reason}); replacing it"
+                )
+            }
+            None if was_fenced => {
+                log::warn!("the broker no longer accepts the kafka producer's id; replacing it")
             }
             None => log::warn!("every message of a batch timed out; replacing the kafka producer"),
         }
@@ -250,33 +310,44 @@ impl Broker for KafkaBroker {
         self.batch = self.batch.wrapping_add(1);
         let deadline = Instant::now() + self.delivery_timeout + REPORT_GRACE;
         *self.producer.context().pending.lock() = Pending::new(self.batch, records.len());
-        // A key whose message could not even be queued sends nothing more this batch:
-        // its later messages would otherwise overtake it.
-        let mut refused_keys = HashSet::new();
-        for (index, record) in records.iter().enumerate() {
-            let key = record.message.key().map(|k| (record.message.topic(), k));
-            let sent = match key {
-                Some(k) if refused_keys.contains(&k) => Err(KafkaError::Canceled),
-                _ => self.send(index, record, deadline),
-            };
-            if let Err(e) = sent {
-                refused_keys.extend(key);
-                self.producer
-                    .context()
-                    .pending
-                    .lock()
-                    .settle(self.batch, index, Err(e));
+        let waves = if self.strict_key_order {
+            waves_by_key(records)
+        } else {
+            vec![(0..records.len()).collect()]
+        };
+        // A key whose message failed (or could not even be queued) sends nothing more this
+        // batch: its later messages would otherwise overtake it.
+        let mut failed_keys = HashSet::new();
+        let key_of = |record: &'_ Record| {
+            record
+                .message
+                .key()
+                .map(|k| (record.message.topic().to_string(), k.to_string()))
+        };
+        for wave in &waves {
+            for &index in wave {
+                let key = key_of(&records[index]);
+                let sent = match &key {
+                    Some(k) if failed_keys.contains(k) => Err(KafkaError::Canceled),
+                    _ if Instant::now() >= deadline => Err(KafkaError::Canceled),
+                    _ => self.send(index, &records[index], deadline),
+                };
+                if let Err(e) = sent {
+                    failed_keys.extend(key);
+                    self.producer
+                        .context()
+                        .pending
+                        .lock()
+                        .settle(self.batch, index, Err(e));
+                }
             }
-        }
-        let waiting = || self.producer.context().pending.lock().waiting;
-        let mut before = waiting();
-        while before > 0 && Instant::now() < deadline {
-            self.producer.poll(Duration::ZERO);
-            let now = waiting();
-            if now == before {
-                std::thread::sleep(REPORT_PAUSE);
+            self.await_reports(wave, deadline);
+            let pending = self.producer.context().pending.lock();
+            for &index in wave {
+                if !matches!(pending.outcomes.get(index), Some(Some(Ok(())))) {
+                    failed_keys.extend(key_of(&records[index]));
+                }
             }
-            before = now;
         }
         let pending = std::mem::take(&mut *self.producer.context().pending.lock());
         let outcomes: Vec<Result<(), KafkaError>> = pending
@@ -291,7 +362,15 @@ impl Broker for KafkaBroker {
         self.renew_if_stuck(&outcomes);
         outcomes
             .into_iter()
-            .map(|outcome| outcome.map_err(Error::Kafka))
+            .map(|outcome| {
+                outcome.map_err(|e| match e {
+                    // Purged from the queue, never sent: behind a refusal that stopped the
+                    // producer, or a message of its key that could not be queued.
+                    KafkaError::MessageProduction(RDKafkaErrorCode::PurgeQueue)
+                    | KafkaError::Canceled => Error::NotSent(e.to_string()),
+                    e => Error::Kafka(e),
+                })
+            })
             .collect()
     }
 
@@ -312,7 +391,7 @@ impl Drop for KafkaBroker {
 fn resolve<K, V>(
     bootstrap_servers: &str,
     properties: impl IntoIterator<Item = (K, V)>,
-) -> Result<BTreeMap<String, String>>
+) -> Result<(BTreeMap<String, String>, bool)>
 where
     K: Into<String>,
     V: Into<String>,
@@ -336,6 +415,9 @@ where
         ("message.max.bytes", "1048576"),
         // A batch is handed over whole and then awaited: waiting for more adds only delay.
         ("queue.buffering.max.ms", "0"),
+        // A refusal that would leave a gap in a partition stops the producer: the
+        // messages behind it are purged unsent, and the producer is replaced.
+        ("enable.gapless.guarantee", "true"),
     ] {
         resolved.insert(name.to_string(), value.to_string());
     }
@@ -355,8 +437,19 @@ where
     let weak = given
         .remove(ALLOW_WEAK_DELIVERY)
         .is_some_and(|(_, value)| value.trim() == "true");
+    let strict = given
+        .remove(STRICT_KEY_ORDER)
+        .is_some_and(|(_, value)| value.trim() == "true");
+    let gapless_given = given.contains_key("enable.gapless.guarantee");
     for (key, (_, value)) in given {
         resolved.insert(key, value);
+    }
+    let idempotent = resolved
+        .get("enable.idempotence")
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+    if !idempotent && !gapless_given {
+        // librdkafka allows the gapless guarantee only with idempotence.
+        resolved.remove("enable.gapless.guarantee");
     }
     if !weak {
         let setting = |name: &str| resolved.get(name).map(|v| v.trim().to_ascii_lowercase());
@@ -382,7 +475,29 @@ where
             )));
         }
     }
-    Ok(resolved)
+    Ok((resolved, strict))
+}
+
+/// The records in waves: the first message of every key (and every message without a
+/// key), then the second of every key, and so on; each wave in id order.
+fn waves_by_key(records: &[Record]) -> Vec<Vec<usize>> {
+    let mut runs: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut waves: Vec<Vec<usize>> = Vec::new();
+    for (index, record) in records.iter().enumerate() {
+        let wave = match record.message.key() {
+            Some(key) => {
+                let run = runs.entry((record.message.topic(), key)).or_insert(0);
+                *run += 1;
+                *run - 1
+            }
+            None => 0,
+        };
+        if waves.len() <= wave {
+            waves.resize_with(wave + 1, Vec::new);
+        }
+        waves[wave].push(index);
+    }
+    waves
 }
 
 /// True when a bootstrap server (`[protocol://]host[:port]`) resolves to an address.
@@ -461,6 +576,7 @@ impl ProducerContext for Reports {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::message::Message;
 
     #[test]
     fn pending_counts_each_report_once_and_ignores_other_batches() {
@@ -596,6 +712,41 @@ mod tests {
             assert!(refused(&[never, (ALLOW_WEAK_DELIVERY, "true")]).contains("forever"));
         }
         assert!(refused(&[("request.timeout.ms", "soon")]).contains("milliseconds"));
+    }
+
+    #[test]
+    fn waves_hold_one_message_of_a_key_each_in_id_order() {
+        let record = |id: u64, topic: &str, key: Option<&str>| {
+            let message = Message::new(topic, "p");
+            Record {
+                id,
+                message_id: uuid::Uuid::nil(),
+                attempts: 0,
+                message: match key {
+                    Some(key) => message.with_key(key),
+                    None => message,
+                },
+            }
+        };
+        let records = [
+            record(1, "t", Some("a")),
+            record(2, "t", Some("a")),
+            record(3, "t", None),
+            record(4, "u", Some("a")),
+            record(5, "t", Some("b")),
+            record(6, "t", Some("a")),
+            record(7, "t", None),
+        ];
+        assert_eq!(
+            waves_by_key(&records),
+            vec![vec![0, 2, 3, 4, 6], vec![1], vec![5]]
+        );
+        assert!(
+            KafkaBroker::with_properties("127.0.0.1:9", [(STRICT_KEY_ORDER, "true")])
+                .unwrap()
+                .strict_key_order
+        );
+        assert!(!KafkaBroker::new("127.0.0.1:9").unwrap().strict_key_order);
     }
 
     #[test]

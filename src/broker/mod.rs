@@ -4,7 +4,7 @@ mod kafka;
 
 use std::time::Duration;
 
-pub use self::kafka::{KafkaBroker, ALLOW_WEAK_DELIVERY};
+pub use self::kafka::{KafkaBroker, ALLOW_WEAK_DELIVERY, STRICT_KEY_ORDER};
 use crate::error::Result;
 use crate::record::Record;
 
@@ -20,7 +20,9 @@ pub trait Broker: Send + 'static {
     /// topic and key: publish those in that order (Kafka keeps the order of a key within
     /// its partition), and once one of them fails, fail the later ones of that key
     /// without sending them. Records of different keys may go out in any order, or all
-    /// at once.
+    /// at once. A record not sent at all should be reported as
+    /// [`Error::NotSent`](crate::Error::NotSent): its row is then released without
+    /// counting an attempt.
     ///
     /// Must return within [`delivery_timeout`](Broker::delivery_timeout) (a little more
     /// is tolerated), and must return exactly one result per record; a missing result

@@ -315,6 +315,10 @@ impl<S: Store> Relay<S> {
                     delivered.push(record.id);
                 }
                 Err(_) if behind_failure => released.push(record.id),
+                Err(Error::NotSent(_)) => {
+                    released.push(record.id);
+                    failed_keys.extend(key);
+                }
                 Err(e) => {
                     failures.push(self.failure(record, &e));
                     failed_keys.extend(key);
@@ -621,6 +625,20 @@ mod tests {
             assert_eq!((row.attempts, row.lease != 0, row.dead), (0, false, false));
         }
         assert!(store.delivered_ids().is_empty());
+    }
+
+    #[test]
+    fn a_record_not_sent_is_released_without_an_attempt() {
+        let store = Arc::new(FakeStore::with(["a", "b"].map(|p| Message::new("t", p))));
+        let (relay, _errors, _stop) =
+            relay(store.clone(), FakeBroker::failing_payloads([]), settings());
+        let (mut batch, _) = relay.relay.claim().unwrap().expect("a batch");
+        batch.outcomes = vec![Ok(()), Err(Error::NotSent("purged".into()))];
+        batch.published = Some(Instant::now());
+        let round = relay.relay.settle(batch).unwrap();
+        assert_eq!((round.delivered, round.failed, round.released), (1, 0, 1));
+        let b = store.row(2);
+        assert_eq!((b.attempts, b.lease, b.error.as_str()), (0, 0, ""));
     }
 
     #[test]

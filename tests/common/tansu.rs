@@ -13,6 +13,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Tansu {
     address: String,
     process: Option<Child>,
+    /// Broker options beyond the listener and the memory storage.
+    pub options: Vec<String>,
 }
 
 impl Tansu {
@@ -21,6 +23,7 @@ impl Tansu {
         Tansu {
             address: address.to_string(),
             process: None,
+            options: Vec::new(),
         }
     }
 
@@ -55,6 +58,7 @@ impl Tansu {
                 &url,
             ])
             .args(["--storage-engine", "memory://tansu/"])
+            .args(&self.options)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
