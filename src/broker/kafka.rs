@@ -1,7 +1,6 @@
 //! [`Broker`] on Kafka, through librdkafka's synchronous `BaseProducer`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::ToSocketAddrs;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -11,47 +10,11 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::ClientContext;
 
+use super::properties::Properties;
 use super::Broker;
 use crate::error::{Error, Result};
 use crate::message::MESSAGE_ID_HEADER;
 use crate::record::Record;
-
-/// `message.timeout.ms` when not set: how long librdkafka tries a message.
-const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
-/// librdkafka's default `request.timeout.ms`.
-const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// librdkafka's aliases, and the name each stands for. Properties are set under the
-/// second name only, so that two names of one property cannot both be set and leave
-/// librdkafka's choice between them to the order of a map.
-const ALIASES: [(&str, &str); 10] = [
-    ("bootstrap.servers", "metadata.broker.list"),
-    ("max.in.flight", "max.in.flight.requests.per.connection"),
-    ("sasl.mechanism", "sasl.mechanisms"),
-    (
-        "sasl.oauthbearer.client.credentials.client.id",
-        "sasl.oauthbearer.client.id",
-    ),
-    (
-        "sasl.oauthbearer.client.credentials.client.secret",
-        "sasl.oauthbearer.client.secret",
-    ),
-    ("linger.ms", "queue.buffering.max.ms"),
-    ("retries", "message.send.max.retries"),
-    ("compression.type", "compression.codec"),
-    ("acks", "request.required.acks"),
-    ("delivery.timeout.ms", "message.timeout.ms"),
-];
-
-/// The property that lets a user weaken the crate's delivery guarantees on purpose:
-/// `acks` other than `all`, idempotence off, or a `random` partitioner. It is the
-/// crate's, and never reaches librdkafka.
-pub const ALLOW_WEAK_DELIVERY: &str = "outbox.allow.weak.delivery";
-
-/// The property that makes a [`KafkaBroker`] send one message of a key at a time, each
-/// after the one before it was acknowledged: a key's order then holds on brokers that do
-/// not enforce the idempotent producer's sequence numbers. It is the crate's, and never
-/// reaches librdkafka. Defaults to `false`.
-pub const STRICT_KEY_ORDER: &str = "outbox.strict.key.order";
 
 /// Time past the delivery timeout that `publish` waits for the last delivery reports.
 const REPORT_GRACE: Duration = Duration::from_secs(2);
@@ -74,7 +37,7 @@ const REPORT_PAUSE: Duration = Duration::from_micros(200);
 /// makes such a refusal stop the producer, whose queued messages are purged unsent
 /// (reported [`Error::NotSent`], released untried) before the producer is replaced. A
 /// broker that does not enforce them (the test broker, Tansu) appends a key's later
-/// messages behind the gap: with [`STRICT_KEY_ORDER`]`=true`, one message of a key is in
+/// messages behind the gap: with [`STRICT_KEY_ORDER`](crate::STRICT_KEY_ORDER)`=true`, one message of a key is in
 /// flight at a time, each sent after the one before it was acknowledged, so that a
 /// refusal holds back the rest of its key whatever the broker does, at one round trip
 /// per message of a key in a batch.
@@ -94,7 +57,8 @@ pub struct KafkaBroker {
     config: ClientConfig,
     producer: BaseProducer<Reports>,
     delivery_timeout: Duration,
-    /// One message of a key in flight at a time ([`STRICT_KEY_ORDER`]).
+    /// One message of a key in flight at a time
+    /// ([`STRICT_KEY_ORDER`](crate::STRICT_KEY_ORDER)).
     strict_key_order: bool,
     batch: u64,
 }
@@ -131,8 +95,9 @@ impl KafkaBroker {
     ///
     /// Properties that would break the outbox's guarantees are refused: `acks` other
     /// than `all`, `enable.idempotence=false`, `partitioner=random` and
-    /// `enable.gapless.guarantee=false` unless [`ALLOW_WEAK_DELIVERY`]`=true` is given
-    /// too, and `message.timeout.ms=0` (never time out) always. [`STRICT_KEY_ORDER`]`=true`
+    /// `enable.gapless.guarantee=false` unless [`ALLOW_WEAK_DELIVERY`](crate::ALLOW_WEAK_DELIVERY)`=true` is given
+    /// too, and `message.timeout.ms=0` (never time out) always.
+    /// [`STRICT_KEY_ORDER`](crate::STRICT_KEY_ORDER)`=true`
     /// sends one message of a key at a time.
     ///
     /// # Errors
@@ -148,49 +113,17 @@ impl KafkaBroker {
         K: Into<String>,
         V: Into<String>,
     {
-        let (properties, strict_key_order) = resolve(bootstrap_servers, properties)?;
-        let servers = properties
-            .get("metadata.broker.list")
-            .cloned()
-            .unwrap_or_default();
-        if !servers.split(',').any(resolves) {
-            return Err(Error::config(format!(
-                "none of the Kafka bootstrap servers {servers:?} resolves to an address"
-            )));
-        }
-        let millis = |name: &str, default: Duration| -> Result<Duration> {
-            match properties.get(name) {
-                None => Ok(default),
-                Some(value) => value
-                    .trim()
-                    .parse()
-                    .map(Duration::from_millis)
-                    .map_err(|_| {
-                        Error::config(format!(
-                            "{name}={value:?} is not a whole number of milliseconds"
-                        ))
-                    }),
-            }
-        };
-        let message_timeout = millis("message.timeout.ms", DEFAULT_MESSAGE_TIMEOUT)?;
-        if message_timeout.is_zero() {
-            return Err(Error::config(
-                "message.timeout.ms (delivery.timeout.ms) = 0 would let a message be tried \
-                 forever: the relay needs every publish to end, so that a lease can outlast it",
-            ));
-        }
-        let delivery_timeout =
-            message_timeout.saturating_add(millis("request.timeout.ms", DEFAULT_REQUEST_TIMEOUT)?);
+        let properties = Properties::resolve(bootstrap_servers, properties)?;
         let mut config = ClientConfig::new();
-        for (name, value) in &properties {
+        for (name, value) in &properties.librdkafka {
             config.set(name, value);
         }
         let producer = config.create_with_context(Reports::default())?;
         Ok(KafkaBroker {
             config,
             producer,
-            delivery_timeout,
-            strict_key_order,
+            delivery_timeout: properties.delivery_timeout,
+            strict_key_order: properties.strict_key_order,
             batch: 0,
         })
     }
@@ -308,7 +241,9 @@ impl KafkaBroker {
 impl Broker for KafkaBroker {
     fn publish(&mut self, records: &[Record]) -> Vec<Result<()>> {
         self.batch = self.batch.wrapping_add(1);
-        let deadline = Instant::now() + self.delivery_timeout + REPORT_GRACE;
+        let deadline = Instant::now()
+            .checked_add(self.delivery_timeout.saturating_add(REPORT_GRACE))
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(24 * 60 * 60));
         *self.producer.context().pending.lock() = Pending::new(self.batch, records.len());
         let waves = if self.strict_key_order {
             waves_by_key(records)
@@ -386,98 +321,6 @@ impl Drop for KafkaBroker {
     }
 }
 
-/// The producer's properties: the crate's defaults, then the user's, every one under its
-/// canonical name, checked against the guarantees.
-fn resolve<K, V>(
-    bootstrap_servers: &str,
-    properties: impl IntoIterator<Item = (K, V)>,
-) -> Result<(BTreeMap<String, String>, bool)>
-where
-    K: Into<String>,
-    V: Into<String>,
-{
-    let canonical = |name: &str| -> String {
-        let name = name.trim();
-        ALIASES
-            .iter()
-            .find(|(alias, _)| *alias == name)
-            .map_or(name, |(_, canonical)| canonical)
-            .to_string()
-    };
-    let mut resolved = BTreeMap::new();
-    for (name, value) in [
-        ("metadata.broker.list", bootstrap_servers),
-        ("request.required.acks", "all"),
-        ("enable.idempotence", "true"),
-        ("partitioner", "murmur2_random"),
-        ("message.timeout.ms", "30000"),
-        // Room for the largest message `Message::validate` accepts plus its overhead.
-        ("message.max.bytes", "1048576"),
-        // A batch is handed over whole and then awaited: waiting for more adds only delay.
-        ("queue.buffering.max.ms", "0"),
-        // A refusal that would leave a gap in a partition stops the producer: the
-        // messages behind it are purged unsent, and the producer is replaced.
-        ("enable.gapless.guarantee", "true"),
-    ] {
-        resolved.insert(name.to_string(), value.to_string());
-    }
-    let mut given: BTreeMap<String, (String, String)> = BTreeMap::new();
-    for (name, value) in properties {
-        let (name, value): (String, String) = (name.into(), value.into());
-        let key = canonical(&name);
-        if let Some((first, earlier)) = given.get(&key) {
-            if *earlier != value && *first != name {
-                return Err(Error::config(format!(
-                    "{first} and {name} are one librdkafka property ({key}), given two values"
-                )));
-            }
-        }
-        given.insert(key, (name, value));
-    }
-    let weak = given
-        .remove(ALLOW_WEAK_DELIVERY)
-        .is_some_and(|(_, value)| value.trim() == "true");
-    let strict = given
-        .remove(STRICT_KEY_ORDER)
-        .is_some_and(|(_, value)| value.trim() == "true");
-    let gapless_given = given.contains_key("enable.gapless.guarantee");
-    for (key, (_, value)) in given {
-        resolved.insert(key, value);
-    }
-    let idempotent = resolved
-        .get("enable.idempotence")
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
-    if !idempotent && !gapless_given {
-        // librdkafka allows the gapless guarantee only with idempotence.
-        resolved.remove("enable.gapless.guarantee");
-    }
-    if !weak {
-        let setting = |name: &str| resolved.get(name).map(|v| v.trim().to_ascii_lowercase());
-        let mut weakened = Vec::new();
-        if !matches!(
-            setting("request.required.acks").as_deref(),
-            Some("all" | "-1")
-        ) {
-            weakened.push("acks other than all can lose acknowledged messages");
-        }
-        if setting("enable.idempotence").as_deref() != Some("true") {
-            weakened
-                .push("without idempotence, retries can reorder and duplicate a key's messages");
-        }
-        if setting("partitioner").as_deref() == Some("random") {
-            weakened
-                .push("the random partitioner scatters a key over partitions, losing its order");
-        }
-        if !weakened.is_empty() {
-            return Err(Error::config(format!(
-                "{}; set {ALLOW_WEAK_DELIVERY}=true to accept that",
-                weakened.join("; ")
-            )));
-        }
-    }
-    Ok((resolved, strict))
-}
-
 /// The records in waves: the first message of every key (and every message without a
 /// key), then the second of every key, and so on; each wave in id order.
 fn waves_by_key(records: &[Record]) -> Vec<Vec<usize>> {
@@ -498,26 +341,6 @@ fn waves_by_key(records: &[Record]) -> Vec<Vec<usize>> {
         waves[wave].push(index);
     }
     waves
-}
-
-/// True when a bootstrap server (`[protocol://]host[:port]`) resolves to an address.
-fn resolves(server: &str) -> bool {
-    let server = server.trim();
-    let address = server.split_once("://").map_or(server, |(_, rest)| rest);
-    if address.is_empty() {
-        return false;
-    }
-    let with_port = if address
-        .rsplit_once(':')
-        .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
-    {
-        address.to_string()
-    } else {
-        format!("{address}:9092")
-    };
-    with_port
-        .to_socket_addrs()
-        .is_ok_and(|mut addrs| addrs.next().is_some())
 }
 
 /// Delivery outcomes of the batch being published.
@@ -577,6 +400,7 @@ impl ProducerContext for Reports {
 mod tests {
     use super::*;
     use crate::message::Message;
+    use crate::STRICT_KEY_ORDER;
 
     #[test]
     fn pending_counts_each_report_once_and_ignores_other_batches() {
@@ -606,112 +430,6 @@ mod tests {
             KafkaBroker::new("127.0.0.1:9").unwrap().delivery_timeout(),
             Duration::from_secs(60)
         );
-    }
-
-    #[test]
-    fn addresses_that_do_not_resolve_are_refused() {
-        for servers in [
-            "",
-            " , ",
-            "no-such-host.invalid:9092",
-            "PLAINTEXT://no-such-host.invalid",
-        ] {
-            assert!(
-                matches!(KafkaBroker::new(servers), Err(Error::Config(_))),
-                "{servers:?}"
-            );
-        }
-        for servers in [
-            "127.0.0.1:9",
-            "localhost",
-            "PLAINTEXT://127.0.0.1:9092",
-            "no-such-host.invalid:1,127.0.0.1:9",
-        ] {
-            assert!(KafkaBroker::new(servers).is_ok(), "{servers:?}");
-        }
-    }
-
-    fn refused(properties: &[(&str, &str)]) -> String {
-        match KafkaBroker::with_properties("127.0.0.1:9", properties.iter().copied()) {
-            Err(Error::Config(reason)) => reason,
-            other => panic!("{properties:?} should be refused, got {other:?}"),
-        }
-    }
-
-    fn property(broker: &KafkaBroker, name: &str) -> Option<String> {
-        broker.config.get(name).map(str::to_string)
-    }
-
-    #[test]
-    fn aliases_are_resolved_before_the_delivery_timeout_is_computed() {
-        let broker = KafkaBroker::with_properties(
-            "127.0.0.1:9",
-            [
-                ("delivery.timeout.ms", "1500"),
-                ("request.timeout.ms", "700"),
-            ],
-        )
-        .unwrap();
-        assert_eq!(broker.delivery_timeout(), Duration::from_millis(2200));
-        assert_eq!(
-            property(&broker, "message.timeout.ms").as_deref(),
-            Some("1500")
-        );
-        assert_eq!(property(&broker, "delivery.timeout.ms"), None);
-
-        let broker =
-            KafkaBroker::with_properties("127.0.0.1:9", [("linger.ms", "5"), ("acks", "-1")])
-                .unwrap();
-        assert_eq!(
-            property(&broker, "queue.buffering.max.ms").as_deref(),
-            Some("5")
-        );
-        assert_eq!(
-            property(&broker, "linger.ms"),
-            None,
-            "one name per property"
-        );
-        assert_eq!(
-            property(&broker, "request.required.acks").as_deref(),
-            Some("-1")
-        );
-        assert!(
-            refused(&[("linger.ms", "5"), ("queue.buffering.max.ms", "10")]).contains("two values")
-        );
-    }
-
-    #[test]
-    fn settings_that_break_the_guarantees_need_an_explicit_opt_out() {
-        for (name, value) in [
-            ("acks", "1"),
-            ("request.required.acks", "0"),
-            ("enable.idempotence", "false"),
-            ("partitioner", "random"),
-        ] {
-            assert!(
-                refused(&[(name, value)]).contains(ALLOW_WEAK_DELIVERY),
-                "{name}"
-            );
-            // librdkafka itself wants idempotence off for acks other than all.
-            let broker = KafkaBroker::with_properties(
-                "127.0.0.1:9",
-                [
-                    (name, value),
-                    ("enable.idempotence", "false"),
-                    (ALLOW_WEAK_DELIVERY, "true"),
-                ],
-            )
-            .unwrap();
-            assert_eq!(
-                property(&broker, ALLOW_WEAK_DELIVERY),
-                None,
-                "the crate's own"
-            );
-        }
-        for never in [("message.timeout.ms", "0"), ("delivery.timeout.ms", "0")] {
-            assert!(refused(&[never, (ALLOW_WEAK_DELIVERY, "true")]).contains("forever"));
-        }
-        assert!(refused(&[("request.timeout.ms", "soon")]).contains("milliseconds"));
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! Where messages go: the broker seam, and the Kafka implementation.
 
 mod kafka;
+mod properties;
 
 use std::time::Duration;
 
-pub use self::kafka::{KafkaBroker, ALLOW_WEAK_DELIVERY, STRICT_KEY_ORDER};
+pub use self::kafka::KafkaBroker;
+pub use self::properties::{ALLOW_WEAK_DELIVERY, STRICT_KEY_ORDER};
 use crate::error::Result;
 use crate::record::Record;
 

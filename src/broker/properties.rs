@@ -1,0 +1,337 @@
+//! The producer's properties: the crate's defaults, the user's under librdkafka's
+//! canonical names, and the checks that keep the outbox's guarantees.
+
+use std::collections::BTreeMap;
+use std::net::ToSocketAddrs;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// `message.timeout.ms` when not set: how long librdkafka tries a message.
+const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// librdkafka's default `request.timeout.ms`.
+const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// librdkafka's aliases, and the name each stands for. Properties are set under the
+/// second name only, so that two names of one property cannot both be set and leave
+/// librdkafka's choice between them to the order of a map.
+const ALIASES: [(&str, &str); 10] = [
+    ("bootstrap.servers", "metadata.broker.list"),
+    ("max.in.flight", "max.in.flight.requests.per.connection"),
+    ("sasl.mechanism", "sasl.mechanisms"),
+    (
+        "sasl.oauthbearer.client.credentials.client.id",
+        "sasl.oauthbearer.client.id",
+    ),
+    (
+        "sasl.oauthbearer.client.credentials.client.secret",
+        "sasl.oauthbearer.client.secret",
+    ),
+    ("linger.ms", "queue.buffering.max.ms"),
+    ("retries", "message.send.max.retries"),
+    ("compression.type", "compression.codec"),
+    ("acks", "request.required.acks"),
+    ("delivery.timeout.ms", "message.timeout.ms"),
+];
+
+/// The property that lets a user weaken the crate's delivery guarantees on purpose:
+/// `acks` other than `all`, idempotence off, or a `random` partitioner. It is the
+/// crate's, and never reaches librdkafka.
+pub const ALLOW_WEAK_DELIVERY: &str = "outbox.allow.weak.delivery";
+
+/// The property that makes a [`KafkaBroker`](super::KafkaBroker) send one message of a key at a time, each
+/// after the one before it was acknowledged: a key's order then holds on brokers that do
+/// not enforce the idempotent producer's sequence numbers. It is the crate's, and never
+/// reaches librdkafka. Defaults to `false`.
+pub const STRICT_KEY_ORDER: &str = "outbox.strict.key.order";
+
+/// The properties a [`KafkaBroker`](super::KafkaBroker) is made with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Properties {
+    /// What librdkafka is given, each under its canonical name.
+    pub librdkafka: BTreeMap<String, String>,
+    /// [`STRICT_KEY_ORDER`].
+    pub strict_key_order: bool,
+    /// `message.timeout.ms` + `request.timeout.ms`: the longest a publish waits.
+    pub delivery_timeout: Duration,
+}
+
+impl Properties {
+    /// The crate's defaults, then `properties`, resolved and checked.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for a server list of which nothing resolves, a property given
+    /// two values under two names, a timeout that is not a number or never ends, and
+    /// settings that weaken the guarantees without [`ALLOW_WEAK_DELIVERY`].
+    pub fn resolve<K, V>(
+        bootstrap_servers: &str,
+        properties: impl IntoIterator<Item = (K, V)>,
+    ) -> Result<Properties>
+    where
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let (properties, strict_key_order) = resolve(bootstrap_servers, properties)?;
+        let servers = properties
+            .get("metadata.broker.list")
+            .cloned()
+            .unwrap_or_default();
+        if !servers.split(',').any(resolves) {
+            return Err(Error::config(format!(
+                "none of the Kafka bootstrap servers {servers:?} resolves to an address"
+            )));
+        }
+        let millis = |name: &str, default: Duration| -> Result<Duration> {
+            match properties.get(name) {
+                None => Ok(default),
+                Some(value) => value
+                    .trim()
+                    .parse()
+                    .map(Duration::from_millis)
+                    .map_err(|_| {
+                        Error::config(format!(
+                            "{name}={value:?} is not a whole number of milliseconds"
+                        ))
+                    }),
+            }
+        };
+        let message_timeout = millis("message.timeout.ms", DEFAULT_MESSAGE_TIMEOUT)?;
+        if message_timeout.is_zero() {
+            return Err(Error::config(
+                "message.timeout.ms (delivery.timeout.ms) = 0 would let a message be tried \
+                 forever: the relay needs every publish to end, so that a lease can outlast it",
+            ));
+        }
+        let delivery_timeout =
+            message_timeout.saturating_add(millis("request.timeout.ms", DEFAULT_REQUEST_TIMEOUT)?);
+        Ok(Properties {
+            librdkafka: properties,
+            strict_key_order,
+            delivery_timeout,
+        })
+    }
+}
+
+/// The producer's properties: the crate's defaults, then the user's, every one under its
+/// canonical name, checked against the guarantees.
+fn resolve<K, V>(
+    bootstrap_servers: &str,
+    properties: impl IntoIterator<Item = (K, V)>,
+) -> Result<(BTreeMap<String, String>, bool)>
+where
+    K: Into<String>,
+    V: Into<String>,
+{
+    let canonical = |name: &str| -> String {
+        let name = name.trim();
+        ALIASES
+            .iter()
+            .find(|(alias, _)| *alias == name)
+            .map_or(name, |(_, canonical)| canonical)
+            .to_string()
+    };
+    let mut resolved = BTreeMap::new();
+    for (name, value) in [
+        ("metadata.broker.list", bootstrap_servers),
+        ("request.required.acks", "all"),
+        ("enable.idempotence", "true"),
+        ("partitioner", "murmur2_random"),
+        ("message.timeout.ms", "30000"),
+        // Room for the largest message `Message::validate` accepts plus its overhead.
+        ("message.max.bytes", "1048576"),
+        // A batch is handed over whole and then awaited: waiting for more adds only delay.
+        ("queue.buffering.max.ms", "0"),
+        // A refusal that would leave a gap in a partition stops the producer: the
+        // messages behind it are purged unsent, and the producer is replaced.
+        ("enable.gapless.guarantee", "true"),
+    ] {
+        resolved.insert(name.to_string(), value.to_string());
+    }
+    let mut given: BTreeMap<String, (String, String)> = BTreeMap::new();
+    for (name, value) in properties {
+        let (name, value): (String, String) = (name.into(), value.into());
+        let key = canonical(&name);
+        if let Some((first, earlier)) = given.get(&key) {
+            if *earlier != value && *first != name {
+                return Err(Error::config(format!(
+                    "{first} and {name} are one librdkafka property ({key}), given two values"
+                )));
+            }
+        }
+        given.insert(key, (name, value));
+    }
+    let weak = given
+        .remove(ALLOW_WEAK_DELIVERY)
+        .is_some_and(|(_, value)| value.trim() == "true");
+    let strict = given
+        .remove(STRICT_KEY_ORDER)
+        .is_some_and(|(_, value)| value.trim() == "true");
+    let gapless_given = given.contains_key("enable.gapless.guarantee");
+    for (key, (_, value)) in given {
+        resolved.insert(key, value);
+    }
+    let idempotent = resolved
+        .get("enable.idempotence")
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+    if !idempotent && !gapless_given {
+        // librdkafka allows the gapless guarantee only with idempotence.
+        resolved.remove("enable.gapless.guarantee");
+    }
+    if !weak {
+        let setting = |name: &str| resolved.get(name).map(|v| v.trim().to_ascii_lowercase());
+        let mut weakened = Vec::new();
+        if !matches!(
+            setting("request.required.acks").as_deref(),
+            Some("all" | "-1")
+        ) {
+            weakened.push("acks other than all can lose acknowledged messages");
+        }
+        if setting("enable.idempotence").as_deref() != Some("true") {
+            weakened
+                .push("without idempotence, retries can reorder and duplicate a key's messages");
+        }
+        if setting("partitioner").as_deref() == Some("random") {
+            weakened
+                .push("the random partitioner scatters a key over partitions, losing its order");
+        }
+        if !weakened.is_empty() {
+            return Err(Error::config(format!(
+                "{}; set {ALLOW_WEAK_DELIVERY}=true to accept that",
+                weakened.join("; ")
+            )));
+        }
+    }
+    Ok((resolved, strict))
+}
+
+/// True when a bootstrap server (`[protocol://]host[:port]`) resolves to an address.
+fn resolves(server: &str) -> bool {
+    let server = server.trim();
+    let address = server.split_once("://").map_or(server, |(_, rest)| rest);
+    if address.is_empty() {
+        return false;
+    }
+    let with_port = if address
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
+    {
+        address.to_string()
+    } else {
+        format!("{address}:9092")
+    };
+    with_port
+        .to_socket_addrs()
+        .is_ok_and(|mut addrs| addrs.next().is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NONE: [(&str, &str); 0] = [];
+
+    fn refused(properties: &[(&str, &str)]) -> String {
+        match Properties::resolve("127.0.0.1:9", properties.iter().copied()) {
+            Err(Error::Config(reason)) => reason,
+            other => panic!("{properties:?} should be refused, got {other:?}"),
+        }
+    }
+
+    fn property(properties: &Properties, name: &str) -> Option<String> {
+        properties.librdkafka.get(name).cloned()
+    }
+
+    #[test]
+    fn aliases_are_resolved_before_the_delivery_timeout_is_computed() {
+        let resolved = Properties::resolve(
+            "127.0.0.1:9",
+            [
+                ("delivery.timeout.ms", "1500"),
+                ("request.timeout.ms", "700"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(resolved.delivery_timeout, Duration::from_millis(2200));
+        assert_eq!(
+            property(&resolved, "message.timeout.ms").as_deref(),
+            Some("1500")
+        );
+        assert_eq!(property(&resolved, "delivery.timeout.ms"), None);
+
+        let resolved =
+            Properties::resolve("127.0.0.1:9", [("linger.ms", "5"), ("acks", "-1")]).unwrap();
+        assert_eq!(
+            property(&resolved, "queue.buffering.max.ms").as_deref(),
+            Some("5")
+        );
+        assert_eq!(
+            property(&resolved, "linger.ms"),
+            None,
+            "one name per property"
+        );
+        assert_eq!(
+            property(&resolved, "request.required.acks").as_deref(),
+            Some("-1")
+        );
+        assert!(
+            refused(&[("linger.ms", "5"), ("queue.buffering.max.ms", "10")]).contains("two values")
+        );
+    }
+
+    #[test]
+    fn settings_that_break_the_guarantees_need_an_explicit_opt_out() {
+        for (name, value) in [
+            ("acks", "1"),
+            ("request.required.acks", "0"),
+            ("enable.idempotence", "false"),
+            ("partitioner", "random"),
+        ] {
+            assert!(
+                refused(&[(name, value)]).contains(ALLOW_WEAK_DELIVERY),
+                "{name}"
+            );
+            // librdkafka itself wants idempotence off for acks other than all.
+            let resolved = Properties::resolve(
+                "127.0.0.1:9",
+                [
+                    (name, value),
+                    ("enable.idempotence", "false"),
+                    (ALLOW_WEAK_DELIVERY, "true"),
+                ],
+            )
+            .unwrap();
+            assert_eq!(
+                property(&resolved, ALLOW_WEAK_DELIVERY),
+                None,
+                "the crate's own"
+            );
+        }
+        for never in [("message.timeout.ms", "0"), ("delivery.timeout.ms", "0")] {
+            assert!(refused(&[never, (ALLOW_WEAK_DELIVERY, "true")]).contains("forever"));
+        }
+        assert!(refused(&[("request.timeout.ms", "soon")]).contains("milliseconds"));
+    }
+
+    #[test]
+    fn addresses_that_do_not_resolve_are_refused() {
+        for servers in [
+            "",
+            " , ",
+            "no-such-host.invalid:9092",
+            "PLAINTEXT://no-such-host.invalid",
+        ] {
+            assert!(
+                matches!(Properties::resolve(servers, NONE), Err(Error::Config(_))),
+                "{servers:?}"
+            );
+        }
+        for servers in [
+            "127.0.0.1:9",
+            "localhost",
+            "PLAINTEXT://127.0.0.1:9092",
+            "no-such-host.invalid:1,127.0.0.1:9",
+        ] {
+            assert!(Properties::resolve(servers, NONE).is_ok(), "{servers:?}");
+        }
+    }
+}
