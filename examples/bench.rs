@@ -8,7 +8,8 @@
 //!   value riding on the COMMIT (the ceiling of any add that writes a row); the batch add
 //!   (100 messages per transaction);
 //! - drain: a backlog of `BENCH_BACKLOG` messages (default 100,000; 200-byte payloads,
-//!   3 headers, 1,000 keys) drained by 1 and by 4 dispatchers, and on a single key;
+//!   3 headers, 1,000 keys) drained by 1 and by 4 dispatchers, and on a single key; by one
+//!   dispatcher again with `outbox.strict.key.order` (and a tenth of the hot key's backlog);
 //! - raw limits: the same messages produced straight through rdkafka (no database), and
 //!   a plain claim-and-mark loop over the same rows (no broker);
 //! - latency: commit to broker acknowledgement at a steady 1,000 messages/s, with the
@@ -118,12 +119,15 @@ fn drain(
     eprintln!("drain, {backlog} messages ({runs} runs)");
     let (mut raw_broker, mut raw_db, mut one, mut four, mut hot) =
         (vec![], vec![], vec![], vec![], vec![]);
+    let (mut one_strict, mut hot_strict) = (vec![], vec![]);
     for _ in 0..runs {
         raw_broker.push(bench.raw_broker(backlog)?);
         raw_db.push(bench.raw_claim_and_mark(backlog)?);
-        one.push(bench.drain(backlog, KEYS, 1)?);
-        four.push(bench.drain(backlog, KEYS, 4)?);
-        hot.push(bench.drain(hot_backlog, 1, 1)?);
+        one.push(bench.drain(backlog, KEYS, 1, false)?);
+        one_strict.push(bench.drain(backlog, KEYS, 1, true)?);
+        four.push(bench.drain(backlog, KEYS, 4, false)?);
+        hot.push(bench.drain(hot_backlog, 1, 1, false)?);
+        hot_strict.push(bench.drain(hot_backlog / 10, 1, 1, true)?);
     }
     table.rate("raw broker: rdkafka alone (msg/s)", &raw_broker);
     table.rate("raw database: claim-and-mark loop (msg/s)", &raw_db);
@@ -134,11 +138,21 @@ fn drain(
         .map(|(b, d)| b.min(*d))
         .collect();
     table.ratio("  1 dispatcher / slower raw limit", &one, &limit);
+    table.rate("drain, 1 dispatcher, strict key order (msg/s)", &one_strict);
+    table.ratio("  strict / pipelined", &one_strict, &one);
     table.rate("drain, 4 dispatchers (msg/s)", &four);
     table.rate(
         &format!("drain, one hot key, {hot_backlog} msgs (msg/s)"),
         &hot,
     );
+    table.rate(
+        &format!(
+            "drain, one hot key, strict key order, {} msgs (msg/s)",
+            hot_backlog / 10
+        ),
+        &hot_strict,
+    );
+    table.ratio("  strict / pipelined, one hot key", &hot_strict, &hot);
     Ok(())
 }
 
@@ -377,14 +391,16 @@ impl Bench {
         Ok(found == Some(1))
     }
 
-    /// Drains a backlog of `n` messages over `keys` keys with `dispatchers` dispatchers;
-    /// messages per second from their start until the last row is marked delivered
-    /// (which happens only after the broker acknowledged it).
+    /// Drains a backlog of `n` messages over `keys` keys with `dispatchers` dispatchers
+    /// (sending one message of a key at a time when `strict`); messages per second from
+    /// their start until the last row is marked delivered (which happens only after the
+    /// broker acknowledged it).
     fn drain(
         &self,
         n: usize,
         keys: usize,
         dispatchers: usize,
+        strict: bool,
     ) -> Result<f64, Box<dyn std::error::Error>> {
         let topic = self.name("topic");
         let store = self.backlog(n, keys, &topic)?;
@@ -395,7 +411,11 @@ impl Bench {
         let start = Instant::now();
         let handles = (0..dispatchers)
             .map(|i| {
-                let broker = KafkaBroker::new(&self.brokers)?;
+                let strict = (
+                    outbox::STRICT_KEY_ORDER,
+                    if strict { "true" } else { "false" },
+                );
+                let broker = KafkaBroker::with_properties(&self.brokers, [strict])?;
                 Dispatcher::new(
                     store.clone(),
                     broker,

@@ -54,7 +54,14 @@
 //! for bad input (nothing is written), [`Error::Database`] and [`Error::Kafka`] from the
 //! drivers, with their source kept. [`Error::is_retryable`] tells the two kinds apart.
 //! The dispatcher's threads never panic on a lost connection: they put the error on
-//! [`DispatcherHandle::errors`] and try again at their next tick.
+//! [`DispatcherHandle::errors`] and try again at their next tick. A worker that panics
+//! anyway is reported ([`Error::WorkerPanicked`]); the relay then stops claiming and
+//! releases what it held, and [`DispatcherHandle::is_running`] turns false.
+//!
+//! # Time
+//!
+//! Every time the outbox writes or compares is the database's clock in UTC, whatever the
+//! `time_zone` of the sessions that add messages or run dispatchers.
 //!
 //! # Extending
 //!
@@ -67,9 +74,12 @@
 //! The crate logs through [`log`] and never installs a logger.
 //! - `error`: a message declared dead, a corrupt row, a worker panic;
 //! - `warn`: every error also put on the error channel, failed publishes, expired leases
-//!   released, rows whose lease was lost before they were marked;
+//!   released, rows whose lease was lost before they were marked, a Kafka producer
+//!   replaced;
 //! - `info`: dispatcher start and stop, rows deleted by retention;
 //! - `debug`: each relay round and each failed attempt.
+//!
+//! librdkafka's own lines go to the target `librdkafka`.
 
 #![deny(missing_docs)]
 

@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
@@ -381,7 +381,26 @@ struct Reports {
     pending: Mutex<Pending>,
 }
 
-impl ClientContext for Reports {}
+impl ClientContext for Reports {
+    /// librdkafka's log lines, to `log` under the target `librdkafka`; its warning that
+    /// `enable.gapless.guarantee` (which the crate sets on purpose) is experimental goes
+    /// to `debug`, not to every start's warnings.
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        let level = match level {
+            _ if fac == "CONFWARN" && log_message.contains("enable.gapless.guarantee") => {
+                log::Level::Debug
+            }
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => log::Level::Error,
+            RDKafkaLogLevel::Warning => log::Level::Warn,
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => log::Level::Info,
+            RDKafkaLogLevel::Debug => log::Level::Debug,
+        };
+        log::log!(target: "librdkafka", level, "librdkafka: {fac} {log_message}");
+    }
+}
 
 impl ProducerContext for Reports {
     type DeliveryOpaque = Box<(u64, usize)>;
