@@ -81,7 +81,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .env("OUTBOX_TABLE", &table)
                 .env("OUTBOX_INSTANCE", format!("soak-{i}"))
                 .env("OUTBOX_PROCESS_INTERVAL_MS", "100")
-                .env("OUTBOX_MAX_LOCK_MS", "20000")
+                // Three delivery timeouts of 10 s (the relay holds three batches) and 5 s.
+                .env("OUTBOX_MAX_LOCK_MS", "35000")
                 // Well under the final wait: a message that failed at many restarts in a
                 // row must still be due again before the soak stops looking.
                 .env("OUTBOX_BACKOFF_MAX_MS", "5000")
