@@ -98,7 +98,9 @@ pub use mysql;
 pub use rdkafka;
 pub use uuid;
 
-pub use crate::broker::{Broker, KafkaBroker, ALLOW_WEAK_DELIVERY, STRICT_KEY_ORDER};
+pub use crate::broker::{
+    Broker, KafkaBroker, ALLOW_WEAK_DELIVERY, RECORD_TIMESTAMP, STRICT_KEY_ORDER,
+};
 pub use crate::dispatcher::{Dispatcher, DispatcherHandle, Waker, MAX_INSTANCE_ID_LEN};
 pub use crate::error::{Error, Result, Worker};
 pub use crate::message::{

@@ -1,5 +1,7 @@
 //! A message as the dispatcher handles it: read back from the store with its identity.
 
+use std::time::SystemTime;
+
 use uuid::Uuid;
 
 use crate::message::Message;
@@ -15,6 +17,9 @@ pub struct Record {
     pub message_id: Uuid,
     /// Failed sends so far.
     pub attempts: u32,
+    /// When the message was added: its row's `created_on`, the database's clock.
+    /// [`KafkaBroker`](crate::KafkaBroker) gives it to the record as its timestamp.
+    pub created: SystemTime,
     /// The message as it was added.
     pub message: Message,
 }

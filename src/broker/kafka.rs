@@ -1,7 +1,7 @@
 //! [`Broker`] on Kafka, through librdkafka's synchronous `BaseProducer`.
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
@@ -10,7 +10,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::ClientContext;
 
-use super::properties::Properties;
+use super::properties::{Properties, RecordTimestamp};
 use super::Broker;
 use crate::error::{Error, Result};
 use crate::message::MESSAGE_ID_HEADER;
@@ -43,7 +43,10 @@ const REPORT_PAUSE: Duration = Duration::from_micros(200);
 /// per message of a key in a batch.
 ///
 /// Each record carries the message's headers in order, then
-/// [`MESSAGE_ID_HEADER`](crate::MESSAGE_ID_HEADER) with the message id.
+/// [`MESSAGE_ID_HEADER`](crate::MESSAGE_ID_HEADER) with the message id, and as its
+/// timestamp the time the message was added (its row's `created_on`), however late it is
+/// published; [`RECORD_TIMESTAMP`](crate::RECORD_TIMESTAMP)`=publish` gives it the time
+/// of publishing instead.
 ///
 /// ```no_run
 /// # fn main() -> outbox::Result<()> {
@@ -60,6 +63,8 @@ pub struct KafkaBroker {
     /// One message of a key in flight at a time
     /// ([`STRICT_KEY_ORDER`](crate::STRICT_KEY_ORDER)).
     strict_key_order: bool,
+    /// What each record's timestamp is ([`RECORD_TIMESTAMP`](crate::RECORD_TIMESTAMP)).
+    timestamps: RecordTimestamp,
     batch: u64,
 }
 
@@ -124,6 +129,7 @@ impl KafkaBroker {
             producer,
             delivery_timeout: properties.delivery_timeout,
             strict_key_order: properties.strict_key_order,
+            timestamps: properties.timestamps,
             batch: 0,
         })
     }
@@ -145,6 +151,15 @@ impl KafkaBroker {
         let mut base = BaseRecord::with_opaque_to(message.topic(), Box::new((self.batch, index)))
             .payload(message.payload())
             .headers(headers);
+        if self.timestamps == RecordTimestamp::Created {
+            let millis = record
+                .created
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |since| {
+                    i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+                });
+            base = base.timestamp(millis);
+        }
         if let Some(key) = message.key() {
             base = base.key(key);
         }
@@ -459,6 +474,7 @@ mod tests {
                 id,
                 message_id: uuid::Uuid::nil(),
                 attempts: 0,
+                created: std::time::SystemTime::now(),
                 message: match key {
                     Some(key) => message.with_key(key),
                     None => message,

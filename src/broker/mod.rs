@@ -6,7 +6,7 @@ mod properties;
 use std::time::Duration;
 
 pub use self::kafka::KafkaBroker;
-pub use self::properties::{ALLOW_WEAK_DELIVERY, STRICT_KEY_ORDER};
+pub use self::properties::{ALLOW_WEAK_DELIVERY, RECORD_TIMESTAMP, STRICT_KEY_ORDER};
 use crate::error::Result;
 use crate::record::Record;
 

@@ -44,6 +44,21 @@ pub const ALLOW_WEAK_DELIVERY: &str = "outbox.allow.weak.delivery";
 /// reaches librdkafka. Defaults to `false`.
 pub const STRICT_KEY_ORDER: &str = "outbox.strict.key.order";
 
+/// The property that says what a record's timestamp is: `created` (the default), the time
+/// its message was added, from its row's `created_on` by the database's clock; or
+/// `publish`, the relay host's clock when it is published. It is the crate's, and never
+/// reaches librdkafka.
+pub const RECORD_TIMESTAMP: &str = "outbox.record.timestamp";
+
+/// What a record's timestamp is; see [`RECORD_TIMESTAMP`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RecordTimestamp {
+    /// When its message was added.
+    Created,
+    /// When it is published.
+    Publish,
+}
+
 /// The properties a [`KafkaBroker`](super::KafkaBroker) is made with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Properties {
@@ -51,6 +66,8 @@ pub(crate) struct Properties {
     pub librdkafka: BTreeMap<String, String>,
     /// [`STRICT_KEY_ORDER`].
     pub strict_key_order: bool,
+    /// [`RECORD_TIMESTAMP`].
+    pub timestamps: RecordTimestamp,
     /// `message.timeout.ms` + `request.timeout.ms`: the longest a publish waits.
     pub delivery_timeout: Duration,
 }
@@ -71,7 +88,7 @@ impl Properties {
         K: Into<String>,
         V: Into<String>,
     {
-        let (properties, strict_key_order) = resolve(bootstrap_servers, properties)?;
+        let (properties, strict_key_order, timestamps) = resolve(bootstrap_servers, properties)?;
         let servers = properties
             .get("metadata.broker.list")
             .cloned()
@@ -107,6 +124,7 @@ impl Properties {
         Ok(Properties {
             librdkafka: properties,
             strict_key_order,
+            timestamps,
             delivery_timeout,
         })
     }
@@ -117,7 +135,7 @@ impl Properties {
 fn resolve<K, V>(
     bootstrap_servers: &str,
     properties: impl IntoIterator<Item = (K, V)>,
-) -> Result<(BTreeMap<String, String>, bool)>
+) -> Result<(BTreeMap<String, String>, bool, RecordTimestamp)>
 where
     K: Into<String>,
     V: Into<String>,
@@ -166,6 +184,18 @@ where
     let strict = given
         .remove(STRICT_KEY_ORDER)
         .is_some_and(|(_, value)| value.trim() == "true");
+    let timestamps = match given.remove(RECORD_TIMESTAMP) {
+        None => RecordTimestamp::Created,
+        Some((_, value)) => match value.trim() {
+            "created" => RecordTimestamp::Created,
+            "publish" => RecordTimestamp::Publish,
+            other => {
+                return Err(Error::config(format!(
+                    "{RECORD_TIMESTAMP}={other:?}: it is `created` or `publish`"
+                )))
+            }
+        },
+    };
     let gapless_given = given.contains_key("enable.gapless.guarantee");
     for (key, (_, value)) in given {
         resolved.insert(key, value);
@@ -201,7 +231,7 @@ where
             )));
         }
     }
-    Ok((resolved, strict))
+    Ok((resolved, strict, timestamps))
 }
 
 /// True when a bootstrap server (`[protocol://]host[:port]`) resolves to an address.
@@ -276,6 +306,21 @@ mod tests {
         assert!(
             refused(&[("linger.ms", "5"), ("queue.buffering.max.ms", "10")]).contains("two values")
         );
+    }
+
+    #[test]
+    fn record_timestamps_are_the_adds_unless_told_otherwise() {
+        let resolve = |properties: &[(&str, &str)]| {
+            Properties::resolve("127.0.0.1:9", properties.iter().copied()).map(|p| p.timestamps)
+        };
+        assert_eq!(resolve(&[]).unwrap(), RecordTimestamp::Created);
+        assert_eq!(
+            resolve(&[(RECORD_TIMESTAMP, "publish")]).unwrap(),
+            RecordTimestamp::Publish
+        );
+        assert!(refused(&[(RECORD_TIMESTAMP, "now")]).contains("created"));
+        let kept = Properties::resolve("127.0.0.1:9", [(RECORD_TIMESTAMP, "created")]).unwrap();
+        assert_eq!(property(&kept, RECORD_TIMESTAMP), None, "the crate's own");
     }
 
     #[test]

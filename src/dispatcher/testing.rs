@@ -44,6 +44,7 @@ impl FakeStore {
                     id: i as u64 + 1,
                     message_id: Uuid::now_v7(),
                     attempts: 0,
+                    created: std::time::SystemTime::now(),
                     message,
                 },
                 delivered: false,

@@ -1,6 +1,8 @@
 //! How a message is stored in a row and read back: the headers' JSON, the values of an
 //! INSERT, and the decoding of a claimed row.
 
+use std::time::{Duration, UNIX_EPOCH};
+
 use mysql::Row;
 use serde_json::Value as Json;
 use uuid::Uuid;
@@ -103,8 +105,11 @@ fn push_hex(sql: &mut String, introducer: &str, bytes: &[u8]) {
 }
 
 /// Columns a claim reads, in the order [`decode_record`] expects.
+/// `created_on` is read as microseconds since 1970 by arithmetic on the stored value, which
+/// is UTC: `UNIX_TIMESTAMP` would read it in the session's time zone.
 pub(crate) const RECORD_COLUMNS: &str =
-    "o.id, o.message_id, o.topic, o.msg_key, o.headers, o.payload, o.number_of_attempts";
+    "o.id, o.message_id, o.topic, o.msg_key, o.headers, o.payload, o.number_of_attempts, \
+     TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', o.created_on)";
 
 /// A claimed row, read as [`RECORD_COLUMNS`], back into a record; [`Error::CorruptRow`]
 /// when it cannot be.
@@ -117,6 +122,7 @@ pub(crate) fn decode_record(mut row: Row) -> Result<Record> {
     let headers: Option<Vec<u8>> = take(&mut row, 4, id)?;
     let payload: Vec<u8> = take(&mut row, 5, id)?;
     let attempts: u32 = take(&mut row, 6, id)?;
+    let created_micros: i64 = take(&mut row, 7, id)?;
 
     let message_id =
         Uuid::from_slice(&message_id).map_err(|e| corrupt(format!("message_id: {e}")))?;
@@ -132,10 +138,15 @@ pub(crate) fn decode_record(mut row: Row) -> Result<Record> {
             message = message.with_header(name, value);
         }
     }
+    let created = u64::try_from(created_micros)
+        .ok()
+        .and_then(|micros| UNIX_EPOCH.checked_add(Duration::from_micros(micros)))
+        .ok_or_else(|| corrupt(format!("created_on is {created_micros} us from 1970")))?;
     Ok(Record {
         id,
         message_id,
         attempts,
+        created,
         message,
     })
 }

@@ -200,6 +200,8 @@ pub struct Consumed {
     pub key: Option<String>,
     pub payload: Vec<u8>,
     pub headers: Vec<(String, Vec<u8>)>,
+    /// The record's timestamp, in milliseconds since 1970.
+    pub timestamp: Option<i64>,
 }
 
 impl Consumed {
@@ -282,6 +284,7 @@ pub fn consume_from(
                 key: m.key().map(|k| String::from_utf8(k.to_vec()).unwrap()),
                 payload: m.payload().unwrap_or_default().to_vec(),
                 headers,
+                timestamp: m.timestamp().to_millis(),
             });
             if out.len() == expected {
                 stop_at = stop_at.min(Instant::now() + linger);
