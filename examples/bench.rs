@@ -456,7 +456,7 @@ impl Bench {
                     value: Some(value),
                 });
             }
-            let mut record = BaseRecord::<str, [u8]>::to(&topic)
+            let mut record = BaseRecord::<[u8], [u8]>::to(&topic)
                 .payload(m.payload())
                 .headers(headers);
             if let Some(key) = m.key() {

@@ -31,13 +31,14 @@ pub const MESSAGE_ID_HEADER: &str = "outbox-message-id";
 /// let msg = outbox::Message::new("orders", "{\"id\":42}")
 ///     .with_key("order-42")
 ///     .with_header("event-type", "OrderCreated");
-/// assert_eq!(msg.key(), Some("order-42"));
+/// assert_eq!(msg.key(), Some(&b"order-42"[..]));
+/// assert_eq!(msg.key_str(), Some("order-42"));
 /// assert!(msg.validate().is_ok());
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     topic: String,
-    key: Option<String>,
+    key: Option<Vec<u8>>,
     headers: Vec<(String, Vec<u8>)>,
     payload: Vec<u8>,
 }
@@ -67,10 +68,11 @@ impl Message {
         Ok(Message::new(topic, payload).with_header("content-type", "application/json"))
     }
 
-    /// Sets the key. Messages with the same topic and key are published in commit order,
+    /// Sets the key: text, or any bytes (a schema registry's framed Avro or Protobuf key,
+    /// say). Messages with the same topic and key are published in commit order,
     /// and Kafka puts them in the same partition.
-    pub fn with_key(mut self, key: impl Into<String>) -> Message {
-        self.key = Some(key.into());
+    pub fn with_key(mut self, key: impl AsRef<[u8]>) -> Message {
+        self.key = Some(key.as_ref().to_vec());
         self
     }
 
@@ -85,9 +87,14 @@ impl Message {
         &self.topic
     }
 
-    /// The key, if any.
-    pub fn key(&self) -> Option<&str> {
+    /// The key's bytes, if any.
+    pub fn key(&self) -> Option<&[u8]> {
         self.key.as_deref()
+    }
+
+    /// The key as text, if there is one and it is UTF-8.
+    pub fn key_str(&self) -> Option<&str> {
+        self.key().and_then(|key| std::str::from_utf8(key).ok())
     }
 
     /// The headers, in the order they were added.
@@ -104,7 +111,7 @@ impl Message {
     /// calls it before writing anything.
     ///
     /// - topic: 1 to 249 characters of `A-Z a-z 0-9 . _ -`, and not `.` or `..` (Kafka's rule);
-    /// - key: at most [`MAX_KEY_LEN`] bytes, no control characters;
+    /// - key: at most [`MAX_KEY_LEN`] bytes, any bytes;
     /// - headers: at most [`MAX_HEADERS`]; names of 1 to [`MAX_HEADER_NAME_LEN`] bytes
     ///   with no control characters, not [`MESSAGE_ID_HEADER`]; values any bytes;
     /// - payload, key and headers together: at most [`MAX_MESSAGE_SIZE`] bytes.
@@ -120,9 +127,6 @@ impl Message {
                     "key is {} bytes, the limit is {MAX_KEY_LEN}",
                     key.len()
                 )));
-            }
-            if key.chars().any(char::is_control) {
-                return Err(Error::invalid("key contains a control character"));
             }
         }
         if self.headers.len() > MAX_HEADERS {
@@ -146,7 +150,7 @@ impl Message {
     /// Payload, key, header names and header values added up, in bytes.
     pub(crate) fn size(&self) -> usize {
         let headers: usize = self.headers.iter().map(|(n, v)| n.len() + v.len()).sum();
-        self.payload.len() + self.key.as_ref().map_or(0, String::len) + headers
+        self.payload.len() + self.key.as_ref().map_or(0, Vec::len) + headers
     }
 }
 
@@ -241,7 +245,6 @@ mod tests {
 
     #[test]
     fn refuses_bad_keys_and_header_names() {
-        assert!(refused(Message::new("t", "p").with_key("a\nb")).contains("control"));
         assert!(
             refused(Message::new("t", "p").with_key("k".repeat(MAX_KEY_LEN + 1))).contains("key")
         );
@@ -255,6 +258,16 @@ mod tests {
             m.with_header(format!("h{i}"), "v")
         });
         assert!(refused(many).contains("headers"));
+    }
+
+    #[test]
+    fn keys_may_be_any_bytes() {
+        let framed = vec![0u8, 0, 0, 0, 7, 2, b'k', 0xff];
+        let msg = Message::new("t", "p").with_key(framed.clone());
+        assert!(msg.validate().is_ok());
+        assert_eq!(msg.key(), Some(&framed[..]));
+        assert_eq!(msg.key_str(), None, "not text");
+        assert_eq!(Message::new("t", "p").with_key("k").key_str(), Some("k"));
     }
 
     #[test]

@@ -27,7 +27,6 @@ fn bad_messages() -> Vec<(&'static str, Message)> {
             Message::new("x'; DROP TABLE outbox; --", "p"),
         ),
         ("key too long", ok().with_key("k".repeat(MAX_KEY_LEN + 1))),
-        ("key with a newline", ok().with_key("a\nb")),
         ("empty header name", ok().with_header("", "v")),
         ("header name with NUL", ok().with_header("a\0b", "v")),
         (

@@ -466,10 +466,15 @@ fn murmur2_matches_the_jvm_clients_values() {
 fn each_key_lands_in_the_partition_a_jvm_producer_would_choose() {
     let table = TestTable::new("partitions");
     let topic = unique("partitions");
-    let keys: Vec<String> = (0..40).map(|i| format!("customer-{i}")).collect();
+    // Text keys, and binary ones framed as a schema registry frames them: a 0x00 magic
+    // byte and a 4-byte schema id before the serialized key.
+    let mut keys: Vec<Vec<u8>> = (0..40)
+        .map(|i| format!("customer-{i}").into_bytes())
+        .collect();
+    keys.extend((0..20u8).map(|i| vec![0, 0, 0, 0, 42, 2, i, 0xff]));
     let batch: Vec<_> = keys
         .iter()
-        .map(|k| Message::new(&topic, k.as_str()).with_key(k.as_str()))
+        .map(|k| Message::new(&topic, k.clone()).with_key(k.clone()))
         .collect();
     table.commit(&batch);
     let handle = table.dispatch(broker(), fast_settings(), "partitions");
@@ -486,9 +491,10 @@ fn each_key_lands_in_the_partition_a_jvm_producer_would_choose() {
         "the test needs auto-created topics with several partitions (num.partitions)"
     );
     for record in &got {
-        let key = record.key.as_deref().unwrap();
-        let expected = (murmur2(key.as_bytes()) & 0x7fff_ffff) % partitions as i32;
-        assert_eq!(record.partition, expected, "{key}");
+        let key = record.key_bytes.as_deref().unwrap();
+        assert_eq!(key, &record.payload[..], "the key read back byte for byte");
+        let expected = (murmur2(key) & 0x7fff_ffff) % partitions as i32;
+        assert_eq!(record.partition, expected, "{key:?}");
     }
     assert!(
         got.iter()

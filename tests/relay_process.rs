@@ -77,6 +77,9 @@ fn a_second_signal_while_the_relay_settles_exits_at_once_and_loses_nothing() {
             == 1),
         "the message is being published"
     );
+    // The lease is written just before the batch reaches the publisher; a stop in between
+    // releases it untried. The publish then waits 60 s: half a second in, it is under way.
+    std::thread::sleep(Duration::from_millis(500));
 
     send_signal(&relay, libc::SIGINT);
     assert!(

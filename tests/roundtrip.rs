@@ -1,6 +1,6 @@
-//! Property: any message `add` accepts comes out of the broker byte for byte (topic, key,
-//! headers in order, payload), with the message id it was given: added on the caller's
-//! transaction or kept for the COMMIT of an `OutboxTransaction`.
+//! Property: any message `add` accepts comes out of the broker byte for byte (topic, key
+//! as text or bytes, headers in order, payload), with the message id it was given: added
+//! on the caller's transaction or kept for the COMMIT of an `OutboxTransaction`.
 
 mod common;
 
@@ -12,7 +12,7 @@ use outbox::{Message, MESSAGE_ID_HEADER};
 use proptest::collection::vec;
 use proptest::prelude::*;
 
-/// Any text without control characters (what keys and header names may hold).
+/// Any text without control characters (what header names may hold).
 fn text(max: usize) -> impl Strategy<Value = String> {
     vec(
         any::<char>().prop_filter("no control characters", |c| !c.is_control()),
@@ -23,7 +23,11 @@ fn text(max: usize) -> impl Strategy<Value = String> {
 
 fn message(topic: String) -> impl Strategy<Value = Message> {
     (
-        proptest::option::of(text(40)),
+        // Keys: text, or any bytes (a schema registry's 0x00-framed keys among them).
+        proptest::option::of(prop_oneof![
+            text(40).prop_map(String::into_bytes),
+            vec(any::<u8>(), 1..40),
+        ]),
         vec((text(20), vec(any::<u8>(), 0..64)), 0..6),
         vec(any::<u8>(), 0..2_000),
     )
@@ -95,7 +99,7 @@ fn round_trip(
     for record in &got {
         let id = record.message_id();
         let original = sent[&id];
-        prop_assert_eq!(record.key.as_deref(), original.key());
+        prop_assert_eq!(record.key_bytes.as_deref(), original.key());
         prop_assert_eq!(&record.payload[..], original.payload());
         let mut expected: Vec<(String, Vec<u8>)> = original.headers().to_vec();
         expected.push((MESSAGE_ID_HEADER.to_string(), id.clone().into_bytes()));

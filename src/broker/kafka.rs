@@ -272,7 +272,7 @@ impl Broker for KafkaBroker {
             record
                 .message
                 .key()
-                .map(|k| (record.message.topic().to_string(), k.to_string()))
+                .map(|k| (record.message.topic().to_string(), k.to_vec()))
         };
         for wave in &waves {
             for &index in wave {
@@ -339,7 +339,7 @@ impl Drop for KafkaBroker {
 /// The records in waves: the first message of every key (and every message without a
 /// key), then the second of every key, and so on; each wave in id order.
 fn waves_by_key(records: &[Record]) -> Vec<Vec<usize>> {
-    let mut runs: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut runs: HashMap<(&str, &[u8]), usize> = HashMap::new();
     let mut waves: Vec<Vec<usize>> = Vec::new();
     for (index, record) in records.iter().enumerate() {
         let wave = match record.message.key() {

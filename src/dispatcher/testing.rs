@@ -130,12 +130,11 @@ impl Store for FakeStore {
             .filter(|row| !row.delivered && (!row.dead || dead_blocks_key))
             .map(|row| Candidate {
                 id: row.record.id,
-                key: row.record.message.key().map(|k| {
-                    (
-                        row.record.message.topic().to_string(),
-                        k.as_bytes().to_vec(),
-                    )
-                }),
+                key: row
+                    .record
+                    .message
+                    .key()
+                    .map(|k| (row.record.message.topic().to_string(), k.to_vec())),
                 ready: !row.dead && row.lease == 0 && row.available,
                 retry: row.attempts > 0,
             })

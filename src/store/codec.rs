@@ -77,7 +77,7 @@ pub(crate) fn push_row(sql: &mut String, id: Uuid, message: &Message) {
     push_hex(sql, "_ascii ", message.topic().as_bytes());
     sql.push_str(", ");
     match message.key() {
-        Some(key) => push_hex(sql, "", key.as_bytes()),
+        Some(key) => push_hex(sql, "", key),
         None => sql.push_str("NULL"),
     }
     sql.push_str(", ");
@@ -128,7 +128,6 @@ pub(crate) fn decode_record(mut row: Row) -> Result<Record> {
         Uuid::from_slice(&message_id).map_err(|e| corrupt(format!("message_id: {e}")))?;
     let mut message = Message::new(topic, payload);
     if let Some(key) = key {
-        let key = String::from_utf8(key).map_err(|_| corrupt("msg_key is not UTF-8".into()))?;
         message = message.with_key(key);
     }
     if let Some(headers) = headers {

@@ -197,7 +197,9 @@ pub fn wait_for(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
 pub struct Consumed {
     pub partition: i32,
     pub offset: i64,
+    /// The key as text (lossy), and as it was read.
     pub key: Option<String>,
+    pub key_bytes: Option<Vec<u8>>,
     pub payload: Vec<u8>,
     pub headers: Vec<(String, Vec<u8>)>,
     /// The record's timestamp, in milliseconds since 1970.
@@ -281,7 +283,8 @@ pub fn consume_from(
             out.push(Consumed {
                 partition: m.partition(),
                 offset: m.offset(),
-                key: m.key().map(|k| String::from_utf8(k.to_vec()).unwrap()),
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                key_bytes: m.key().map(<[u8]>::to_vec),
                 payload: m.payload().unwrap_or_default().to_vec(),
                 headers,
                 timestamp: m.timestamp().to_millis(),
