@@ -95,3 +95,57 @@ fn a_second_signal_while_the_relay_settles_exits_at_once_and_loses_nothing() {
         "still pending: its lease expires and another relay sends it"
     );
 }
+
+#[test]
+fn the_relay_reads_a_java_client_properties_file_whose_values_hold_commas() {
+    let table = TestTable::new("relay_config");
+    let topic = unique("relay_config");
+    table.commit(&[Message::new(&topic, "configured").with_key("k")]);
+    let file = std::env::temp_dir()
+        .join(unique("client"))
+        .with_extension("properties");
+    std::fs::write(
+        &file,
+        format!(
+            "# as a Kafka client is configured\n\
+             message.timeout.ms = {MESSAGE_TIMEOUT_MS}\n\
+             request.timeout.ms: {REQUEST_TIMEOUT_MS}\n\
+             debug=broker,topic\n"
+        ),
+    )
+    .unwrap();
+    let mut command = relay_command(&table.name, "config", "", &[]);
+    command
+        .arg("--kafka-config")
+        .arg(&file)
+        .env("OUTBOX_KAFKA_PROPERTIES", "")
+        .stdin(Stdio::null());
+    let (mut relay, _owner) = start_relay(command);
+    assert!(
+        wait_for(Duration::from_secs(30), || table.count("state = 1") == 1),
+        "the relay runs with the file's properties"
+    );
+    send_signal(&relay, libc::SIGTERM);
+    let status = exit_within(&mut relay, Duration::from_secs(20)).expect("SIGTERM stops it");
+    assert_eq!(status.code(), Some(0));
+
+    // A file the producer refuses: a clear error, exit 1, and no value of it printed.
+    std::fs::write(&file, "sasl.password=hunter2-secret\nno.such.property=1\n").unwrap();
+    let output = relay_command(&table.name, "config", "", &[])
+        .env("OUTBOX_KAFKA_CONFIG_FILE", &file)
+        .env("OUTBOX_KAFKA_PROPERTIES", "")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(output.status.code(), Some(1), "{printed}");
+    assert!(printed.contains("no.such.property"), "{printed}");
+    assert!(!printed.contains("hunter2-secret"), "{printed}");
+    let _ = std::fs::remove_file(&file);
+}

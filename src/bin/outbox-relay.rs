@@ -9,7 +9,8 @@
 //! | `OUTBOX_KAFKA_BROKERS` | `127.0.0.1:9092` |
 //! | `OUTBOX_TABLE` | `outbox` |
 //! | `OUTBOX_INSTANCE` | `relay-<pid>` |
-//! | `OUTBOX_KAFKA_PROPERTIES` | none; `name=value` pairs separated by commas |
+//! | `OUTBOX_KAFKA_CONFIG_FILE` | none; a Java `.properties` file (Kafka's `client.properties`), also `--kafka-config FILE` |
+//! | `OUTBOX_KAFKA_PROPERTIES` | none; `name=value` pairs separated by commas, `\,` for a comma in a value; they override the file's |
 //! | `OUTBOX_BATCH_SIZE`, `OUTBOX_MAX_ATTEMPTS` | as `DispatcherSettings` |
 //! | `OUTBOX_PROCESS_INTERVAL_MS`, `OUTBOX_LOCK_CHECK_INTERVAL_MS`, `OUTBOX_MAX_LOCK_MS` | as `DispatcherSettings` |
 //! | `OUTBOX_BACKOFF_MIN_MS`, `OUTBOX_BACKOFF_MAX_MS` | as `DispatcherSettings` |
@@ -58,7 +59,14 @@ fn run(signals: libc::sigset_t) -> Result<(), Box<dyn std::error::Error>> {
     let table = var("OUTBOX_TABLE").unwrap_or_else(|| "outbox".into());
     let instance =
         var("OUTBOX_INSTANCE").unwrap_or_else(|| format!("relay-{}", std::process::id()));
-    let properties = parse_properties(&var("OUTBOX_KAFKA_PROPERTIES").unwrap_or_default())?;
+    // The file's properties first; OUTBOX_KAFKA_PROPERTIES overrides them.
+    let mut properties = match kafka_config_file()? {
+        Some(path) => KafkaBroker::properties_file(path)?,
+        None => Vec::new(),
+    };
+    properties.extend(parse_properties(
+        &var("OUTBOX_KAFKA_PROPERTIES").unwrap_or_default(),
+    )?);
 
     let mut settings = DispatcherSettings::default();
     if let Some(n) = number("OUTBOX_BATCH_SIZE")? {
@@ -214,16 +222,86 @@ fn number(name: &str) -> Result<Option<u64>, String> {
         .transpose()
 }
 
+/// The Kafka properties file: `--kafka-config FILE` (or `--kafka-config=FILE`), else
+/// `OUTBOX_KAFKA_CONFIG_FILE`. Any other argument is refused.
+fn kafka_config_file() -> Result<Option<String>, String> {
+    let mut args = std::env::args().skip(1);
+    let mut file = None;
+    while let Some(arg) = args.next() {
+        match arg.strip_prefix("--kafka-config") {
+            Some("") => file = Some(args.next().ok_or("--kafka-config needs a file")?),
+            Some(rest) if rest.starts_with('=') => file = Some(rest[1..].to_string()),
+            _ => {
+                return Err(format!(
+                    "unknown argument {arg:?}; the only one is --kafka-config FILE \
+                     (everything else is set by environment variables)"
+                ))
+            }
+        }
+    }
+    Ok(file.or_else(|| var("OUTBOX_KAFKA_CONFIG_FILE")))
+}
+
+/// `name=value` pairs separated by commas; `\,` is a comma inside a value and `\\` a
+/// backslash (`debug=broker\,topic`). Errors name the entry by its place, never its
+/// text, which may be a secret.
 fn parse_properties(text: &str) -> Result<Vec<(String, String)>, String> {
-    text.split(',')
-        .filter(|p| !p.trim().is_empty())
-        .map(|pair| match pair.split_once('=') {
+    let mut entries = Vec::new();
+    let mut entry = String::new();
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(escaped @ (',' | '\\')) => entry.push(escaped),
+                Some(other) => {
+                    entry.push('\\');
+                    entry.push(other);
+                }
+                None => return Err("OUTBOX_KAFKA_PROPERTIES ends in a lone backslash".into()),
+            },
+            ',' => entries.push(std::mem::take(&mut entry)),
+            c => entry.push(c),
+        }
+    }
+    entries.push(entry);
+    entries
+        .iter()
+        .enumerate()
+        .filter(|(_, entry)| !entry.trim().is_empty())
+        .map(|(index, entry)| match entry.split_once('=') {
             Some((k, v)) if !k.trim().is_empty() => {
                 Ok((k.trim().to_string(), v.trim().to_string()))
             }
             _ => Err(format!(
-                "OUTBOX_KAFKA_PROPERTIES: {pair:?} is not name=value"
+                "OUTBOX_KAFKA_PROPERTIES: entry {} is not name=value \
+                 (a comma inside a value is written \\,)",
+                index + 1
             )),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commas_inside_values_are_escaped_and_errors_never_echo_values() {
+        let parsed =
+            parse_properties("debug=broker\\,topic, sasl.password = a\\\\b\\,c ,, linger.ms=5")
+                .unwrap();
+        assert_eq!(
+            parsed,
+            [
+                ("debug", "broker,topic"),
+                ("sasl.password", "a\\b,c"),
+                ("linger.ms", "5")
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+        );
+        let error = parse_properties("acks=all,sasl.password=x,y0secret").unwrap_err();
+        assert!(error.contains("entry 3"), "{error}");
+        assert!(!error.contains("y0secret"), "{error}");
+        assert!(parse_properties("a=b\\").is_err());
+    }
 }

@@ -1,6 +1,7 @@
 //! [`Broker`] on Kafka, through librdkafka's synchronous `BaseProducer`.
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use parking_lot::Mutex;
@@ -10,7 +11,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::ClientContext;
 
-use super::properties::{Properties, RecordTimestamp};
+use super::properties::{parse_java_properties, Properties, RecordTimestamp};
 use super::Broker;
 use crate::error::{Error, Result};
 use crate::message::MESSAGE_ID_HEADER;
@@ -131,6 +132,27 @@ impl KafkaBroker {
             strict_key_order: properties.strict_key_order,
             timestamps: properties.timestamps,
             batch: 0,
+        })
+    }
+
+    /// The properties in the Java `.properties` file at `path` (Kafka's
+    /// `client.properties`: `name=value` lines, `#` comments, `\` escapes and
+    /// continuations), in order, for [`with_properties`](KafkaBroker::with_properties).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] if the file cannot be read, or for a malformed escape; the
+    /// message names the file and the line, never a value.
+    pub fn properties_file(path: impl AsRef<Path>) -> Result<Vec<(String, String)>> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::config(format!("Kafka properties file {}: {e}", path.display())))?;
+        parse_java_properties(&text).map_err(|e| match e {
+            Error::Config(reason) => Error::config(format!(
+                "Kafka properties file {}: {reason}",
+                path.display()
+            )),
+            other => other,
         })
     }
 

@@ -234,6 +234,92 @@ where
     Ok((resolved, strict, timestamps))
 }
 
+/// Reads Kafka client properties written as Java's `.properties` files are (Kafka's
+/// `client.properties`): `name=value`, `name: value` or `name value` per line; `#` and `!`
+/// start comments; a line ending in a backslash goes on on the next; `\t`, `\n`, `\r`,
+/// `\f`, `\uXXXX` and `\` before any other character are escapes.
+///
+/// # Errors
+///
+/// [`Error::Config`] naming the line of a malformed `\u` escape (never its text, which may
+/// be a secret's).
+pub(crate) fn parse_java_properties(text: &str) -> Result<Vec<(String, String)>> {
+    let mut properties = Vec::new();
+    let mut lines = text.lines().enumerate();
+    while let Some((number, line)) = lines.next() {
+        let mut logical = line.trim_start().to_string();
+        if logical.is_empty() || logical.starts_with('#') || logical.starts_with('!') {
+            continue;
+        }
+        // A line ending in an odd number of backslashes continues on the next one.
+        while logical.chars().rev().take_while(|&c| c == '\\').count() % 2 == 1 {
+            logical.pop();
+            match lines.next() {
+                Some((_, next)) => logical.push_str(next.trim_start()),
+                None => break,
+            }
+        }
+        let (name, value) = split_property(&logical);
+        let unescaped = |part: &str| {
+            unescape(part).ok_or_else(|| {
+                Error::config(format!("line {}: a malformed \\u escape", number + 1))
+            })
+        };
+        properties.push((unescaped(name)?, unescaped(value)?));
+    }
+    Ok(properties)
+}
+
+/// A logical line's name and value, both still escaped: the name ends at the first
+/// unescaped `=`, `:` or white space, and one `=` or `:` (with white space around it)
+/// separates it from the value.
+fn split_property(line: &str) -> (&str, &str) {
+    let mut escaped = false;
+    let end = line
+        .char_indices()
+        .find(|&(_, c)| {
+            let ends = !escaped && (c == '=' || c == ':' || c.is_whitespace());
+            escaped = !escaped && c == '\\';
+            ends
+        })
+        .map_or(line.len(), |(i, _)| i);
+    let (name, rest) = line.split_at(end);
+    let rest = rest.trim_start();
+    let rest = rest
+        .strip_prefix('=')
+        .or_else(|| rest.strip_prefix(':'))
+        .unwrap_or(rest);
+    (name, rest.trim_start())
+}
+
+/// `text` with its escapes resolved; `None` for a malformed `\u`.
+fn unescape(text: &str) -> Option<String> {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('t') => out.push('\t'),
+            Some('n') => out.push('\n'),
+            Some('r') => out.push('\r'),
+            Some('f') => out.push('\u{c}'),
+            Some('u') => {
+                let hex: String = chars.by_ref().take(4).collect();
+                let code = u32::from_str_radix(&hex, 16)
+                    .ok()
+                    .filter(|_| hex.len() == 4)?;
+                out.push(char::from_u32(code)?);
+            }
+            Some(other) => out.push(other),
+            None => {}
+        }
+    }
+    Some(out)
+}
+
 /// True when a bootstrap server (`[protocol://]host[:port]`) resolves to an address.
 fn resolves(server: &str) -> bool {
     let server = server.trim();
@@ -306,6 +392,43 @@ mod tests {
         assert!(
             refused(&[("linger.ms", "5"), ("queue.buffering.max.ms", "10")]).contains("two values")
         );
+    }
+
+    #[test]
+    fn java_properties_files_are_read_as_kafka_clients_write_them() {
+        let text = "# Kafka client settings\n\
+            ! another comment\n\
+            \n\
+            bootstrap.servers=kafka-1:9092,kafka-2:9092\n\
+            security.protocol = SASL_SSL\n\
+            sasl.mechanism: SCRAM-SHA-512\n\
+            debug broker,topic\n\
+            sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule \\\n\
+            \x20   required username=\"u\" password=\"p=\\\\w\";\n\
+            key\\=with\\:odd\\ name=v\\u00e9\\t\n\
+            empty=\n";
+        let properties = parse_java_properties(text).unwrap();
+        let expected = [
+            ("bootstrap.servers", "kafka-1:9092,kafka-2:9092"),
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanism", "SCRAM-SHA-512"),
+            ("debug", "broker,topic"),
+            (
+                "sasl.jaas.config",
+                "org.apache.kafka.common.security.scram.ScramLoginModule required \
+                 username=\"u\" password=\"p=\\w\";",
+            ),
+            ("key=with:odd name", "v\u{e9}\t"),
+            ("empty", ""),
+        ];
+        let expected: Vec<(String, String)> = expected
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(properties, expected);
+        let bad = parse_java_properties("a=1\nsasl.password=s3cret\\u12").unwrap_err();
+        assert!(bad.to_string().contains("line 2"), "{bad}");
+        assert!(!bad.to_string().contains("s3cret"), "{bad}");
     }
 
     #[test]
