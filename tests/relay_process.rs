@@ -149,3 +149,28 @@ fn the_relay_reads_a_java_client_properties_file_whose_values_hold_commas() {
     assert!(!printed.contains("hunter2-secret"), "{printed}");
     let _ = std::fs::remove_file(&file);
 }
+
+#[test]
+fn a_refused_secret_property_is_named_but_its_value_never_printed() {
+    let table = TestTable::new("relay_secret");
+    let output = relay_command(&table.name, "secret", "", &[])
+        .env(
+            "OUTBOX_KAFKA_PROPERTIES",
+            "ssl.key.password=hunter2-secret,sasl.password=also\\,secret",
+        )
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(output.status.code(), Some(1), "{printed}");
+    assert!(printed.contains("ssl.key.password"), "{printed}");
+    for secret in ["hunter2-secret", "also,secret"] {
+        assert!(!printed.contains(secret), "{secret} printed: {printed}");
+    }
+}

@@ -11,7 +11,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::ClientContext;
 
-use super::properties::{parse_java_properties, Properties, RecordTimestamp};
+use super::properties::{is_secret, parse_java_properties, Properties, RecordTimestamp, REDACTED};
 use super::Broker;
 use crate::error::{Error, Result};
 use crate::message::MESSAGE_ID_HEADER;
@@ -124,7 +124,14 @@ impl KafkaBroker {
         for (name, value) in &properties.librdkafka {
             config.set(name, value);
         }
-        let producer = config.create_with_context(Reports::default())?;
+        let secrets = properties.secrets();
+        let context = Reports {
+            pending: Mutex::default(),
+            secrets: secrets.clone(),
+        };
+        let producer = config
+            .create_with_context(context)
+            .map_err(|e| Error::Kafka(redact(e, &secrets)))?;
         Ok(KafkaBroker {
             config,
             producer,
@@ -268,7 +275,11 @@ impl KafkaBroker {
             }
             None => log::warn!("every message of a batch timed out; replacing the kafka producer"),
         }
-        match self.config.create_with_context(Reports::default()) {
+        let context = Reports {
+            pending: Mutex::default(),
+            secrets: self.producer.context().secrets.clone(),
+        };
+        match self.config.create_with_context(context) {
             Ok(producer) => self.producer = producer,
             Err(e) => log::error!("could not create a new kafka producer: {e}"),
         }
@@ -412,10 +423,39 @@ impl Pending {
     }
 }
 
-/// librdkafka's callbacks: delivery reports fill [`Pending`]; logs go to `log`.
+/// librdkafka's callbacks: delivery reports fill [`Pending`]; logs go to `log`, with
+/// the values of secret properties blotted out.
 #[derive(Default)]
 struct Reports {
     pending: Mutex<Pending>,
+    secrets: Vec<String>,
+}
+
+/// `error` with the values of the secret properties `secrets` blotted out: librdkafka's
+/// configuration errors repeat the value they refused.
+fn redact(error: KafkaError, secrets: &[String]) -> KafkaError {
+    match error {
+        KafkaError::ClientConfig(code, description, key, value) => {
+            let value = if is_secret(&key) || secrets.contains(&value) {
+                REDACTED.to_string()
+            } else {
+                value
+            };
+            KafkaError::ClientConfig(code, blot(&description, secrets), key, value)
+        }
+        KafkaError::ClientCreation(text) => KafkaError::ClientCreation(blot(&text, secrets)),
+        other => other,
+    }
+}
+
+/// `text` with every secret in it replaced by [`REDACTED`].
+fn blot(text: &str, secrets: &[String]) -> String {
+    secrets
+        .iter()
+        .filter(|secret| !secret.is_empty())
+        .fold(text.to_string(), |text, secret| {
+            text.replace(secret.as_str(), REDACTED)
+        })
 }
 
 impl ClientContext for Reports {
@@ -435,7 +475,8 @@ impl ClientContext for Reports {
             RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => log::Level::Info,
             RDKafkaLogLevel::Debug => log::Level::Debug,
         };
-        log::log!(target: "librdkafka", level, "librdkafka: {fac} {log_message}");
+        let message = blot(log_message, &self.secrets);
+        log::log!(target: "librdkafka", level, "librdkafka: {fac} {message}");
     }
 }
 
@@ -522,6 +563,23 @@ mod tests {
                 .strict_key_order
         );
         assert!(!KafkaBroker::new("127.0.0.1:9").unwrap().strict_key_order);
+    }
+
+    #[test]
+    fn a_refused_secret_never_appears_in_the_error() {
+        for name in ["ssl.key.password", "ssl.key.pem", "sasl.oauthbearer.config"] {
+            let refused = KafkaBroker::with_properties("127.0.0.1:9", [(name, "hunter2-secret")])
+                .expect_err("this build has no TLS");
+            let text = format!("{refused} {refused:?}");
+            assert!(text.contains(name), "{text}");
+            assert!(!text.contains("hunter2-secret"), "{text}");
+        }
+        let secrets = vec!["s3cret".to_string()];
+        let creation = KafkaError::ClientCreation("bad sasl.password s3cret".into());
+        assert_eq!(
+            redact(creation, &secrets).to_string(),
+            "Client creation error: bad sasl.password [redacted]"
+        );
     }
 
     #[test]

@@ -59,8 +59,23 @@ pub(crate) enum RecordTimestamp {
     Publish,
 }
 
-/// The properties a [`KafkaBroker`](super::KafkaBroker) is made with.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What replaces a secret's value wherever the crate would print it.
+pub(crate) const REDACTED: &str = "[redacted]";
+
+/// Whether the property `name` holds a secret, by its name: passwords, keys and
+/// certificates in PEM, anything called secret, OAuth settings, JAAS configurations.
+pub(crate) fn is_secret(name: &str) -> bool {
+    let name = name.trim().to_ascii_lowercase();
+    name.ends_with("password")
+        || name.ends_with(".pem")
+        || name.contains("secret")
+        || name.starts_with("sasl.oauthbearer.")
+        || name == "sasl.jaas.config"
+}
+
+/// The properties a [`KafkaBroker`](super::KafkaBroker) is made with. Their `Debug`
+/// shows secret values as [`REDACTED`].
+#[derive(Clone, PartialEq, Eq)]
 pub(crate) struct Properties {
     /// What librdkafka is given, each under its canonical name.
     pub librdkafka: BTreeMap<String, String>,
@@ -72,7 +87,39 @@ pub(crate) struct Properties {
     pub delivery_timeout: Duration,
 }
 
+impl std::fmt::Debug for Properties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown: BTreeMap<&str, &str> = self
+            .librdkafka
+            .iter()
+            .map(|(name, value)| {
+                let value = if is_secret(name) {
+                    REDACTED
+                } else {
+                    value.as_str()
+                };
+                (name.as_str(), value)
+            })
+            .collect();
+        f.debug_struct("Properties")
+            .field("librdkafka", &shown)
+            .field("strict_key_order", &self.strict_key_order)
+            .field("timestamps", &self.timestamps)
+            .field("delivery_timeout", &self.delivery_timeout)
+            .finish()
+    }
+}
+
 impl Properties {
+    /// The values of the secret properties, to blot out of whatever librdkafka says.
+    pub fn secrets(&self) -> Vec<String> {
+        self.librdkafka
+            .iter()
+            .filter(|(name, value)| is_secret(name) && !value.is_empty())
+            .map(|(_, value)| value.clone())
+            .collect()
+    }
+
     /// The crate's defaults, then `properties`, resolved and checked.
     ///
     /// # Errors
@@ -429,6 +476,40 @@ mod tests {
         let bad = parse_java_properties("a=1\nsasl.password=s3cret\\u12").unwrap_err();
         assert!(bad.to_string().contains("line 2"), "{bad}");
         assert!(!bad.to_string().contains("s3cret"), "{bad}");
+    }
+
+    #[test]
+    fn secrets_are_known_by_their_names_and_hidden_from_debug() {
+        for secret in [
+            "sasl.password",
+            "ssl.key.password",
+            "ssl.keystore.password",
+            "ssl.key.pem",
+            "sasl.oauthbearer.client.secret",
+            "sasl.oauthbearer.config",
+            "sasl.jaas.config",
+        ] {
+            assert!(is_secret(secret), "{secret}");
+        }
+        for plain in [
+            "sasl.username",
+            "security.protocol",
+            "ssl.ca.location",
+            "acks",
+        ] {
+            assert!(!is_secret(plain), "{plain}");
+        }
+        let resolved = Properties::resolve(
+            "127.0.0.1:9",
+            [("sasl.username", "alice"), ("sasl.password", "hunter2")],
+        )
+        .unwrap();
+        let shown = format!("{resolved:?}");
+        assert!(
+            shown.contains("alice") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+        assert_eq!(resolved.secrets(), vec!["hunter2".to_string()]);
     }
 
     #[test]
