@@ -16,7 +16,9 @@ fn every_codec_round_trips() {
         // Compressible, and not: both must come back as they went.
         let payloads: Vec<Vec<u8>> = vec![
             format!("{codec} ").repeat(2_000).into_bytes(),
-            (0..5_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect(),
+            (0..5_000u32)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+                .collect(),
         ];
         let messages: Vec<Message> = payloads
             .iter()

@@ -238,13 +238,28 @@ pub fn consume_from(
     timeout: Duration,
     linger: Duration,
 ) -> Vec<Consumed> {
-    let consumer: BaseConsumer = ClientConfig::new()
+    consume_with(&[], servers, topic, expected, timeout, linger)
+}
+
+/// As [`consume_from`], with further consumer properties (TLS, say).
+pub fn consume_with(
+    properties: &[(&str, &str)],
+    servers: &str,
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+    linger: Duration,
+) -> Vec<Consumed> {
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", servers)
         .set("group.id", unique("test"))
         .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
+        .set("auto.offset.reset", "earliest");
+    for (name, value) in properties {
+        config.set(*name, *value);
+    }
+    let consumer: BaseConsumer = config.create().unwrap();
     let deadline = Instant::now() + timeout;
     let partitions = loop {
         let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5));

@@ -15,6 +15,9 @@ pub struct Tansu {
     process: Option<Child>,
     /// Broker options beyond the listener and the memory storage.
     pub options: Vec<String>,
+    /// The address it gives clients in metadata, when not the one it listens on (a TLS
+    /// terminator's in front of it).
+    pub advertised: Option<String>,
 }
 
 impl Tansu {
@@ -24,6 +27,7 @@ impl Tansu {
             address: address.to_string(),
             process: None,
             options: Vec::new(),
+            advertised: None,
         }
     }
 
@@ -49,13 +53,17 @@ impl Tansu {
             )
         });
         let url = format!("tcp://{}", self.address);
+        let advertised = format!(
+            "tcp://{}",
+            self.advertised.as_deref().unwrap_or(&self.address)
+        );
         let child = Command::new(&binary)
             .args([
                 "broker",
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
             ])
             .args(["--storage-engine", "memory://tansu/"])
             .args(&self.options)
