@@ -156,7 +156,7 @@ fn a_refused_secret_property_is_named_but_its_value_never_printed() {
     let output = relay_command(&table.name, "secret", "", &[])
         .env(
             "OUTBOX_KAFKA_PROPERTIES",
-            "ssl.key.password=hunter2-secret,sasl.password=also\\,secret",
+            "sasl.oauthbearer.method=hunter2-secret,sasl.password=also\\,secret",
         )
         .env("RUST_LOG", "debug")
         .stdin(Stdio::null())
@@ -169,7 +169,7 @@ fn a_refused_secret_property_is_named_but_its_value_never_printed() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert_eq!(output.status.code(), Some(1), "{printed}");
-    assert!(printed.contains("ssl.key.password"), "{printed}");
+    assert!(printed.contains("sasl.oauthbearer.method"), "{printed}");
     for secret in ["hunter2-secret", "also,secret"] {
         assert!(!printed.contains(secret), "{secret} printed: {printed}");
     }
