@@ -96,6 +96,23 @@ fn a_second_signal_while_the_relay_settles_exits_at_once_and_loses_nothing() {
     );
 }
 
+/// Runs a relay whose configuration is refused: checks that it exits 1 and returns all
+/// it printed.
+fn run_refused(mut command: std::process::Command) -> String {
+    let output = command
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(output.status.code(), Some(1), "{printed}");
+    printed
+}
+
 #[test]
 fn the_relay_reads_a_java_client_properties_file_whose_values_hold_commas() {
     let table = TestTable::new("relay_config");
@@ -131,20 +148,12 @@ fn the_relay_reads_a_java_client_properties_file_whose_values_hold_commas() {
 
     // A file the producer refuses: a clear error, exit 1, and no value of it printed.
     std::fs::write(&file, "sasl.password=hunter2-secret\nno.such.property=1\n").unwrap();
-    let output = relay_command(&table.name, "config", "", &[])
+    let mut command = relay_command(&table.name, "config", "", &[]);
+    command
         .env("OUTBOX_KAFKA_CONFIG_FILE", &file)
         .env("OUTBOX_KAFKA_PROPERTIES", "")
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    let printed = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert_eq!(output.status.code(), Some(1), "{printed}");
+        .env("RUST_LOG", "info");
+    let printed = run_refused(command);
     assert!(printed.contains("no.such.property"), "{printed}");
     assert!(!printed.contains("hunter2-secret"), "{printed}");
     let _ = std::fs::remove_file(&file);
@@ -153,22 +162,14 @@ fn the_relay_reads_a_java_client_properties_file_whose_values_hold_commas() {
 #[test]
 fn a_refused_secret_property_is_named_but_its_value_never_printed() {
     let table = TestTable::new("relay_secret");
-    let output = relay_command(&table.name, "secret", "", &[])
+    let mut command = relay_command(&table.name, "secret", "", &[]);
+    command
         .env(
             "OUTBOX_KAFKA_PROPERTIES",
             "sasl.oauthbearer.method=hunter2-secret,sasl.password=also\\,secret",
         )
-        .env("RUST_LOG", "debug")
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    let printed = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert_eq!(output.status.code(), Some(1), "{printed}");
+        .env("RUST_LOG", "debug");
+    let printed = run_refused(command);
     assert!(printed.contains("sasl.oauthbearer.method"), "{printed}");
     for secret in ["hunter2-secret", "also,secret"] {
         assert!(!printed.contains(secret), "{secret} printed: {printed}");
