@@ -28,7 +28,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use crossbeam_channel::{bounded, select, tick, Receiver};
+use crossbeam_channel::{bounded, Receiver};
 use outbox::{Dispatcher, DispatcherSettings, KafkaBroker, MySqlStore};
 
 fn main() -> ExitCode {
@@ -106,23 +106,10 @@ fn run(signals: libc::sigset_t) -> Result<(), Box<dyn std::error::Error>> {
     );
 
     let stop = stop_requests(signals);
-    let checks = tick(Duration::from_secs(1));
-    loop {
-        select! {
-            recv(stop) -> why => {
-                log::info!("{}: {}, stopping", handle.owner(), why.unwrap_or("stop requested"));
-                break;
-            }
-            // Errors are logged by the library; a worker that died ends the process.
-            recv(handle.errors()) -> error => match error {
-                Ok(outbox::Error::WorkerPanicked(..)) | Err(_) => break,
-                Ok(_) => {}
-            },
-            recv(checks) -> _ => if !handle.is_running() { break },
-        }
+    // Until a stop request or a worker's death; Err, and so exit status 1, for a death.
+    if let Some(why) = handle.run_until(&stop)? {
+        log::info!("{}: {why}, stopped", handle.owner());
     }
-    // Err, and so exit status 1, if a worker died.
-    handle.stop()?;
     Ok(())
 }
 

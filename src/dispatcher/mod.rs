@@ -200,6 +200,32 @@ impl DispatcherHandle {
         Waker(self.wake.clone())
     }
 
+    /// Runs until `stop` gives a value (or is dropped) or a worker dies, then stops as
+    /// [`stop`](DispatcherHandle::stop) does: what a process that is only a relay does
+    /// with its main thread. Returns the value `stop` gave, if any. Errors that arrive
+    /// meanwhile are taken off [`errors`](DispatcherHandle::errors) (they were logged as
+    /// they happened).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::WorkerPanicked`] when a worker died, or as
+    /// [`stop`](DispatcherHandle::stop).
+    pub fn run_until<T>(&mut self, stop: &Receiver<T>) -> Result<Option<T>> {
+        let checks = crossbeam_channel::tick(Duration::from_millis(200));
+        let given = loop {
+            crossbeam_channel::select! {
+                recv(stop) -> given => break given.ok(),
+                recv(self.errors) -> error => match error {
+                    Ok(Error::WorkerPanicked(..)) | Err(_) => break None,
+                    Ok(_) => {}
+                },
+                recv(checks) -> _ => if !self.is_running() { break None },
+            }
+        };
+        self.stop()?;
+        Ok(given)
+    }
+
     /// Gives the stop signal and joins the threads. The batch being published is settled
     /// first: its publish finishes (when the broker is down this takes up to its delivery
     /// timeout) and its rows are marked, a mark that fails on a database error being
@@ -408,6 +434,46 @@ mod tests {
         assert_eq!(store.delivered_ids(), (1..=30).collect::<Vec<_>>());
         assert!(handle.threads.is_empty());
         handle.stop().unwrap();
+    }
+
+    /// A broker whose publish panics.
+    struct PanickingBroker;
+
+    impl Broker for PanickingBroker {
+        fn publish(&mut self, _records: &[crate::Record]) -> Vec<Result<()>> {
+            panic!("injected");
+        }
+
+        fn delivery_timeout(&self) -> Duration {
+            Duration::from_secs(1)
+        }
+    }
+
+    #[test]
+    fn run_until_returns_the_stop_request_or_the_death_of_a_worker() {
+        let store = Arc::new(FakeStore::with([Message::new("t", "m")]));
+        let settings = DispatcherSettings {
+            process_interval: Duration::from_millis(10),
+            ..Default::default()
+        };
+        let mut handle = Dispatcher::new(store.clone(), PanickingBroker, settings.clone(), "p")
+            .unwrap()
+            .start()
+            .unwrap();
+        match handle.run_until(&crossbeam_channel::never::<()>()) {
+            Err(Error::WorkerPanicked(Worker::Publisher, text)) => assert_eq!(text, "injected"),
+            other => panic!("a dead publisher ends the run: {other:?}"),
+        }
+        assert!(!handle.is_running());
+
+        let mut handle = Dispatcher::new(store, FakeBroker::failing_payloads([]), settings, "q")
+            .unwrap()
+            .start()
+            .unwrap();
+        let (stop_tx, stop_rx) = bounded(1);
+        stop_tx.send("SIGTERM").unwrap();
+        assert_eq!(handle.run_until(&stop_rx).unwrap(), Some("SIGTERM"));
+        assert!(!handle.is_running());
     }
 
     #[test]
