@@ -92,6 +92,11 @@ impl Message {
         self.key.as_deref()
     }
 
+    /// The topic and key under which order is kept; `None` without a key.
+    pub(crate) fn order_key(&self) -> Option<(&str, &[u8])> {
+        self.key().map(|key| (self.topic(), key))
+    }
+
     /// The key as text, if there is one and it is UTF-8.
     pub fn key_str(&self) -> Option<&str> {
         self.key().and_then(|key| std::str::from_utf8(key).ok())

@@ -301,15 +301,9 @@ impl Broker for KafkaBroker {
         // A key whose message failed (or could not even be queued) sends nothing more this
         // batch: its later messages would otherwise overtake it.
         let mut failed_keys = HashSet::new();
-        let key_of = |record: &'_ Record| {
-            record
-                .message
-                .key()
-                .map(|k| (record.message.topic().to_string(), k.to_vec()))
-        };
         for wave in &waves {
             for &index in wave {
-                let key = key_of(&records[index]);
+                let key = records[index].message.order_key();
                 let sent = match &key {
                     Some(k) if failed_keys.contains(k) => Err(KafkaError::Canceled),
                     _ if Instant::now() >= deadline => Err(KafkaError::Canceled),
@@ -328,7 +322,7 @@ impl Broker for KafkaBroker {
             let pending = self.producer.context().pending.lock();
             for &index in wave {
                 if !matches!(pending.outcomes.get(index), Some(Some(Ok(())))) {
-                    failed_keys.extend(key_of(&records[index]));
+                    failed_keys.extend(records[index].message.order_key());
                 }
             }
         }
@@ -375,9 +369,9 @@ fn waves_by_key(records: &[Record]) -> Vec<Vec<usize>> {
     let mut runs: HashMap<(&str, &[u8]), usize> = HashMap::new();
     let mut waves: Vec<Vec<usize>> = Vec::new();
     for (index, record) in records.iter().enumerate() {
-        let wave = match record.message.key() {
+        let wave = match record.message.order_key() {
             Some(key) => {
-                let run = runs.entry((record.message.topic(), key)).or_insert(0);
+                let run = runs.entry(key).or_insert(0);
                 *run += 1;
                 *run - 1
             }

@@ -301,7 +301,7 @@ impl<S: Store> Relay<S> {
         let mut failed_keys = HashSet::new();
         let mut first_error = None;
         for (record, outcome) in records.iter().zip(batch.outcomes) {
-            let key = record.message.key().map(|k| (record.message.topic(), k));
+            let key = record.message.order_key();
             let behind_failure = key.is_some_and(|k| failed_keys.contains(&k));
             match outcome {
                 Ok(()) => {
