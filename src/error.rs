@@ -62,6 +62,11 @@ pub enum Error {
     #[error("transaction rolled back at commit: writing its messages had failed")]
     RolledBack,
 
+    /// An [`Admin`](crate::admin::Admin) operation named messages that are not in the
+    /// table, or not in the state it works on; nothing was changed.
+    #[error("refused: {0}")]
+    Refused(String),
+
     /// A dispatcher thread could not be started.
     #[error("could not start a dispatcher thread: {0}")]
     Thread(#[source] std::io::Error),
@@ -105,6 +110,7 @@ impl Error {
             | Error::Config(_)
             | Error::CorruptRow { .. }
             | Error::RolledBack
+            | Error::Refused(_)
             | Error::Json(_) => false,
         }
     }

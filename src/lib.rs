@@ -83,6 +83,7 @@
 
 #![deny(missing_docs)]
 
+pub mod admin;
 mod broker;
 mod dispatcher;
 mod error;

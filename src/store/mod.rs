@@ -1,10 +1,10 @@
 //! What the dispatcher needs from a database, and the MySQL implementation.
 
 pub(crate) mod claim;
-mod codec;
-mod connections;
+pub(crate) mod codec;
+pub(crate) mod connections;
 pub(crate) mod insert;
-mod mysql;
+pub(crate) mod mysql;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,7 +56,8 @@ pub trait Store: Send + Sync + 'static {
     /// Releases leases taken longer ago than `older_than`. Returns how many.
     fn release_expired(&self, older_than: Duration) -> Result<u64>;
 
-    /// Deletes at most `limit` delivered rows delivered longer ago than `older_than`.
+    /// Deletes at most `limit` delivered rows delivered longer ago than `older_than`
+    /// (and rows an operator discarded that long ago, in a store that keeps them).
     /// Returns how many.
     fn purge_delivered(&self, older_than: Duration, limit: usize) -> Result<u64>;
 

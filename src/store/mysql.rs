@@ -28,7 +28,7 @@ const MAX_ERROR_LEN: usize = 1000;
 /// milliseconds; a lease older than this may belong to a dispatcher that died.
 const FRESH_LEASE: Duration = Duration::from_secs(10);
 /// Most ids in one `IN (...)` list.
-const MAX_ID_LIST: usize = 1024;
+pub(crate) const MAX_ID_LIST: usize = 1024;
 /// A row as the claim's scan reads it: id, topic, key, ready to take, not in flight
 /// (unleased, or leased longer than [`FRESH_LEASE`] ago), and tried before. A row neither
 /// ready nor in flight holds its key back for longer than a delivery.
@@ -37,9 +37,12 @@ type ScanRow = (u64, String, Option<Vec<u8>>, bool, bool, bool);
 /// The low bits of a lease that number an owner's claims.
 const CLAIM_BITS: u64 = 0xffff_ffff;
 
-const PENDING: u8 = 0;
-const DELIVERED: u8 = 1;
-const DEAD: u8 = 2;
+pub(crate) const PENDING: u8 = 0;
+pub(crate) const DELIVERED: u8 = 1;
+pub(crate) const DEAD: u8 = 2;
+/// A dead message an operator decided never to send: it holds back nothing, counts as
+/// no work, and retention deletes it with the delivered rows.
+pub(crate) const DISCARDED: u8 = 3;
 
 /// An outbox table in MySQL or MariaDB. Cheap to clone: clones share the pool.
 ///
@@ -153,6 +156,11 @@ impl MySqlStore {
     /// The pool this store draws its connections from.
     pub fn pool(&self) -> &Pool {
         self.conns.pool()
+    }
+
+    /// The connections the store keeps, for the admin API.
+    pub(crate) fn connections(&self) -> &Connections {
+        &self.conns
     }
 
     /// Creates the table and its indexes if they do not exist (`sql/outbox.sql`), and
@@ -388,13 +396,16 @@ impl MySqlStore {
         Ok(())
     }
 
-    fn purge(&self, state: u8, older_than: Duration, limit: usize) -> Result<u64> {
+    /// Deletes at most `limit` rows in one of `states` (a list such as `(1, 3)`) that got
+    /// there longer ago than `older_than`.
+    fn purge(&self, states: &str, older_than: Duration, limit: usize) -> Result<u64> {
         self.read_committed(
             &format!(
-                "DELETE FROM `{}` WHERE state = ? AND processed_on < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND LIMIT ?",
+                "DELETE FROM `{}` WHERE state IN {states} \
+                 AND processed_on < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND LIMIT ?",
                 self.table
             ),
-            (state, micros(older_than), limit as u64),
+            (micros(older_than), limit as u64),
         )
     }
 
@@ -533,12 +544,14 @@ impl Store for MySqlStore {
         )
     }
 
+    /// Deletes delivered rows and discarded ones (dead rows an operator gave up on,
+    /// counted from when they were discarded).
     fn purge_delivered(&self, older_than: Duration, limit: usize) -> Result<u64> {
-        self.purge(DELIVERED, older_than, limit)
+        self.purge(&format!("({DELIVERED}, {DISCARDED})"), older_than, limit)
     }
 
     fn purge_dead(&self, older_than: Duration, limit: usize) -> Result<u64> {
-        self.purge(DEAD, older_than, limit)
+        self.purge(&format!("({DEAD})"), older_than, limit)
     }
 }
 
@@ -560,7 +573,7 @@ fn validate_table_name(table: &str) -> Result<()> {
 /// `ids` as parameters, padded to a power of two (up to [`MAX_ID_LIST`]) by repeating the
 /// last: `IN` lists of a few fixed lengths let the connection reuse its prepared
 /// statements, and a repeated id changes nothing.
-fn padded(ids: &[u64]) -> Vec<Value> {
+pub(crate) fn padded(ids: &[u64]) -> Vec<Value> {
     let Some(&last) = ids.last() else {
         return Vec::new();
     };
@@ -574,15 +587,15 @@ fn padded(ids: &[u64]) -> Vec<Value> {
         .collect()
 }
 
-fn placeholders(n: usize) -> String {
+pub(crate) fn placeholders(n: usize) -> String {
     vec!["?"; n].join(", ")
 }
 
-fn micros(duration: Duration) -> u64 {
+pub(crate) fn micros(duration: Duration) -> u64 {
     u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
 }
 
-fn truncate(error: &str) -> String {
+pub(crate) fn truncate(error: &str) -> String {
     error.chars().take(MAX_ERROR_LEN).collect()
 }
 

@@ -1,0 +1,707 @@
+//! Dead messages: finding them, reading one whole, replaying or discarding them.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime};
+
+use mysql::prelude::Queryable;
+use mysql::{IsolationLevel, Params, Row, TxOpts, Value};
+use serde_json::{json, Value as Json};
+use uuid::Uuid;
+
+use super::time::{micros_of, micros_since_epoch, rfc3339, time, time_or_never, AT_MICROS};
+use super::Admin;
+use crate::error::{Error, Result};
+use crate::store::mysql::{
+    micros, padded, placeholders, DEAD, DELIVERED, DISCARDED, MAX_ID_LIST, PENDING,
+};
+
+/// A message named by its row id (`id`, the order it was added in) or by its message id
+/// (the UUID `add` returned, which consumers see in the `outbox-message-id` header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MessageRef {
+    /// The row's `id`.
+    Id(u64),
+    /// The row's `message_id`.
+    MessageId(Uuid),
+}
+
+impl FromStr for MessageRef {
+    type Err = Error;
+
+    /// A whole number is a row id; a UUID (with or without hyphens) a message id.
+    fn from_str(text: &str) -> Result<MessageRef> {
+        let text = text.trim();
+        if let Ok(id) = text.parse::<u64>() {
+            return Ok(MessageRef::Id(id));
+        }
+        Uuid::parse_str(text)
+            .map(MessageRef::MessageId)
+            .map_err(|_| {
+                Error::Refused(format!(
+                    "{text:?} is neither a row id (a whole number) nor a message id (a UUID)"
+                ))
+            })
+    }
+}
+
+impl fmt::Display for MessageRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MessageRef::Id(id) => write!(f, "{id}"),
+            MessageRef::MessageId(uuid) => write!(f, "{uuid}"),
+        }
+    }
+}
+
+/// One end of a time range: a moment, or a while before now by the database's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeBound {
+    /// This moment.
+    At(SystemTime),
+    /// This long before the database's `UTC_TIMESTAMP(6)`.
+    Ago(Duration),
+}
+
+impl TimeBound {
+    /// The bound as SQL, and its parameter.
+    fn sql(self) -> (&'static str, Value) {
+        match self {
+            TimeBound::At(at) => (AT_MICROS, Value::from(micros_since_epoch(at))),
+            TimeBound::Ago(ago) => (
+                "UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND",
+                Value::from(micros(ago)),
+            ),
+        }
+    }
+}
+
+/// Which dead messages an operation works on. Every field set narrows the selection; the
+/// default selects every dead message.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeadFilter {
+    /// Exactly these messages. Each must exist and be dead, or the operation is refused
+    /// ([`Error::Refused`]) and changes nothing.
+    pub messages: Vec<MessageRef>,
+    /// Of this topic.
+    pub topic: Option<String>,
+    /// With this key.
+    pub key: Option<Vec<u8>>,
+    /// Whose last error contains this text (ignoring case).
+    pub error_contains: Option<String>,
+    /// That died at or after this time.
+    pub died_after: Option<TimeBound>,
+    /// That died before this time.
+    pub died_before: Option<TimeBound>,
+    /// With a row id above this one: the next page after a list that ended there.
+    pub after_id: Option<u64>,
+    /// At most this many, the oldest first.
+    pub limit: Option<usize>,
+}
+
+impl DeadFilter {
+    /// True when the filter narrows nothing: it selects every dead message.
+    pub fn selects_all(&self) -> bool {
+        DeadFilter {
+            limit: None,
+            ..self.clone()
+        } == DeadFilter::default()
+    }
+
+    /// `WHERE` conditions on the row `o` and their parameters, `state` left to the caller.
+    fn conditions(&self) -> (String, Vec<Value>) {
+        let mut sql = String::new();
+        let mut params = Vec::new();
+        let ids: Vec<u64> = self.messages.iter().filter_map(row_id).collect();
+        let uuids: Vec<Uuid> = self.messages.iter().filter_map(message_id).collect();
+        if !self.messages.is_empty() {
+            let mut any = Vec::new();
+            if !ids.is_empty() {
+                any.push(format!("o.id IN ({})", placeholders(ids.len())));
+                params.extend(ids.iter().map(|&id| Value::from(id)));
+            }
+            if !uuids.is_empty() {
+                any.push(format!("o.message_id IN ({})", placeholders(uuids.len())));
+                params.extend(uuids.iter().map(|id| Value::from(id.as_bytes().to_vec())));
+            }
+            sql.push_str(&format!(" AND ({})", any.join(" OR ")));
+        }
+        if let Some(topic) = &self.topic {
+            sql.push_str(" AND o.topic = ?");
+            params.push(Value::from(topic.as_str()));
+        }
+        if let Some(key) = &self.key {
+            sql.push_str(" AND o.msg_key = ?");
+            params.push(Value::from(key.clone()));
+        }
+        if let Some(text) = &self.error_contains {
+            sql.push_str(" AND LOCATE(?, o.error) > 0");
+            params.push(Value::from(text.as_str()));
+        }
+        for (bound, op) in [(self.died_after, ">="), (self.died_before, "<")] {
+            if let Some(bound) = bound {
+                let (expr, param) = bound.sql();
+                sql.push_str(&format!(" AND o.processed_on {op} {expr}"));
+                params.push(param);
+            }
+        }
+        if let Some(after) = self.after_id {
+            sql.push_str(" AND o.id > ?");
+            params.push(Value::from(after));
+        }
+        (sql, params)
+    }
+}
+
+fn row_id(message: &MessageRef) -> Option<u64> {
+    match message {
+        MessageRef::Id(id) => Some(*id),
+        MessageRef::MessageId(_) => None,
+    }
+}
+
+fn message_id(message: &MessageRef) -> Option<Uuid> {
+    match message {
+        MessageRef::MessageId(id) => Some(*id),
+        MessageRef::Id(_) => None,
+    }
+}
+
+/// Where a message is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum State {
+    /// Waiting to be published (or being published).
+    Pending,
+    /// Published.
+    Delivered,
+    /// Out of attempts.
+    Dead,
+    /// Dead, and discarded by an operator.
+    Discarded,
+    /// A value this version does not know (written by hand, or by a later version).
+    Unknown(u8),
+}
+
+impl State {
+    fn of(value: u8) -> State {
+        match value {
+            PENDING => State::Pending,
+            DELIVERED => State::Delivered,
+            DEAD => State::Dead,
+            DISCARDED => State::Discarded,
+            other => State::Unknown(other),
+        }
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            State::Pending => f.write_str("pending"),
+            State::Delivered => f.write_str("delivered"),
+            State::Dead => f.write_str("dead"),
+            State::Discarded => f.write_str("discarded"),
+            State::Unknown(value) => write!(f, "unknown ({value})"),
+        }
+    }
+}
+
+/// A dead message as lists show it: everything but its headers and payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadMessage {
+    /// The row id.
+    pub id: u64,
+    /// The message id.
+    pub message_id: Uuid,
+    /// Its topic.
+    pub topic: String,
+    /// Its key, if it has one.
+    pub key: Option<Vec<u8>>,
+    /// Failed sends.
+    pub attempts: u32,
+    /// The last error.
+    pub error: Option<String>,
+    /// When it was added.
+    pub created: SystemTime,
+    /// When it died.
+    pub died: SystemTime,
+    /// Its payload's size in bytes.
+    pub payload_len: u64,
+}
+
+/// A message whole, every column of its row ([`Admin::message`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// The row id.
+    pub id: u64,
+    /// The message id.
+    pub message_id: Uuid,
+    /// Its topic.
+    pub topic: String,
+    /// Its key, if it has one.
+    pub key: Option<Vec<u8>>,
+    /// Its headers as stored: a JSON array of `[name, value]` pairs, the value a string,
+    /// or an array of bytes when not UTF-8. `None` when it has none.
+    pub headers: Option<String>,
+    /// Its payload.
+    pub payload: Vec<u8>,
+    /// Its state.
+    pub state: State,
+    /// When it was added.
+    pub created: SystemTime,
+    /// When it may be tried next (pending messages).
+    pub available: SystemTime,
+    /// The lease it is held under; 0 when none.
+    pub locked_by: u64,
+    /// When the lease was taken, if ever.
+    pub locked_on: Option<SystemTime>,
+    /// When it was delivered, died or was discarded, if it was.
+    pub processed: Option<SystemTime>,
+    /// When it was last tried, if ever.
+    pub last_attempted: Option<SystemTime>,
+    /// Sends tried (a delivered message counts its successful one).
+    pub attempts: u32,
+    /// The last error.
+    pub error: Option<String>,
+}
+
+/// Columns of a [`DeadMessage`], of the row `o`.
+fn dead_columns() -> String {
+    format!(
+        "o.id, o.message_id, o.topic, o.msg_key, o.number_of_attempts, o.error, {}, {}, \
+         LENGTH(o.payload)",
+        micros_of("o.created_on"),
+        micros_of("o.processed_on")
+    )
+}
+
+type DeadRow = (
+    u64,
+    Vec<u8>,
+    String,
+    Option<Vec<u8>>,
+    u32,
+    Option<String>,
+    i64,
+    i64,
+    u64,
+);
+
+fn dead_message(row: DeadRow) -> Result<DeadMessage> {
+    let (id, message_id, topic, key, attempts, error, created, died, payload_len) = row;
+    Ok(DeadMessage {
+        id,
+        message_id: uuid(id, &message_id)?,
+        topic,
+        key,
+        attempts,
+        error,
+        created: time(created),
+        died: time(died),
+        payload_len,
+    })
+}
+
+fn uuid(id: u64, bytes: &[u8]) -> Result<Uuid> {
+    Uuid::from_slice(bytes).map_err(|e| Error::CorruptRow {
+        id,
+        reason: format!("message_id: {e}"),
+    })
+}
+
+/// The change an operation makes to the dead rows it selected.
+struct Change {
+    /// `SET` assignments.
+    set: String,
+    /// Past tense, for the log.
+    done: &'static str,
+}
+
+impl Admin {
+    /// Dead messages that match `filter`, oldest first. With `filter.messages`, each must
+    /// be there and dead.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Refused`] for a named message that is not there or not dead;
+    /// [`Error::Database`] when the query fails.
+    pub fn dead(&self, filter: &DeadFilter) -> Result<Vec<DeadMessage>> {
+        self.store().connections().with(|conn| {
+            let opts = TxOpts::default().set_isolation_level(Some(IsolationLevel::ReadCommitted));
+            let mut tx = conn.start_transaction(opts)?;
+            self.check_named(&mut tx, &filter.messages)?;
+            self.select_dead(&mut tx, filter, "")
+        })
+    }
+
+    /// One message whole, in whatever state; `None` when the table has no such message.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Database`] when the query fails; [`Error::CorruptRow`] when its message
+    /// id is not 16 bytes.
+    pub fn message(&self, message: MessageRef) -> Result<Option<StoredMessage>> {
+        let (condition, param) = match message {
+            MessageRef::Id(id) => ("id = ?", Value::from(id)),
+            MessageRef::MessageId(uuid) => {
+                ("message_id = ?", Value::from(uuid.as_bytes().to_vec()))
+            }
+        };
+        let row: Option<Row> = self.store().connections().with(|conn| {
+            Ok(conn.exec_first(
+                format!(
+                    "SELECT id, message_id, topic, msg_key, CAST(headers AS CHAR), payload, state, \
+                       {}, {}, locked_by, {}, {}, {}, number_of_attempts, error \
+                     FROM `{}` WHERE {condition}",
+                    micros_of("created_on"),
+                    micros_of("available_on"),
+                    micros_of("locked_on"),
+                    micros_of("processed_on"),
+                    micros_of("last_attempted_on"),
+                    self.table()
+                ),
+                (param.clone(),),
+            )?)
+        })?;
+        let Some(row) = row else { return Ok(None) };
+        let id: u64 = column(&row, 0)?;
+        let message_id: Vec<u8> = column(&row, 1)?;
+        Ok(Some(StoredMessage {
+            id,
+            message_id: uuid(id, &message_id)?,
+            topic: column(&row, 2)?,
+            key: column(&row, 3)?,
+            headers: column(&row, 4)?,
+            payload: column(&row, 5)?,
+            state: State::of(column(&row, 6)?),
+            created: time(column(&row, 7)?),
+            available: time(column(&row, 8)?),
+            locked_by: column(&row, 9)?,
+            locked_on: time_or_never(column(&row, 10)?),
+            processed: time_or_never(column(&row, 11)?),
+            last_attempted: time_or_never(column(&row, 12)?),
+            attempts: column(&row, 13)?,
+            error: column(&row, 14)?,
+        }))
+    }
+
+    /// Makes the dead messages `filter` selects pending again: attempts back to 0, to be
+    /// sent at once, each in its place in its key's order (its row id is unchanged; with
+    /// `dead_blocks_key`, the key's held-back messages follow it). The last error stays
+    /// until the next attempt. With `dry_run`, changes nothing and returns what it would
+    /// replay. Returns the messages replayed.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Refused`] for a named message that is not there or not dead (nothing is
+    /// replayed); [`Error::Database`] when a statement fails (nothing is replayed).
+    pub fn replay(&self, filter: &DeadFilter, dry_run: bool) -> Result<Vec<DeadMessage>> {
+        let change = Change {
+            set: format!(
+                "state = {PENDING}, number_of_attempts = 0, available_on = UTC_TIMESTAMP(6), \
+                 processed_on = '1970-01-01 00:00:00', locked_by = 0"
+            ),
+            done: "replayed",
+        };
+        self.change(filter, dry_run, &change)
+    }
+
+    /// Discards the dead messages `filter` selects: they will never be sent, count as no
+    /// work, no longer hold back their keys' later messages (with `dead_blocks_key`), and
+    /// are deleted by the delivered rows' retention, counted from now. Each discard is
+    /// logged (`info`). With `dry_run`, changes nothing and returns what it would
+    /// discard. Returns the messages discarded.
+    ///
+    /// # Errors
+    ///
+    /// As [`Admin::replay`].
+    pub fn discard(&self, filter: &DeadFilter, dry_run: bool) -> Result<Vec<DeadMessage>> {
+        let change = Change {
+            set: format!("state = {DISCARDED}, processed_on = UTC_TIMESTAMP(6)"),
+            done: "discarded",
+        };
+        self.change(filter, dry_run, &change)
+    }
+
+    /// Selects dead rows and applies `change` to them, in one READ COMMITTED transaction
+    /// that locks only the rows selected.
+    fn change(
+        &self,
+        filter: &DeadFilter,
+        dry_run: bool,
+        change: &Change,
+    ) -> Result<Vec<DeadMessage>> {
+        let selected = self.store().connections().with(|conn| {
+            let opts = TxOpts::default().set_isolation_level(Some(IsolationLevel::ReadCommitted));
+            let mut tx = conn.start_transaction(opts)?;
+            self.check_named(&mut tx, &filter.messages)?;
+            if dry_run {
+                return self.select_dead(&mut tx, filter, "");
+            }
+            let selected = self.select_dead(&mut tx, filter, " FOR UPDATE")?;
+            let ids: Vec<u64> = selected.iter().map(|message| message.id).collect();
+            for chunk in ids.chunks(MAX_ID_LIST) {
+                let chunk = padded(chunk);
+                tx.exec_drop(
+                    format!(
+                        "UPDATE `{}` SET {} WHERE state = {DEAD} AND id IN ({})",
+                        self.table(),
+                        change.set,
+                        placeholders(chunk.len())
+                    ),
+                    Params::Positional(chunk),
+                )?;
+            }
+            tx.commit()?;
+            Ok(selected)
+        })?;
+        if !dry_run && !selected.is_empty() {
+            log::info!(
+                "{} {} dead messages of `{}`: ids {}",
+                change.done,
+                selected.len(),
+                self.table(),
+                id_list(&selected)
+            );
+        }
+        Ok(selected)
+    }
+
+    /// Dead rows matching `filter`, oldest first, with `lock` (`FOR UPDATE` or nothing).
+    fn select_dead(
+        &self,
+        tx: &mut mysql::Transaction<'_>,
+        filter: &DeadFilter,
+        lock: &str,
+    ) -> Result<Vec<DeadMessage>> {
+        let (conditions, mut params) = filter.conditions();
+        let limit = match filter.limit {
+            Some(limit) => {
+                params.push(Value::from(limit as u64));
+                " LIMIT ?"
+            }
+            None => "",
+        };
+        let rows: Vec<DeadRow> = tx.exec(
+            format!(
+                "SELECT {} FROM `{}` o WHERE o.state = {DEAD}{conditions} ORDER BY o.id{limit}{lock}",
+                dead_columns(),
+                self.table()
+            ),
+            Params::Positional(params),
+        )?;
+        rows.into_iter().map(dead_message).collect()
+    }
+
+    /// Refuses, naming them, messages of `named` that are not in the table or not dead.
+    fn check_named(&self, tx: &mut mysql::Transaction<'_>, named: &[MessageRef]) -> Result<()> {
+        if named.is_empty() {
+            return Ok(());
+        }
+        let filter = DeadFilter {
+            messages: named.to_vec(),
+            ..Default::default()
+        };
+        let (conditions, params) = filter.conditions();
+        let found: Vec<(u64, Vec<u8>, u8)> = tx.exec(
+            format!(
+                "SELECT o.id, o.message_id, o.state FROM `{}` o WHERE TRUE{conditions}",
+                self.table()
+            ),
+            Params::Positional(params),
+        )?;
+        let mut problems = Vec::new();
+        for wanted in named {
+            let row = found.iter().find(|(id, message_id, _)| match wanted {
+                MessageRef::Id(want) => id == want,
+                MessageRef::MessageId(want) => message_id.as_slice() == want.as_bytes(),
+            });
+            match row {
+                None => problems.push(format!("no message {wanted}")),
+                Some((_, _, state)) if *state != DEAD => problems.push(format!(
+                    "message {wanted} is {}, not dead",
+                    State::of(*state)
+                )),
+                Some(_) => {}
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Refused(format!(
+                "{} in `{}`; nothing was changed",
+                problems.join(", "),
+                self.table()
+            )))
+        }
+    }
+}
+
+/// The ids of `messages`, shortened past 20.
+fn id_list(messages: &[DeadMessage]) -> String {
+    let mut ids: Vec<String> = messages.iter().take(20).map(|m| m.id.to_string()).collect();
+    if messages.len() > 20 {
+        ids.push(format!("and {} more", messages.len() - 20));
+    }
+    ids.join(", ")
+}
+
+fn column<T: mysql::prelude::FromValue>(row: &Row, index: usize) -> Result<T> {
+    let id = row.get_opt::<u64, _>(0).and_then(|id| id.ok()).unwrap_or(0);
+    match row.get_opt::<T, _>(index) {
+        Some(Ok(value)) => Ok(value),
+        Some(Err(e)) => Err(Error::CorruptRow {
+            id,
+            reason: format!("column {index}: {e}"),
+        }),
+        None => Err(Error::CorruptRow {
+            id,
+            reason: format!("column {index} is missing"),
+        }),
+    }
+}
+
+/// Bytes as JSON: the text when they are UTF-8, else null; and always as hexadecimal.
+fn bytes_json(bytes: Option<&[u8]>) -> (Json, Json) {
+    match bytes {
+        None => (Json::Null, Json::Null),
+        Some(bytes) => {
+            let text = std::str::from_utf8(bytes).map_or(Json::Null, Json::from);
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            (text, Json::from(hex))
+        }
+    }
+}
+
+impl DeadMessage {
+    /// As JSON: `{"id", "message_id", "topic", "key" (text, or null when none or not
+    /// UTF-8), "key_hex" (null when none), "attempts", "error", "created", "died" (RFC
+    /// 3339), "payload_bytes"}`.
+    pub fn to_json(&self) -> Json {
+        let (key, key_hex) = bytes_json(self.key.as_deref());
+        json!({
+            "id": self.id,
+            "message_id": self.message_id.to_string(),
+            "topic": self.topic,
+            "key": key,
+            "key_hex": key_hex,
+            "attempts": self.attempts,
+            "error": self.error,
+            "created": rfc3339(self.created),
+            "died": rfc3339(self.died),
+            "payload_bytes": self.payload_len,
+        })
+    }
+}
+
+impl StoredMessage {
+    /// As JSON: the fields of [`DeadMessage::to_json`] but `died`, and `"state"`,
+    /// `"headers"` (the stored array; a string if it is not valid JSON), `"payload"` (text,
+    /// or null when not UTF-8), `"payload_hex"`, `"available"`, `"locked_by"`, and
+    /// `"locked_on"`, `"processed"`, `"last_attempted"` (null when never).
+    pub fn to_json(&self) -> Json {
+        let (key, key_hex) = bytes_json(self.key.as_deref());
+        let (payload, payload_hex) = bytes_json(Some(&self.payload));
+        let headers = self.headers.as_deref().map_or(Json::Null, |text| {
+            serde_json::from_str(text).unwrap_or_else(|_| Json::from(text))
+        });
+        json!({
+            "id": self.id,
+            "message_id": self.message_id.to_string(),
+            "topic": self.topic,
+            "key": key,
+            "key_hex": key_hex,
+            "state": self.state.to_string(),
+            "headers": headers,
+            "payload": payload,
+            "payload_hex": payload_hex,
+            "payload_bytes": self.payload.len(),
+            "attempts": self.attempts,
+            "error": self.error,
+            "created": rfc3339(self.created),
+            "available": rfc3339(self.available),
+            "locked_by": self.locked_by,
+            "locked_on": self.locked_on.map(rfc3339),
+            "processed": self.processed.map(rfc3339),
+            "last_attempted": self.last_attempted.map(rfc3339),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_named_by_row_id_or_uuid_and_nothing_else() {
+        assert_eq!("42".parse::<MessageRef>().unwrap(), MessageRef::Id(42));
+        let uuid = Uuid::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0001);
+        for text in [uuid.to_string(), uuid.simple().to_string()] {
+            assert_eq!(
+                text.parse::<MessageRef>().unwrap(),
+                MessageRef::MessageId(uuid)
+            );
+        }
+        for bad in ["", "-1", "4x", "0193-0000"] {
+            assert!(
+                matches!(bad.parse::<MessageRef>(), Err(Error::Refused(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn each_field_of_a_filter_adds_one_condition_with_its_parameters() {
+        assert!(DeadFilter::default().selects_all());
+        assert!(DeadFilter {
+            limit: Some(5),
+            ..Default::default()
+        }
+        .selects_all());
+        assert_eq!(
+            DeadFilter::default().conditions(),
+            (String::new(), Vec::new())
+        );
+        let uuid = Uuid::from_u128(7);
+        let filter = DeadFilter {
+            messages: vec![MessageRef::Id(3), MessageRef::MessageId(uuid)],
+            topic: Some("t".into()),
+            key: Some(b"k".to_vec()),
+            error_contains: Some("50%_".into()),
+            died_after: Some(TimeBound::Ago(Duration::from_secs(2))),
+            died_before: Some(TimeBound::At(time(5))),
+            after_id: Some(9),
+            limit: Some(1),
+        };
+        assert!(!filter.selects_all());
+        let (sql, params) = filter.conditions();
+        assert_eq!(
+            sql,
+            " AND (o.id IN (?) OR o.message_id IN (?)) AND o.topic = ? AND o.msg_key = ? \
+             AND LOCATE(?, o.error) > 0 \
+             AND o.processed_on >= UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND \
+             AND o.processed_on < TIMESTAMPADD(MICROSECOND, ?, '1970-01-01 00:00:00') AND o.id > ?"
+        );
+        assert_eq!(
+            params,
+            vec![
+                Value::from(3u64),
+                Value::from(uuid.as_bytes().to_vec()),
+                Value::from("t"),
+                Value::from(b"k".to_vec()),
+                Value::from("50%_"),
+                Value::from(2_000_000u64),
+                Value::from(5i64),
+                Value::from(9u64),
+            ]
+        );
+    }
+
+    #[test]
+    fn bytes_show_as_text_when_utf8_and_always_as_hex() {
+        assert_eq!(bytes_json(None), (Json::Null, Json::Null));
+        assert_eq!(bytes_json(Some(b"ok")), (json!("ok"), json!("6f6b")));
+        assert_eq!(bytes_json(Some(&[0xff])), (Json::Null, json!("ff")));
+    }
+}
