@@ -18,7 +18,7 @@ LOCAL_BROKER := $(filter 127.0.0.1:9092,$(OUTBOX_KAFKA_BROKERS))
 
 all: build
 
-# `cli` builds the outbox-relay binary, which several tests run.
+# `cli` builds the `outbox` command, which several tests run.
 FEATURES := --features cli
 
 build:
@@ -38,13 +38,13 @@ demo: services
 
 # Release-mode benchmark; BENCH_RUNS, BENCH_BACKLOG and BENCH_HOT_BACKLOG scale it down.
 bench: services
-	cargo build --release $(FEATURES) --bin outbox-relay --example bench
-	BENCH_RELAY=target/release/outbox-relay target/release/examples/bench
+	cargo build --release $(FEATURES) --bin outbox --example bench
+	BENCH_OUTBOX=target/release/outbox target/release/examples/bench
 
 # A bounded soak (SOAK_SECONDS, default 600): writers, two dispatchers, and a broker of
 # its own restarted every 30 s. Not part of the tests: it takes minutes.
 soak: services
-	cargo build --release $(FEATURES) --bin outbox-relay --example soak
+	cargo build --release $(FEATURES) --bin outbox --example soak
 	target/release/examples/soak
 
 lint:

@@ -14,7 +14,7 @@
 //!   a plain claim-and-mark loop over the same rows (no broker);
 //! - latency: commit to broker acknowledgement at a steady 1,000 messages/s, with the
 //!   default `process_interval` and with a wake-up after each commit;
-//! - memory: peak resident memory of an `outbox-relay` process draining the backlog.
+//! - memory: peak resident memory of an `outbox relay` process draining the backlog.
 //!
 //! `BENCH_ONLY=drain,latency` runs only the sections named (add, drain, latency, memory).
 
@@ -194,11 +194,11 @@ fn memory(
         large.push(bench.relay_peak_rss(backlog, 500)?);
     }
     table.mib(
-        &format!("outbox-relay peak RSS, {} backlog (MiB)", backlog / 5),
+        &format!("outbox relay peak RSS, {} backlog (MiB)", backlog / 5),
         &small,
     );
     table.mib(
-        &format!("outbox-relay peak RSS, {backlog} backlog (MiB)"),
+        &format!("outbox relay peak RSS, {backlog} backlog (MiB)"),
         &large,
     );
     Ok(())
@@ -592,7 +592,7 @@ impl Bench {
         Ok(latencies)
     }
 
-    /// Peak resident memory, in MiB, of an `outbox-relay` process draining a backlog of
+    /// Peak resident memory, in MiB, of an `outbox relay` process draining a backlog of
     /// `n` messages with `batch_size`.
     fn relay_peak_rss(
         &self,
@@ -602,8 +602,9 @@ impl Bench {
         let topic = self.name("topic");
         let store = self.backlog(n, KEYS, &topic)?;
         let relay =
-            std::env::var("BENCH_RELAY").unwrap_or_else(|_| "target/release/outbox-relay".into());
+            std::env::var("BENCH_OUTBOX").unwrap_or_else(|_| "target/release/outbox".into());
         let mut child = std::process::Command::new(relay)
+            .arg("relay")
             .env("OUTBOX_DATABASE_URL", &self.url)
             .env("OUTBOX_KAFKA_BROKERS", &self.brokers)
             .env("OUTBOX_TABLE", store.table())

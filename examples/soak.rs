@@ -1,6 +1,6 @@
 //! `make soak`: a bounded soak. Writers add at a steady rate (one through `Outbox::add`,
 //! one through an `OutboxTransaction`) while two dispatchers
-//! (`outbox-relay` processes) relay
+//! (`outbox relay` processes) relay
 //! to a broker of the soak's own (Tansu from `make services`) that is killed and
 //! restarted every 30 s. At the end: every committed message is delivered (by the table),
 //! none is dead, what the consumer read keeps each key's order, and resident memory and
@@ -63,7 +63,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     store.migrate()?;
     let outbox = Outbox::new(&store);
 
-    // Two dispatchers, as outbox-relay processes: their own memory is what is measured.
+    // Two dispatchers, as outbox relay processes: their own memory is what is measured.
     let mut broker = Tansu::at(&broker_address());
     broker.start()?;
     let (scheme, rest) = url
@@ -71,11 +71,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .ok_or("OUTBOX_DATABASE_URL has no scheme")?;
     let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
     let relay_url = format!("{scheme}://{user}:soak@{host}");
-    let relay =
-        std::env::var("SOAK_RELAY").unwrap_or_else(|_| "target/release/outbox-relay".into());
+    let relay = std::env::var("SOAK_OUTBOX").unwrap_or_else(|_| "target/release/outbox".into());
     let mut relays = (0..2)
         .map(|i| {
             std::process::Command::new(&relay)
+                .arg("relay")
                 .env("OUTBOX_DATABASE_URL", &relay_url)
                 .env("OUTBOX_KAFKA_BROKERS", broker_address())
                 .env("OUTBOX_TABLE", &table)
@@ -166,7 +166,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // A line a minute, so that a long soak shows whether memory levels off.
         if samples.len() % 12 == 0 {
             println!(
-                "  {:>5} s: outbox-relay resident memory (both) {rss} KiB",
+                "  {:>5} s: outbox relay resident memory (both) {rss} KiB",
                 start.elapsed().as_secs()
             );
         }
@@ -237,7 +237,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!("  consumer read {read} records; per-key order breaks: {order_breaks}");
     println!(
-        "  outbox-relay resident memory (both) {} KiB warm, {} KiB at the end, {peak_rss} KiB peak",
+        "  outbox relay resident memory (both) {} KiB warm, {} KiB at the end, {peak_rss} KiB peak",
         warm.0, last.0
     );
     println!(

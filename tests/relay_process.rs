@@ -1,4 +1,4 @@
-//! `outbox-relay` as service managers run it: standard input from `/dev/null`, stopped by
+//! `outbox relay` as service managers run it: standard input from `/dev/null`, stopped by
 //! a signal.
 
 mod common;
@@ -96,7 +96,7 @@ fn a_second_signal_while_the_relay_settles_exits_at_once_and_loses_nothing() {
     );
 }
 
-/// Runs a relay whose configuration is refused: checks that it exits 1 and returns all
+/// Runs a relay whose configuration is refused: checks that it exits 2 and returns all
 /// it printed.
 fn run_refused(mut command: std::process::Command) -> String {
     let output = command
@@ -109,7 +109,7 @@ fn run_refused(mut command: std::process::Command) -> String {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    assert_eq!(output.status.code(), Some(1), "{printed}");
+    assert_eq!(output.status.code(), Some(2), "{printed}");
     printed
 }
 
@@ -146,7 +146,7 @@ fn the_relay_reads_a_java_client_properties_file_whose_values_hold_commas() {
     let status = exit_within(&mut relay, Duration::from_secs(20)).expect("SIGTERM stops it");
     assert_eq!(status.code(), Some(0));
 
-    // A file the producer refuses: a clear error, exit 1, and no value of it printed.
+    // A file the producer refuses: a clear error, exit 2, and no value of it printed.
     std::fs::write(&file, "sasl.password=hunter2-secret\nno.such.property=1\n").unwrap();
     let mut command = relay_command(&table.name, "config", "", &[]);
     command

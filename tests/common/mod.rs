@@ -523,7 +523,7 @@ pub fn assert_commit_order(
     }
 }
 
-/// Starts the `outbox-relay` binary on `table` (run through `wrapper`, a command and its
+/// Starts `outbox relay` on `table` (run through `wrapper`, a command and its
 /// arguments, when not empty); returns the process and its lease owner, which it prints.
 /// Closing its standard input stops it gracefully.
 pub fn spawn_relay(
@@ -537,7 +537,7 @@ pub fn spawn_relay(
     start_relay(command)
 }
 
-/// The command that runs the `outbox-relay` binary on `table` with the tests' settings
+/// The command that runs `outbox relay` on `table` with the tests' settings
 /// and brokers, as [`spawn_relay`] starts it; its standard input is left to the caller.
 pub fn relay_command(
     table: &str,
@@ -546,17 +546,15 @@ pub fn relay_command(
     wrapper: &[&str],
 ) -> std::process::Command {
     use std::process::{Command, Stdio};
-    let Some(relay) = option_env!("CARGO_BIN_EXE_outbox-relay") else {
-        panic!("the outbox-relay binary: run the tests with `--features cli` (make test)");
-    };
     let mut command = match wrapper.split_first() {
         Some((program, args)) => {
             let mut command = Command::new(program);
-            command.args(args).arg(relay);
+            command.args(args).arg(outbox_command());
             command
         }
-        None => Command::new(relay),
+        None => Command::new(outbox_command()),
     };
+    command.arg("relay");
     command
         .env("OUTBOX_DATABASE_URL", small_pool_url())
         .env("OUTBOX_KAFKA_BROKERS", brokers())
@@ -577,12 +575,20 @@ pub fn relay_command(
     command
 }
 
+/// The path of the `outbox` command, built for the tests.
+pub fn outbox_command() -> &'static str {
+    let Some(path) = option_env!("CARGO_BIN_EXE_outbox") else {
+        panic!("the outbox command: run the tests with `--features cli` (make test)");
+    };
+    path
+}
+
 /// Starts a relay from [`relay_command`]; returns the process and its lease owner.
 pub fn start_relay(mut command: std::process::Command) -> (std::process::Child, String) {
     use std::io::BufRead;
     let mut child = command
         .spawn()
-        .unwrap_or_else(|e| panic!("outbox-relay starts ({command:?}): {e}"));
+        .unwrap_or_else(|e| panic!("outbox relay starts ({command:?}): {e}"));
     let mut owner = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut owner)

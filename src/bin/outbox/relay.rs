@@ -1,13 +1,12 @@
-//! `outbox-relay`: a dispatcher as a process of its own, for services that would rather
+//! `outbox relay`: a dispatcher as a process of its own, for services that would rather
 //! not run the relay in-process, and for the crash tests.
 //!
-//! Configured by environment variables (all optional):
+//! Configured by flags or environment variables (all optional; `outbox relay --help`):
 //!
 //! | variable | default |
 //! | --- | --- |
-//! | `OUTBOX_DATABASE_URL` | `mysql://root@127.0.0.1:3306/test` |
+//! | `OUTBOX_DATABASE_URL`, `OUTBOX_TABLE` | `mysql://root@127.0.0.1:3306/test`, `outbox` |
 //! | `OUTBOX_KAFKA_BROKERS` | `127.0.0.1:9092` |
-//! | `OUTBOX_TABLE` | `outbox` |
 //! | `OUTBOX_INSTANCE` | `relay-<pid>` |
 //! | `OUTBOX_KAFKA_CONFIG_FILE` | none; a Java `.properties` file (Kafka's `client.properties`), also `--kafka-config FILE` |
 //! | `OUTBOX_KAFKA_PROPERTIES` | none; `name=value` pairs separated by commas, `\,` for a comma in a value; they override the file's |
@@ -15,12 +14,13 @@
 //! | `OUTBOX_PROCESS_INTERVAL_MS`, `OUTBOX_LOCK_CHECK_INTERVAL_MS`, `OUTBOX_MAX_LOCK_MS` | as `DispatcherSettings` |
 //! | `OUTBOX_BACKOFF_MIN_MS`, `OUTBOX_BACKOFF_MAX_MS` | as `DispatcherSettings` |
 //!
-//! It runs until SIGTERM or SIGINT, or until its standard input closes when that is a
-//! pipe (a parent that dies stops it): then it settles the batch in flight and exits 0.
-//! A second signal while it settles makes it exit at once, with 1; so does a worker of
-//! the dispatcher that died (after its leases were released). Killed in any other
-//! way, it loses nothing: its leases expire and other dispatchers take its rows over.
-//! Logs go to standard error (`RUST_LOG`, default `info`).
+//! It prints its lease owner on standard output, then runs until SIGTERM or SIGINT, or
+//! until its standard input closes when that is a pipe (a parent that dies stops it):
+//! then it settles the batch in flight and exits 0. A second signal while it settles
+//! makes it exit at once, with 1; so does a worker of the dispatcher that died (after its
+//! leases were released). A configuration refused exits 2. Killed in any other way, it
+//! loses nothing: its leases expire and other dispatchers take its rows over. Logs go to
+//! standard error (`RUST_LOG`, default `info`).
 
 use std::io::Read;
 use std::os::fd::AsFd;
@@ -29,88 +29,132 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver};
+use outbox::admin::Owner;
 use outbox::{Dispatcher, DispatcherSettings, KafkaBroker, MySqlStore};
 
-fn main() -> ExitCode {
+use crate::Failure;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Kafka's bootstrap servers.
+    #[arg(long, env = "OUTBOX_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    brokers: String,
+    /// This relay's instance id; its lease owner adds a random suffix. Default relay-<pid>.
+    #[arg(long, env = "OUTBOX_INSTANCE")]
+    instance: Option<String>,
+    /// A Java .properties file of Kafka client settings (Kafka's client.properties).
+    #[arg(long, value_name = "FILE", env = "OUTBOX_KAFKA_CONFIG_FILE")]
+    kafka_config: Option<String>,
+    /// Kafka properties as name=value pairs separated by commas (\, for a comma in a
+    /// value); they override the file's.
+    #[arg(
+        long,
+        value_name = "PAIRS",
+        env = "OUTBOX_KAFKA_PROPERTIES",
+        hide_env_values = true
+    )]
+    kafka_properties: Option<String>,
+    /// Most messages claimed and published in one round.
+    #[arg(long, env = "OUTBOX_BATCH_SIZE")]
+    batch_size: Option<usize>,
+    /// Failed sends after which a message is dead; unlimited when unset.
+    #[arg(long, env = "OUTBOX_MAX_ATTEMPTS")]
+    max_attempts: Option<u32>,
+    /// Milliseconds between polls when not woken.
+    #[arg(long, value_name = "MS", env = "OUTBOX_PROCESS_INTERVAL_MS")]
+    process_interval_ms: Option<u64>,
+    /// Milliseconds between looks for expired leases.
+    #[arg(long, value_name = "MS", env = "OUTBOX_LOCK_CHECK_INTERVAL_MS")]
+    lock_check_interval_ms: Option<u64>,
+    /// Milliseconds a lease lasts before other dispatchers may take its rows.
+    #[arg(long, value_name = "MS", env = "OUTBOX_MAX_LOCK_MS")]
+    max_lock_ms: Option<u64>,
+    /// Least wait in milliseconds before a failed message is tried again.
+    #[arg(long, value_name = "MS", env = "OUTBOX_BACKOFF_MIN_MS")]
+    backoff_min_ms: Option<u64>,
+    /// Longest wait in milliseconds between retries.
+    #[arg(long, value_name = "MS", env = "OUTBOX_BACKOFF_MAX_MS")]
+    backoff_max_ms: Option<u64>,
+}
+
+impl Args {
+    fn settings(&self) -> DispatcherSettings {
+        let mut settings = DispatcherSettings::default();
+        let ms = Duration::from_millis;
+        if let Some(n) = self.batch_size {
+            settings.batch_size = n;
+        }
+        if self.max_attempts.is_some() {
+            settings.max_attempts = self.max_attempts;
+        }
+        if let Some(n) = self.process_interval_ms {
+            settings.process_interval = ms(n);
+        }
+        if let Some(n) = self.lock_check_interval_ms {
+            settings.lock_check_interval = ms(n);
+        }
+        if let Some(n) = self.max_lock_ms {
+            settings.max_lock_duration = ms(n);
+        }
+        if let Some(n) = self.backoff_min_ms {
+            settings.backoff_min = ms(n);
+        }
+        if let Some(n) = self.backoff_max_ms {
+            settings.backoff_max = ms(n);
+        }
+        settings
+    }
+}
+
+/// Runs the relay until a stop request: exit 0, or 1 when a worker died; a refused
+/// configuration is an error (exit 2).
+pub fn main(database_url: &str, table: &str, args: Args) -> Result<ExitCode, Failure> {
     // Before any thread starts, so that every thread inherits the mask and only the
     // signal thread ever takes these signals.
     let signals = block_stop_signals();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let signals = match signals {
-        Ok(signals) => signals,
-        Err(e) => {
-            log::error!("outbox-relay: could not block SIGTERM and SIGINT to wait for them: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match run(signals) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            log::error!("outbox-relay: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
+    let signals =
+        signals.map_err(|e| format!("could not block SIGTERM and SIGINT to wait for them: {e}"))?;
 
-fn run(signals: libc::sigset_t) -> Result<(), Box<dyn std::error::Error>> {
-    let database_url =
-        var("OUTBOX_DATABASE_URL").unwrap_or_else(|| "mysql://root@127.0.0.1:3306/test".into());
-    let brokers = var("OUTBOX_KAFKA_BROKERS").unwrap_or_else(|| "127.0.0.1:9092".into());
-    let table = var("OUTBOX_TABLE").unwrap_or_else(|| "outbox".into());
-    let instance =
-        var("OUTBOX_INSTANCE").unwrap_or_else(|| format!("relay-{}", std::process::id()));
-    // The file's properties first; OUTBOX_KAFKA_PROPERTIES overrides them.
-    let mut properties = match kafka_config_file()? {
+    let instance = args
+        .instance
+        .clone()
+        .unwrap_or_else(|| format!("relay-{}", std::process::id()));
+    // The file's properties first; --kafka-properties overrides them.
+    let mut properties = match &args.kafka_config {
         Some(path) => KafkaBroker::properties_file(path)?,
         None => Vec::new(),
     };
     properties.extend(parse_properties(
-        &var("OUTBOX_KAFKA_PROPERTIES").unwrap_or_default(),
+        args.kafka_properties.as_deref().unwrap_or_default(),
     )?);
 
-    let mut settings = DispatcherSettings::default();
-    if let Some(n) = number("OUTBOX_BATCH_SIZE")? {
-        settings.batch_size = usize::try_from(n)?;
-    }
-    if let Some(n) = number("OUTBOX_MAX_ATTEMPTS")? {
-        settings.max_attempts = Some(u32::try_from(n)?);
-    }
-    if let Some(ms) = number("OUTBOX_PROCESS_INTERVAL_MS")? {
-        settings.process_interval = Duration::from_millis(ms);
-    }
-    if let Some(ms) = number("OUTBOX_LOCK_CHECK_INTERVAL_MS")? {
-        settings.lock_check_interval = Duration::from_millis(ms);
-    }
-    if let Some(ms) = number("OUTBOX_MAX_LOCK_MS")? {
-        settings.max_lock_duration = Duration::from_millis(ms);
-    }
-    if let Some(ms) = number("OUTBOX_BACKOFF_MIN_MS")? {
-        settings.backoff_min = Duration::from_millis(ms);
-    }
-    if let Some(ms) = number("OUTBOX_BACKOFF_MAX_MS")? {
-        settings.backoff_max = Duration::from_millis(ms);
-    }
-
-    let store = MySqlStore::with_table(pool(&database_url)?, &table)?;
+    let store = MySqlStore::with_table(crate::pool(database_url, 8)?, table)?;
     store.migrate()?;
-    let broker = KafkaBroker::with_properties(&brokers, properties)?;
-    let mut handle = Dispatcher::new(store, broker, settings, &instance)?.start()?;
+    let broker = KafkaBroker::with_properties(&args.brokers, properties)?;
+    let mut handle = Dispatcher::new(store, broker, args.settings(), &instance)?.start()?;
     // Print the lease owner so that a supervisor (or a test) can find this process's rows.
     println!("{}", handle.owner());
-    let leases = MySqlStore::leases_of(handle.owner());
     log::info!(
-        "{} holds its leases as locked_by BETWEEN {} AND {}",
+        "{} holds its leases as owner {} (`outbox leases` lists them)",
         handle.owner(),
-        leases.start(),
-        leases.end()
+        Owner::of(handle.owner())
     );
 
     let stop = stop_requests(signals);
-    // Until a stop request or a worker's death; Err, and so exit status 1, for a death.
-    if let Some(why) = handle.run_until(&stop)? {
-        log::info!("{}: {why}, stopped", handle.owner());
+    // Until a stop request or a worker's death.
+    match handle.run_until(&stop) {
+        Ok(why) => {
+            if let Some(why) = why {
+                log::info!("{}: {why}, stopped", handle.owner());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            log::error!("outbox relay: {e}");
+            Ok(ExitCode::FAILURE)
+        }
     }
-    Ok(())
 }
 
 /// Blocks SIGTERM and SIGINT in the calling thread (and so in every thread it starts
@@ -181,52 +225,6 @@ fn stdin_is_a_pipe() -> bool {
         .metadata()
         .map(|m| m.file_type().is_fifo() || m.file_type().is_socket())
         .unwrap_or(false)
-}
-
-/// The relay's pool. The dispatcher keeps at most five connections, so unless the URL
-/// sets `pool_min`/`pool_max`, the pool opens one connection at start and at most eight
-/// (the mysql crate's default opens ten at once, each with its own buffers).
-fn pool(url: &str) -> Result<mysql::Pool, mysql::Error> {
-    let opts = mysql::Opts::from_url(url)?;
-    if url.contains("pool_min") || url.contains("pool_max") {
-        return mysql::Pool::new(opts);
-    }
-    let constraints = mysql::PoolConstraints::new_const::<1, 8>();
-    let pool_opts = mysql::PoolOpts::default().with_constraints(constraints);
-    mysql::Pool::new(mysql::OptsBuilder::from_opts(opts).pool_opts(pool_opts))
-}
-
-fn var(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty())
-}
-
-fn number(name: &str) -> Result<Option<u64>, String> {
-    var(name)
-        .map(|v| {
-            v.parse()
-                .map_err(|_| format!("{name}={v:?} is not a whole number"))
-        })
-        .transpose()
-}
-
-/// The Kafka properties file: `--kafka-config FILE` (or `--kafka-config=FILE`), else
-/// `OUTBOX_KAFKA_CONFIG_FILE`. Any other argument is refused.
-fn kafka_config_file() -> Result<Option<String>, String> {
-    let mut args = std::env::args().skip(1);
-    let mut file = None;
-    while let Some(arg) = args.next() {
-        match arg.strip_prefix("--kafka-config") {
-            Some("") => file = Some(args.next().ok_or("--kafka-config needs a file")?),
-            Some(rest) if rest.starts_with('=') => file = Some(rest[1..].to_string()),
-            _ => {
-                return Err(format!(
-                    "unknown argument {arg:?}; the only one is --kafka-config FILE \
-                     (everything else is set by environment variables)"
-                ))
-            }
-        }
-    }
-    Ok(file.or_else(|| var("OUTBOX_KAFKA_CONFIG_FILE")))
 }
 
 /// `name=value` pairs separated by commas; `\,` is a comma inside a value and `\\` a
