@@ -70,7 +70,15 @@ type Failure = Box<dyn std::error::Error>;
 
 fn main() -> ExitCode {
     drop_empty_variables();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Help and version go to standard output, with status 0.
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            eprintln!("outbox: {}", one_line(&e.to_string()));
+            return ExitCode::from(BAD_INPUT);
+        }
+    };
     let secrets = render::url_secrets(&cli.database_url);
     let (url, table) = (cli.database_url.as_str(), cli.table.as_str());
     let result = match cli.command {
@@ -133,6 +141,15 @@ fn pool(url: &str, max: usize) -> Result<mysql::Pool, Failure> {
         builder = builder.tcp_connect_timeout(Some(std::time::Duration::from_secs(10)));
     }
     mysql::Pool::new(builder).map_err(|e| format!("cannot reach the database: {e}").into())
+}
+
+/// A parse error's text on one line: its first paragraph, without the usage after it.
+fn one_line(text: &str) -> String {
+    text.lines()
+        .take_while(|line| !line.trim().is_empty())
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Removes `OUTBOX_*` variables set to the empty string, so that they count as unset.
