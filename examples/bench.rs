@@ -15,8 +15,12 @@
 //! - latency: commit to broker acknowledgement at a steady 1,000 messages/s, with the
 //!   default `process_interval` and with a wake-up after each commit;
 //! - memory: peak resident memory of an `outbox relay` process draining the backlog.
+//! - status: `outbox status` (the process, connecting included) and `Admin::status` on a
+//!   table of `BENCH_STATUS_ROWS` rows (default 1,000,000: 90 % delivered, 9.9 % pending,
+//!   0.1 % dead, over 10 topics).
 //!
-//! `BENCH_ONLY=drain,latency` runs only the sections named (add, drain, latency, memory).
+//! `BENCH_ONLY=drain,latency` runs only the sections named (add, drain, latency, memory,
+//! status).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -66,6 +70,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if section("memory") {
         memory(&bench, runs, backlog, &mut table)?;
+    }
+    if section("status") {
+        let rows = env_number("BENCH_STATUS_ROWS", 1_000_000);
+        status(&bench, runs, rows, &mut table)?;
     }
     println!("{}", table.render());
     Ok(())
@@ -201,6 +209,43 @@ fn memory(
         &format!("outbox relay peak RSS, {backlog} backlog (MiB)"),
         &large,
     );
+    Ok(())
+}
+
+/// How long `outbox status` takes on a large table: the command as an operator runs it
+/// (a process that connects, checks the table and queries), and the library call alone.
+fn status(
+    bench: &Bench,
+    runs: usize,
+    rows: usize,
+    table: &mut Table,
+) -> Result<(), Box<dyn std::error::Error>> {
+    eprintln!("status, {rows} rows ({runs} runs)");
+    let store = bench.status_table(rows)?;
+    let admin = outbox::admin::Admin::new(store.clone())?;
+    let command = std::env::var("BENCH_OUTBOX").unwrap_or_else(|_| "target/release/outbox".into());
+    let mut process = Vec::new();
+    let mut library = Vec::new();
+    for _ in 0..runs {
+        let start = Instant::now();
+        let output = std::process::Command::new(&command)
+            .args(["--table", store.table(), "status"])
+            .env("OUTBOX_DATABASE_URL", &bench.url)
+            .output()?;
+        process.push(start.elapsed().as_secs_f64() * 1e3);
+        if !output.status.success() {
+            return Err(format!("outbox status failed: {output:?}").into());
+        }
+        let start = Instant::now();
+        let status = admin.status()?;
+        library.push(start.elapsed().as_secs_f64() * 1e3);
+        if status.total.delivered + status.total.pending + status.total.dead != rows as u64 {
+            return Err(format!("status counted {:?} of {rows} rows", status.total).into());
+        }
+    }
+    table.millis(&format!("`outbox status`, {rows} rows (ms)"), &process);
+    table.millis(&format!("Admin::status, {rows} rows (ms)"), &library);
+    bench.drop_table(store.table())?;
     Ok(())
 }
 
@@ -379,6 +424,49 @@ impl Bench {
             outbox.add_all(&mut tx, &messages)?;
             tx.commit()?;
         }
+        Ok(store)
+    }
+
+    /// A table of `rows` messages over 10 topics, as a busy outbox holds them: the first
+    /// 90 % delivered, then one in a hundred of the rest dead and the others pending, 500
+    /// of those leased.
+    fn status_table(&self, rows: usize) -> Result<MySqlStore, Box<dyn std::error::Error>> {
+        let store = self.store("status")?;
+        let outbox = Outbox::new(&store);
+        let topic = self.name("topic");
+        for chunk in (0..rows).collect::<Vec<_>>().chunks(2_000) {
+            let messages: Vec<Message> = chunk
+                .iter()
+                .map(|&i| sample_message(&format!("{topic}-{}", i % 10), i, KEYS))
+                .collect();
+            let mut tx = self.pool.start_transaction(TxOpts::default())?;
+            outbox.add_all(&mut tx, &messages)?;
+            tx.commit()?;
+        }
+        let t = store.table();
+        let mut conn = self.pool.get_conn()?;
+        let first: u64 = conn
+            .query_first(format!("SELECT MIN(id) FROM `{t}`"))?
+            .unwrap_or(1);
+        let delivered_below = first + (rows as u64) * 9 / 10;
+        for start in (first..delivered_below).step_by(50_000) {
+            conn.query_drop(format!(
+                "UPDATE `{t}` SET state = 1, processed_on = UTC_TIMESTAMP(6), \
+                 last_attempted_on = UTC_TIMESTAMP(6), number_of_attempts = 1 \
+                 WHERE id >= {start} AND id < {}",
+                (start + 50_000).min(delivered_below)
+            ))?;
+        }
+        conn.query_drop(format!(
+            "UPDATE `{t}` SET state = 2, processed_on = UTC_TIMESTAMP(6), number_of_attempts = 5, \
+             error = 'broker refused: message size too large' \
+             WHERE id >= {delivered_below} AND id % 100 = 0"
+        ))?;
+        conn.query_drop(format!(
+            "UPDATE `{t}` SET locked_by = {}, locked_on = UTC_TIMESTAMP(6) \
+             WHERE state = 0 ORDER BY id LIMIT 500",
+            MySqlStore::leases_of("bench#00000000").start()
+        ))?;
         Ok(store)
     }
 

@@ -39,8 +39,9 @@ pub struct DispatcherSettings {
     /// turn, so this must be at least three times the broker's delivery timeout, plus
     /// [`LEASE_MARGIN`](Self::LEASE_MARGIN). Defaults to 5 min.
     pub max_lock_duration: Duration,
-    /// How long delivered rows are kept before the cleaner deletes them. Pending rows are
-    /// never deleted. Defaults to 24 h.
+    /// How long delivered rows are kept before the cleaner deletes them, and rows an
+    /// operator discarded (counted from the discard). Pending rows are never deleted.
+    /// Defaults to 24 h.
     pub retention: Duration,
     /// How long dead rows are kept; `None` keeps them until an operator acts.
     /// Defaults to `None`.

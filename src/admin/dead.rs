@@ -12,6 +12,7 @@ use uuid::Uuid;
 use super::time::{micros_of, micros_since_epoch, rfc3339, time, time_or_never, AT_MICROS};
 use super::Admin;
 use crate::error::{Error, Result};
+use crate::store::codec::take;
 use crate::store::mysql::{
     micros, padded, placeholders, DEAD, DELIVERED, DISCARDED, MAX_ID_LIST, PENDING,
 };
@@ -364,25 +365,25 @@ impl Admin {
                 (param.clone(),),
             )?)
         })?;
-        let Some(row) = row else { return Ok(None) };
-        let id: u64 = column(&row, 0)?;
-        let message_id: Vec<u8> = column(&row, 1)?;
+        let Some(mut row) = row else { return Ok(None) };
+        let id: u64 = take(&mut row, 0, 0)?;
+        let message_id: Vec<u8> = take(&mut row, 1, id)?;
         Ok(Some(StoredMessage {
             id,
             message_id: uuid(id, &message_id)?,
-            topic: column(&row, 2)?,
-            key: column(&row, 3)?,
-            headers: column(&row, 4)?,
-            payload: column(&row, 5)?,
-            state: State::of(column(&row, 6)?),
-            created: time(column(&row, 7)?),
-            available: time(column(&row, 8)?),
-            locked_by: column(&row, 9)?,
-            locked_on: time_or_never(column(&row, 10)?),
-            processed: time_or_never(column(&row, 11)?),
-            last_attempted: time_or_never(column(&row, 12)?),
-            attempts: column(&row, 13)?,
-            error: column(&row, 14)?,
+            topic: take(&mut row, 2, id)?,
+            key: take(&mut row, 3, id)?,
+            headers: take(&mut row, 4, id)?,
+            payload: take(&mut row, 5, id)?,
+            state: State::of(take(&mut row, 6, id)?),
+            created: time(take(&mut row, 7, id)?),
+            available: time(take(&mut row, 8, id)?),
+            locked_by: take(&mut row, 9, id)?,
+            locked_on: time_or_never(take(&mut row, 10, id)?),
+            processed: time_or_never(take(&mut row, 11, id)?),
+            last_attempted: time_or_never(take(&mut row, 12, id)?),
+            attempts: take(&mut row, 13, id)?,
+            error: take(&mut row, 14, id)?,
         }))
     }
 
@@ -547,19 +548,24 @@ fn id_list(messages: &[DeadMessage]) -> String {
     ids.join(", ")
 }
 
-fn column<T: mysql::prelude::FromValue>(row: &Row, index: usize) -> Result<T> {
-    let id = row.get_opt::<u64, _>(0).and_then(|id| id.ok()).unwrap_or(0);
-    match row.get_opt::<T, _>(index) {
-        Some(Ok(value)) => Ok(value),
-        Some(Err(e)) => Err(Error::CorruptRow {
-            id,
-            reason: format!("column {index}: {e}"),
-        }),
-        None => Err(Error::CorruptRow {
-            id,
-            reason: format!("column {index} is missing"),
-        }),
+/// The fields that name a message in JSON: `id`, `message_id`, `topic`, `key`, `key_hex`.
+fn identity_json(id: u64, message_id: Uuid, topic: &str, key: Option<&[u8]>) -> Json {
+    let (key, key_hex) = bytes_json(key);
+    json!({
+        "id": id,
+        "message_id": message_id.to_string(),
+        "topic": topic,
+        "key": key,
+        "key_hex": key_hex,
+    })
+}
+
+/// `more`'s fields added to the object `json`.
+fn with_fields(mut json: Json, more: Json) -> Json {
+    if let (Json::Object(fields), Json::Object(more)) = (&mut json, more) {
+        fields.extend(more);
     }
+    json
 }
 
 /// Bytes as JSON: the text when they are UTF-8, else null; and always as hexadecimal.
@@ -579,19 +585,15 @@ impl DeadMessage {
     /// UTF-8), "key_hex" (null when none), "attempts", "error", "created", "died" (RFC
     /// 3339), "payload_bytes"}`.
     pub fn to_json(&self) -> Json {
-        let (key, key_hex) = bytes_json(self.key.as_deref());
-        json!({
-            "id": self.id,
-            "message_id": self.message_id.to_string(),
-            "topic": self.topic,
-            "key": key,
-            "key_hex": key_hex,
+        let identity = identity_json(self.id, self.message_id, &self.topic, self.key.as_deref());
+        let more = json!({
             "attempts": self.attempts,
             "error": self.error,
             "created": rfc3339(self.created),
             "died": rfc3339(self.died),
             "payload_bytes": self.payload_len,
-        })
+        });
+        with_fields(identity, more)
     }
 }
 
@@ -601,17 +603,12 @@ impl StoredMessage {
     /// or null when not UTF-8), `"payload_hex"`, `"available"`, `"locked_by"`, and
     /// `"locked_on"`, `"processed"`, `"last_attempted"` (null when never).
     pub fn to_json(&self) -> Json {
-        let (key, key_hex) = bytes_json(self.key.as_deref());
+        let identity = identity_json(self.id, self.message_id, &self.topic, self.key.as_deref());
         let (payload, payload_hex) = bytes_json(Some(&self.payload));
         let headers = self.headers.as_deref().map_or(Json::Null, |text| {
             serde_json::from_str(text).unwrap_or_else(|_| Json::from(text))
         });
-        json!({
-            "id": self.id,
-            "message_id": self.message_id.to_string(),
-            "topic": self.topic,
-            "key": key,
-            "key_hex": key_hex,
+        let more = json!({
             "state": self.state.to_string(),
             "headers": headers,
             "payload": payload,
@@ -625,7 +622,8 @@ impl StoredMessage {
             "locked_on": self.locked_on.map(rfc3339),
             "processed": self.processed.map(rfc3339),
             "last_attempted": self.last_attempted.map(rfc3339),
-        })
+        });
+        with_fields(identity, more)
     }
 }
 

@@ -150,7 +150,13 @@ pub(crate) fn decode_record(mut row: Row) -> Result<Record> {
     })
 }
 
-fn take<T: mysql::prelude::FromValue>(row: &mut Row, index: usize, id: u64) -> Result<T> {
+/// Column `index` of the row `id`, taken out of `row`; [`Error::CorruptRow`] when it is
+/// missing or of another type.
+pub(crate) fn take<T: mysql::prelude::FromValue>(
+    row: &mut Row,
+    index: usize,
+    id: u64,
+) -> Result<T> {
     match row.take_opt::<T, _>(index) {
         Some(Ok(value)) => Ok(value),
         Some(Err(e)) => Err(Error::CorruptRow {

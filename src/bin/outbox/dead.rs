@@ -255,7 +255,7 @@ fn table(messages: &[DeadMessage]) -> String {
                 .map_or("-".into(), |k| shorten(&bytes(k), 24)),
             m.attempts.to_string(),
             time(m.died),
-            shorten(m.error.as_deref().unwrap_or("-"), 80),
+            shorten(m.error.as_deref().unwrap_or("-"), 60),
         ]);
     }
     table.render()

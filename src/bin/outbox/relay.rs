@@ -10,7 +10,7 @@
 //! | `OUTBOX_INSTANCE` | `relay-<pid>` |
 //! | `OUTBOX_KAFKA_CONFIG_FILE` | none; a Java `.properties` file (Kafka's `client.properties`), also `--kafka-config FILE` |
 //! | `OUTBOX_KAFKA_PROPERTIES` | none; `name=value` pairs separated by commas, `\,` for a comma in a value; they override the file's |
-//! | `OUTBOX_BATCH_SIZE`, `OUTBOX_MAX_ATTEMPTS` | as `DispatcherSettings` |
+//! | `OUTBOX_BATCH_SIZE`, `OUTBOX_MAX_ATTEMPTS`, `OUTBOX_DEAD_BLOCKS_KEY` | as `DispatcherSettings` |
 //! | `OUTBOX_PROCESS_INTERVAL_MS`, `OUTBOX_LOCK_CHECK_INTERVAL_MS`, `OUTBOX_MAX_LOCK_MS` | as `DispatcherSettings` |
 //! | `OUTBOX_BACKOFF_MIN_MS`, `OUTBOX_BACKOFF_MAX_MS` | as `DispatcherSettings` |
 //!
@@ -60,6 +60,10 @@ pub struct Args {
     /// Failed sends after which a message is dead; unlimited when unset.
     #[arg(long, env = "OUTBOX_MAX_ATTEMPTS")]
     max_attempts: Option<u32>,
+    /// A dead message holds back the later messages of its key until it is replayed or
+    /// discarded (true), or lets them go on (false, the default).
+    #[arg(long, value_name = "BOOL", env = "OUTBOX_DEAD_BLOCKS_KEY", default_value_t = false, action = clap::ArgAction::Set)]
+    dead_blocks_key: bool,
     /// Milliseconds between polls when not woken.
     #[arg(long, value_name = "MS", env = "OUTBOX_PROCESS_INTERVAL_MS")]
     process_interval_ms: Option<u64>,
@@ -87,6 +91,7 @@ impl Args {
         if self.max_attempts.is_some() {
             settings.max_attempts = self.max_attempts;
         }
+        settings.dead_blocks_key = self.dead_blocks_key;
         if let Some(n) = self.process_interval_ms {
             settings.process_interval = ms(n);
         }
