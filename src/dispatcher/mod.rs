@@ -176,7 +176,7 @@ impl DispatcherHandle {
     /// panicked is reported on [`errors`](DispatcherHandle::errors) and by
     /// [`stop`](DispatcherHandle::stop); when it is the relay, its publisher or its
     /// settler, the relay claims nothing more and releases the rows it held, so the
-    /// dispatcher should be stopped and started again (`outbox-relay` exits with 1).
+    /// dispatcher should be stopped and started again (`outbox relay` exits with 1).
     pub fn is_running(&self) -> bool {
         self.stop.is_some()
             && self.shared.panicked().is_none()
