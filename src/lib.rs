@@ -63,6 +63,12 @@
 //! Every time the outbox writes or compares is the database's clock in UTC, whatever the
 //! `time_zone` of the sessions that add messages or run dispatchers.
 //!
+//! # Operating
+//!
+//! [`admin::Admin`] tells how far behind the outbox is, lists dead messages and replays or
+//! discards them, and frees the rows of a dispatcher that is gone; the `outbox` command
+//! (feature `cli`) does the same from a terminal.
+//!
 //! # Extending
 //!
 //! The dispatcher works on two small traits: [`Store`] (the outbox table) and [`Broker`]
