@@ -130,7 +130,7 @@ impl Error {
 const TRANSIENT_SERVER_ERRORS: [u16; 7] = [1040, 1053, 1205, 1213, 1317, 1927, 4031];
 
 /// The dispatcher's worker threads, as named in errors and thread names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Worker {
     /// Claims messages, and drives the publisher and the settler.
@@ -143,6 +143,8 @@ pub enum Worker {
     LockChecker,
     /// Deletes delivered (and, if set, dead) rows past their retention.
     Cleaner,
+    /// Refreshes the gauges of the table's backlog, when `gauge_interval` is set.
+    Gauges,
 }
 
 impl fmt::Display for Worker {
@@ -153,6 +155,7 @@ impl fmt::Display for Worker {
             Worker::Settler => "settler",
             Worker::LockChecker => "lock-checker",
             Worker::Cleaner => "cleaner",
+            Worker::Gauges => "gauges",
         })
     }
 }

@@ -94,6 +94,7 @@ mod broker;
 mod dispatcher;
 mod error;
 mod message;
+pub mod metrics;
 mod outbox;
 mod record;
 mod settings;
@@ -108,7 +109,9 @@ pub use uuid;
 pub use crate::broker::{
     Broker, KafkaBroker, ALLOW_WEAK_DELIVERY, RECORD_TIMESTAMP, STRICT_KEY_ORDER,
 };
-pub use crate::dispatcher::{Dispatcher, DispatcherHandle, Waker, MAX_INSTANCE_ID_LEN};
+pub use crate::dispatcher::{
+    Dispatcher, DispatcherHandle, Health, Waker, WorkerHealth, MAX_INSTANCE_ID_LEN,
+};
 pub use crate::error::{Error, Result, Worker};
 pub use crate::message::{
     Message, MAX_HEADERS, MAX_HEADER_NAME_LEN, MAX_KEY_LEN, MAX_MESSAGE_SIZE, MAX_TOPIC_LEN,

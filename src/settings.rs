@@ -64,6 +64,10 @@ pub struct DispatcherSettings {
     /// Longest wait between retries; waits near it are drawn from its upper half.
     /// Defaults to 5 min.
     pub backoff_max: Duration,
+    /// How often a worker reads the table's pending and dead messages, lag and leases
+    /// into the gauges of [`metrics`](crate::metrics); `None` runs no such worker.
+    /// Defaults to `None`.
+    pub gauge_interval: Option<Duration>,
 }
 
 impl Default for DispatcherSettings {
@@ -81,6 +85,7 @@ impl Default for DispatcherSettings {
             cleanup_batch_size: 1_000,
             backoff_min: Duration::from_secs(1),
             backoff_max: Duration::from_secs(5 * 60),
+            gauge_interval: None,
         }
     }
 }
@@ -109,7 +114,8 @@ impl DispatcherSettings {
             ("backoff_max", self.backoff_max),
         ];
         let dead = self.dead_retention.map(|d| ("dead_retention", d));
-        for (name, value) in durations.into_iter().chain(dead) {
+        let gauges = self.gauge_interval.map(|d| ("gauge_interval", d));
+        for (name, value) in durations.into_iter().chain(dead).chain(gauges) {
             if value.is_zero() {
                 return Err(Error::config(format!("{name} must be greater than zero")));
             }

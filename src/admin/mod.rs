@@ -31,7 +31,7 @@
 //! ```
 
 mod dead;
-mod status;
+pub(crate) mod status;
 mod time;
 
 use mysql::prelude::Queryable;

@@ -11,6 +11,7 @@ use serde_json::{json, Value as Json};
 use super::time::{age, age_of, micros_of, rfc3339, seconds, time};
 use super::Admin;
 use crate::error::{Error, Result};
+use crate::metrics::{Backlog, TopicBacklog};
 use crate::store::mysql::{micros, DEAD, DELIVERED, DISCARDED, PENDING};
 use crate::store::MySqlStore;
 
@@ -353,6 +354,49 @@ fn pending_sql(table: &str) -> String {
         age_of("MIN(locked_on)"),
         age_of("MAX(locked_on)"),
     )
+}
+
+/// The table's backlog for the dispatcher's gauges: the pending rows' groups (through
+/// `(state, id)`) and the dead rows by topic (through `(state, processed_on)`), never the
+/// delivered rows.
+pub(crate) fn backlog(conn: &mut mysql::PooledConn, table: &str) -> Result<Backlog> {
+    let before = SystemTime::now();
+    let (database_now, groups) = pending_groups(conn, table)?;
+    let after = SystemTime::now();
+    let dead: Vec<(String, u64)> = conn.query(format!(
+        "SELECT topic, COUNT(*) FROM `{table}` FORCE INDEX (state_processed) \
+         WHERE state = {DEAD} GROUP BY topic"
+    ))?;
+    let mut topics: BTreeMap<String, TopicBacklog> = BTreeMap::new();
+    let mut leased = 0;
+    for (topic, owner, rows, _, oldest_row, _, _) in groups {
+        let entry = topics.entry(topic.clone()).or_insert_with(|| TopicBacklog {
+            topic,
+            ..Default::default()
+        });
+        entry.pending += rows;
+        let lag = age(oldest_row);
+        entry.lag = Some(entry.lag.map_or(lag, |other| other.max(lag)));
+        if owner != 0 {
+            leased += rows;
+        }
+    }
+    for (topic, rows) in dead {
+        topics
+            .entry(topic.clone())
+            .or_insert_with(|| TopicBacklog {
+                topic,
+                ..Default::default()
+            })
+            .dead = rows;
+    }
+    let read_at = before + after.duration_since(before).unwrap_or_default() / 2;
+    Ok(Backlog {
+        topics: topics.into_values().collect(),
+        leased,
+        database_now,
+        read_at,
+    })
 }
 
 /// The database's clock, and the pending rows' groups.

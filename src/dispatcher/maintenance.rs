@@ -4,8 +4,11 @@ use std::sync::Arc;
 
 use crossbeam_channel::{select, tick};
 
+use std::time::Duration;
+
 use super::signal::Signals;
-use crate::error::Result;
+use crate::error::{Result, Worker};
+use crate::metrics::Meter;
 use crate::settings::DispatcherSettings;
 use crate::store::Store;
 
@@ -15,15 +18,21 @@ pub(crate) fn run_lock_checker<S: Store>(
     store: Arc<S>,
     settings: DispatcherSettings,
     signals: Signals,
+    meter: Meter,
 ) {
     let ticks = tick(settings.lock_check_interval);
     loop {
         match store.release_expired(settings.max_lock_duration) {
-            Ok(0) => {}
-            Ok(n) => log::warn!(
-                "released {n} expired leases (older than {:?})",
-                settings.max_lock_duration
-            ),
+            Ok(n) => {
+                if n > 0 {
+                    log::warn!(
+                        "released {n} expired leases (older than {:?})",
+                        settings.max_lock_duration
+                    );
+                    meter.expired(n);
+                }
+                signals.succeeded(Worker::LockChecker);
+            }
             Err(e) => signals.report(e),
         }
         select! {
@@ -36,7 +45,12 @@ pub(crate) fn run_lock_checker<S: Store>(
 /// Deletes delivered rows past `retention` and, when `dead_retention` is set, dead rows
 /// past it, in chunks of `cleanup_batch_size`, at once and every `cleanup_interval`,
 /// until the stop signal.
-pub(crate) fn run_cleaner<S: Store>(store: Arc<S>, settings: DispatcherSettings, signals: Signals) {
+pub(crate) fn run_cleaner<S: Store>(
+    store: Arc<S>,
+    settings: DispatcherSettings,
+    signals: Signals,
+    meter: Meter,
+) {
     let ticks = tick(settings.cleanup_interval);
     loop {
         let chunk = settings.cleanup_batch_size;
@@ -49,12 +63,55 @@ pub(crate) fn run_cleaner<S: Store>(store: Arc<S>, settings: DispatcherSettings,
             }
             None => Ok(0),
         };
+        let mut failed = false;
         for result in [delivered, dead] {
             match result {
                 Ok(0) => {}
-                Ok(n) => log::info!("deleted {n} rows past their retention"),
-                Err(e) => signals.report(e),
+                Ok(n) => {
+                    log::info!("deleted {n} rows past their retention");
+                    meter.deleted(n);
+                }
+                Err(e) => {
+                    failed = true;
+                    signals.report(e);
+                }
             }
+        }
+        if !failed {
+            signals.succeeded(Worker::Cleaner);
+        }
+        select! {
+            recv(signals.stop) -> _ => return,
+            recv(ticks) -> _ => {},
+        }
+    }
+}
+
+/// Reads the table's backlog into the gauges, at once and every `interval`, until the
+/// stop signal. A store that tells nothing leaves the gauges unset.
+pub(crate) fn run_gauges<S: Store>(
+    store: Arc<S>,
+    interval: Duration,
+    signals: Signals,
+    meter: Meter,
+) {
+    let ticks = tick(interval);
+    let mut shown = Vec::new();
+    let mut told = false;
+    loop {
+        match store.backlog() {
+            Ok(Some(backlog)) => {
+                meter.backlog(&backlog, &mut shown);
+                signals.succeeded(Worker::Gauges);
+            }
+            Ok(None) => {
+                if !told {
+                    log::info!("the store reports no backlog: the gauges stay unset");
+                    told = true;
+                }
+                signals.succeeded(Worker::Gauges);
+            }
+            Err(e) => signals.report(e),
         }
         select! {
             recv(signals.stop) -> _ => return,

@@ -1,6 +1,7 @@
 //! The dispatcher: worker threads that relay committed messages to the broker.
 
 mod backoff;
+mod health;
 mod maintenance;
 mod relay;
 mod signal;
@@ -14,10 +15,12 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
+pub use self::health::{Health, WorkerHealth};
 use self::relay::Relay;
 use self::signal::{panic_text, Shared, Signals, ERROR_CAPACITY, STOP_RETRY};
 use crate::broker::Broker;
 use crate::error::{Error, Result, Worker};
+use crate::metrics::Meter;
 use crate::settings::DispatcherSettings;
 use crate::store::Store;
 
@@ -123,23 +126,41 @@ impl<S: Store, B: Broker> Dispatcher<S, B> {
             threads: Vec::with_capacity(3),
             shared,
         };
+        let meter = Meter::new(&self.owner);
         let relay = Relay {
             store: store.clone(),
             settings: self.settings.clone(),
             owner: self.owner,
             signals: signals.clone(),
             held: Default::default(),
+            meter: meter.clone(),
         };
         let broker = self.broker;
         handle.spawn(Worker::Relay, &signals, move || relay.run(broker, wake_rx))?;
-        let (s, settings, sig) = (store.clone(), self.settings.clone(), signals.clone());
+        let (s, settings, sig, m) = (
+            store.clone(),
+            self.settings.clone(),
+            signals.clone(),
+            meter.clone(),
+        );
         handle.spawn(Worker::LockChecker, &signals, move || {
-            maintenance::run_lock_checker(s, settings, sig)
+            maintenance::run_lock_checker(s, settings, sig, m)
         })?;
-        let (s, settings, sig) = (store, self.settings, signals.clone());
+        let (s, settings, sig, m) = (
+            store.clone(),
+            self.settings.clone(),
+            signals.clone(),
+            meter.clone(),
+        );
         handle.spawn(Worker::Cleaner, &signals, move || {
-            maintenance::run_cleaner(s, settings, sig)
+            maintenance::run_cleaner(s, settings, sig, m)
         })?;
+        if let Some(interval) = self.settings.gauge_interval {
+            let sig = signals.clone();
+            handle.spawn(Worker::Gauges, &signals, move || {
+                maintenance::run_gauges(store, interval, sig, meter)
+            })?;
+        }
         Ok(handle)
     }
 }
@@ -193,6 +214,39 @@ impl DispatcherHandle {
     /// Call it after committing a transaction that added messages.
     pub fn wake(&self) {
         let _ = self.wake.try_send(());
+    }
+
+    /// Each worker's health: whether its thread runs and when it last finished a round
+    /// without error, and the last error any worker reported. For a service's own health
+    /// endpoint; [`Health::is_alive`] is what a liveness check asks.
+    pub fn health(&self) -> Health {
+        let relay_alive = self
+            .threads
+            .iter()
+            .any(|(worker, thread)| *worker == Worker::Relay && !thread.is_finished());
+        let panicked = self.shared.panicked().map(|(worker, _)| worker);
+        let mut workers = Vec::new();
+        for (worker, thread) in &self.threads {
+            workers.push(WorkerHealth {
+                worker: *worker,
+                alive: !thread.is_finished(),
+                last_success: self.shared.last_success(*worker),
+            });
+            if *worker == Worker::Relay {
+                // The relay's own two threads, which live inside its thread.
+                for inner in [Worker::Publisher, Worker::Settler] {
+                    workers.push(WorkerHealth {
+                        worker: inner,
+                        alive: relay_alive && panicked != Some(inner),
+                        last_success: self.shared.last_success(inner),
+                    });
+                }
+            }
+        }
+        Health {
+            workers,
+            last_error: self.shared.last_error(),
+        }
     }
 
     /// A cloneable [`Waker`] for other threads of the application.

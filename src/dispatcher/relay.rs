@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{bounded, select, tick, Receiver, Sender};
 use parking_lot::Mutex;
@@ -18,6 +18,7 @@ use super::backoff::backoff;
 use super::signal::{panic_text, Signals};
 use crate::broker::Broker;
 use crate::error::{Error, Result, Worker};
+use crate::metrics::Meter;
 use crate::record::Record;
 use crate::settings::{DispatcherSettings, PIPELINE_DEPTH};
 use crate::store::{Failure, Store};
@@ -92,6 +93,8 @@ pub(crate) struct Relay<S> {
     /// The rows of every lease claimed and not yet settled, to release them if a worker
     /// dies with them.
     pub held: Mutex<HashMap<u64, Vec<u64>>>,
+    /// Where its counts and timings go.
+    pub meter: Meter,
 }
 
 impl<S: Store> Relay<S> {
@@ -130,6 +133,7 @@ impl<S: Store> Relay<S> {
                                     .panicked(Worker::Publisher, panic_text(&*panic));
                                 return;
                             }
+                            relay.signals.succeeded(Worker::Publisher);
                         }
                         if to_settle.send(batch).is_err() {
                             return;
@@ -143,7 +147,7 @@ impl<S: Store> Relay<S> {
                         for batch in published {
                             let lease = batch.lease;
                             match catch_unwind(AssertUnwindSafe(|| relay.settle(batch))) {
-                                Ok(Ok(_)) => {}
+                                Ok(Ok(_)) => relay.signals.succeeded(Worker::Settler),
                                 Ok(Err(e)) => relay.signals.report(e),
                                 Err(panic) => {
                                     relay.signals.panicked(Worker::Settler, panic_text(&*panic));
@@ -257,9 +261,11 @@ impl<S: Store> Relay<S> {
             self.settings.batch_size,
             self.settings.dead_blocks_key,
         )?;
+        self.signals.succeeded(Worker::Relay);
         if claim.records.is_empty() {
             return Ok(None);
         }
+        self.meter.claimed(claim.records.len(), started.elapsed());
         let ids = claim.records.iter().map(|r| r.id).collect();
         self.held.lock().insert(claim.lease, ids);
         let batch = Batch {
@@ -296,6 +302,8 @@ impl<S: Store> Relay<S> {
         // wait behind it. Those the broker did not send are released without an attempt;
         // one it acknowledged anyway is in Kafka already and is marked delivered.
         let mut delivered = Vec::with_capacity(records.len());
+        let mut delivered_records = Vec::with_capacity(records.len());
+        let mut failed_records = Vec::new();
         let mut failures = Vec::new();
         let mut released = Vec::new();
         let mut failed_keys = HashSet::new();
@@ -313,6 +321,7 @@ impl<S: Store> Relay<S> {
                         );
                     }
                     delivered.push(record.id);
+                    delivered_records.push(record);
                 }
                 Err(_) if behind_failure => released.push(record.id),
                 Err(Error::NotSent(_)) => {
@@ -321,6 +330,7 @@ impl<S: Store> Relay<S> {
                 }
                 Err(e) => {
                     failures.push(self.failure(record, &e));
+                    failed_records.push(record);
                     failed_keys.extend(key);
                     first_error.get_or_insert(e);
                 }
@@ -342,6 +352,7 @@ impl<S: Store> Relay<S> {
             self.signals.report(e);
         }
         let lease = batch.lease;
+        let marking = Instant::now();
         let marked = self.retry_until(
             lease_ends,
             |store, lease| store.mark_delivered(lease, &delivered),
@@ -357,6 +368,22 @@ impl<S: Store> Relay<S> {
             |store, lease| store.release(lease, &released),
             lease,
         )?;
+        self.meter.stage("publish", published - batch.claimed);
+        self.meter.stage("mark", marking.elapsed());
+        let acknowledged = SystemTime::now()
+            .checked_sub(published.elapsed())
+            .unwrap_or_else(SystemTime::now);
+        let dead_records = failed_records
+            .iter()
+            .zip(&failures)
+            .filter(|(_, failure)| failure.dead)
+            .map(|(record, _)| *record);
+        self.meter.settled(
+            delivered_records.iter().copied(),
+            acknowledged,
+            failed_records.iter().copied(),
+            dead_records,
+        );
         let settled = marked + failed + unlocked;
         let lost = round.claimed as u64 - settled.min(round.claimed as u64);
         if lost > 0 {
@@ -474,6 +501,7 @@ mod tests {
             owner: "me".into(),
             signals,
             held: Mutex::default(),
+            meter: Meter::new("me"),
         };
         (TestRelay { relay, broker }, errors, stop)
     }

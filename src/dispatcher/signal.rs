@@ -1,8 +1,9 @@
 //! What every worker thread shares: the stop signal, the error channel, and what the
 //! handle must know of them (a worker that died, how long a stop may take).
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{after, select, Receiver, Sender, TryRecvError, TrySendError};
 use parking_lot::Mutex;
@@ -31,12 +32,26 @@ pub(crate) struct Shared {
     panicked: Mutex<Option<(Worker, String)>>,
     /// Until when, after the stop signal, writes that fail are tried again.
     stop_deadline: Mutex<Option<Instant>>,
+    /// When each worker last finished a round without error.
+    successes: Mutex<HashMap<Worker, SystemTime>>,
+    /// The last error reported, and when.
+    last_error: Mutex<Option<(SystemTime, String)>>,
 }
 
 impl Shared {
     /// The first worker that panicked, if any.
     pub fn panicked(&self) -> Option<(Worker, String)> {
         self.panicked.lock().clone()
+    }
+
+    /// When `worker` last finished a round without error.
+    pub fn last_success(&self, worker: Worker) -> Option<SystemTime> {
+        self.successes.lock().get(&worker).copied()
+    }
+
+    /// The last error reported by any worker, and when.
+    pub fn last_error(&self) -> Option<(SystemTime, String)> {
+        self.last_error.lock().clone()
     }
 
     /// Sets the deadline of the stop about to be signalled.
@@ -89,10 +104,19 @@ impl Signals {
         let _ = after(duration).recv();
     }
 
+    /// Records that `worker` finished a round without error.
+    pub fn succeeded(&self, worker: Worker) {
+        self.shared
+            .successes
+            .lock()
+            .insert(worker, SystemTime::now());
+    }
+
     /// Logs `error` and puts it on the error channel without ever blocking: when nobody
     /// reads the channel and it is full, the error is only logged.
     pub fn report(&self, error: Error) {
         log::warn!("outbox: {error}");
+        *self.shared.last_error.lock() = Some((SystemTime::now(), error.to_string()));
         match self.errors.try_send(error) {
             Ok(()) | Err(TrySendError::Disconnected(_)) => {}
             Err(TrySendError::Full(_)) => {

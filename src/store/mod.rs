@@ -11,6 +11,7 @@ use std::time::Duration;
 
 pub use self::mysql::MySqlStore;
 use crate::error::Result;
+use crate::metrics::Backlog;
 use crate::record::Record;
 
 /// The dispatcher's view of an outbox table.
@@ -64,6 +65,13 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes at most `limit` dead rows that died longer ago than `older_than`.
     /// Returns how many.
     fn purge_dead(&self, older_than: Duration, limit: usize) -> Result<u64>;
+
+    /// The table's pending and dead messages by topic, for the dispatcher's gauges
+    /// ([`DispatcherSettings::gauge_interval`](crate::DispatcherSettings::gauge_interval)).
+    /// The default tells nothing (`None`).
+    fn backlog(&self) -> Result<Option<Backlog>> {
+        Ok(None)
+    }
 }
 
 /// What a [`Store::claim`] took.
@@ -126,5 +134,9 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 
     fn purge_dead(&self, older_than: Duration, limit: usize) -> Result<u64> {
         (**self).purge_dead(older_than, limit)
+    }
+
+    fn backlog(&self) -> Result<Option<Backlog>> {
+        (**self).backlog()
     }
 }

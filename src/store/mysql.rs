@@ -15,6 +15,7 @@ use super::codec::{decode_record, RECORD_COLUMNS};
 use super::connections::Connections;
 use super::{Claim, Failure, Store};
 use crate::error::{Error, Result};
+use crate::metrics::Backlog;
 
 /// The schema, with `outbox` as the table name.
 const SCHEMA: &str = include_str!("../../sql/outbox.sql");
@@ -552,6 +553,12 @@ impl Store for MySqlStore {
 
     fn purge_dead(&self, older_than: Duration, limit: usize) -> Result<u64> {
         self.purge(&format!("({DEAD})"), older_than, limit)
+    }
+
+    fn backlog(&self) -> Result<Option<Backlog>> {
+        self.conns
+            .with(|conn| crate::admin::status::backlog(conn, &self.table))
+            .map(Some)
     }
 }
 

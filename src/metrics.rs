@@ -1,0 +1,217 @@
+//! What a dispatcher reports through the [`metrics`](https://docs.rs/metrics) facade, so
+//! that the application's own recorder (a Prometheus exporter, say) picks it up. Without a
+//! recorder installed, each report is a call that does nothing.
+//!
+//! Every metric carries the label `instance` (the dispatcher's instance id, without the
+//! random suffix of its lease owner); those about messages also carry `topic`. Nothing
+//! else is a label: never a key or a message id.
+//!
+//! | name | kind | meaning |
+//! | --- | --- | --- |
+//! | `outbox_messages_published_total` | counter | messages the broker acknowledged |
+//! | `outbox_publish_failures_total` | counter | failed attempts to publish a message |
+//! | `outbox_messages_dead_total` | counter | messages declared dead (out of attempts) |
+//! | `outbox_rows_claimed_total` | counter | rows claimed (leased) by the relay |
+//! | `outbox_rows_expired_total` | counter | rows whose lease the lock checker released |
+//! | `outbox_rows_deleted_total` | counter | rows deleted by retention |
+//! | `outbox_delivery_latency_seconds` | histogram | from a message's `created_on` to its acknowledgement, on the database's clock |
+//! | `outbox_stage_seconds` | histogram | each relay stage of a batch, label `stage`: `claim`, `publish`, `mark` |
+//! | `outbox_pending_messages` | gauge | pending messages in the table |
+//! | `outbox_dead_messages` | gauge | dead messages in the table |
+//! | `outbox_lag_seconds` | gauge | age of the oldest pending message, on the database's clock |
+//! | `outbox_leased_rows` | gauge | pending rows leased by any dispatcher (no `topic`) |
+//!
+//! The gauges describe the table, not one dispatcher: a worker refreshes them every
+//! [`DispatcherSettings::gauge_interval`](crate::DispatcherSettings::gauge_interval)
+//! (off by default), from queries that read only pending and dead rows through indexes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ::metrics::{counter, gauge, histogram, SharedString};
+
+use crate::record::Record;
+
+/// Messages the broker acknowledged.
+pub const MESSAGES_PUBLISHED: &str = "outbox_messages_published_total";
+/// Failed attempts to publish a message.
+pub const PUBLISH_FAILURES: &str = "outbox_publish_failures_total";
+/// Messages declared dead.
+pub const MESSAGES_DEAD: &str = "outbox_messages_dead_total";
+/// Rows claimed by the relay.
+pub const ROWS_CLAIMED: &str = "outbox_rows_claimed_total";
+/// Rows whose expired lease the lock checker released.
+pub const ROWS_EXPIRED: &str = "outbox_rows_expired_total";
+/// Rows deleted by retention.
+pub const ROWS_DELETED: &str = "outbox_rows_deleted_total";
+/// Seconds from a message's `created_on` to its acknowledgement.
+pub const DELIVERY_LATENCY: &str = "outbox_delivery_latency_seconds";
+/// Seconds each relay stage of a batch took, by `stage`.
+pub const STAGE_SECONDS: &str = "outbox_stage_seconds";
+/// Pending messages in the table, by topic.
+pub const PENDING_MESSAGES: &str = "outbox_pending_messages";
+/// Dead messages in the table, by topic.
+pub const DEAD_MESSAGES: &str = "outbox_dead_messages";
+/// Age of the oldest pending message, by topic.
+pub const LAG_SECONDS: &str = "outbox_lag_seconds";
+/// Pending rows leased by any dispatcher.
+pub const LEASED_ROWS: &str = "outbox_leased_rows";
+
+/// One dispatcher's reports: its `instance` label, and how far the database's clock is
+/// ahead of this host's (learned by the gauge worker; 0 until then).
+#[derive(Clone)]
+pub(crate) struct Meter {
+    instance: SharedString,
+    clock_offset_micros: Arc<AtomicI64>,
+}
+
+impl Meter {
+    /// The meter of the dispatcher whose lease owner is `owner` (`instance#suffix`).
+    pub fn new(owner: &str) -> Meter {
+        let instance = owner
+            .rsplit_once('#')
+            .map_or(owner, |(instance, _)| instance);
+        Meter {
+            instance: SharedString::from(instance.to_string()),
+            clock_offset_micros: Arc::default(),
+        }
+    }
+
+    fn labels(&self, topic: &str) -> [(&'static str, SharedString); 2] {
+        [
+            ("instance", self.instance.clone()),
+            ("topic", SharedString::from(topic.to_string())),
+        ]
+    }
+
+    /// Rows claimed, and how long the claim took.
+    pub fn claimed(&self, rows: usize, took: Duration) {
+        counter!(ROWS_CLAIMED, "instance" => self.instance.clone()).increment(rows as u64);
+        self.stage("claim", took);
+    }
+
+    /// How long a relay stage of a batch took.
+    pub fn stage(&self, stage: &'static str, took: Duration) {
+        histogram!(STAGE_SECONDS, "instance" => self.instance.clone(), "stage" => stage)
+            .record(took.as_secs_f64());
+    }
+
+    /// A settled batch's outcomes: messages acknowledged at `acknowledged` (with their
+    /// latency from `created_on`), failed attempts, and the messages declared dead.
+    pub fn settled<'a>(
+        &self,
+        delivered: impl IntoIterator<Item = &'a Record>,
+        acknowledged: SystemTime,
+        failed: impl IntoIterator<Item = &'a Record>,
+        dead: impl IntoIterator<Item = &'a Record>,
+    ) {
+        let on_database_clock = self.database_time(acknowledged);
+        let mut published: HashMap<&str, u64> = HashMap::new();
+        for record in delivered {
+            let topic = record.message.topic();
+            *published.entry(topic).or_default() += 1;
+            let latency = on_database_clock
+                .duration_since(record.created)
+                .unwrap_or_default();
+            histogram!(DELIVERY_LATENCY, &self.labels(topic)).record(latency.as_secs_f64());
+        }
+        for (topic, n) in published {
+            counter!(MESSAGES_PUBLISHED, &self.labels(topic)).increment(n);
+        }
+        for (name, records) in [
+            (PUBLISH_FAILURES, count_by_topic(failed)),
+            (MESSAGES_DEAD, count_by_topic(dead)),
+        ] {
+            for (topic, n) in records {
+                counter!(name, &self.labels(topic)).increment(n);
+            }
+        }
+    }
+
+    /// Rows whose expired lease the lock checker released.
+    pub fn expired(&self, rows: u64) {
+        counter!(ROWS_EXPIRED, "instance" => self.instance.clone()).increment(rows);
+    }
+
+    /// Rows deleted by retention.
+    pub fn deleted(&self, rows: u64) {
+        counter!(ROWS_DELETED, "instance" => self.instance.clone()).increment(rows);
+    }
+
+    /// The table's backlog, as the gauges show it; topics that had gauges before and are
+    /// no longer in `backlog` go to 0.
+    pub fn backlog(&self, backlog: &Backlog, shown: &mut Vec<String>) {
+        let mut topics: Vec<String> = backlog.topics.iter().map(|t| t.topic.clone()).collect();
+        for gone in shown.iter().filter(|topic| !topics.contains(topic)) {
+            let labels = self.labels(gone);
+            gauge!(PENDING_MESSAGES, &labels).set(0.0);
+            gauge!(DEAD_MESSAGES, &labels).set(0.0);
+            gauge!(LAG_SECONDS, &labels).set(0.0);
+        }
+        for topic in &backlog.topics {
+            let labels = self.labels(&topic.topic);
+            gauge!(PENDING_MESSAGES, &labels).set(topic.pending as f64);
+            gauge!(DEAD_MESSAGES, &labels).set(topic.dead as f64);
+            gauge!(LAG_SECONDS, &labels).set(topic.lag.map_or(0.0, |lag| lag.as_secs_f64()));
+        }
+        gauge!(LEASED_ROWS, "instance" => self.instance.clone()).set(backlog.leased as f64);
+        topics.sort();
+        *shown = topics;
+        let offset = micros_since_epoch(backlog.database_now) - micros_since_epoch(backlog.read_at);
+        self.clock_offset_micros.store(offset, Ordering::Relaxed);
+    }
+
+    /// `local`, a time of this host's clock, on the database's clock.
+    fn database_time(&self, local: SystemTime) -> SystemTime {
+        let offset = self.clock_offset_micros.load(Ordering::Relaxed);
+        let shift = Duration::from_micros(offset.unsigned_abs());
+        if offset >= 0 {
+            local + shift
+        } else {
+            local.checked_sub(shift).unwrap_or(local)
+        }
+    }
+}
+
+fn count_by_topic<'a>(records: impl IntoIterator<Item = &'a Record>) -> HashMap<&'a str, u64> {
+    let mut counts: HashMap<&str, u64> = HashMap::new();
+    for record in records {
+        *counts.entry(record.message.topic()).or_default() += 1;
+    }
+    counts
+}
+
+fn micros_since_epoch(time: SystemTime) -> i64 {
+    match time.duration_since(UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_micros()).unwrap_or(i64::MAX),
+        Err(before) => -i64::try_from(before.duration().as_micros()).unwrap_or(i64::MAX),
+    }
+}
+
+/// What a [`Store`](crate::Store) reports of its table for the gauges.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backlog {
+    /// By topic: only topics with pending or dead messages.
+    pub topics: Vec<TopicBacklog>,
+    /// Pending rows leased by any dispatcher.
+    pub leased: u64,
+    /// The database's clock when it was read.
+    pub database_now: SystemTime,
+    /// This host's clock at the middle of the read, to learn the offset between the two.
+    pub read_at: SystemTime,
+}
+
+/// One topic's part of a [`Backlog`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopicBacklog {
+    /// The topic.
+    pub topic: String,
+    /// Pending messages.
+    pub pending: u64,
+    /// Dead messages.
+    pub dead: u64,
+    /// Age of the oldest pending message, on the database's clock.
+    pub lag: Option<Duration>,
+}
