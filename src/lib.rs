@@ -110,7 +110,7 @@ pub use crate::broker::{
     Broker, KafkaBroker, ALLOW_WEAK_DELIVERY, RECORD_TIMESTAMP, STRICT_KEY_ORDER,
 };
 pub use crate::dispatcher::{
-    Dispatcher, DispatcherHandle, Health, Waker, WorkerHealth, MAX_INSTANCE_ID_LEN,
+    Dispatcher, DispatcherHandle, Health, HealthProbe, Waker, WorkerHealth, MAX_INSTANCE_ID_LEN,
 };
 pub use crate::error::{Error, Result, Worker};
 pub use crate::message::{

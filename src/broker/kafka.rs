@@ -163,6 +163,21 @@ impl KafkaBroker {
         })
     }
 
+    /// Checks that the cluster answers: asks it for its metadata, waiting at most
+    /// `timeout`. For readiness checks.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Kafka`] when no broker answered in time.
+    pub fn reachable(&self, timeout: Duration) -> Result<()> {
+        use rdkafka::producer::Producer;
+        self.producer
+            .client()
+            .fetch_metadata(None, timeout)
+            .map(|_| ())
+            .map_err(Error::Kafka)
+    }
+
     fn send(&self, index: usize, record: &Record, deadline: Instant) -> Result<(), KafkaError> {
         let message = &record.message;
         let message_id = record.message_id.hyphenated().to_string();

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
-pub use self::health::{Health, WorkerHealth};
+pub use self::health::{Health, HealthProbe, WorkerHealth};
 use self::relay::Relay;
 use self::signal::{panic_text, Shared, Signals, ERROR_CAPACITY, STOP_RETRY};
 use crate::broker::Broker;
@@ -220,32 +220,14 @@ impl DispatcherHandle {
     /// without error, and the last error any worker reported. For a service's own health
     /// endpoint; [`Health::is_alive`] is what a liveness check asks.
     pub fn health(&self) -> Health {
-        let relay_alive = self
-            .threads
-            .iter()
-            .any(|(worker, thread)| *worker == Worker::Relay && !thread.is_finished());
-        let panicked = self.shared.panicked().map(|(worker, _)| worker);
-        let mut workers = Vec::new();
-        for (worker, thread) in &self.threads {
-            workers.push(WorkerHealth {
-                worker: *worker,
-                alive: !thread.is_finished(),
-                last_success: self.shared.last_success(*worker),
-            });
-            if *worker == Worker::Relay {
-                // The relay's own two threads, which live inside its thread.
-                for inner in [Worker::Publisher, Worker::Settler] {
-                    workers.push(WorkerHealth {
-                        worker: inner,
-                        alive: relay_alive && panicked != Some(inner),
-                        last_success: self.shared.last_success(inner),
-                    });
-                }
-            }
-        }
-        Health {
-            workers,
-            last_error: self.shared.last_error(),
+        self.health_probe().health()
+    }
+
+    /// A cloneable reader of [`health`](DispatcherHandle::health) for other threads, such
+    /// as a health endpoint's.
+    pub fn health_probe(&self) -> HealthProbe {
+        HealthProbe {
+            shared: self.shared.clone(),
         }
     }
 
@@ -358,12 +340,14 @@ impl DispatcherHandle {
         body: impl FnOnce() + Send + 'static,
     ) -> Result<()> {
         let signals = signals.clone();
+        self.shared.set_running(worker, true);
         let spawned = thread::Builder::new()
             .name(format!("outbox-{worker}"))
             .spawn(move || {
                 if let Err(panic) = catch_unwind(AssertUnwindSafe(body)) {
                     signals.panicked(worker, panic_text(&*panic));
                 }
+                signals.ended(worker);
             });
         match spawned {
             Ok(thread) => {
@@ -371,6 +355,7 @@ impl DispatcherHandle {
                 Ok(())
             }
             Err(e) => {
+                self.shared.set_running(worker, false);
                 let _ = self.stop();
                 Err(Error::Thread(e))
             }

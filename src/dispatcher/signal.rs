@@ -36,6 +36,8 @@ pub(crate) struct Shared {
     successes: Mutex<HashMap<Worker, SystemTime>>,
     /// The last error reported, and when.
     last_error: Mutex<Option<(SystemTime, String)>>,
+    /// The worker threads started, in order, and whether each still runs.
+    running: Mutex<Vec<(Worker, bool)>>,
 }
 
 impl Shared {
@@ -47,6 +49,20 @@ impl Shared {
     /// When `worker` last finished a round without error.
     pub fn last_success(&self, worker: Worker) -> Option<SystemTime> {
         self.successes.lock().get(&worker).copied()
+    }
+
+    /// Records that `worker`'s thread runs (`true`) or ended (`false`).
+    pub fn set_running(&self, worker: Worker, running: bool) {
+        let mut threads = self.running.lock();
+        match threads.iter_mut().find(|(w, _)| *w == worker) {
+            Some(entry) => entry.1 = running,
+            None => threads.push((worker, running)),
+        }
+    }
+
+    /// The worker threads started, and whether each still runs.
+    pub fn running(&self) -> Vec<(Worker, bool)> {
+        self.running.lock().clone()
     }
 
     /// The last error reported by any worker, and when.
@@ -102,6 +118,11 @@ impl Signals {
     /// Waits for `duration`, stop signal or not.
     pub fn wait(duration: Duration) {
         let _ = after(duration).recv();
+    }
+
+    /// Records that `worker`'s thread ended.
+    pub fn ended(&self, worker: Worker) {
+        self.shared.set_running(worker, false);
     }
 
     /// Records that `worker` finished a round without error.

@@ -13,6 +13,7 @@ mod dead;
 mod leases;
 mod relay;
 mod render;
+mod serve;
 mod status;
 
 use std::process::ExitCode;

@@ -32,7 +32,7 @@ use crossbeam_channel::{bounded, Receiver};
 use outbox::admin::Owner;
 use outbox::{Dispatcher, DispatcherSettings, KafkaBroker, MySqlStore};
 
-use crate::Failure;
+use crate::{serve, Failure};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -79,6 +79,19 @@ pub struct Args {
     /// Longest wait in milliseconds between retries.
     #[arg(long, value_name = "MS", env = "OUTBOX_BACKOFF_MAX_MS")]
     backoff_max_ms: Option<u64>,
+    /// Serve /metrics (Prometheus), /healthz and /readyz at this address: host:port, or
+    /// a port alone for 127.0.0.1.
+    #[arg(long, value_name = "ADDR", env = "OUTBOX_METRICS_ADDR")]
+    metrics_addr: Option<String>,
+    /// Milliseconds between reads of the table's backlog into the gauges, when serving
+    /// metrics.
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "OUTBOX_GAUGE_INTERVAL_MS",
+        default_value_t = 15_000
+    )]
+    gauge_interval_ms: u64,
 }
 
 impl Args {
@@ -106,6 +119,9 @@ impl Args {
         }
         if let Some(n) = self.backoff_max_ms {
             settings.backoff_max = ms(n);
+        }
+        if self.metrics_addr.is_some() {
+            settings.gauge_interval = Some(ms(self.gauge_interval_ms));
         }
         settings
     }
@@ -136,10 +152,26 @@ pub fn main(database_url: &str, table: &str, args: Args) -> Result<ExitCode, Fai
 
     let store = MySqlStore::with_table(crate::pool(database_url, 8)?, table)?;
     store.migrate()?;
-    let broker = KafkaBroker::with_properties(&args.brokers, properties)?;
-    let mut handle = Dispatcher::new(store, broker, args.settings(), &instance)?.start()?;
+    let prometheus = match &args.metrics_addr {
+        Some(_) => Some(serve::install_recorder()?),
+        None => None,
+    };
+    let broker = KafkaBroker::with_properties(&args.brokers, properties.clone())?;
+    let mut handle = Dispatcher::new(store.clone(), broker, args.settings(), &instance)?.start()?;
     // Print the lease owner so that a supervisor (or a test) can find this process's rows.
     println!("{}", handle.owner());
+    if let (Some(addr), Some(prometheus)) = (&args.metrics_addr, prometheus) {
+        let endpoints = serve::Endpoints {
+            prometheus,
+            health: handle.health_probe(),
+            store,
+            broker: KafkaBroker::with_properties(&args.brokers, properties)?,
+            secrets: crate::render::url_secrets(database_url),
+        };
+        let bound = serve::serve(addr, endpoints)?;
+        println!("metrics http://{bound}/metrics");
+        log::info!("serving /metrics, /healthz and /readyz at http://{bound}");
+    }
     log::info!(
         "{} holds its leases as owner {} (`outbox leases` lists them)",
         handle.owner(),
