@@ -15,12 +15,15 @@
 //! - latency: commit to broker acknowledgement at a steady 1,000 messages/s, with the
 //!   default `process_interval` and with a wake-up after each commit;
 //! - memory: peak resident memory of an `outbox relay` process draining the backlog.
+//! - metrics: the backlog drained by one `outbox relay` process serving Prometheus
+//!   metrics (`--metrics-addr`, its gauges at their default interval) and by one without,
+//!   interleaved.
 //! - status: `outbox status` (the process, connecting included) and `Admin::status` on a
 //!   table of `BENCH_STATUS_ROWS` rows (default 1,000,000: 90 % delivered, 9.9 % pending,
 //!   0.1 % dead, over 10 topics).
 //!
 //! `BENCH_ONLY=drain,latency` runs only the sections named (add, drain, latency, memory,
-//! status).
+//! metrics, status).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -70,6 +73,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if section("memory") {
         memory(&bench, runs, backlog, &mut table)?;
+    }
+    if section("metrics") {
+        metrics_cost(&bench, runs, backlog, &mut table)?;
     }
     if section("status") {
         let rows = env_number("BENCH_STATUS_ROWS", 1_000_000);
@@ -209,6 +215,33 @@ fn memory(
         &format!("outbox relay peak RSS, {backlog} backlog (MiB)"),
         &large,
     );
+    Ok(())
+}
+
+/// What serving metrics costs a relay: the same backlog drained by an `outbox relay`
+/// process with a Prometheus recorder and by one without, alternately.
+fn metrics_cost(
+    bench: &Bench,
+    runs: usize,
+    backlog: usize,
+    table: &mut Table,
+) -> Result<(), Box<dyn std::error::Error>> {
+    eprintln!("metrics, {backlog} messages ({runs} runs)");
+    let (mut plain, mut measured) = (Vec::new(), Vec::new());
+    // Alternate which goes first: the table dropped after a drain leaves the server work
+    // (purge) that would otherwise always fall on the second.
+    for run in 0..runs {
+        if run % 2 == 0 {
+            plain.push(bench.relay_drain(backlog, false)?);
+            measured.push(bench.relay_drain(backlog, true)?);
+        } else {
+            measured.push(bench.relay_drain(backlog, true)?);
+            plain.push(bench.relay_drain(backlog, false)?);
+        }
+    }
+    table.rate("drain, outbox relay, 1 process (msg/s)", &plain);
+    table.rate("drain, outbox relay --metrics-addr (msg/s)", &measured);
+    table.ratio("  with metrics / without", &measured, &plain);
     Ok(())
 }
 
@@ -682,6 +715,38 @@ impl Bench {
 
     /// Peak resident memory, in MiB, of an `outbox relay` process draining a backlog of
     /// `n` messages with `batch_size`.
+    /// Drains a backlog of `n` messages with one `outbox relay` process, serving metrics
+    /// or not; messages per second from its start until no row is pending.
+    fn relay_drain(&self, n: usize, metrics: bool) -> Result<f64, Box<dyn std::error::Error>> {
+        let topic = self.name("topic");
+        let store = self.backlog(n, KEYS, &topic)?;
+        let command =
+            std::env::var("BENCH_OUTBOX").unwrap_or_else(|_| "target/release/outbox".into());
+        let mut relay = std::process::Command::new(command);
+        relay
+            .arg("relay")
+            .env("OUTBOX_DATABASE_URL", &self.url)
+            .env("OUTBOX_KAFKA_BROKERS", &self.brokers)
+            .env("OUTBOX_TABLE", store.table())
+            .env("OUTBOX_PROCESS_INTERVAL_MS", "100")
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null());
+        if metrics {
+            relay.env("OUTBOX_METRICS_ADDR", "0");
+        }
+        let start = Instant::now();
+        let mut child = relay.spawn()?;
+        while self.any_pending(store.table())? {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let rate = n as f64 / start.elapsed().as_secs_f64();
+        drop(child.stdin.take());
+        child.wait()?;
+        self.drop_table(store.table())?;
+        Ok(rate)
+    }
+
     fn relay_peak_rss(
         &self,
         n: usize,

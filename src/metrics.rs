@@ -108,16 +108,20 @@ impl Meter {
         dead: impl IntoIterator<Item = &'a Record>,
     ) {
         let on_database_clock = self.database_time(acknowledged);
-        let mut published: HashMap<&str, u64> = HashMap::new();
+        // One handle per topic for the batch: registering looks the series up.
+        let mut published: HashMap<&str, (u64, ::metrics::Histogram)> = HashMap::new();
         for record in delivered {
             let topic = record.message.topic();
-            *published.entry(topic).or_default() += 1;
-            let latency = on_database_clock
+            let (count, latency) = published
+                .entry(topic)
+                .or_insert_with(|| (0, histogram!(DELIVERY_LATENCY, &self.labels(topic))));
+            *count += 1;
+            let age = on_database_clock
                 .duration_since(record.created)
                 .unwrap_or_default();
-            histogram!(DELIVERY_LATENCY, &self.labels(topic)).record(latency.as_secs_f64());
+            latency.record(age.as_secs_f64());
         }
-        for (topic, n) in published {
+        for (topic, (n, _)) in published {
             counter!(MESSAGES_PUBLISHED, &self.labels(topic)).increment(n);
         }
         for (name, records) in [

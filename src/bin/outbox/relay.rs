@@ -13,6 +13,8 @@
 //! | `OUTBOX_BATCH_SIZE`, `OUTBOX_MAX_ATTEMPTS`, `OUTBOX_DEAD_BLOCKS_KEY` | as `DispatcherSettings` |
 //! | `OUTBOX_PROCESS_INTERVAL_MS`, `OUTBOX_LOCK_CHECK_INTERVAL_MS`, `OUTBOX_MAX_LOCK_MS` | as `DispatcherSettings` |
 //! | `OUTBOX_BACKOFF_MIN_MS`, `OUTBOX_BACKOFF_MAX_MS` | as `DispatcherSettings` |
+//! | `OUTBOX_METRICS_ADDR` | none; serve /metrics, /healthz, /readyz there (a port alone: 127.0.0.1) |
+//! | `OUTBOX_GAUGE_INTERVAL_MS` | 15,000, when serving metrics |
 //!
 //! It prints its lease owner on standard output, then runs until SIGTERM or SIGINT, or
 //! until its standard input closes when that is a pipe (a parent that dies stops it):
@@ -165,7 +167,9 @@ pub fn main(database_url: &str, table: &str, args: Args) -> Result<ExitCode, Fai
             prometheus,
             health: handle.health_probe(),
             store,
-            broker: KafkaBroker::with_properties(&args.brokers, properties)?,
+            brokers: args.brokers.clone(),
+            properties,
+            broker: std::sync::Mutex::new(None),
             secrets: crate::render::url_secrets(database_url),
         };
         let bound = serve::serve(addr, endpoints)?;

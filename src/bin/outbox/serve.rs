@@ -22,8 +22,12 @@ pub struct Endpoints {
     pub prometheus: PrometheusHandle,
     pub health: HealthProbe,
     pub store: MySqlStore,
-    /// A producer of its own, only for asking the cluster for its metadata.
-    pub broker: KafkaBroker,
+    /// The cluster's servers and properties, for a producer of its own that only asks
+    /// for metadata: made at the first `/readyz`, so that a relay nobody probes runs no
+    /// second client.
+    pub brokers: String,
+    pub properties: Vec<(String, String)>,
+    pub broker: std::sync::Mutex<Option<KafkaBroker>>,
     /// Texts never to serve (the database URL's password).
     pub secrets: Vec<String>,
 }
@@ -109,6 +113,24 @@ fn healthz(probe: &HealthProbe) -> (u16, String, bool) {
     (503, format!("not running: {}\n", dead.join(", ")), false)
 }
 
+/// Asks the cluster for its metadata through the readiness producer, made on first use.
+fn broker_reachable(endpoints: &Endpoints) -> outbox::Result<()> {
+    let mut broker = endpoints
+        .broker
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if broker.is_none() {
+        *broker = Some(KafkaBroker::with_properties(
+            &endpoints.brokers,
+            endpoints.properties.clone(),
+        )?);
+    }
+    match broker.as_ref() {
+        Some(broker) => broker.reachable(READY_TIMEOUT),
+        None => Ok(()),
+    }
+}
+
 /// 200 when the database and the broker answered within [`READY_TIMEOUT`]; 503 with the
 /// reason otherwise.
 fn readyz(endpoints: &Endpoints) -> (u16, String, bool) {
@@ -121,7 +143,7 @@ fn readyz(endpoints: &Endpoints) -> (u16, String, bool) {
     if let Err(e) = database {
         problems.push(format!("database: {e}"));
     }
-    if let Err(e) = endpoints.broker.reachable(READY_TIMEOUT) {
+    if let Err(e) = broker_reachable(endpoints) {
         problems.push(format!("broker: {e}"));
     }
     if problems.is_empty() {
