@@ -18,8 +18,8 @@
 //! - metrics: the backlog drained by one `outbox relay` process serving Prometheus
 //!   metrics (`--metrics-addr`, its gauges at their default interval) and by one without,
 //!   interleaved.
-//! - status: `outbox status` (the process, connecting included) and `Admin::status` on a
-//!   table of `BENCH_STATUS_ROWS` rows (default 1,000,000: 90 % delivered, 9.9 % pending,
+//! - status: `outbox status` (the process, connecting included), `Admin::status` and the
+//!   dispatcher's gauge read (`Store::backlog`) on a table of `BENCH_STATUS_ROWS` rows (default 1,000,000: 90 % delivered, 9.9 % pending,
 //!   0.1 % dead, over 10 topics).
 //!
 //! `BENCH_ONLY=drain,latency` runs only the sections named (add, drain, latency, memory,
@@ -34,7 +34,7 @@ use mysql::{Pool, TxOpts};
 use outbox::rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use outbox::rdkafka::ClientConfig;
 use outbox::{
-    Broker, Dispatcher, DispatcherSettings, KafkaBroker, Message, MySqlStore, Outbox, Record,
+    Broker, Dispatcher, DispatcherSettings, KafkaBroker, Message, MySqlStore, Outbox, Record, Store,
 };
 use parking_lot::Mutex;
 
@@ -259,6 +259,7 @@ fn status(
     let command = std::env::var("BENCH_OUTBOX").unwrap_or_else(|_| "target/release/outbox".into());
     let mut process = Vec::new();
     let mut library = Vec::new();
+    let mut gauges = Vec::new();
     for _ in 0..runs {
         let start = Instant::now();
         let output = std::process::Command::new(&command)
@@ -275,9 +276,21 @@ fn status(
         if status.total.delivered + status.total.pending + status.total.dead != rows as u64 {
             return Err(format!("status counted {:?} of {rows} rows", status.total).into());
         }
+        // The read behind a dispatcher's gauges (gauge_interval).
+        let start = Instant::now();
+        let backlog = store.backlog()?.ok_or("MySqlStore reports a backlog")?;
+        gauges.push(start.elapsed().as_secs_f64() * 1e3);
+        let pending: u64 = backlog.topics.iter().map(|t| t.pending).sum();
+        if pending != status.total.pending {
+            return Err(format!("the gauges counted {pending} pending").into());
+        }
     }
     table.millis(&format!("`outbox status`, {rows} rows (ms)"), &process);
     table.millis(&format!("Admin::status, {rows} rows (ms)"), &library);
+    table.millis(
+        &format!("gauge read (Store::backlog), {rows} rows (ms)"),
+        &gauges,
+    );
     bench.drop_table(store.table())?;
     Ok(())
 }
