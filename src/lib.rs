@@ -69,6 +69,13 @@
 //! discards them, and frees the rows of a dispatcher that is gone; the `outbox` command
 //! (feature `cli`) does the same from a terminal.
 //!
+//! # Watching
+//!
+//! The dispatcher reports its counts, timings and (with
+//! [`DispatcherSettings::gauge_interval`]) the table's backlog through the `metrics`
+//! facade, listed in [`metrics`]; [`DispatcherHandle::health`] says which workers run.
+//! `outbox relay --metrics-addr` serves both over HTTP for Prometheus.
+//!
 //! # Extending
 //!
 //! The dispatcher works on two small traits: [`Store`] (the outbox table) and [`Broker`]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use mysql::prelude::Queryable;
 use outbox::admin::{Admin, Owner};
-use outbox::{DispatcherSettings, KafkaBroker, Message, Store};
+use outbox::{DispatcherSettings, Message, Store};
 use serde_json::Value as Json;
 
 /// `outbox --table <table> <args>` against the tests' database.
@@ -45,13 +45,6 @@ fn printed(output: &Output) -> String {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     )
-}
-
-/// A broker whose producer refuses messages over 10,000 bytes, at once.
-fn small_message_broker() -> KafkaBroker {
-    let mut properties = test_properties();
-    properties.push(("message.max.bytes".into(), "10000".into()));
-    KafkaBroker::with_properties(&brokers(), properties).unwrap()
 }
 
 fn too_large(topic: &str, key: &str) -> Message {

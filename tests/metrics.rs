@@ -13,7 +13,7 @@ use metrics::{
     Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder, SharedString, Unit,
 };
 use mysql::prelude::Queryable;
-use outbox::{DispatcherSettings, KafkaBroker, Message, Worker};
+use outbox::{DispatcherSettings, Message, Worker};
 
 /// A recorder that keeps every metric in memory: the test reads what the dispatcher
 /// reported, as an exporter would.
@@ -118,12 +118,6 @@ impl Kept {
             .get(series)
             .map_or_else(Vec::new, |h| h.0.lock().unwrap().clone())
     }
-}
-
-fn small_message_broker() -> KafkaBroker {
-    let mut properties = test_properties();
-    properties.push(("message.max.bytes".into(), "10000".into()));
-    KafkaBroker::with_properties(&brokers(), properties).unwrap()
 }
 
 #[test]

@@ -159,6 +159,14 @@ pub fn broker_at(servers: &str) -> KafkaBroker {
     KafkaBroker::with_properties(servers, test_properties()).unwrap()
 }
 
+/// A broker whose producer refuses messages over 10,000 bytes, at once: a message that
+/// fails for good, on a healthy broker.
+pub fn small_message_broker() -> KafkaBroker {
+    let mut properties = test_properties();
+    properties.push(("message.max.bytes".into(), "10000".into()));
+    KafkaBroker::with_properties(&brokers(), properties).unwrap()
+}
+
 /// The shortest `max_lock_duration` the tests' brokers allow: three delivery timeouts
 /// (the relay holds up to three batches) and the margin.
 pub fn shortest_lease() -> Duration {
