@@ -1,0 +1,204 @@
+//! `examples/web_service.rs` as its users run it: a process taking concurrent requests,
+//! its events read back from the real broker, stopped by SIGTERM.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value as Json;
+
+const CLIENTS: usize = 8;
+const REQUESTS: usize = 200;
+
+/// The example built beside the tests (`cargo test --features cli` builds it).
+fn example() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
+    let path = dir.join("examples").join("web_service");
+    assert!(path.exists(), "{} (make test builds it)", path.display());
+    path
+}
+
+fn request(address: &str, method: &str, path: &str, body: &str) -> (u16, Json) {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let text = format!(
+        "{method} {path} HTTP/1.0\r\nHost: test\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(text.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, serde_json::from_str(body).unwrap_or(Json::Null))
+}
+
+/// One client: creates orders, pays some, and sends invalid requests on purpose. Returns
+/// the events its 2xx answers promise, in the order it got them, and how many 4xx it got.
+fn client(address: &str, seed: u64) -> (Vec<(u64, &'static str)>, usize) {
+    let mut rng = Rng::new(seed);
+    let mut events = Vec::new();
+    let (mut unpaid, mut paid) = (Vec::new(), Vec::new());
+    let mut refused = 0;
+    for _ in 0..REQUESTS {
+        let choice = rng.below(10);
+        let (status, body) = match choice {
+            0..=4 => request(
+                address,
+                "POST",
+                "/orders",
+                r#"{"customer":"c","total_cents":100}"#,
+            ),
+            5 | 6 if !unpaid.is_empty() => {
+                let id: u64 = unpaid.swap_remove(rng.below(unpaid.len() as u64) as usize);
+                let answer = request(address, "POST", &format!("/orders/{id}/pay"), "");
+                assert_eq!(answer.0, 200, "{answer:?}");
+                paid.push(id);
+                events.push((id, "OrderPaid"));
+                continue;
+            }
+            7 if !paid.is_empty() => {
+                let id = paid[rng.below(paid.len() as u64) as usize];
+                request(address, "POST", &format!("/orders/{id}/pay"), "")
+            }
+            8 => request(address, "POST", "/orders/999999999/pay", ""),
+            _ => request(address, "POST", "/orders", r#"{"customer": 7}"#),
+        };
+        match status {
+            201 => {
+                let id = body["id"].as_u64().unwrap();
+                unpaid.push(id);
+                events.push((id, "OrderCreated"));
+            }
+            400 | 404 | 409 => refused += 1,
+            other => panic!("unexpected answer {other}: {body}"),
+        }
+    }
+    (events, refused)
+}
+
+fn start(table: &str, orders: &str, topic: &str) -> (Child, String) {
+    let mut child = Command::new(example())
+        .env("OUTBOX_DATABASE_URL", small_pool_url())
+        .env("OUTBOX_KAFKA_BROKERS", brokers())
+        .env("OUTBOX_TABLE", table)
+        .env("WEB_ORDERS_TABLE", orders)
+        .env("WEB_TOPIC", topic)
+        .env("WEB_ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let address = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("the service says where it listens: {line:?}"))
+        .to_string();
+    (child, address)
+}
+
+#[test]
+fn concurrent_clients_get_every_event_once_in_order_and_none_for_refusals() {
+    let table = TestTable::new("web");
+    let orders = unique("web_orders");
+    let topic = unique("web");
+    let (mut service, address) = start(&table.name, &orders, &topic);
+
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let address = address.clone();
+            std::thread::spawn(move || client(&address, c as u64 + 1))
+        })
+        .collect();
+    let mut expected = Vec::new();
+    let mut refused = 0;
+    for client in clients {
+        let (events, n) = client.join().unwrap();
+        expected.extend(events);
+        refused += n;
+    }
+    assert!(refused > 100, "invalid requests were sent: {refused}");
+    assert!(expected.iter().any(|(_, kind)| *kind == "OrderPaid"));
+
+    let got = consume(
+        &topic,
+        expected.len(),
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    );
+    let events: Vec<(u64, String)> = got
+        .iter()
+        .map(|record| {
+            let event: Json = serde_json::from_slice(&record.payload).unwrap();
+            assert_eq!(
+                record.key.as_deref(),
+                Some(event["id"].to_string().as_str())
+            );
+            (
+                event["id"].as_u64().unwrap(),
+                event["type"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let promised: HashSet<(u64, String)> = expected
+        .iter()
+        .map(|(id, kind)| (*id, kind.to_string()))
+        .collect();
+    assert_eq!(
+        promised.len(),
+        expected.len(),
+        "each promised event is distinct"
+    );
+    assert_eq!(
+        events.len(),
+        expected.len(),
+        "every event once, and nothing for a refusal"
+    );
+    assert_eq!(events.iter().cloned().collect::<HashSet<_>>(), promised);
+    // Per order: created, then paid.
+    let mut seen: HashMap<u64, Vec<&str>> = HashMap::new();
+    for (id, kind) in &events {
+        seen.entry(*id).or_default().push(kind);
+    }
+    for (id, kinds) in &seen {
+        assert_eq!(kinds[0], "OrderCreated", "order {id}: {kinds:?}");
+        assert!(kinds.len() <= 2, "order {id}: {kinds:?}");
+    }
+
+    // SIGTERM: a clean stop, nothing left pending.
+    // SAFETY: kill with a live child's pid.
+    unsafe { libc::kill(service.id() as libc::pid_t, libc::SIGTERM) };
+    let status = wait_exit(&mut service, Duration::from_secs(30));
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
+    assert_eq!(table.count("state <> 1"), 0);
+    let mut conn = table.conn();
+    mysql::prelude::Queryable::query_drop(&mut conn, format!("DROP TABLE `{orders}`")).unwrap();
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    None
+}
