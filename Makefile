@@ -42,7 +42,7 @@ web-service: services
 
 # Release-mode benchmark; BENCH_RUNS, BENCH_BACKLOG and BENCH_HOT_BACKLOG scale it down.
 bench: services
-	cargo build --release $(FEATURES) --bin outbox --example bench
+	cargo build --release $(FEATURES) --bin outbox --example bench --example web_service
 	BENCH_OUTBOX=target/release/outbox target/release/examples/bench
 
 # A bounded soak (SOAK_SECONDS, default 600): writers, two dispatchers, and a broker of

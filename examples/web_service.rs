@@ -18,7 +18,9 @@
 //!
 //! `OUTBOX_DATABASE_URL`, `OUTBOX_KAFKA_BROKERS`, `OUTBOX_TABLE` (default `outbox`),
 //! `WEB_ORDERS_TABLE` (default `web_orders`) and `WEB_ADDR` (default `127.0.0.1:8080`)
-//! point it elsewhere. Needs the `cli` feature (tiny_http, the Prometheus exporter).
+//! point it elsewhere. `WEB_WITHOUT_EVENTS=1` takes the event writes out of the handlers
+//! (the baseline `make bench` compares with); `WEB_WAKE=0` leaves the dispatcher to its
+//! polls instead of waking it at every commit. Needs the `cli` feature (tiny_http, the Prometheus exporter).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +41,8 @@ struct App {
     outbox: Outbox,
     orders: String,
     topic: String,
+    /// False to take the event writes out (a benchmark's baseline).
+    events: bool,
     health: HealthProbe,
     metrics: PrometheusHandle,
 }
@@ -72,9 +76,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut handle = Dispatcher::new(store.clone(), broker, settings, "web-service")?.start()?;
     let app = Arc::new(App {
-        outbox: Outbox::new(&store).with_waker(handle.waker()),
+        outbox: if env("WEB_WAKE", "1") == "1" {
+            Outbox::new(&store).with_waker(handle.waker())
+        } else {
+            Outbox::new(&store)
+        },
         orders,
         topic: env("WEB_TOPIC", "web.orders"),
+        events: env("WEB_WITHOUT_EVENTS", "0") != "1",
         health: handle.health_probe(),
         metrics,
     });
@@ -164,7 +173,9 @@ fn create(app: &App, body: &str) -> (u16, Value) {
         let id = tx.last_insert_id().unwrap_or_default();
         let event =
             json!({"type": "OrderCreated", "id": id, "customer": customer, "total_cents": total});
-        tx.add(&event_message(app, id, "OrderCreated", &event))?;
+        if app.events {
+            tx.add(&event_message(app, id, "OrderCreated", &event))?;
+        }
         tx.commit()?;
         Ok(id)
     })();
@@ -195,7 +206,9 @@ fn pay(app: &App, id: u64) -> (u16, Value) {
             (id,),
         )?;
         let event = json!({"type": "OrderPaid", "id": id});
-        tx.add(&event_message(app, id, "OrderPaid", &event))?;
+        if app.events {
+            tx.add(&event_message(app, id, "OrderPaid", &event))?;
+        }
         tx.commit()?;
         Ok((200, json!({ "id": id, "status": "paid" })))
     })();
