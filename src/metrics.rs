@@ -28,10 +28,11 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use ::metrics::{counter, gauge, histogram, SharedString};
 
+use crate::admin::time::micros_since_epoch;
 use crate::record::Record;
 
 /// Messages the broker acknowledged.
@@ -185,13 +186,6 @@ fn count_by_topic<'a>(records: impl IntoIterator<Item = &'a Record>) -> HashMap<
         *counts.entry(record.message.topic()).or_default() += 1;
     }
     counts
-}
-
-fn micros_since_epoch(time: SystemTime) -> i64 {
-    match time.duration_since(UNIX_EPOCH) {
-        Ok(after) => i64::try_from(after.as_micros()).unwrap_or(i64::MAX),
-        Err(before) => -i64::try_from(before.duration().as_micros()).unwrap_or(i64::MAX),
-    }
 }
 
 /// What a [`Store`](crate::Store) reports of its table for the gauges.

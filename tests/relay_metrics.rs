@@ -4,8 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -35,26 +34,6 @@ fn relay_with_metrics(mut command: Command) -> (Child, String, String) {
         .unwrap_or_else(|| panic!("the relay says where it serves: {served:?}"))
         .to_string();
     (child, owner.trim().to_string(), address)
-}
-
-/// One HTTP/1.0 exchange on a fresh connection: the status code and the body.
-fn exchange(address: &str, request: &[u8]) -> (u16, String) {
-    let mut stream = TcpStream::connect(address).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream.write_all(request).unwrap();
-    let mut response = String::new();
-    let _ = stream.read_to_string(&mut response);
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("an HTTP status line: {response:?}"));
-    let body = response
-        .split_once("\r\n\r\n")
-        .map_or(String::new(), |(_, body)| body.to_string());
-    (status, body)
 }
 
 fn get(address: &str, path: &str) -> (u16, String) {

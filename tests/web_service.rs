@@ -4,8 +4,7 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -25,24 +24,12 @@ fn example() -> std::path::PathBuf {
 }
 
 fn request(address: &str, method: &str, path: &str, body: &str) -> (u16, Json) {
-    let mut stream = TcpStream::connect(address).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
     let text = format!(
         "{method} {path} HTTP/1.0\r\nHost: test\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    stream.write_all(text.as_bytes()).unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    (status, serde_json::from_str(body).unwrap_or(Json::Null))
+    let (status, body) = exchange(address, text.as_bytes());
+    (status, serde_json::from_str(&body).unwrap_or(Json::Null))
 }
 
 /// One client: creates orders, pays some, and sends invalid requests on purpose. Returns

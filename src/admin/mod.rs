@@ -32,7 +32,7 @@
 
 mod dead;
 pub(crate) mod status;
-mod time;
+pub(crate) mod time;
 
 use mysql::prelude::Queryable;
 

@@ -170,7 +170,6 @@ impl KafkaBroker {
     ///
     /// [`Error::Kafka`] when no broker answered in time.
     pub fn reachable(&self, timeout: Duration) -> Result<()> {
-        use rdkafka::producer::Producer;
         self.producer
             .client()
             .fetch_metadata(None, timeout)

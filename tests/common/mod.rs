@@ -603,3 +603,23 @@ pub fn start_relay(mut command: std::process::Command) -> (std::process::Child, 
         .unwrap();
     (child, owner.trim().to_string())
 }
+
+/// One HTTP/1.0 exchange on a fresh connection: the status code and the body.
+pub fn exchange(address: &str, request: &[u8]) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    std::io::Write::write_all(&mut stream, request).unwrap();
+    let mut response = String::new();
+    let _ = std::io::Read::read_to_string(&mut stream, &mut response);
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("an HTTP status line: {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, body)| body.to_string());
+    (status, body)
+}

@@ -36,18 +36,20 @@ impl Table {
             }
         }
         let line = |cells: Vec<&str>| {
+            let last = cells.len().min(widths.len()).saturating_sub(1);
             let mut out = String::new();
-            for (i, cell) in cells.iter().enumerate() {
-                let width = widths[i];
-                let last = i + 1 == cells.len();
-                if self.numeric[i] {
+            for (i, ((cell, width), numeric)) in
+                cells.iter().zip(&widths).zip(&self.numeric).enumerate()
+            {
+                let width = *width;
+                if *numeric {
                     out.push_str(&format!("{cell:>width$}"));
-                } else if last {
+                } else if i == last {
                     out.push_str(cell);
                 } else {
                     out.push_str(&format!("{cell:<width$}"));
                 }
-                if !last {
+                if i != last {
                     out.push_str("  ");
                 }
             }
