@@ -145,6 +145,8 @@ pub enum Worker {
     Cleaner,
     /// Refreshes the gauges of the table's backlog, when `gauge_interval` is set.
     Gauges,
+    /// Reads the server's binary log for the [`BinlogRelay`](crate::binlog::BinlogRelay).
+    BinlogReader,
 }
 
 impl fmt::Display for Worker {
@@ -156,6 +158,7 @@ impl fmt::Display for Worker {
             Worker::LockChecker => "lock-checker",
             Worker::Cleaner => "cleaner",
             Worker::Gauges => "gauges",
+            Worker::BinlogReader => "binlog-reader",
         })
     }
 }

@@ -97,6 +97,7 @@
 #![deny(missing_docs)]
 
 pub mod admin;
+pub mod binlog;
 mod broker;
 mod dispatcher;
 mod error;

@@ -1,10 +1,10 @@
 //! The dispatcher: worker threads that relay committed messages to the broker.
 
-mod backoff;
+pub(crate) mod backoff;
 mod health;
 mod maintenance;
-mod relay;
-mod signal;
+pub(crate) mod relay;
+pub(crate) mod signal;
 #[cfg(test)]
 mod testing;
 
@@ -75,16 +75,7 @@ impl<S: Store, B: Broker> Dispatcher<S, B> {
         instance_id: &str,
     ) -> Result<Dispatcher<S, B>> {
         settings.validate(broker.delivery_timeout())?;
-        if instance_id.is_empty()
-            || instance_id.chars().count() > MAX_INSTANCE_ID_LEN
-            || instance_id.chars().any(char::is_control)
-        {
-            return Err(Error::config(format!(
-                "instance id {instance_id:?} must be 1 to {MAX_INSTANCE_ID_LEN} characters with no control characters"
-            )));
-        }
-        let suffix = uuid::Uuid::now_v7().simple().to_string();
-        let owner = format!("{instance_id}#{}", &suffix[suffix.len() - 8..]);
+        let owner = lease_owner(instance_id)?;
         Ok(Dispatcher {
             store,
             broker,
@@ -110,22 +101,9 @@ impl<S: Store, B: Broker> Dispatcher<S, B> {
             }
             checked => checked?,
         }
-        let (stop_tx, stop_rx) = bounded::<()>(0);
-        let (errors_tx, errors_rx) = bounded(ERROR_CAPACITY);
-        let (wake_tx, wake_rx) = bounded(1);
-        let shared = Arc::new(Shared::default());
-        let signals = Signals::new(stop_rx, errors_tx, shared.clone());
+        let (mut handle, signals, wake_rx) = DispatcherHandle::prepare(self.owner.clone());
         let store = Arc::new(self.store);
         log::info!("dispatcher {} starting", self.owner);
-
-        let mut handle = DispatcherHandle {
-            owner: self.owner.clone(),
-            stop: Some(stop_tx),
-            wake: wake_tx,
-            errors: errors_rx,
-            threads: Vec::with_capacity(3),
-            shared,
-        };
         let meter = Meter::new(&self.owner);
         let relay = Relay {
             store: store.clone(),
@@ -137,32 +115,28 @@ impl<S: Store, B: Broker> Dispatcher<S, B> {
         };
         let broker = self.broker;
         handle.spawn(Worker::Relay, &signals, move || relay.run(broker, wake_rx))?;
-        let (s, settings, sig, m) = (
-            store.clone(),
-            self.settings.clone(),
-            signals.clone(),
-            meter.clone(),
-        );
-        handle.spawn(Worker::LockChecker, &signals, move || {
-            maintenance::run_lock_checker(s, settings, sig, m)
-        })?;
-        let (s, settings, sig, m) = (
-            store.clone(),
-            self.settings.clone(),
-            signals.clone(),
-            meter.clone(),
-        );
-        handle.spawn(Worker::Cleaner, &signals, move || {
-            maintenance::run_cleaner(s, settings, sig, m)
-        })?;
-        if let Some(interval) = self.settings.gauge_interval {
-            let sig = signals.clone();
-            handle.spawn(Worker::Gauges, &signals, move || {
-                maintenance::run_gauges(store, interval, sig, meter)
-            })?;
-        }
+        handle.spawn_maintenance(store, &self.settings, &signals, &meter)?;
         Ok(handle)
     }
+}
+
+/// The lease owner of a dispatcher named `instance_id`: the name and a random suffix.
+///
+/// # Errors
+///
+/// [`Error::Config`] for a name that is empty, longer than [`MAX_INSTANCE_ID_LEN`] or
+/// holds control characters.
+pub(crate) fn lease_owner(instance_id: &str) -> Result<String> {
+    if instance_id.is_empty()
+        || instance_id.chars().count() > MAX_INSTANCE_ID_LEN
+        || instance_id.chars().any(char::is_control)
+    {
+        return Err(Error::config(format!(
+            "instance id {instance_id:?} must be 1 to {MAX_INSTANCE_ID_LEN} characters with no control characters"
+        )));
+    }
+    let suffix = uuid::Uuid::now_v7().simple().to_string();
+    Ok(format!("{instance_id}#{}", &suffix[suffix.len() - 8..]))
 }
 
 /// A running dispatcher. [`stop`](DispatcherHandle::stop) it, or drop it, to stop and
@@ -333,7 +307,62 @@ impl DispatcherHandle {
         result
     }
 
-    fn spawn(
+    /// A handle with no thread yet, the workers' end of its signals, and the wake-up
+    /// channel's receiving end.
+    pub(crate) fn prepare(owner: String) -> (DispatcherHandle, Signals, Receiver<()>) {
+        let (stop_tx, stop_rx) = bounded::<()>(0);
+        let (errors_tx, errors_rx) = bounded(ERROR_CAPACITY);
+        let (wake_tx, wake_rx) = bounded(1);
+        let shared = Arc::new(Shared::default());
+        let signals = Signals::new(stop_rx, errors_tx, shared.clone());
+        let handle = DispatcherHandle {
+            owner,
+            stop: Some(stop_tx),
+            wake: wake_tx,
+            errors: errors_rx,
+            threads: Vec::with_capacity(5),
+            shared,
+        };
+        (handle, signals, wake_rx)
+    }
+
+    /// Spawns the workers that keep the table: the lock checker, the cleaner and, when
+    /// `gauge_interval` is set, the gauges.
+    pub(crate) fn spawn_maintenance<S: Store>(
+        &mut self,
+        store: Arc<S>,
+        settings: &DispatcherSettings,
+        signals: &Signals,
+        meter: &Meter,
+    ) -> Result<()> {
+        let (s, settings_, sig, m) = (
+            store.clone(),
+            settings.clone(),
+            signals.clone(),
+            meter.clone(),
+        );
+        self.spawn(Worker::LockChecker, signals, move || {
+            maintenance::run_lock_checker(s, settings_, sig, m)
+        })?;
+        let (s, settings_, sig, m) = (
+            store.clone(),
+            settings.clone(),
+            signals.clone(),
+            meter.clone(),
+        );
+        self.spawn(Worker::Cleaner, signals, move || {
+            maintenance::run_cleaner(s, settings_, sig, m)
+        })?;
+        if let Some(interval) = settings.gauge_interval {
+            let (sig, m) = (signals.clone(), meter.clone());
+            self.spawn(Worker::Gauges, signals, move || {
+                maintenance::run_gauges(store, interval, sig, m)
+            })?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn spawn(
         &mut self,
         worker: Worker,
         signals: &Signals,

@@ -242,7 +242,6 @@ impl<S: Store> Relay<S> {
     }
 
     /// Claims one batch, publishes it and settles every row, all on this thread.
-    #[cfg(test)]
     pub fn round(&mut self, broker: &mut impl Broker) -> Result<Round> {
         match self.claim()? {
             Some((mut batch, _)) => {

@@ -115,7 +115,6 @@ pub(crate) const RECORD_COLUMNS: &str =
 /// when it cannot be.
 pub(crate) fn decode_record(mut row: Row) -> Result<Record> {
     let id: u64 = take(&mut row, 0, 0)?;
-    let corrupt = |reason: String| Error::CorruptRow { id, reason };
     let message_id: Vec<u8> = take(&mut row, 1, id)?;
     let topic: String = take(&mut row, 2, id)?;
     let key: Option<Vec<u8>> = take(&mut row, 3, id)?;
@@ -123,9 +122,34 @@ pub(crate) fn decode_record(mut row: Row) -> Result<Record> {
     let payload: Vec<u8> = take(&mut row, 5, id)?;
     let attempts: u32 = take(&mut row, 6, id)?;
     let created_micros: i64 = take(&mut row, 7, id)?;
+    assemble(
+        id,
+        &message_id,
+        topic,
+        key,
+        headers,
+        payload,
+        attempts,
+        created_micros,
+    )
+}
 
+/// A record from its row's columns, as stored; [`Error::CorruptRow`] when they do not
+/// make one. `created_micros` is `created_on` in microseconds since 1970 (UTC).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn assemble(
+    id: u64,
+    message_id: &[u8],
+    topic: String,
+    key: Option<Vec<u8>>,
+    headers: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    attempts: u32,
+    created_micros: i64,
+) -> Result<Record> {
+    let corrupt = |reason: String| Error::CorruptRow { id, reason };
     let message_id =
-        Uuid::from_slice(&message_id).map_err(|e| corrupt(format!("message_id: {e}")))?;
+        Uuid::from_slice(message_id).map_err(|e| corrupt(format!("message_id: {e}")))?;
     let mut message = Message::new(topic, payload);
     if let Some(key) = key {
         message = message.with_key(key);

@@ -131,6 +131,12 @@ fn with_admin(
 /// `pool_min`/`pool_max`; connecting gives up after 10 s unless it sets
 /// `tcp_connect_timeout_ms`. Opening it connects: an unreachable database fails here.
 fn pool(url: &str, max: usize) -> Result<mysql::Pool, Failure> {
+    mysql::Pool::new(opts(url, max)?).map_err(|e| format!("cannot reach the database: {e}").into())
+}
+
+/// The connection options of `url`, with a pool of 1 to `max` connections and a connect
+/// timeout of 10 s unless the URL sets them.
+fn opts(url: &str, max: usize) -> Result<mysql::Opts, Failure> {
     let opts = mysql::Opts::from_url(url)
         .map_err(|e| format!("--database-url (OUTBOX_DATABASE_URL) is not a MySQL URL: {e}"))?;
     let mut builder = mysql::OptsBuilder::from_opts(opts);
@@ -141,7 +147,7 @@ fn pool(url: &str, max: usize) -> Result<mysql::Pool, Failure> {
     if !url.contains("tcp_connect_timeout") {
         builder = builder.tcp_connect_timeout(Some(std::time::Duration::from_secs(10)));
     }
-    mysql::Pool::new(builder).map_err(|e| format!("cannot reach the database: {e}").into())
+    Ok(builder.into())
 }
 
 /// A parse error's text on one line: its first paragraph, without the usage after it.

@@ -8,6 +8,7 @@
 //! | `OUTBOX_DATABASE_URL`, `OUTBOX_TABLE` | `mysql://root@127.0.0.1:3306/test`, `outbox` |
 //! | `OUTBOX_KAFKA_BROKERS` | `127.0.0.1:9092` |
 //! | `OUTBOX_INSTANCE` | `relay-<pid>` |
+//! | `OUTBOX_SOURCE`, `OUTBOX_SERVER_ID` | `polling`; `binlog` reads the binary log (under a random server id) |
 //! | `OUTBOX_KAFKA_CONFIG_FILE` | none; a Java `.properties` file (Kafka's `client.properties`), also `--kafka-config FILE` |
 //! | `OUTBOX_KAFKA_PROPERTIES` | none; `name=value` pairs separated by commas, `\,` for a comma in a value; they override the file's |
 //! | `OUTBOX_BATCH_SIZE`, `OUTBOX_MAX_ATTEMPTS`, `OUTBOX_DEAD_BLOCKS_KEY` | as `DispatcherSettings` |
@@ -32,12 +33,22 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver};
 use outbox::admin::Owner;
+use outbox::binlog::{BinlogRelay, BinlogSettings};
 use outbox::{Dispatcher, DispatcherSettings, KafkaBroker, MySqlStore};
 
 use crate::{serve, Failure};
 
 #[derive(clap::Args)]
 pub struct Args {
+    /// Where messages are read from: `polling` claims committed rows from the table;
+    /// `binlog` reads them from the server's binary log as they commit (needs log_bin,
+    /// binlog_format=ROW, binlog_row_image=FULL and REPLICATION SLAVE and CLIENT).
+    #[arg(long, value_enum, env = "OUTBOX_SOURCE", default_value_t = Source::Polling)]
+    source: Source,
+    /// With --source binlog: the server id to read the binary log under, unique among
+    /// the server's replicas. Default: random, from 1,000,000,000 up.
+    #[arg(long, env = "OUTBOX_SERVER_ID")]
+    server_id: Option<u32>,
     /// Kafka's bootstrap servers.
     #[arg(long, env = "OUTBOX_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     brokers: String,
@@ -96,6 +107,15 @@ pub struct Args {
     gauge_interval_ms: u64,
 }
 
+/// Where `outbox relay` reads messages from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Source {
+    /// Claim committed rows from the table, every process interval.
+    Polling,
+    /// Read committed rows from the server's binary log as they commit.
+    Binlog,
+}
+
 impl Args {
     fn settings(&self) -> DispatcherSettings {
         let mut settings = DispatcherSettings::default();
@@ -152,6 +172,7 @@ pub fn main(database_url: &str, table: &str, args: Args) -> Result<ExitCode, Fai
         args.kafka_properties.as_deref().unwrap_or_default(),
     )?);
 
+    let opts = crate::opts(database_url, 8)?;
     let store = MySqlStore::with_table(crate::pool(database_url, 8)?, table)?;
     store.migrate()?;
     let prometheus = match &args.metrics_addr {
@@ -159,7 +180,18 @@ pub fn main(database_url: &str, table: &str, args: Args) -> Result<ExitCode, Fai
         None => None,
     };
     let broker = KafkaBroker::with_properties(&args.brokers, properties.clone())?;
-    let mut handle = Dispatcher::new(store.clone(), broker, args.settings(), &instance)?.start()?;
+    let mut handle = match args.source {
+        Source::Polling => {
+            Dispatcher::new(store.clone(), broker, args.settings(), &instance)?.start()?
+        }
+        Source::Binlog => {
+            let mut binlog = BinlogSettings::default();
+            if let Some(id) = args.server_id {
+                binlog.server_id = id;
+            }
+            BinlogRelay::new(opts, table, broker, args.settings(), binlog, &instance)?.start()?
+        }
+    };
     // Print the lease owner so that a supervisor (or a test) can find this process's rows.
     println!("{}", handle.owner());
     if let (Some(addr), Some(prometheus)) = (&args.metrics_addr, prometheus) {

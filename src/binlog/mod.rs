@@ -1,0 +1,173 @@
+//! The binlog relay: publishes outbox rows as they commit, read from the server's own
+//! binary log instead of polled from the table.
+//!
+//! A [`BinlogRelay`] reads the binary log as a replica does and publishes each pending row
+//! inserted into the outbox table in commit order, the moment its transaction commits:
+//! no polling query while nothing is committed, and one bulk mark per batch instead of
+//! a claim and a mark. It needs a server with `log_bin` on, `binlog_format = ROW`,
+//! `binlog_row_image = FULL`, and a user with REPLICATION SLAVE and REPLICATION CLIENT;
+//! [`BinlogRelay::start`] checks each and refuses with an [`Error::Config`] that says how
+//! to fix it.
+//!
+//! - **One active relay per table.** The relay holds a named lock (`GET_LOCK`) on a
+//!   connection of its own; others wait as standbys and take over when the server
+//!   releases it, which it does when that connection dies. Every write of the relay (its
+//!   marks and its position) goes through that connection, so a relay that lost the
+//!   lock changes nothing.
+//! - **Position.** After a batch is acknowledged by the broker, its rows are marked
+//!   delivered and the position after the last whole transaction is saved, in one
+//!   transaction, in `outbox_binlog_position`. A restart resumes from there and sends
+//!   again at most what was in flight.
+//! - **No position, or one the server purged:** the relay first publishes what is
+//!   pending with the polling relay's claim, then reads the binary log from a position
+//!   taken before that catch-up began, skipping the rows the catch-up delivered.
+//! - **Failures** back off and are retried before anything later is published; at
+//!   `max_attempts` the row is marked dead and the relay goes on (with `dead_blocks_key`
+//!   the key's later rows stay pending until an operator replays or discards the dead
+//!   one, which the relay sees in the binary log).
+//!
+//! ```no_run
+//! # fn main() -> outbox::Result<()> {
+//! use outbox::binlog::{BinlogRelay, BinlogSettings};
+//! use outbox::{DispatcherSettings, KafkaBroker};
+//!
+//! let database = mysql::Opts::from_url("mysql://relay:secret@127.0.0.1:3306/shop")?;
+//! let broker = KafkaBroker::new("127.0.0.1:9092")?;
+//! let relay = BinlogRelay::new(database, "outbox", broker, DispatcherSettings::default(),
+//!     BinlogSettings::default(), "billing-1")?;
+//! let mut handle = relay.start()?;
+//! // ... errors arrive on handle.errors() ...
+//! handle.stop()?;
+//! # Ok(()) }
+//! ```
+
+mod events;
+mod position;
+mod server;
+mod tail;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use self::position::{Position, POSITION_TABLE};
+use crate::broker::Broker;
+use crate::dispatcher::{lease_owner, DispatcherHandle};
+use crate::error::{Error, Result, Worker};
+use crate::metrics::Meter;
+use crate::settings::DispatcherSettings;
+use crate::store::MySqlStore;
+
+/// What only the binlog relay needs; [`DispatcherSettings`] holds the rest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BinlogSettings {
+    /// The server id the relay reads the binary log under, as a replica would: unique
+    /// among the server's replicas and readers. Defaults to a random id from
+    /// 1,000,000,000 up.
+    pub server_id: u32,
+    /// How often the server sends a heartbeat when it has nothing to send; a reader that
+    /// hears nothing for four of them reconnects. Defaults to 1 s.
+    pub heartbeat: Duration,
+    /// How long a standby waits on the lock before looking at the stop signal again.
+    /// Defaults to 1 s.
+    pub lock_wait: Duration,
+}
+
+impl Default for BinlogSettings {
+    fn default() -> Self {
+        let random = uuid::Uuid::now_v7().as_u128() as u32;
+        BinlogSettings {
+            server_id: 1_000_000_000 + random % 1_000_000_000,
+            heartbeat: Duration::from_secs(1),
+            lock_wait: Duration::from_secs(1),
+        }
+    }
+}
+
+impl BinlogSettings {
+    fn validate(&self) -> Result<()> {
+        if self.server_id == 0 {
+            return Err(Error::config("server_id must not be 0"));
+        }
+        for (name, value) in [("heartbeat", self.heartbeat), ("lock_wait", self.lock_wait)] {
+            if value < Duration::from_millis(1) || value > Duration::from_secs(3600) {
+                return Err(Error::config(format!("{name} must be 1 ms to 1 h")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Relays an outbox table's rows to a broker from the server's binary log; see the
+/// [module](self). Runs, like a [`Dispatcher`](crate::Dispatcher), the lock checker and
+/// the cleaner beside it, and returns the same kind of handle.
+pub struct BinlogRelay<B> {
+    opts: mysql::Opts,
+    store: MySqlStore,
+    broker: B,
+    settings: DispatcherSettings,
+    binlog: BinlogSettings,
+    owner: String,
+}
+
+impl<B: Broker> BinlogRelay<B> {
+    /// A relay of `table` in the database `database` names, called `instance_id` (as a
+    /// dispatcher's).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for invalid settings, table name or instance id;
+    /// [`Error::Database`] for a database URL the pool refuses.
+    pub fn new(
+        database: mysql::Opts,
+        table: &str,
+        broker: B,
+        settings: DispatcherSettings,
+        binlog: BinlogSettings,
+        instance_id: &str,
+    ) -> Result<BinlogRelay<B>> {
+        settings.validate(broker.delivery_timeout())?;
+        binlog.validate()?;
+        let owner = lease_owner(instance_id)?;
+        let store = MySqlStore::with_table(mysql::Pool::new(database.clone())?, table)?;
+        Ok(BinlogRelay {
+            opts: database,
+            store,
+            broker,
+            settings,
+            binlog,
+            owner,
+        })
+    }
+
+    /// Checks the server's settings and the user's privileges, creates the position
+    /// table if needed, and starts the relay's threads.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] naming a server setting or privilege missing; a database error
+    /// when the server cannot be reached; [`Error::Thread`] if a thread is refused.
+    pub fn start(self) -> Result<DispatcherHandle> {
+        let mut conn = self.store.pool().get_conn()?;
+        let server = server::check(&mut conn)?;
+        position::migrate(&mut conn)?;
+        drop(conn);
+        let (mut handle, signals, _wake) = DispatcherHandle::prepare(self.owner.clone());
+        log::info!("binlog relay {} starting", self.owner);
+        let store = Arc::new(self.store);
+        let meter = Meter::new(&self.owner);
+        let tail = tail::Tail {
+            opts: self.opts,
+            server,
+            store: store.clone(),
+            settings: self.settings.clone(),
+            binlog: self.binlog,
+            owner: self.owner,
+            signals: signals.clone(),
+            meter: meter.clone(),
+        };
+        let broker = self.broker;
+        handle.spawn(Worker::Relay, &signals, move || tail.run(broker))?;
+        handle.spawn_maintenance(store, &self.settings, &signals, &meter)?;
+        Ok(handle)
+    }
+}

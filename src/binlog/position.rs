@@ -1,0 +1,59 @@
+//! Where the binlog relay stands, kept in `outbox_binlog_position` (`sql/binlog_position.sql`).
+
+use mysql::prelude::Queryable;
+
+use crate::error::Result;
+
+/// The table of positions, one row per outbox table.
+pub const POSITION_TABLE: &str = "outbox_binlog_position";
+const SCHEMA: &str = include_str!("../../sql/binlog_position.sql");
+
+/// A place in the server's binary log: a file and a byte offset in it. Reading from it
+/// gives the events after the last one read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    /// The binary log file, as `SHOW BINARY LOGS` names it.
+    pub file: String,
+    /// The offset of the next event in that file.
+    pub offset: u64,
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.file, self.offset)
+    }
+}
+
+/// Creates the table of positions if it does not exist.
+pub(crate) fn migrate(conn: &mut impl Queryable) -> Result<()> {
+    Ok(conn.query_drop(SCHEMA)?)
+}
+
+/// The position saved for `table`, if any.
+pub(crate) fn load(conn: &mut impl Queryable, table: &str) -> Result<Option<Position>> {
+    let row: Option<(String, u64)> = conn.exec_first(
+        format!("SELECT file, position FROM `{POSITION_TABLE}` WHERE outbox_table = ?"),
+        (table,),
+    )?;
+    Ok(row.map(|(file, offset)| Position { file, offset }))
+}
+
+/// Saves `at` as `table`'s position, by `relay`, with the last transaction's GTID.
+pub(crate) fn save(
+    conn: &mut impl Queryable,
+    table: &str,
+    at: &Position,
+    gtid: Option<&str>,
+    relay: &str,
+) -> Result<()> {
+    conn.exec_drop(
+        format!(
+            "INSERT INTO `{POSITION_TABLE}` (outbox_table, file, position, gtid, relay, saved_on) \
+             VALUES (?, ?, ?, ?, ?, UTC_TIMESTAMP(6)) ON DUPLICATE KEY UPDATE file = VALUES(file), \
+             position = VALUES(position), gtid = VALUES(gtid), relay = VALUES(relay), \
+             saved_on = VALUES(saved_on)"
+        ),
+        (table, &at.file, at.offset, gtid, relay),
+    )?;
+    Ok(())
+}

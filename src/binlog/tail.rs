@@ -1,0 +1,605 @@
+//! The binlog relay's worker: takes the table's lock, finds where to start (catching up
+//! from the table when it must), follows the binary log and publishes what it reads.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{after, bounded, select, Receiver, TryRecvError};
+use mysql::prelude::Queryable;
+use mysql::{Conn, IsolationLevel, OptsBuilder, TxOpts};
+
+use super::events::{self, Change, Columns, Source};
+use super::position::{self, Position};
+use super::server::{self, Server};
+use super::BinlogSettings;
+use crate::broker::Broker;
+use crate::dispatcher::backoff::backoff;
+use crate::dispatcher::relay::Relay;
+use crate::dispatcher::signal::Signals;
+use crate::error::{Error, Result, Worker};
+use crate::metrics::Meter;
+use crate::record::Record;
+use crate::settings::DispatcherSettings;
+use crate::store::codec::{decode_record, RECORD_COLUMNS};
+use crate::store::mysql::{placeholders, truncate};
+use crate::store::MySqlStore;
+
+/// How long a position reached only through other tables' transactions waits before it
+/// is saved: saving it costs a write, and only shortens what a restart reads again.
+const SAVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Longest pause between two sessions that failed.
+const SESSION_RETRY_MAX: Duration = Duration::from_secs(5);
+/// Most ids in one marking statement.
+const MARK_CHUNK: usize = 1_000;
+
+/// A topic and key whose later messages wait behind a dead one (`dead_blocks_key`).
+type Key = (String, Vec<u8>);
+
+pub(crate) struct Tail {
+    pub opts: mysql::Opts,
+    pub server: Server,
+    pub store: Arc<MySqlStore>,
+    pub settings: DispatcherSettings,
+    pub binlog: BinlogSettings,
+    pub owner: String,
+    pub signals: Signals,
+    pub meter: Meter,
+}
+
+/// What one session keeps between changes.
+struct Session {
+    /// The connection that holds the lock: every write goes through it.
+    lock: Conn,
+    /// Rows read and not yet published, in commit order.
+    batch: Vec<Record>,
+    /// The end of the last whole transaction read, and its GTID, not yet saved.
+    commit: Option<(Position, Option<String>)>,
+    /// Whether a transaction since the last save changed anything but the relay's own rows.
+    foreign: bool,
+    last_save: Instant,
+    /// Rows up to this id may have been delivered before this session read them (by the
+    /// catch-up, or by a relay before a crash): their state is read before they are sent.
+    verify_below: u64,
+    /// Keys held behind a dead message.
+    blocked: HashSet<Key>,
+}
+
+impl Tail {
+    /// Runs sessions until the stop signal: each takes the lock, and ends on an error,
+    /// which is reported, and the next one begins after a pause.
+    pub fn run(self, mut broker: impl Broker) {
+        let mut pause = Duration::from_millis(100);
+        while !self.signals.stopped() {
+            match self.session(&mut broker) {
+                Ok(()) => return,
+                Err(e) => {
+                    self.signals.report(e);
+                    self.signals.pause(pause);
+                    pause = (pause * 2).min(SESSION_RETRY_MAX);
+                }
+            }
+        }
+    }
+
+    fn lock_name(&self) -> String {
+        let name = format!(
+            "outbox-binlog:{}.{}",
+            self.server.database,
+            self.store.table()
+        );
+        if name.len() <= 64 {
+            return name;
+        }
+        // FNV-1a: the same name from every relay, whatever its build.
+        let digest = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+        format!("outbox-binlog:{digest:016x}")
+    }
+
+    /// A connection of its own that holds the table's named lock; `None` on the stop
+    /// signal. A standby waits here.
+    fn acquire(&self) -> Result<Option<Conn>> {
+        let opts = OptsBuilder::from_opts(self.opts.clone()).tcp_keepalive_time_ms(Some(10_000));
+        let mut conn = Conn::new(opts)?;
+        // The lock lives as long as this connection: the server must not close it for
+        // being idle while nothing is committed.
+        conn.query_drop("SET SESSION wait_timeout = 31536000")?;
+        let name = self.lock_name();
+        let wait = self.binlog.lock_wait.as_secs_f64();
+        let mut told = false;
+        loop {
+            let got: Option<Option<i64>> =
+                conn.exec_first("SELECT GET_LOCK(?, ?)", (&name, wait))?;
+            if got.flatten() == Some(1) {
+                log::info!(
+                    "binlog relay {} is the active relay of {}",
+                    self.owner,
+                    name
+                );
+                return Ok(Some(conn));
+            }
+            if !told {
+                log::info!(
+                    "binlog relay {} waits as a standby: another holds {name}",
+                    self.owner
+                );
+                told = true;
+            }
+            if self.signals.stopped() {
+                return Ok(None);
+            }
+        }
+    }
+
+    fn session(&self, broker: &mut impl Broker) -> Result<()> {
+        let Some(mut lock) = self.acquire()? else {
+            return Ok(());
+        };
+        let table = self.store.table().to_string();
+        let columns = Columns::read(&mut lock, &table)?;
+        let blocked = if self.settings.dead_blocks_key {
+            dead_keys(&mut lock, &table)?
+        } else {
+            HashSet::new()
+        };
+        let saved = position::load(&mut lock, &table)?;
+        let files = server::files(&mut lock)?;
+        let start = match saved {
+            Some(at) if files.contains(&at.file) => {
+                log::info!("binlog relay {} resumes at {at}", self.owner);
+                let high = max_id(&mut lock, &table)?;
+                (at, high)
+            }
+            other => {
+                match other {
+                    Some(at) => log::warn!(
+                        "binlog relay {}: the saved position {at} is no longer on the server \
+                         (purged); catching up from the table",
+                        self.owner
+                    ),
+                    None => log::info!(
+                        "binlog relay {}: no saved position; catching up from the table",
+                        self.owner
+                    ),
+                }
+                let at = server::current(&mut lock)?;
+                let high = max_id(&mut lock, &table)?;
+                if !self.catch_up(broker, &mut lock, high)? {
+                    return Ok(());
+                }
+                // The catch-up may have published rows committed after `at`, which the
+                // binary log brings again: any up to the newest it could have seen.
+                let high = max_id(&mut lock, &table)?;
+                position::save(&mut lock, &table, &at, None, &self.owner)?;
+                log::info!("binlog relay {} caught up; follows from {at}", self.owner);
+                (at, high)
+            }
+        };
+        let (at, verify_below) = start;
+        let source = Source {
+            opts: self.opts.clone(),
+            server_id: self.binlog.server_id,
+            heartbeat: self.binlog.heartbeat,
+            mariadb: self.server.mariadb,
+            database: self.server.database.clone(),
+            table,
+            columns,
+        };
+        let (to_relay, changes) = bounded(self.settings.batch_size.max(64) * 2);
+        let reader = self.signals.clone();
+        thread::Builder::new()
+            .name("outbox-binlog-reader".into())
+            .spawn(move || {
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    events::read(source, at, to_relay)
+                }));
+                if let Err(panic) = outcome {
+                    reader.panicked(
+                        Worker::BinlogReader,
+                        crate::dispatcher::signal::panic_text(&*panic),
+                    );
+                }
+            })
+            .map_err(Error::Thread)?;
+        let mut session = Session {
+            lock,
+            batch: Vec::new(),
+            commit: None,
+            foreign: false,
+            last_save: Instant::now(),
+            verify_below,
+            blocked,
+        };
+        self.follow(broker, &mut session, &changes)
+    }
+
+    /// Publishes what is pending with the polling relay's claim until nothing is left
+    /// that may be sent (rows up to `high`, the newest when the catch-up began). False
+    /// on the stop signal.
+    fn catch_up(&self, broker: &mut impl Broker, lock: &mut Conn, high: u64) -> Result<bool> {
+        let mut relay = Relay {
+            store: self.store.clone(),
+            settings: self.settings.clone(),
+            owner: self.owner.clone(),
+            signals: self.signals.clone(),
+            held: Default::default(),
+            meter: self.meter.clone(),
+        };
+        let table = self.store.table();
+        let blocked_rule = if self.settings.dead_blocks_key {
+            format!(
+                "AND (o.msg_key IS NULL OR NOT EXISTS (SELECT 1 FROM `{table}` p WHERE \
+                 p.topic = o.topic AND p.msg_key = o.msg_key AND p.state = 2 AND p.id < o.id))"
+            )
+        } else {
+            String::new()
+        };
+        let left = format!(
+            "SELECT EXISTS (SELECT 1 FROM `{table}` o WHERE o.state = 0 AND o.id <= ? {blocked_rule})"
+        );
+        let mut caught = 0;
+        loop {
+            if self.signals.stopped() {
+                return Ok(false);
+            }
+            let round = relay.round(broker)?;
+            caught += round.delivered;
+            if round.claimed > 0 {
+                continue;
+            }
+            let more: Option<bool> = lock.exec_first(&left, (high,))?;
+            if !more.unwrap_or(false) {
+                log::info!(
+                    "binlog relay {}: catch-up published {caught} messages",
+                    self.owner
+                );
+                return Ok(true);
+            }
+            // Rows backing off after a failure, or leased by a relay that died.
+            self.signals
+                .pause(self.settings.backoff_min.min(Duration::from_secs(1)));
+        }
+    }
+
+    /// Publishes each change as it comes, in the order of the binary log: rows are
+    /// gathered while more are waiting and published as soon as none is, or when a
+    /// batch is full.
+    fn follow(
+        &self,
+        broker: &mut impl Broker,
+        session: &mut Session,
+        changes: &Receiver<Result<Change>>,
+    ) -> Result<()> {
+        let gone = events::stream_ended;
+        loop {
+            let change = match changes.try_recv() {
+                Ok(change) => change?,
+                Err(TryRecvError::Disconnected) => return Err(gone()),
+                Err(TryRecvError::Empty) => {
+                    if !self.flush(broker, session)? {
+                        return Ok(());
+                    }
+                    self.signals.succeeded(Worker::Relay);
+                    let due = if session.foreign && session.commit.is_some() {
+                        SAVE_INTERVAL.saturating_sub(session.last_save.elapsed())
+                    } else {
+                        Duration::from_secs(3600)
+                    };
+                    select! {
+                        recv(changes) -> change => match change {
+                            Ok(change) => change?,
+                            Err(_) => return Err(gone()),
+                        },
+                        recv(self.signals.stop) -> _ => return Ok(()),
+                        recv(after(due)) -> _ => continue,
+                    }
+                }
+            };
+            match change {
+                Change::Inserted(record) => {
+                    if self.held(session, &record) {
+                        continue;
+                    }
+                    session.batch.push(record);
+                    if session.batch.len() >= self.settings.batch_size
+                        && !self.flush(broker, session)?
+                    {
+                        return Ok(());
+                    }
+                }
+                Change::Committed { at, gtid, foreign } => {
+                    session.commit = Some((at, gtid));
+                    session.foreign |= foreign;
+                }
+                Change::Revived { record, replayed } => {
+                    if !self.flush(broker, session)?
+                        || !self.revive(broker, session, record, replayed)?
+                    {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether `record` waits behind a dead message of its key.
+    fn held(&self, session: &Session, record: &Record) -> bool {
+        let Some(key) = record.message.key() else {
+            return false;
+        };
+        !session.blocked.is_empty()
+            && session
+                .blocked
+                .contains(&(record.message.topic().to_string(), key.to_vec()))
+    }
+
+    /// Publishes the batch, marks its rows and saves the position, or saves a position
+    /// that only other tables' transactions moved once it is [`SAVE_INTERVAL`] old.
+    /// False when the stop signal came during retries (what was acknowledged is marked).
+    fn flush(&self, broker: &mut impl Broker, session: &mut Session) -> Result<bool> {
+        let table = self.store.table();
+        if session.batch.is_empty() {
+            if session.foreign && session.last_save.elapsed() >= SAVE_INTERVAL {
+                if let Some((at, gtid)) = session.commit.take() {
+                    position::save(&mut session.lock, table, &at, gtid.as_deref(), &self.owner)?;
+                }
+                session.foreign = false;
+                session.last_save = Instant::now();
+            }
+            return Ok(true);
+        }
+        let mut records = std::mem::take(&mut session.batch);
+        if records.iter().any(|r| r.id <= session.verify_below) {
+            let ids: Vec<u64> = records
+                .iter()
+                .filter(|r| r.id <= session.verify_below)
+                .map(|r| r.id)
+                .collect();
+            let pending: HashSet<u64> = session
+                .lock
+                .exec::<u64, _, _>(
+                    format!(
+                        "SELECT id FROM `{table}` WHERE state = 0 AND id IN ({})",
+                        placeholders(ids.len())
+                    ),
+                    ids,
+                )?
+                .into_iter()
+                .collect();
+            records.retain(|r| r.id > session.verify_below || pending.contains(&r.id));
+        }
+        let started = Instant::now();
+        let (delivered, finished) = self.publish(broker, session, records)?;
+        let published = Instant::now();
+        // By primary key only, in READ COMMITTED: the rows of transactions still open
+        // (writers' new rows) are neither scanned nor waited for.
+        let opts = TxOpts::default().set_isolation_level(Some(IsolationLevel::ReadCommitted));
+        let mut tx = session.lock.start_transaction(opts)?;
+        for chunk in delivered.chunks(MARK_CHUNK) {
+            let ids: Vec<u64> = chunk.iter().map(|r| r.id).collect();
+            tx.exec_drop(
+                format!(
+                    "UPDATE `{table}` FORCE INDEX (PRIMARY) SET state = 1, processed_on = UTC_TIMESTAMP(6), \
+                     last_attempted_on = UTC_TIMESTAMP(6), number_of_attempts = number_of_attempts + 1 \
+                     WHERE state = 0 AND locked_by = 0 AND id IN ({})",
+                    placeholders(ids.len())
+                ),
+                ids,
+            )?;
+        }
+        if finished {
+            if let Some((at, gtid)) = session.commit.take() {
+                position::save(&mut tx, table, &at, gtid.as_deref(), &self.owner)?;
+                session.foreign = false;
+                session.last_save = Instant::now();
+            }
+        }
+        tx.commit()?;
+        self.meter.stage("publish", published - started);
+        self.meter.stage("mark", published.elapsed());
+        let acknowledged = SystemTime::now()
+            .checked_sub(published.elapsed())
+            .unwrap_or_else(SystemTime::now);
+        self.meter.settled(
+            delivered.iter(),
+            acknowledged,
+            std::iter::empty(),
+            std::iter::empty(),
+        );
+        Ok(finished)
+    }
+
+    /// Publishes `records` until each is acknowledged or dead, retrying failures after a
+    /// backoff, a key's later records behind its failed one. Returns the acknowledged
+    /// records, and false if the stop signal cut the retries short.
+    fn publish(
+        &self,
+        broker: &mut impl Broker,
+        session: &mut Session,
+        mut pending: Vec<Record>,
+    ) -> Result<(Vec<Record>, bool)> {
+        let mut delivered = Vec::with_capacity(pending.len());
+        while !pending.is_empty() {
+            let mut outcomes = broker.publish(&pending);
+            outcomes.resize_with(pending.len(), || {
+                Err(Error::Broker("the broker returned no outcome".into()))
+            });
+            let mut retry = Vec::new();
+            let mut failed_keys = HashSet::new();
+            let mut failures: Vec<(Record, String, bool)> = Vec::new();
+            let mut first_error = None;
+            for (mut record, outcome) in pending.into_iter().zip(outcomes) {
+                let key = record
+                    .message
+                    .order_key()
+                    .map(|(topic, key)| (topic.to_string(), key.to_vec()));
+                let behind = key.as_ref().is_some_and(|k| failed_keys.contains(k));
+                match outcome {
+                    Ok(()) => {
+                        if behind {
+                            log::error!(
+                                "message {} was acknowledged after an earlier message of its key \
+                                 failed: that key's order is broken in Kafka",
+                                record.message_id
+                            );
+                        }
+                        delivered.push(record);
+                    }
+                    Err(_) if behind => retry.push(record),
+                    Err(Error::NotSent(_)) => {
+                        failed_keys.extend(key);
+                        retry.push(record);
+                    }
+                    Err(e) => {
+                        failed_keys.extend(key);
+                        record.attempts = record.attempts.saturating_add(1);
+                        let dead = self
+                            .settings
+                            .max_attempts
+                            .is_some_and(|max| record.attempts >= max);
+                        failures.push((record.clone(), e.to_string(), dead));
+                        if dead {
+                            log::error!(
+                                "message {} (row {}) is dead after {} attempts: {e}",
+                                record.message_id,
+                                record.id,
+                                record.attempts
+                            );
+                            if self.settings.dead_blocks_key {
+                                if let Some(k) = record.message.key() {
+                                    session
+                                        .blocked
+                                        .insert((record.message.topic().to_string(), k.to_vec()));
+                                }
+                            }
+                        } else {
+                            retry.push(record);
+                        }
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            if let Some(e) = first_error {
+                self.signals.report(e);
+            }
+            self.record_failures(&mut session.lock, &failures)?;
+            let failed: Vec<&Record> = failures.iter().map(|(r, ..)| r).collect();
+            let dead: Vec<&Record> = failures.iter().filter(|f| f.2).map(|(r, ..)| r).collect();
+            self.meter
+                .settled(std::iter::empty(), SystemTime::now(), failed, dead);
+            // Behind a message that just died: later rows of its key stay pending.
+            retry.retain(|record| !self.held(session, record));
+            pending = retry;
+            if let Some(most) = pending.iter().map(|r| r.attempts).max() {
+                let wait = backoff(
+                    most.max(1),
+                    self.settings.backoff_min,
+                    self.settings.backoff_max,
+                );
+                self.signals.pause(wait);
+                if self.signals.stopped() {
+                    return Ok((delivered, false));
+                }
+            }
+        }
+        Ok((delivered, true))
+    }
+
+    /// Writes failed attempts: the count, the error, and dead at `max_attempts`.
+    fn record_failures(&self, lock: &mut Conn, failures: &[(Record, String, bool)]) -> Result<()> {
+        if failures.is_empty() {
+            return Ok(());
+        }
+        let mut tx = lock.start_transaction(TxOpts::default())?;
+        for (record, error, dead) in failures {
+            tx.exec_drop(
+                format!(
+                    "UPDATE `{}` SET number_of_attempts = ?, error = ?, \
+                     last_attempted_on = UTC_TIMESTAMP(6), state = ?, \
+                     processed_on = IF(? = 2, UTC_TIMESTAMP(6), processed_on) \
+                     WHERE id = ? AND state = 0 AND locked_by = 0",
+                    self.store.table()
+                ),
+                (
+                    record.attempts,
+                    truncate(error),
+                    if *dead { 2 } else { 0 },
+                    if *dead { 2 } else { 0 },
+                    record.id,
+                ),
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A dead row an operator replayed or discarded: publishes the replayed one and,
+    /// when its key was held behind it and no other dead row of the key is left, the
+    /// key's pending rows in id order.
+    fn revive(
+        &self,
+        broker: &mut impl Broker,
+        session: &mut Session,
+        record: Record,
+        replayed: bool,
+    ) -> Result<bool> {
+        let table = self.store.table();
+        let mut records = Vec::new();
+        if replayed {
+            records.push(record.clone());
+        }
+        let topic = record.message.topic().to_string();
+        if let Some(key) = record.message.key().map(<[u8]>::to_vec) {
+            let entry = (topic.clone(), key.clone());
+            if session.blocked.contains(&entry) {
+                let dead_left: Option<bool> = session.lock.exec_first(
+                    format!(
+                        "SELECT EXISTS (SELECT 1 FROM `{table}` WHERE topic = ? AND msg_key = ? \
+                         AND state = 2)"
+                    ),
+                    (&topic, &key),
+                )?;
+                if !dead_left.unwrap_or(true) {
+                    session.blocked.remove(&entry);
+                    let rows: Vec<mysql::Row> = session.lock.exec(
+                        format!(
+                            "SELECT {RECORD_COLUMNS} FROM `{table}` o WHERE o.topic = ? AND \
+                             o.msg_key = ? AND o.state = 0 AND o.locked_by = 0 AND o.id <> ? \
+                             ORDER BY o.id"
+                        ),
+                        (&topic, &key, record.id),
+                    )?;
+                    for row in rows {
+                        records.push(decode_record(row)?);
+                    }
+                    // Rows of this key the binary log brings later were read here already.
+                    let newest = records.iter().map(|r| r.id).max().unwrap_or(0);
+                    session.verify_below = session.verify_below.max(newest);
+                }
+            }
+        }
+        records.sort_by_key(|r| r.id);
+        if records.is_empty() {
+            return Ok(true);
+        }
+        session.batch = records;
+        self.flush(broker, session)
+    }
+}
+
+/// The keys of the table's dead rows.
+fn dead_keys(conn: &mut Conn, table: &str) -> Result<HashSet<Key>> {
+    let rows: Vec<(String, Vec<u8>)> = conn.query(format!(
+        "SELECT DISTINCT topic, msg_key FROM `{table}` WHERE state = 2 AND msg_key IS NOT NULL"
+    ))?;
+    Ok(rows.into_iter().collect())
+}
+
+/// The table's newest id, 0 when it is empty.
+fn max_id(conn: &mut Conn, table: &str) -> Result<u64> {
+    let id: Option<Option<u64>> = conn.query_first(format!("SELECT MAX(id) FROM `{table}`"))?;
+    Ok(id.flatten().unwrap_or(0))
+}

@@ -1,0 +1,488 @@
+//! The binlog relay, on a private MariaDB with the binary log on: every committed message
+//! published and none rolled back, per-key order under concurrent writers, a relay killed
+//! and restarted, a standby taking over, a rotated and purged binary log, and the server
+//! settings it refuses to start without.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::private_db::PrivateDatabase;
+use common::*;
+use mysql::prelude::Queryable;
+use outbox::binlog::{BinlogRelay, BinlogSettings, POSITION_TABLE};
+use outbox::{DispatcherHandle, Error, MySqlStore, Outbox};
+
+/// A private MariaDB that writes a row-based binary log.
+fn binlog_database() -> PrivateDatabase {
+    let _ = env_logger::builder().is_test(true).try_init();
+    let mut db = PrivateDatabase::new();
+    db.options = vec![
+        "--log-bin=mysql-bin".into(),
+        "--binlog-format=ROW".into(),
+        "--server-id=1".into(),
+    ];
+    db.start();
+    db
+}
+
+/// A fresh outbox table on `url`'s server.
+fn outbox_table(url: &str, prefix: &str) -> (mysql::Pool, MySqlStore, String) {
+    let pool = mysql::Pool::new(url).unwrap();
+    let name = unique(prefix);
+    let store = MySqlStore::with_table(pool.clone(), &name).unwrap();
+    store.migrate().unwrap();
+    (pool, store, name)
+}
+
+fn start_relay(url: &str, table: &str, instance: &str) -> outbox::Result<DispatcherHandle> {
+    BinlogRelay::new(
+        mysql::Opts::from_url(url).unwrap(),
+        table,
+        broker(),
+        fast_settings(),
+        BinlogSettings::default(),
+        instance,
+    )?
+    .start()
+}
+
+/// `outbox relay --source binlog` on the private server.
+fn relay_process(url: &str, table: &str, instance: &str) -> (std::process::Child, String) {
+    let mut command = relay_command(table, instance, "", &[]);
+    command
+        .env("OUTBOX_DATABASE_URL", url)
+        .env("OUTBOX_SOURCE", "binlog")
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(std::process::Stdio::piped());
+    common::start_relay(command)
+}
+
+/// Waits until the relay of `table` saved a position: it follows the binary log.
+fn wait_until_following(pool: &mysql::Pool, table: &str) {
+    assert!(
+        wait_for(Duration::from_secs(30), || count(
+            pool,
+            POSITION_TABLE,
+            &format!("outbox_table = '{table}'")
+        ) == 1),
+        "the relay follows the binary log"
+    );
+}
+
+fn count(pool: &mysql::Pool, table: &str, condition: &str) -> u64 {
+    pool.get_conn()
+        .unwrap()
+        .query_first(format!("SELECT COUNT(*) FROM `{table}` WHERE {condition}"))
+        .unwrap()
+        .unwrap_or(0)
+}
+
+/// Writers on `keys` aggregates, `per_key` transactions each of 1 to 3 events, every
+/// fifth one rolled back; returns the ids of the committed messages.
+fn write_concurrently(
+    pool: &mysql::Pool,
+    store: &MySqlStore,
+    aggregates: &Arc<Aggregates>,
+    topic: &str,
+    writers: usize,
+    keys: usize,
+    per_key: usize,
+) -> HashSet<String> {
+    let handles: Vec<_> = (0..writers)
+        .map(|w| {
+            let (pool, store, aggregates, topic) = (
+                pool.clone(),
+                store.clone(),
+                aggregates.clone(),
+                topic.to_string(),
+            );
+            std::thread::spawn(move || {
+                let outbox = Outbox::new(&store);
+                let mut rng = Rng::new(w as u64 + 1);
+                let mut committed = Vec::new();
+                for round in 0..per_key * keys / writers {
+                    let key = format!("k{}", rng.below(keys as u64));
+                    let n = 1 + rng.below(3) as u32;
+                    let commit = round % 5 != 4;
+                    let ids = aggregates
+                        .write(&pool, &outbox, &topic, &key, n, commit)
+                        .unwrap();
+                    if commit {
+                        committed.extend(ids);
+                    }
+                }
+                committed
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect()
+}
+
+#[test]
+fn every_committed_message_is_published_in_key_order_and_none_rolled_back() {
+    const KEYS: usize = 20;
+    let db = binlog_database();
+    let url = db.url();
+    let (pool, store, table) = outbox_table(&url, "binlog");
+    let topic = unique("binlog");
+    let aggregates = Arc::new(Aggregates::new(&pool, KEYS));
+    let mut relay = start_relay(&url, &table, "binlog-order").unwrap();
+    wait_until_following(&pool, &table);
+
+    let committed = write_concurrently(&pool, &store, &aggregates, &topic, 4, KEYS, 15);
+    let got = consume(
+        &topic,
+        committed.len(),
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    );
+    let read: HashSet<String> = got.iter().map(Consumed::message_id).collect();
+    assert_eq!(
+        read, committed,
+        "exactly the committed messages, none rolled back"
+    );
+    assert_eq!(got.len(), committed.len(), "each once");
+    assert_commit_order(&versions_read(&got), &aggregates.versions(&pool), false);
+    assert!(
+        wait_for(Duration::from_secs(10), || count(
+            &pool,
+            &table,
+            "state = 0"
+        ) == 0),
+        "every row published is marked delivered"
+    );
+    let saved: Option<(String, u64)> = pool
+        .get_conn()
+        .unwrap()
+        .exec_first(
+            format!("SELECT file, position FROM `{POSITION_TABLE}` WHERE outbox_table = ?"),
+            (&table,),
+        )
+        .unwrap();
+    let (file, offset) = saved.expect("the position is saved");
+    assert!(
+        file.starts_with("mysql-bin.") && offset > 4,
+        "{file}:{offset}"
+    );
+    let errors: Vec<Error> = relay.errors().try_iter().collect();
+    assert!(errors.is_empty(), "no error: {errors:?}");
+    relay.stop().unwrap();
+}
+
+#[test]
+fn a_relay_killed_mid_stream_resumes_from_its_position_and_loses_nothing() {
+    const KEYS: usize = 10;
+    let db = binlog_database();
+    let url = db.url();
+    let (pool, store, table) = outbox_table(&url, "binlog_kill");
+    let topic = unique("binlog_kill");
+    let aggregates = Arc::new(Aggregates::new(&pool, KEYS));
+
+    let (mut first, _) = relay_process(&url, &table, "binlog-killed");
+    wait_until_following(&pool, &table);
+    let writing = {
+        let (pool, store, aggregates, topic) = (
+            pool.clone(),
+            store.clone(),
+            aggregates.clone(),
+            topic.clone(),
+        );
+        std::thread::spawn(move || {
+            write_concurrently(&pool, &store, &aggregates, &topic, 2, KEYS, 60)
+        })
+    };
+    assert!(
+        wait_for(Duration::from_secs(30), || count(
+            &pool,
+            &table,
+            "state = 1"
+        ) >= 50),
+        "the first relay publishes"
+    );
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let delivered_at_kill = count(&pool, &table, "state = 1");
+    let saved_at_kill: Option<(String, u64)> = pool
+        .get_conn()
+        .unwrap()
+        .exec_first(
+            format!("SELECT file, position FROM `{POSITION_TABLE}` WHERE outbox_table = ?"),
+            (&table,),
+        )
+        .unwrap();
+    let (mut second, _) = relay_process(&url, &table, "binlog-restarted");
+    let committed = writing.join().unwrap();
+
+    let got = consume(
+        &topic,
+        committed.len(),
+        Duration::from_secs(60),
+        Duration::from_secs(3),
+    );
+    let read: HashSet<String> = got.iter().map(Consumed::message_id).collect();
+    assert!(
+        committed.is_subset(&read),
+        "{} of {} committed messages missing",
+        committed.difference(&read).count(),
+        committed.len()
+    );
+    assert_eq!(
+        read.len(),
+        committed.len(),
+        "nothing but committed messages"
+    );
+    assert_commit_order(&versions_read(&got), &aggregates.versions(&pool), true);
+    assert!(
+        (delivered_at_kill as usize) < committed.len(),
+        "the relay was killed mid-stream ({delivered_at_kill} of {})",
+        committed.len()
+    );
+    assert!(wait_for(Duration::from_secs(10), || count(
+        &pool,
+        &table,
+        "state = 0"
+    ) == 0));
+    assert_eq!(
+        count(&pool, &table, "locked_by <> 0"),
+        0,
+        "the restarted relay resumed from the binary log, without claiming"
+    );
+    assert!(saved_at_kill.is_some());
+    second.kill().unwrap();
+    second.wait().unwrap();
+}
+
+#[test]
+fn a_standby_takes_over_when_the_active_relay_dies() {
+    let db = binlog_database();
+    let url = db.url();
+    let (pool, store, table) = outbox_table(&url, "binlog_standby");
+    let topic = unique("binlog_standby");
+    let outbox = Outbox::new(&store);
+    let add = |n: usize, from: usize| -> Vec<String> {
+        let mut tx = pool.start_transaction(mysql::TxOpts::default()).unwrap();
+        let messages: Vec<_> = (from..from + n)
+            .map(|i| outbox::Message::new(&topic, format!("m{i}")).with_key(format!("k{}", i % 3)))
+            .collect();
+        let ids = outbox.add_all(&mut tx, &messages).unwrap();
+        tx.commit().unwrap();
+        ids.iter().map(|id| id.hyphenated().to_string()).collect()
+    };
+
+    let saved_by = || -> String {
+        pool.get_conn()
+            .unwrap()
+            .exec_first(
+                format!("SELECT relay FROM `{POSITION_TABLE}` WHERE outbox_table = ?"),
+                (&table,),
+            )
+            .unwrap()
+            .unwrap_or_default()
+    };
+
+    let (mut active, active_owner) = relay_process(&url, &table, "binlog-active");
+    let mut ids = add(20, 0);
+    assert!(wait_for(Duration::from_secs(30), || count(
+        &pool,
+        &table,
+        "state = 1"
+    ) == 20));
+    let mut standby = start_relay(&url, &table, "binlog-standby").unwrap();
+    // Several of the standby's lock waits.
+    std::thread::sleep(Duration::from_secs(3));
+    ids.extend(add(20, 20));
+    assert!(wait_for(Duration::from_secs(30), || count(
+        &pool,
+        &table,
+        "state = 1"
+    ) == 40));
+    assert_eq!(
+        saved_by(),
+        active_owner,
+        "the active relay published the second batch"
+    );
+    active.kill().unwrap();
+    active.wait().unwrap();
+    ids.extend(add(20, 40));
+    assert!(
+        wait_for(Duration::from_secs(30), || count(
+            &pool,
+            &table,
+            "state = 1"
+        ) == 60),
+        "the standby publishes once the active relay is gone"
+    );
+    assert_eq!(saved_by(), standby.owner(), "the standby took over");
+    let got = consume(&topic, 60, Duration::from_secs(30), Duration::from_secs(2));
+    let read: HashSet<String> = got.iter().map(Consumed::message_id).collect();
+    assert_eq!(read, ids.into_iter().collect::<HashSet<_>>());
+    assert_eq!(
+        got.len(),
+        60,
+        "the standby sent nothing while the active relay ran"
+    );
+    standby.stop().unwrap();
+}
+
+#[test]
+fn a_rotated_then_purged_binary_log_is_caught_up_from_the_table() {
+    let db = binlog_database();
+    let url = db.url();
+    let (pool, store, table) = outbox_table(&url, "binlog_purge");
+    let topic = unique("binlog_purge");
+    let outbox = Outbox::new(&store);
+    let add = |from: usize, n: usize| -> Vec<String> {
+        (from..from + n)
+            .map(|i| {
+                let mut tx = pool.start_transaction(mysql::TxOpts::default()).unwrap();
+                let id = outbox
+                    .add(
+                        &mut tx,
+                        &outbox::Message::new(&topic, format!("m{i}")).with_key("k"),
+                    )
+                    .unwrap();
+                tx.commit().unwrap();
+                id.hyphenated().to_string()
+            })
+            .collect()
+    };
+    let mut conn = pool.get_conn().unwrap();
+
+    let mut relay = start_relay(&url, &table, "binlog-rotate").unwrap();
+    wait_until_following(&pool, &table);
+    let mut ids = add(0, 10);
+    conn.query_drop("FLUSH BINARY LOGS").unwrap();
+    ids.extend(add(10, 10));
+    assert!(
+        wait_for(Duration::from_secs(30), || count(
+            &pool,
+            &table,
+            "state = 1"
+        ) == 20),
+        "the relay follows the log into its next file"
+    );
+    relay.stop().unwrap();
+
+    // While no relay runs: more messages, and the file of the saved position purged.
+    ids.extend(add(20, 10));
+    conn.query_drop("FLUSH BINARY LOGS").unwrap();
+    let newest: String = conn
+        .query::<mysql::Row, _>("SHOW BINARY LOGS")
+        .unwrap()
+        .last()
+        .and_then(|row| row.get(0))
+        .unwrap();
+    // A file being read cannot be purged: wait for the stopped relay's reader to go.
+    assert!(wait_for(Duration::from_secs(10), || count(
+        &pool,
+        "information_schema`.`PROCESSLIST",
+        "COMMAND LIKE 'Binlog Dump%'"
+    ) == 0));
+    // MariaDB keeps a file until its binlog checkpoint moved past it: try again.
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            conn.query_drop(format!("PURGE BINARY LOGS TO '{newest}'"))
+                .unwrap();
+            conn.query::<mysql::Row, _>("SHOW BINARY LOGS")
+                .unwrap()
+                .len()
+                == 1
+        }),
+        "the saved position's file is purged"
+    );
+
+    let mut relay = start_relay(&url, &table, "binlog-purged").unwrap();
+    ids.extend(add(30, 10));
+    assert!(
+        wait_for(Duration::from_secs(30), || count(
+            &pool,
+            &table,
+            "state = 1"
+        ) == 40),
+        "the catch-up publishes what the purged log held, and the relay follows after it"
+    );
+    let got = consume(&topic, 40, Duration::from_secs(30), Duration::from_secs(2));
+    let payloads: Vec<String> = got
+        .iter()
+        .map(|c| String::from_utf8_lossy(&c.payload).into_owned())
+        .collect();
+    let expected: Vec<String> = (0..40).map(|i| format!("m{i}")).collect();
+    assert_eq!(
+        payloads, expected,
+        "one key, every message once, in commit order"
+    );
+    assert_eq!(
+        got.iter().map(Consumed::message_id).collect::<Vec<_>>(),
+        ids
+    );
+    relay.stop().unwrap();
+}
+
+#[test]
+fn each_missing_server_setting_is_refused_with_its_fix() {
+    // The shared server writes no binary log.
+    let (_, _, table) = outbox_table(&small_pool_url(), "binlog_off");
+    match start_relay(&small_pool_url(), &table, "binlog-off") {
+        Err(Error::Config(why)) => assert!(
+            why.contains("log_bin") && why.contains("--log-bin"),
+            "{why}"
+        ),
+        other => panic!("expected a refusal naming log_bin, got {other:?}"),
+    }
+    let _ = mysql::Pool::new(small_pool_url().as_str())
+        .unwrap()
+        .get_conn()
+        .unwrap()
+        .query_drop(format!("DROP TABLE IF EXISTS `{table}`"));
+
+    let db = binlog_database();
+    let url = db.url();
+    let (pool, _, table) = outbox_table(&url, "binlog_settings");
+    let mut conn = pool.get_conn().unwrap();
+    let refused = |setting: &str, fix: &str| match start_relay(&url, &table, "binlog-refused") {
+        Err(Error::Config(why)) => {
+            assert!(why.contains(setting) && why.contains(fix), "{why}")
+        }
+        other => panic!("expected a refusal naming {setting}, got {other:?}"),
+    };
+    conn.query_drop("SET GLOBAL binlog_format = 'MIXED'")
+        .unwrap();
+    refused("binlog_format", "SET GLOBAL binlog_format = 'ROW'");
+    conn.query_drop("SET GLOBAL binlog_format = 'ROW'").unwrap();
+    conn.query_drop("SET GLOBAL binlog_row_image = 'MINIMAL'")
+        .unwrap();
+    refused("binlog_row_image", "SET GLOBAL binlog_row_image = 'FULL'");
+    conn.query_drop("SET GLOBAL binlog_row_image = 'FULL'")
+        .unwrap();
+
+    // A user with rights on the tables only, then with REPLICATION SLAVE only.
+    conn.query_drop("CREATE USER 'app'@'127.0.0.1' IDENTIFIED BY 'app'")
+        .unwrap();
+    conn.query_drop("GRANT ALL ON test.* TO 'app'@'127.0.0.1'")
+        .unwrap();
+    let app_url = url.replace("root@", "app:app@");
+    let refused_for_app = |privilege: &str| match start_relay(&app_url, &table, "binlog-app") {
+        Err(Error::Config(why)) => assert!(
+            why.contains(privilege) && why.contains("GRANT REPLICATION SLAVE, REPLICATION CLIENT"),
+            "{why}"
+        ),
+        other => panic!("expected a refusal naming {privilege}, got {other:?}"),
+    };
+    refused_for_app("REPLICATION SLAVE");
+    conn.query_drop("GRANT REPLICATION SLAVE ON *.* TO 'app'@'127.0.0.1'")
+        .unwrap();
+    refused_for_app("REPLICATION CLIENT");
+    conn.query_drop("GRANT BINLOG MONITOR ON *.* TO 'app'@'127.0.0.1'")
+        .unwrap();
+    let mut relay = start_relay(&app_url, &table, "binlog-app").expect("all granted");
+    relay.stop().unwrap();
+}
