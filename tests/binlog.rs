@@ -486,3 +486,330 @@ fn each_missing_server_setting_is_refused_with_its_fix() {
     let mut relay = start_relay(&app_url, &table, "binlog-app").expect("all granted");
     relay.stop().unwrap();
 }
+
+/// `n` messages from `from` over 10 keys, each payload `key:number`.
+fn keyed(topic: &str, from: usize, n: usize) -> Vec<outbox::Message> {
+    (from..from + n)
+        .map(|i| {
+            outbox::Message::new(topic, format!("k{}:{i}", i % 10)).with_key(format!("k{}", i % 10))
+        })
+        .collect()
+}
+
+/// Commits `messages` in one transaction; returns their ids.
+fn commit(pool: &mysql::Pool, store: &MySqlStore, messages: &[outbox::Message]) -> Vec<String> {
+    let mut tx = pool.start_transaction(mysql::TxOpts::default()).unwrap();
+    let ids = Outbox::new(store).add_all(&mut tx, messages).unwrap();
+    tx.commit().unwrap();
+    ids.iter().map(|id| id.hyphenated().to_string()).collect()
+}
+
+/// Each key's numbers (payload `key:number`, a key's numbers 10 apart, see [`keyed`])
+/// were read in order without a gap: each step forward is to the key's next number. With
+/// `duplicates`, a step may also go back, to send a suffix again.
+fn assert_key_order(got: &[Consumed], duplicates: bool) {
+    let mut last = std::collections::HashMap::new();
+    for record in got {
+        let text = String::from_utf8(record.payload.clone()).unwrap();
+        let (key, n) = text.split_once(':').unwrap();
+        let n: usize = n.parse().unwrap();
+        if let Some(previous) = last.insert(key.to_string(), n) {
+            let next = n == previous + 10;
+            let again = duplicates && n <= previous;
+            assert!(next || again, "{key}: {n} after {previous}");
+        }
+    }
+}
+
+#[test]
+fn the_broker_down_and_back_loses_nothing_and_keeps_key_order() {
+    let db = binlog_database();
+    let url = db.url();
+    let (pool, store, table) = outbox_table(&url, "binlog_broker");
+    let topic = unique("binlog_broker");
+    let mut kafka = common::tansu::Tansu::on_free_port().unwrap();
+    kafka.start().unwrap();
+    let mut relay = BinlogRelay::new(
+        mysql::Opts::from_url(&url).unwrap(),
+        &table,
+        broker_at(kafka.address()),
+        fast_settings(),
+        BinlogSettings::default(),
+        "binlog-broker",
+    )
+    .unwrap()
+    .start()
+    .unwrap();
+    wait_until_following(&pool, &table);
+    commit(&pool, &store, &keyed(&topic, 0, 100));
+    assert!(wait_for(Duration::from_secs(30), || count(
+        &pool,
+        &table,
+        "state = 1"
+    ) == 100));
+
+    kafka.kill();
+    let mut pending: HashSet<String> = HashSet::new();
+    for round in 0..10 {
+        pending.extend(commit(&pool, &store, &keyed(&topic, 100 + round * 50, 50)));
+    }
+    assert!(
+        wait_for(Duration::from_secs(30), || count(
+            &pool,
+            &table,
+            "number_of_attempts >= 1 AND state = 0"
+        ) > 0),
+        "sends are tried, fail and are counted"
+    );
+    assert!(
+        relay.errors().try_iter().count() > 0,
+        "the outage is reported"
+    );
+    assert_eq!(
+        count(&pool, &table, "state = 1"),
+        100,
+        "nothing is marked while it is down"
+    );
+
+    kafka.start().unwrap();
+    assert!(
+        wait_for(Duration::from_secs(60), || count(
+            &pool,
+            &table,
+            "state = 1"
+        ) == 600),
+        "every message is delivered once the broker is back"
+    );
+    // The restarted broker (memory storage) holds what was committed while it was down.
+    let got = consume_from(
+        kafka.address(),
+        &topic,
+        pending.len(),
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    );
+    let counts = id_counts(&got);
+    assert!(
+        pending.iter().all(|id| counts.get(id) == Some(&1)),
+        "each pending message once"
+    );
+    assert_key_order(&got, false);
+    relay.stop().unwrap();
+}
+
+#[test]
+fn the_database_restarted_mid_stream_loses_nothing() {
+    let mut db = binlog_database();
+    let url = db.url();
+    let (pool, store, table) = outbox_table(&url, "binlog_restart");
+    let topic = unique("binlog_restart");
+    let settings = outbox::DispatcherSettings {
+        batch_size: 20,
+        ..fast_settings()
+    };
+    let mut relay = BinlogRelay::new(
+        mysql::Opts::from_url(&url).unwrap(),
+        &table,
+        broker(),
+        settings,
+        BinlogSettings::default(),
+        "binlog-restart",
+    )
+    .unwrap()
+    .start()
+    .unwrap();
+    wait_until_following(&pool, &table);
+    let mut ids: HashSet<String> = HashSet::new();
+    for round in 0..40 {
+        ids.extend(commit(&pool, &store, &keyed(&topic, round * 50, 50)));
+    }
+    assert!(wait_for(Duration::from_secs(30), || count(
+        &pool,
+        &table,
+        "state = 1"
+    ) >= 100));
+    db.kill(); // SIGKILL: InnoDB and the binary log recover on start
+    db.start();
+    let delivered_at_restart = count(&pool, &table, "state = 1");
+    assert!(
+        delivered_at_restart < 2_000,
+        "killed mid-stream ({delivered_at_restart} delivered)"
+    );
+    for round in 40..42 {
+        ids.extend(commit(&pool, &store, &keyed(&topic, round * 50, 50)));
+    }
+    assert!(
+        wait_for(Duration::from_secs(60), || count(
+            &pool,
+            &table,
+            "state = 1"
+        ) == 2_100),
+        "every message is delivered after the restart"
+    );
+    let got = consume(
+        &topic,
+        ids.len(),
+        Duration::from_secs(60),
+        Duration::from_secs(1),
+    );
+    let read: HashSet<String> = got.iter().map(Consumed::message_id).collect();
+    assert_eq!(read, ids, "every committed message, nothing else");
+    assert_key_order(&got, true);
+    assert!(relay.is_running(), "the relay rode out the restart");
+    relay.stop().unwrap();
+}
+
+#[test]
+fn a_dead_message_holds_its_key_until_an_operator_discards_it() {
+    let db = binlog_database();
+    let url = db.url();
+    let (pool, store, table) = outbox_table(&url, "binlog_dead");
+    let topic = unique("binlog_dead");
+    let settings = outbox::DispatcherSettings {
+        max_attempts: Some(2),
+        dead_blocks_key: true,
+        ..fast_settings()
+    };
+    let mut relay = BinlogRelay::new(
+        mysql::Opts::from_url(&url).unwrap(),
+        &table,
+        small_message_broker(),
+        settings,
+        BinlogSettings::default(),
+        "binlog-dead",
+    )
+    .unwrap()
+    .start()
+    .unwrap();
+    wait_until_following(&pool, &table);
+    let big = "x".repeat(20_000);
+    let messages = vec![
+        outbox::Message::new(&topic, "a:1").with_key("a"),
+        outbox::Message::new(&topic, big.as_str()).with_key("a"),
+        outbox::Message::new(&topic, "a:3").with_key("a"),
+        outbox::Message::new(&topic, "b:1").with_key("b"),
+    ];
+    let ids = commit(&pool, &store, &messages);
+    commit(
+        &pool,
+        &store,
+        &[outbox::Message::new(&topic, "b:2").with_key("b")],
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || count(
+            &pool,
+            &table,
+            "state = 2"
+        ) == 1
+            && count(&pool, &table, "state = 1") == 3),
+        "the big one dies after 2 attempts; a:1, b:1 and b:2 go"
+    );
+    assert_eq!(
+        count(&pool, &table, "state = 2 AND number_of_attempts = 2"),
+        1
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        count(&pool, &table, "state = 0"),
+        1,
+        "a:3 waits behind the dead a:2"
+    );
+
+    let admin = outbox::admin::Admin::new(store.clone()).unwrap();
+    let discarded = admin
+        .discard(
+            &outbox::admin::DeadFilter {
+                topic: Some(topic.clone()),
+                ..Default::default()
+            },
+            false,
+        )
+        .unwrap();
+    assert_eq!(discarded.len(), 1);
+    assert!(
+        wait_for(Duration::from_secs(30), || count(
+            &pool,
+            &table,
+            "state = 1"
+        ) == 4),
+        "a:3 goes once a:2 is discarded"
+    );
+    let got = consume(&topic, 4, Duration::from_secs(30), Duration::from_secs(1));
+    let payloads: Vec<String> = got
+        .iter()
+        .map(|c| String::from_utf8_lossy(&c.payload).into_owned())
+        .collect();
+    let of = |key: &str| {
+        payloads
+            .iter()
+            .filter(|p| p.starts_with(key))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(of("a:"), ["a:1", "a:3"]);
+    assert_eq!(of("b:"), ["b:1", "b:2"]);
+    assert!(
+        !got.iter().any(|c| c.message_id() == ids[1]),
+        "the dead one was never published"
+    );
+    relay.stop().unwrap();
+}
+
+/// The peak resident memory of process `pid`, in KiB (`VmHWM`).
+fn peak_memory_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_transaction_of_100_000_messages_goes_through_in_bounded_memory() {
+    const ROWS: usize = 100_000;
+    const PAYLOAD: usize = 2_000;
+    let db = binlog_database();
+    let url = db.url();
+    let (pool, store, table) = outbox_table(&url, "binlog_big");
+    let topic = unique("binlog_big");
+    let mut command = relay_command(&table, "binlog-big", "", &[]);
+    command
+        .env("OUTBOX_DATABASE_URL", &url)
+        .env("OUTBOX_SOURCE", "binlog")
+        .env("OUTBOX_BATCH_SIZE", "500")
+        .stdin(std::process::Stdio::piped());
+    let (mut relay, _) = common::start_relay(command);
+    wait_until_following(&pool, &table);
+
+    let payload = "p".repeat(PAYLOAD);
+    let mut tx = pool.start_transaction(mysql::TxOpts::default()).unwrap();
+    let outbox = Outbox::new(&store);
+    for chunk in 0..ROWS / 1_000 {
+        let messages: Vec<_> = (0..1_000)
+            .map(|i| {
+                outbox::Message::new(&topic, payload.as_str())
+                    .with_key(format!("k{}", (chunk * 1_000 + i) % 100))
+            })
+            .collect();
+        outbox.add_all(&mut tx, &messages).unwrap();
+    }
+    tx.commit().unwrap();
+    assert!(
+        wait_for(Duration::from_secs(300), || count(
+            &pool,
+            &table,
+            "state = 1"
+        ) == ROWS as u64),
+        "every message of the transaction is published and marked"
+    );
+    let peak_mib = peak_memory_kib(relay.id()) / 1024;
+    let committed_mib = (ROWS * PAYLOAD / (1024 * 1024)) as u64;
+    eprintln!("relay peak memory: {peak_mib} MiB for {committed_mib} MiB of payloads");
+    assert!(
+        peak_mib < 100,
+        "the relay peaked at {peak_mib} MiB for a transaction of {committed_mib} MiB of payloads"
+    );
+    relay.kill().unwrap();
+    relay.wait().unwrap();
+}
