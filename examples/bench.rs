@@ -27,8 +27,16 @@
 //!   (`WEB_WITHOUT_EVENTS=1`), alternating; and, with events, from each 2xx answer to
 //!   the event's arrival at a consumer.
 //!
+//! - binlog: `outbox relay --source binlog` against `outbox relay` (polling), each a process
+//!   of its own, on a MariaDB of the benchmark's own with the binary log on
+//!   (`BENCH_BINLOG_DATABASE_URL`, which `make bench` starts): commit to acknowledgement at
+//!   1,000 messages/s with no wake-up; a backlog of `BENCH_BACKLOG` messages committed while
+//!   the relay was stopped, drained, with the server's work per message (`SHOW GLOBAL
+//!   STATUS` deltas); statements while nothing is committed for 10 s. The polling drain
+//!   runs on the machine's server too, to compare the two servers.
+//!
 //! `BENCH_ONLY=drain,latency` runs only the sections named (add, drain, latency, memory,
-//! metrics, status, web).
+//! metrics, status, web, binlog).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -88,6 +96,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if section("status") {
         let rows = env_number("BENCH_STATUS_ROWS", 1_000_000);
         status(&bench, runs, rows, &mut table)?;
+    }
+    if section("binlog") {
+        binlog(&bench, runs, backlog, &mut table)?;
     }
     println!("{}", table.render());
     Ok(())
@@ -369,6 +380,11 @@ impl Bench {
     fn new() -> Result<Bench, Box<dyn std::error::Error>> {
         let url = std::env::var("OUTBOX_DATABASE_URL")
             .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
+        Bench::at(url)
+    }
+
+    /// A bench on the server of `url`.
+    fn at(url: String) -> Result<Bench, Box<dyn std::error::Error>> {
         let brokers =
             std::env::var("OUTBOX_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
         let pool = Pool::new(url.as_str())?;
@@ -949,6 +965,336 @@ impl Bench {
     }
 }
 
+/// The binlog relay against the polling relay, each an `outbox relay` process, on the
+/// benchmark's MariaDB with the binary log on; the polling drain on the machine's server
+/// too.
+fn binlog(
+    shared: &Bench,
+    runs: usize,
+    backlog: usize,
+    table: &mut Table,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let url = std::env::var("BENCH_BINLOG_DATABASE_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3307/test".into());
+    let private = Bench::at(url)?;
+    eprintln!("binlog relay, {backlog} messages ({runs} runs)");
+    let mut rates: HashMap<&str, Vec<f64>> = HashMap::new();
+    let mut work: HashMap<(&str, &str), Vec<f64>> = HashMap::new();
+    let mut latency: HashMap<(&str, &str), Vec<f64>> = HashMap::new();
+    let mut idle: HashMap<&str, Vec<f64>> = HashMap::new();
+    for run in 0..runs {
+        // Alternate which goes first, as the server's weather drifts.
+        let order = if run % 2 == 0 {
+            [Source::Binlog, Source::Polling]
+        } else {
+            [Source::Polling, Source::Binlog]
+        };
+        for source in order {
+            let (rate, per_message) = private.source_drain(backlog, source)?;
+            rates.entry(source.name()).or_default().push(rate);
+            for (what, value) in [
+                ("statements", per_message.statements),
+                ("rows read", per_message.rows_read),
+                ("rows written", per_message.rows_written),
+            ] {
+                work.entry((source.name(), what)).or_default().push(value);
+            }
+        }
+        rates
+            .entry("polling, machine's server")
+            .or_default()
+            .push(shared.relay_drain(backlog, false)?);
+        for source in order {
+            let mut latencies = private.source_latency(source, 1_000, Duration::from_secs(10))?;
+            latencies.sort_by(f64::total_cmp);
+            for (q, label) in [(0.5, "p50"), (0.99, "p99")] {
+                latency
+                    .entry((source.name(), label))
+                    .or_default()
+                    .push(percentile(&latencies, q));
+            }
+            idle.entry(source.name())
+                .or_default()
+                .push(private.idle_statements(source, Duration::from_secs(10))?);
+        }
+    }
+    for source in [Source::Binlog, Source::Polling] {
+        let name = source.name();
+        for q in ["p50", "p99"] {
+            table.millis(
+                &format!("commit to ack at 1,000 msg/s, {name}, {q} (ms)"),
+                &latency[&(name, q)],
+            );
+        }
+    }
+    for source in [Source::Binlog, Source::Polling] {
+        let name = source.name();
+        table.rate(
+            &format!("drain, {name} relay process (msg/s)"),
+            &rates[name],
+        );
+    }
+    table.ratio(
+        "  binlog / polling",
+        &rates[Source::Binlog.name()],
+        &rates[Source::Polling.name()],
+    );
+    table.rate(
+        "drain, polling relay process, machine's server (msg/s)",
+        &rates["polling, machine's server"],
+    );
+    for what in ["statements", "rows read", "rows written"] {
+        for source in [Source::Binlog, Source::Polling] {
+            let name = source.name();
+            table.value(
+                &format!("server work per message, {name}: {what}"),
+                &work[&(name, what)],
+            );
+        }
+        table.ratio(
+            &format!("  binlog / polling, {what}"),
+            &work[&(Source::Binlog.name(), what)],
+            &work[&(Source::Polling.name(), what)],
+        );
+    }
+    for source in [Source::Binlog, Source::Polling] {
+        let name = source.name();
+        table.value(
+            &format!("statements in 10 idle seconds, {name}"),
+            &idle[name],
+        );
+    }
+    Ok(())
+}
+
+/// Where an `outbox relay` reads messages from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Polling,
+    Binlog,
+}
+
+impl Source {
+    fn name(self) -> &'static str {
+        match self {
+            Source::Polling => "polling",
+            Source::Binlog => "binlog",
+        }
+    }
+}
+
+/// What the server did for a relay, from `SHOW GLOBAL STATUS`.
+#[derive(Debug, Default, Clone, Copy)]
+struct ServerWork {
+    statements: f64,
+    rows_read: f64,
+    rows_written: f64,
+}
+
+impl ServerWork {
+    /// The work between two snapshots of the counters, less `own` statements of the
+    /// bench's (each reading at most one row) and the second snapshot itself.
+    fn between(
+        before: &HashMap<String, f64>,
+        after: &HashMap<String, f64>,
+        own: f64,
+    ) -> ServerWork {
+        let delta = |names: &[&str]| -> f64 {
+            names
+                .iter()
+                .map(|n| after.get(*n).unwrap_or(&0.0) - before.get(*n).unwrap_or(&0.0))
+                .sum()
+        };
+        ServerWork {
+            statements: delta(&["Questions"]) - own - 1.0,
+            rows_read: delta(&[
+                "Handler_read_first",
+                "Handler_read_key",
+                "Handler_read_last",
+                "Handler_read_next",
+                "Handler_read_prev",
+                "Handler_read_rnd",
+                "Handler_read_rnd_next",
+            ]) - own,
+            rows_written: delta(&["Handler_write", "Handler_update", "Handler_delete"]),
+        }
+    }
+}
+
+impl Bench {
+    /// Starts `outbox relay` on `table`, reading from `source`; closing its standard
+    /// input stops it.
+    fn relay_process(&self, table: &str, source: Source) -> std::io::Result<std::process::Child> {
+        let command =
+            std::env::var("BENCH_OUTBOX").unwrap_or_else(|_| "target/release/outbox".into());
+        std::process::Command::new(command)
+            .arg("relay")
+            .env("OUTBOX_DATABASE_URL", &self.url)
+            .env("OUTBOX_KAFKA_BROKERS", &self.brokers)
+            .env("OUTBOX_TABLE", table)
+            .env("OUTBOX_SOURCE", source.name())
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+    }
+
+    fn stop_relay(mut child: std::process::Child) -> std::io::Result<()> {
+        drop(child.stdin.take());
+        child.wait().map(|_| ())
+    }
+
+    /// Waits until a binlog relay of `table` saved its first position: it follows the log.
+    fn following(&self, table: &str) -> Result<(), Box<dyn std::error::Error>> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let found: Option<u8> = self.pool.get_conn()?.exec_first(
+                "SELECT 1 FROM outbox_binlog_position WHERE outbox_table = ?",
+                (table,),
+            )?;
+            if found.is_some() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err("the binlog relay never followed the log".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn status_counters(&self) -> Result<HashMap<String, f64>, mysql::Error> {
+        let rows: Vec<(String, String)> = self.pool.get_conn()?.query("SHOW GLOBAL STATUS")?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(name, value)| value.parse().ok().map(|v| (name, v)))
+            .collect())
+    }
+
+    /// A backlog of `n` committed while no relay ran, drained by a relay process reading
+    /// from `source` (the binlog relay saved a position before the backlog was written):
+    /// messages per second from its start to the last row marked, and the server's work
+    /// per message meanwhile.
+    fn source_drain(
+        &self,
+        n: usize,
+        source: Source,
+    ) -> Result<(f64, ServerWork), Box<dyn std::error::Error>> {
+        let topic = self.name("topic");
+        let store = self.store("binlog_drain")?;
+        if source == Source::Binlog {
+            let relay = self.relay_process(store.table(), source)?;
+            self.following(store.table())?;
+            Bench::stop_relay(relay)?;
+        }
+        let outbox = Outbox::new(&store);
+        for chunk in (0..n).collect::<Vec<_>>().chunks(2_000) {
+            let messages: Vec<Message> = chunk
+                .iter()
+                .map(|&i| sample_message(&topic, i, KEYS))
+                .collect();
+            let mut tx = self.pool.start_transaction(TxOpts::default())?;
+            outbox.add_all(&mut tx, &messages)?;
+            tx.commit()?;
+        }
+        let before = self.status_counters()?;
+        let start = Instant::now();
+        let relay = self.relay_process(store.table(), source)?;
+        let mut polls = 0.0;
+        while self.any_pending(store.table())? {
+            polls += 1.0;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        polls += 1.0;
+        let rate = n as f64 / start.elapsed().as_secs_f64();
+        let after = self.status_counters()?;
+        Bench::stop_relay(relay)?;
+        let work = ServerWork::between(&before, &after, polls);
+        self.drop_table(store.table())?;
+        Ok((
+            rate,
+            ServerWork {
+                statements: work.statements / n as f64,
+                rows_read: work.rows_read / n as f64,
+                rows_written: work.rows_written / n as f64,
+            },
+        ))
+    }
+
+    /// Milliseconds from each commit (its row's `created_on`) to its mark after the
+    /// broker's acknowledgement (`processed_on`), both by the database's clock, at `rate`
+    /// messages per second of one-message transactions, with a relay process reading from
+    /// `source` and no wake-up.
+    fn source_latency(
+        &self,
+        source: Source,
+        rate: u32,
+        duration: Duration,
+    ) -> Result<Vec<f64>, Box<dyn std::error::Error>> {
+        let topic = self.name("topic");
+        let store = self.store("binlog_latency")?;
+        let relay = self.relay_process(store.table(), source)?;
+        if source == Source::Binlog {
+            self.following(store.table())?;
+        }
+        let writers = 4u32;
+        let per_writer = rate / writers;
+        let threads: Vec<_> = (0..writers)
+            .map(|w| {
+                let (pool, outbox, topic) = (self.pool.clone(), Outbox::new(&store), topic.clone());
+                std::thread::spawn(move || -> Result<(), outbox::Error> {
+                    let ticks = crossbeam_channel::tick(Duration::from_secs(1) / per_writer);
+                    let end = Instant::now() + duration;
+                    let mut i = w as usize;
+                    while Instant::now() < end {
+                        let _ = ticks.recv();
+                        let mut tx = pool.start_transaction(TxOpts::default())?;
+                        outbox.add(&mut tx, &sample_message(&topic, i, KEYS))?;
+                        tx.commit()?;
+                        i += writers as usize;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().map_err(|_| "writer panicked")??;
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.any_pending(store.table())? && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Bench::stop_relay(relay)?;
+        let micros: Vec<i64> = self.pool.get_conn()?.query(format!(
+            "SELECT TIMESTAMPDIFF(MICROSECOND, created_on, processed_on) FROM `{}` WHERE state = 1",
+            store.table()
+        ))?;
+        self.drop_table(store.table())?;
+        Ok(micros.into_iter().map(|us| us as f64 / 1e3).collect())
+    }
+
+    /// Statements the server ran while a relay process reading from `source` waited for
+    /// `window` with nothing committed (after 2 s to settle; its lock checker and cleaner
+    /// run at start and then every 30 s and 60 s, outside the window).
+    fn idle_statements(
+        &self,
+        source: Source,
+        window: Duration,
+    ) -> Result<f64, Box<dyn std::error::Error>> {
+        let store = self.store("binlog_idle")?;
+        let relay = self.relay_process(store.table(), source)?;
+        if source == Source::Binlog {
+            self.following(store.table())?;
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        let before = self.status_counters()?;
+        std::thread::sleep(window);
+        let after = self.status_counters()?;
+        Bench::stop_relay(relay)?;
+        self.drop_table(store.table())?;
+        Ok(ServerWork::between(&before, &after, 0.0).statements)
+    }
+}
+
 /// Reads `topic` from its creation until `expected` events arrived (or two minutes
 /// passed); when each arrived, by (order id, whether it is the payment).
 fn arrivals(
@@ -1095,6 +1441,10 @@ impl Table {
 
     fn millis(&mut self, label: &str, values: &[f64]) {
         self.add(label, values, |v| format!("{v:.1}"));
+    }
+
+    fn value(&mut self, label: &str, values: &[f64]) {
+        self.add(label, values, |v| format!("{v:.2}"));
     }
 
     fn mib(&mut self, label: &str, values: &[f64]) {

@@ -59,8 +59,8 @@ struct Session {
     /// Whether a transaction since the last save changed anything but the relay's own rows.
     foreign: bool,
     last_save: Instant,
-    /// Rows up to this id may have been delivered before this session read them (by the
-    /// catch-up, or by a relay before a crash): their state is read before they are sent.
+    /// Rows up to this id may have been settled before this session read them (see
+    /// [`settled_high`]): their state is read before they are sent.
     verify_below: u64,
     /// Keys held behind a dead message.
     blocked: HashSet<Key>,
@@ -150,7 +150,7 @@ impl Tail {
         let start = match saved {
             Some(at) if files.contains(&at.file) => {
                 log::info!("binlog relay {} resumes at {at}", self.owner);
-                let high = max_id(&mut lock, &table)?;
+                let high = settled_high(&mut lock, &table)?;
                 (at, high)
             }
             other => {
@@ -171,8 +171,8 @@ impl Tail {
                     return Ok(());
                 }
                 // The catch-up may have published rows committed after `at`, which the
-                // binary log brings again: any up to the newest it could have seen.
-                let high = max_id(&mut lock, &table)?;
+                // binary log brings again.
+                let high = settled_high(&mut lock, &table)?;
                 position::save(&mut lock, &table, &at, None, &self.owner)?;
                 log::info!("binlog relay {} caught up; follows from {at}", self.owner);
                 (at, high)
@@ -596,6 +596,23 @@ fn dead_keys(conn: &mut Conn, table: &str) -> Result<HashSet<Key>> {
         "SELECT DISTINCT topic, msg_key FROM `{table}` WHERE state = 2 AND msg_key IS NOT NULL"
     ))?;
     Ok(rows.into_iter().collect())
+}
+
+/// The newest id of a row no longer pending (delivered, dead or discarded), 0 when there
+/// is none: rows the binary log brings up to it may have been settled already (by a
+/// catch-up, a polling relay, or a relay that died between a mark and the position
+/// after it), and are looked up before they are sent. Each state's newest id is one
+/// index lookup.
+fn settled_high(conn: &mut Conn, table: &str) -> Result<u64> {
+    let newest =
+        |state: u8| format!("COALESCE((SELECT MAX(id) FROM `{table}` WHERE state = {state}), 0)");
+    let id: Option<u64> = conn.query_first(format!(
+        "SELECT GREATEST({}, {}, {})",
+        newest(1),
+        newest(2),
+        newest(3)
+    ))?;
+    Ok(id.unwrap_or(0))
 }
 
 /// The table's newest id, 0 when it is empty.
