@@ -1148,11 +1148,12 @@ impl Bench {
     fn following(&self, table: &str) -> Result<(), Box<dyn std::error::Error>> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let found: Option<u8> = self.pool.get_conn()?.exec_first(
+            // The relay creates the table of positions as it starts.
+            let found: Result<Option<u8>, _> = self.pool.get_conn()?.exec_first(
                 "SELECT 1 FROM outbox_binlog_position WHERE outbox_table = ?",
                 (table,),
-            )?;
-            if found.is_some() {
+            );
+            if let Ok(Some(_)) = found {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -1162,8 +1163,10 @@ impl Bench {
         }
     }
 
-    fn status_counters(&self) -> Result<HashMap<String, f64>, mysql::Error> {
-        let rows: Vec<(String, String)> = self.pool.get_conn()?.query("SHOW GLOBAL STATUS")?;
+    /// The server's counters, read on `conn`: a connection of the measurement's own, so
+    /// that no pool's reset of a connection counts as a statement.
+    fn status_counters(conn: &mut mysql::Conn) -> Result<HashMap<String, f64>, mysql::Error> {
+        let rows: Vec<(String, String)> = conn.query("SHOW GLOBAL STATUS")?;
         Ok(rows
             .into_iter()
             .filter_map(|(name, value)| value.parse().ok().map(|v| (name, v)))
@@ -1196,17 +1199,24 @@ impl Bench {
             outbox.add_all(&mut tx, &messages)?;
             tx.commit()?;
         }
-        let before = self.status_counters()?;
+        let mut own = mysql::Conn::new(self.url.as_str())?;
+        let pending = format!(
+            "SELECT EXISTS (SELECT 1 FROM `{}` WHERE state = 0)",
+            store.table()
+        );
+        let before = Bench::status_counters(&mut own)?;
         let start = Instant::now();
         let relay = self.relay_process(store.table(), source)?;
         let mut polls = 0.0;
-        while self.any_pending(store.table())? {
+        loop {
             polls += 1.0;
+            if own.query_first::<u8, _>(&pending)? != Some(1) {
+                break;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
-        polls += 1.0;
         let rate = n as f64 / start.elapsed().as_secs_f64();
-        let after = self.status_counters()?;
+        let after = Bench::status_counters(&mut own)?;
         Bench::stop_relay(relay)?;
         let work = ServerWork::between(&before, &after, polls);
         self.drop_table(store.table())?;
@@ -1220,10 +1230,10 @@ impl Bench {
         ))
     }
 
-    /// Milliseconds from each commit (its row's `created_on`) to its mark after the
-    /// broker's acknowledgement (`processed_on`), both by the database's clock, at `rate`
-    /// messages per second of one-message transactions, with a relay process reading from
-    /// `source` and no wake-up.
+    /// Milliseconds from each commit (when it returned to the writer) to its row's mark
+    /// after the broker's acknowledgement (`processed_on`, the database's clock on this
+    /// same host), at `rate` messages per second of one-message transactions, with a
+    /// relay process reading from `source` and no wake-up.
     fn source_latency(
         &self,
         source: Source,
@@ -1238,9 +1248,15 @@ impl Bench {
         }
         let writers = 4u32;
         let per_writer = rate / writers;
+        let committed = Arc::new(Mutex::new(HashMap::new()));
         let threads: Vec<_> = (0..writers)
             .map(|w| {
-                let (pool, outbox, topic) = (self.pool.clone(), Outbox::new(&store), topic.clone());
+                let (pool, outbox, topic, committed) = (
+                    self.pool.clone(),
+                    Outbox::new(&store),
+                    topic.clone(),
+                    committed.clone(),
+                );
                 std::thread::spawn(move || -> Result<(), outbox::Error> {
                     let ticks = crossbeam_channel::tick(Duration::from_secs(1) / per_writer);
                     let end = Instant::now() + duration;
@@ -1248,8 +1264,9 @@ impl Bench {
                     while Instant::now() < end {
                         let _ = ticks.recv();
                         let mut tx = pool.start_transaction(TxOpts::default())?;
-                        outbox.add(&mut tx, &sample_message(&topic, i, KEYS))?;
+                        let id = outbox.add(&mut tx, &sample_message(&topic, i, KEYS))?;
                         tx.commit()?;
+                        committed.lock().insert(id, std::time::SystemTime::now());
                         i += writers as usize;
                     }
                     Ok(())
@@ -1264,12 +1281,24 @@ impl Bench {
             std::thread::sleep(Duration::from_millis(20));
         }
         Bench::stop_relay(relay)?;
-        let micros: Vec<i64> = self.pool.get_conn()?.query(format!(
-            "SELECT TIMESTAMPDIFF(MICROSECOND, created_on, processed_on) FROM `{}` WHERE state = 1",
+        let marked: Vec<(Vec<u8>, i64)> = self.pool.get_conn()?.query(format!(
+            "SELECT message_id, TIMESTAMPDIFF(MICROSECOND, '1970-01-01', processed_on) \
+             FROM `{}` WHERE state = 1",
             store.table()
         ))?;
         self.drop_table(store.table())?;
-        Ok(micros.into_iter().map(|us| us as f64 / 1e3).collect())
+        let committed = committed.lock();
+        Ok(marked
+            .into_iter()
+            .filter_map(|(id, marked_us)| {
+                let id = outbox::uuid::Uuid::from_slice(&id).ok()?;
+                let at = committed
+                    .get(&id)?
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()?;
+                Some((marked_us as f64 - at.as_micros() as f64) / 1e3)
+            })
+            .collect())
     }
 
     /// Statements the server ran while a relay process reading from `source` waited for
@@ -1286,9 +1315,10 @@ impl Bench {
             self.following(store.table())?;
         }
         std::thread::sleep(Duration::from_secs(2));
-        let before = self.status_counters()?;
+        let mut own = mysql::Conn::new(self.url.as_str())?;
+        let before = Bench::status_counters(&mut own)?;
         std::thread::sleep(window);
-        let after = self.status_counters()?;
+        let after = Bench::status_counters(&mut own)?;
         Bench::stop_relay(relay)?;
         self.drop_table(store.table())?;
         Ok(ServerWork::between(&before, &after, 0.0).statements)

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{after, bounded, select, Receiver, TryRecvError};
 use mysql::prelude::Queryable;
-use mysql::{Conn, IsolationLevel, OptsBuilder, TxOpts};
+use mysql::{Conn, OptsBuilder, TxOpts};
 
 use super::events::{self, Change, Columns, Source};
 use super::position::{self, Position};
@@ -31,6 +31,8 @@ use crate::store::MySqlStore;
 const SAVE_INTERVAL: Duration = Duration::from_secs(10);
 /// Longest pause between two sessions that failed.
 const SESSION_RETRY_MAX: Duration = Duration::from_secs(5);
+/// Longest a position waits to be saved while the settler is busy marking.
+const POSITION_INTERVAL: Duration = Duration::from_secs(1);
 /// Most ids in one marking statement.
 const MARK_CHUNK: usize = 1_000;
 
@@ -48,10 +50,29 @@ pub(crate) struct Tail {
     pub meter: Meter,
 }
 
+/// What the settler writes, in the order the tail sends it, on the connection that
+/// holds the lock.
+enum Settle {
+    /// Rows acknowledged by the broker, to mark delivered, and the position after the
+    /// last whole transaction published, to save with them.
+    Delivered {
+        ids: Vec<u64>,
+        commit: Option<(Position, Option<String>)>,
+    },
+    /// Failed sends: the attempt counted, the error, dead at `max_attempts`.
+    Failed(Vec<(Record, String, bool)>),
+    /// A position only other tables' transactions moved.
+    Position(Position, Option<String>),
+}
+
+/// Most writes waiting for the settler: the tail publishes on while the settler marks
+/// what was published before, all of it at once.
+const SETTLE_QUEUE: usize = 64;
+
 /// What one session keeps between changes.
 struct Session {
-    /// The connection that holds the lock: every write goes through it.
-    lock: Conn,
+    /// The settler's queue: every write goes through it, to the lock's connection.
+    settler: crossbeam_channel::Sender<Settle>,
     /// Rows read and not yet published, in commit order.
     batch: Vec<Record>,
     /// The end of the last whole transaction read, and its GTID, not yet saved.
@@ -107,6 +128,7 @@ impl Tail {
         // The lock lives as long as this connection: the server must not close it for
         // being idle while nothing is committed.
         conn.query_drop("SET SESSION wait_timeout = 31536000")?;
+        conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")?;
         let name = self.lock_name();
         let wait = self.binlog.lock_wait.as_secs_f64();
         let mut told = false;
@@ -204,16 +226,91 @@ impl Tail {
                 }
             })
             .map_err(Error::Thread)?;
-        let mut session = Session {
-            lock,
-            batch: Vec::new(),
-            commit: None,
-            foreign: false,
-            last_save: Instant::now(),
-            verify_below,
-            blocked,
-        };
-        self.follow(broker, &mut session, &changes)
+        thread::scope(|scope| {
+            let (settler, settles) = bounded(SETTLE_QUEUE);
+            let settling = thread::Builder::new()
+                .name("outbox-binlog-settler".into())
+                .spawn_scoped(scope, move || self.settle(lock, settles))
+                .map_err(Error::Thread)?;
+            let mut session = Session {
+                settler,
+                batch: Vec::new(),
+                commit: None,
+                foreign: false,
+                last_save: Instant::now(),
+                verify_below,
+                blocked,
+            };
+            let followed = self.follow(broker, &mut session, &changes);
+            drop(session);
+            let settled = match settling.join() {
+                Ok(settled) => settled,
+                Err(panic) => std::panic::resume_unwind(panic),
+            };
+            // The settler's own error explains a queue that closed under the tail.
+            settled.and(followed)
+        })
+    }
+
+    /// Writes what the tail sends, in order, on the lock's connection: a relay that lost
+    /// the lock lost that connection, and writes nothing more. Batches that queued up
+    /// while the last write ran are marked together. The position after them is saved
+    /// once the settler has caught up, or at least every [`POSITION_INTERVAL`] while it
+    /// has not: rows marked past a saved position are looked up, not sent again, by the
+    /// next session (see [`settled_high`]). A write that fails is tried again a few times
+    /// (a lock wait, a deadlock); then the session ends.
+    fn settle(&self, mut lock: Conn, settles: Receiver<Settle>) -> Result<()> {
+        let table = self.store.table();
+        let mut unsaved: Option<(Position, Option<String>)> = None;
+        let mut saved = Instant::now();
+        while let Ok(first) = settles.recv() {
+            let mut queued = vec![first];
+            queued.extend(settles.try_iter().take(SETTLE_QUEUE));
+            for settle in coalesce(queued) {
+                let marking = Instant::now();
+                match settle {
+                    Settle::Delivered { ids, commit } => {
+                        self.write(|| mark(&mut lock, table, &ids))?;
+                        self.meter.stage("mark", marking.elapsed());
+                        log::debug!("marked {} in {:?}", ids.len(), marking.elapsed());
+                        unsaved = commit.or(unsaved);
+                    }
+                    Settle::Failed(failures) => {
+                        self.write(|| record_failures(&mut lock, table, &failures))?
+                    }
+                    Settle::Position(at, gtid) => unsaved = Some((at, gtid)),
+                }
+            }
+            if settles.is_empty() || saved.elapsed() >= POSITION_INTERVAL {
+                if let Some((at, gtid)) = unsaved.take() {
+                    self.write(|| {
+                        position::save(&mut lock, table, &at, gtid.as_deref(), &self.owner)
+                    })?;
+                    saved = Instant::now();
+                }
+            }
+        }
+        if let Some((at, gtid)) = unsaved {
+            self.write(|| position::save(&mut lock, table, &at, gtid.as_deref(), &self.owner))?;
+        }
+        Ok(())
+    }
+
+    /// Runs a write of the settler, again after a pause when it fails on anything but a
+    /// lost connection, up to five times.
+    fn write(&self, mut write: impl FnMut() -> Result<()>) -> Result<()> {
+        let mut pause = Duration::from_millis(50);
+        for _ in 0..5 {
+            match write() {
+                Err(e) if !matches!(e, Error::Database(mysql::Error::IoError(_))) => {
+                    self.signals.report(e);
+                    Signals::wait(pause);
+                    pause *= 2;
+                }
+                done => return done,
+            }
+        }
+        write()
     }
 
     /// Publishes what is pending with the polling relay's claim until nothing is left
@@ -336,15 +433,16 @@ impl Tail {
                 .contains(&(record.message.topic().to_string(), key.to_vec()))
     }
 
-    /// Publishes the batch, marks its rows and saves the position, or saves a position
-    /// that only other tables' transactions moved once it is [`SAVE_INTERVAL`] old.
-    /// False when the stop signal came during retries (what was acknowledged is marked).
+    /// Publishes the batch and hands its rows to the settler, with the position after it;
+    /// or hands over a position that only other tables' transactions moved once it is
+    /// [`SAVE_INTERVAL`] old. False when the stop signal came during retries (what was
+    /// acknowledged is still marked).
     fn flush(&self, broker: &mut impl Broker, session: &mut Session) -> Result<bool> {
         let table = self.store.table();
         if session.batch.is_empty() {
             if session.foreign && session.last_save.elapsed() >= SAVE_INTERVAL {
                 if let Some((at, gtid)) = session.commit.take() {
-                    position::save(&mut session.lock, table, &at, gtid.as_deref(), &self.owner)?;
+                    self.hand_over(session, Settle::Position(at, gtid))?;
                 }
                 session.foreign = false;
                 session.last_save = Instant::now();
@@ -358,8 +456,11 @@ impl Tail {
                 .filter(|r| r.id <= session.verify_below)
                 .map(|r| r.id)
                 .collect();
-            let pending: HashSet<u64> = session
-                .lock
+            // Reads need no lock: any connection of the pool.
+            let pending: HashSet<u64> = self
+                .store
+                .pool()
+                .get_conn()?
                 .exec::<u64, _, _>(
                     format!(
                         "SELECT id FROM `{table}` WHERE state = 0 AND id IN ({})",
@@ -374,42 +475,40 @@ impl Tail {
         let started = Instant::now();
         let (delivered, finished) = self.publish(broker, session, records)?;
         let published = Instant::now();
-        // By primary key only, in READ COMMITTED: the rows of transactions still open
-        // (writers' new rows) are neither scanned nor waited for.
-        let opts = TxOpts::default().set_isolation_level(Some(IsolationLevel::ReadCommitted));
-        let mut tx = session.lock.start_transaction(opts)?;
-        for chunk in delivered.chunks(MARK_CHUNK) {
-            let ids: Vec<u64> = chunk.iter().map(|r| r.id).collect();
-            tx.exec_drop(
-                format!(
-                    "UPDATE `{table}` FORCE INDEX (PRIMARY) SET state = 1, processed_on = UTC_TIMESTAMP(6), \
-                     last_attempted_on = UTC_TIMESTAMP(6), number_of_attempts = number_of_attempts + 1 \
-                     WHERE state = 0 AND locked_by = 0 AND id IN ({})",
-                    placeholders(ids.len())
-                ),
-                ids,
-            )?;
-        }
-        if finished {
-            if let Some((at, gtid)) = session.commit.take() {
-                position::save(&mut tx, table, &at, gtid.as_deref(), &self.owner)?;
-                session.foreign = false;
-                session.last_save = Instant::now();
-            }
-        }
-        tx.commit()?;
         self.meter.stage("publish", published - started);
-        self.meter.stage("mark", published.elapsed());
-        let acknowledged = SystemTime::now()
-            .checked_sub(published.elapsed())
-            .unwrap_or_else(SystemTime::now);
         self.meter.settled(
             delivered.iter(),
-            acknowledged,
+            SystemTime::now(),
             std::iter::empty(),
             std::iter::empty(),
         );
+        let commit = if finished {
+            session.commit.take()
+        } else {
+            None
+        };
+        if commit.is_some() {
+            session.foreign = false;
+            session.last_save = Instant::now();
+        }
+        let ids: Vec<u64> = delivered.iter().map(|r| r.id).collect();
+        let count = ids.len();
+        self.hand_over(session, Settle::Delivered { ids, commit })?;
+        log::debug!(
+            "published {count} in {:?}, handed over in {:?}",
+            published - started,
+            published.elapsed()
+        );
         Ok(finished)
+    }
+
+    /// Queues a write for the settler; an error when the settler has ended (its error
+    /// is the session's).
+    fn hand_over(&self, session: &Session, settle: Settle) -> Result<()> {
+        session
+            .settler
+            .send(settle)
+            .map_err(|_| Error::Refused("the binlog relay's settler ended".into()))
     }
 
     /// Publishes `records` until each is acknowledged or dead, retrying failures after a
@@ -485,11 +584,13 @@ impl Tail {
             if let Some(e) = first_error {
                 self.signals.report(e);
             }
-            self.record_failures(&mut session.lock, &failures)?;
-            let failed: Vec<&Record> = failures.iter().map(|(r, ..)| r).collect();
-            let dead: Vec<&Record> = failures.iter().filter(|f| f.2).map(|(r, ..)| r).collect();
-            self.meter
-                .settled(std::iter::empty(), SystemTime::now(), failed, dead);
+            if !failures.is_empty() {
+                let failed: Vec<&Record> = failures.iter().map(|(r, ..)| r).collect();
+                let dead: Vec<&Record> = failures.iter().filter(|f| f.2).map(|(r, ..)| r).collect();
+                self.meter
+                    .settled(std::iter::empty(), SystemTime::now(), failed, dead);
+                self.hand_over(session, Settle::Failed(failures))?;
+            }
             // Behind a message that just died: later rows of its key stay pending.
             retry.retain(|record| !self.held(session, record));
             pending = retry;
@@ -506,34 +607,6 @@ impl Tail {
             }
         }
         Ok((delivered, true))
-    }
-
-    /// Writes failed attempts: the count, the error, and dead at `max_attempts`.
-    fn record_failures(&self, lock: &mut Conn, failures: &[(Record, String, bool)]) -> Result<()> {
-        if failures.is_empty() {
-            return Ok(());
-        }
-        let mut tx = lock.start_transaction(TxOpts::default())?;
-        for (record, error, dead) in failures {
-            tx.exec_drop(
-                format!(
-                    "UPDATE `{}` SET number_of_attempts = ?, error = ?, \
-                     last_attempted_on = UTC_TIMESTAMP(6), state = ?, \
-                     processed_on = IF(? = 2, UTC_TIMESTAMP(6), processed_on) \
-                     WHERE id = ? AND state = 0 AND locked_by = 0",
-                    self.store.table()
-                ),
-                (
-                    record.attempts,
-                    truncate(error),
-                    if *dead { 2 } else { 0 },
-                    if *dead { 2 } else { 0 },
-                    record.id,
-                ),
-            )?;
-        }
-        tx.commit()?;
-        Ok(())
     }
 
     /// A dead row an operator replayed or discarded: publishes the replayed one and,
@@ -555,7 +628,7 @@ impl Tail {
         if let Some(key) = record.message.key().map(<[u8]>::to_vec) {
             let entry = (topic.clone(), key.clone());
             if session.blocked.contains(&entry) {
-                let dead_left: Option<bool> = session.lock.exec_first(
+                let dead_left: Option<bool> = self.store.pool().get_conn()?.exec_first(
                     format!(
                         "SELECT EXISTS (SELECT 1 FROM `{table}` WHERE topic = ? AND msg_key = ? \
                          AND state = 2)"
@@ -564,7 +637,7 @@ impl Tail {
                 )?;
                 if !dead_left.unwrap_or(true) {
                     session.blocked.remove(&entry);
-                    let rows: Vec<mysql::Row> = session.lock.exec(
+                    let rows: Vec<mysql::Row> = self.store.pool().get_conn()?.exec(
                         format!(
                             "SELECT {RECORD_COLUMNS} FROM `{table}` o WHERE o.topic = ? AND \
                              o.msg_key = ? AND o.state = 0 AND o.locked_by = 0 AND o.id <> ? \
@@ -588,6 +661,71 @@ impl Tail {
         session.batch = records;
         self.flush(broker, session)
     }
+}
+
+/// Writes in the order given, with each run of consecutive [`Settle::Delivered`] made one:
+/// their ids together and the last position among them.
+fn coalesce(queued: Vec<Settle>) -> Vec<Settle> {
+    let mut out: Vec<Settle> = Vec::with_capacity(queued.len());
+    for settle in queued {
+        match (out.last_mut(), settle) {
+            (
+                Some(Settle::Delivered { ids, commit }),
+                Settle::Delivered {
+                    ids: more,
+                    commit: later,
+                },
+            ) => {
+                ids.extend(more);
+                if later.is_some() {
+                    *commit = later;
+                }
+            }
+            (_, settle) => out.push(settle),
+        }
+    }
+    out
+}
+
+/// Marks `ids` delivered, by primary key only (the lock's connection reads in READ
+/// COMMITTED: the rows of transactions still open, writers' new rows, are neither scanned
+/// nor waited for).
+fn mark(lock: &mut Conn, table: &str, ids: &[u64]) -> Result<()> {
+    for chunk in ids.chunks(MARK_CHUNK) {
+        lock.exec_drop(
+            format!(
+                "UPDATE `{table}` FORCE INDEX (PRIMARY) SET state = 1, processed_on = UTC_TIMESTAMP(6), \
+                 last_attempted_on = UTC_TIMESTAMP(6), number_of_attempts = number_of_attempts + 1 \
+                 WHERE state = 0 AND locked_by = 0 AND id IN ({})",
+                placeholders(chunk.len())
+            ),
+            chunk.to_vec(),
+        )?;
+    }
+    Ok(())
+}
+
+/// Writes failed attempts: the count, the error, and dead at `max_attempts`.
+fn record_failures(
+    lock: &mut Conn,
+    table: &str,
+    failures: &[(Record, String, bool)],
+) -> Result<()> {
+    let mut tx = lock.start_transaction(TxOpts::default())?;
+    for (record, error, dead) in failures {
+        let state = if *dead { 2 } else { 0 };
+        tx.exec_drop(
+            format!(
+                "UPDATE `{table}` SET number_of_attempts = ?, error = ?, \
+                 last_attempted_on = UTC_TIMESTAMP(6), state = ?, \
+                 processed_on = IF(? = 2, UTC_TIMESTAMP(6), processed_on) \
+                 WHERE id = ? AND state = 0 AND locked_by = 0"
+            ),
+            (record.attempts, truncate(error), state, state, record.id),
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
 }
 
 /// The keys of the table's dead rows.
@@ -619,4 +757,60 @@ fn settled_high(conn: &mut Conn, table: &str) -> Result<u64> {
 fn max_id(conn: &mut Conn, table: &str) -> Result<u64> {
     let id: Option<Option<u64>> = conn.query_first(format!("SELECT MAX(id) FROM `{table}`"))?;
     Ok(id.flatten().unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivered(ids: &[u64], at: Option<u64>) -> Settle {
+        Settle::Delivered {
+            ids: ids.to_vec(),
+            commit: at.map(|offset| {
+                (
+                    Position {
+                        file: "b.000001".into(),
+                        offset,
+                    },
+                    None,
+                )
+            }),
+        }
+    }
+
+    #[test]
+    fn consecutive_marks_become_one_with_the_last_position_and_other_writes_keep_their_place() {
+        let position = |offset| Position {
+            file: "b.000001".into(),
+            offset,
+        };
+        let queued = vec![
+            delivered(&[1, 2], Some(10)),
+            delivered(&[3], None),
+            Settle::Position(position(20), None),
+            delivered(&[4], Some(30)),
+            delivered(&[5], Some(40)),
+        ];
+        let out = coalesce(queued);
+        assert_eq!(out.len(), 3);
+        match &out[0] {
+            Settle::Delivered { ids, commit } => {
+                assert_eq!(ids, &[1, 2, 3]);
+                assert_eq!(
+                    commit.as_ref().map(|c| c.0.offset),
+                    Some(10),
+                    "a run without a later position keeps its own"
+                );
+            }
+            _ => panic!("marks first"),
+        }
+        assert!(matches!(&out[1], Settle::Position(p, _) if p.offset == 20));
+        match &out[2] {
+            Settle::Delivered { ids, commit } => {
+                assert_eq!(ids, &[4, 5]);
+                assert_eq!(commit.as_ref().map(|c| c.0.offset), Some(40));
+            }
+            _ => panic!("marks last"),
+        }
+    }
 }
