@@ -321,7 +321,10 @@ fn a_standby_takes_over_when_the_active_relay_dies() {
         ) == 60),
         "the standby publishes once the active relay is gone"
     );
-    assert_eq!(saved_by(), standby.owner(), "the standby took over");
+    assert!(
+        wait_for(Duration::from_secs(10), || saved_by() == standby.owner()),
+        "the standby took over and saves the position"
+    );
     let got = consume(&topic, 60, Duration::from_secs(30), Duration::from_secs(2));
     let read: HashSet<String> = got.iter().map(Consumed::message_id).collect();
     assert_eq!(read, ids.into_iter().collect::<HashSet<_>>());

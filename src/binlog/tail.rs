@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use crossbeam_channel::{after, bounded, select, Receiver, TryRecvError};
+use crossbeam_channel::{after, bounded, select, Receiver, RecvTimeoutError, TryRecvError};
 use mysql::prelude::Queryable;
 use mysql::{Conn, OptsBuilder, TxOpts};
 
@@ -254,16 +254,30 @@ impl Tail {
 
     /// Writes what the tail sends, in order, on the lock's connection: a relay that lost
     /// the lock lost that connection, and writes nothing more. Batches that queued up
-    /// while the last write ran are marked together. The position after them is saved
-    /// once the settler has caught up, or at least every [`POSITION_INTERVAL`] while it
-    /// has not: rows marked past a saved position are looked up, not sent again, by the
-    /// next session (see [`settled_high`]). A write that fails is tried again a few times
+    /// while the last write ran are marked together. The position after them is saved at
+    /// most every [`POSITION_INTERVAL`], and once nothing came for that long: rows marked
+    /// past a saved position are looked up, not sent again, by the next session (see
+    /// [`settled_high`]). A write that fails is tried again a few times
     /// (a lock wait, a deadlock); then the session ends.
     fn settle(&self, mut lock: Conn, settles: Receiver<Settle>) -> Result<()> {
         let table = self.store.table();
         let mut unsaved: Option<(Position, Option<String>)> = None;
         let mut saved = Instant::now();
-        while let Ok(first) = settles.recv() {
+        loop {
+            let first = match settles.recv_timeout(POSITION_INTERVAL) {
+                Ok(first) => first,
+                Err(RecvTimeoutError::Timeout) => {
+                    // Quiet: the position the last marks reached.
+                    if let Some((at, gtid)) = unsaved.take() {
+                        self.write(|| {
+                            position::save(&mut lock, table, &at, gtid.as_deref(), &self.owner)
+                        })?;
+                        saved = Instant::now();
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
             let mut queued = vec![first];
             queued.extend(settles.try_iter().take(SETTLE_QUEUE));
             for settle in coalesce(queued) {
@@ -281,7 +295,7 @@ impl Tail {
                     Settle::Position(at, gtid) => unsaved = Some((at, gtid)),
                 }
             }
-            if settles.is_empty() || saved.elapsed() >= POSITION_INTERVAL {
+            if saved.elapsed() >= POSITION_INTERVAL {
                 if let Some((at, gtid)) = unsaved.take() {
                     self.write(|| {
                         position::save(&mut lock, table, &at, gtid.as_deref(), &self.owner)
@@ -694,8 +708,8 @@ fn mark(lock: &mut Conn, table: &str, ids: &[u64]) -> Result<()> {
     for chunk in ids.chunks(MARK_CHUNK) {
         lock.exec_drop(
             format!(
-                "UPDATE `{table}` FORCE INDEX (PRIMARY) SET state = 1, processed_on = UTC_TIMESTAMP(6), \
-                 last_attempted_on = UTC_TIMESTAMP(6), number_of_attempts = number_of_attempts + 1 \
+                "UPDATE `{table}` FORCE INDEX (PRIMARY) SET state = 1, \
+                 processed_on = UTC_TIMESTAMP(6), last_attempted_on = UTC_TIMESTAMP(6), number_of_attempts = number_of_attempts + 1 \
                  WHERE state = 0 AND locked_by = 0 AND id IN ({})",
                 placeholders(chunk.len())
             ),
