@@ -63,6 +63,12 @@
 //! Every time the outbox writes or compares is the database's clock in UTC, whatever the
 //! `time_zone` of the sessions that add messages or run dispatchers.
 //!
+//! # Without polling
+//!
+//! [`binlog::BinlogRelay`] publishes from the server's binary log instead of polling the
+//! table: each message the moment its transaction commits, and no query while nothing
+//! does. It needs the binary log on, in ROW format, and replication privileges.
+//!
 //! # Operating
 //!
 //! [`admin::Admin`] tells how far behind the outbox is, lists dead messages and replays or
