@@ -27,7 +27,7 @@
 //!   one, which the relay sees in the binary log).
 //!
 //! ```no_run
-//! # fn main() -> outbox::Result<()> {
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use outbox::binlog::{BinlogRelay, BinlogSettings};
 //! use outbox::{DispatcherSettings, KafkaBroker};
 //!
