@@ -1133,7 +1133,11 @@ impl Bench {
             .env("OUTBOX_KAFKA_BROKERS", &self.brokers)
             .env("OUTBOX_TABLE", table)
             .env("OUTBOX_SOURCE", source.name())
-            .env("RUST_LOG", "warn")
+            // BENCH_RELAY_LOG: the relays' own log filter, to see where their time goes.
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_RELAY_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
             .spawn()

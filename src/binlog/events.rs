@@ -318,6 +318,12 @@ impl<'s> Decoder<'s> {
                     record: record(after, columns)?,
                     replayed: now == Some(PENDING),
                 });
+            } else if was != Some(DEAD) {
+                // A rows event holds the rows of one statement, and a statement that
+                // revives dead rows (`outbox replay`, `outbox discard`, the admin API)
+                // touches dead rows only: an event that starts with any other row (most
+                // often the relay's own marks coming back) is not decoded further.
+                break;
             }
         }
         Ok(())
