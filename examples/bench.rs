@@ -33,7 +33,8 @@
 //!   1,000 messages/s with no wake-up; a backlog of `BENCH_BACKLOG` messages committed while
 //!   the relay was stopped, drained, with the server's work per message (`SHOW GLOBAL
 //!   STATUS` deltas); statements while nothing is committed for 10 s. The polling drain
-//!   runs on the machine's server too, to compare the two servers.
+//!   runs on the machine's server too, to compare the two servers. `BENCH_RELAY_LOG` sets
+//!   the relay processes' log filter (`outbox::binlog=debug` shows each batch's timings).
 //!
 //! `BENCH_ONLY=drain,latency` runs only the sections named (add, drain, latency, memory,
 //! metrics, status, web, binlog).

@@ -816,3 +816,49 @@ fn a_transaction_of_100_000_messages_goes_through_in_bounded_memory() {
     relay.kill().unwrap();
     relay.wait().unwrap();
 }
+
+#[test]
+fn a_position_saved_on_another_server_is_not_resumed_but_caught_up() {
+    let db = binlog_database();
+    let url = db.url();
+    let (pool, store, table) = outbox_table(&url, "binlog_failover");
+    let topic = unique("binlog_failover");
+    let mut relay = start_relay(&url, &table, "binlog-before").unwrap();
+    wait_until_following(&pool, &table);
+    relay.stop().unwrap();
+    // As after a failover: the position names a file and offset of another server, which
+    // may well exist here with other contents.
+    let mut conn = pool.get_conn().unwrap();
+    conn.exec_drop(
+        format!(
+            "UPDATE `{POSITION_TABLE}` SET server_id = 999, position = 4 WHERE outbox_table = ?"
+        ),
+        (&table,),
+    )
+    .unwrap();
+    let ids = commit(&pool, &store, &keyed(&topic, 0, 30));
+
+    let mut relay = start_relay(&url, &table, "binlog-after").unwrap();
+    let server_id: u32 = conn.query_first("SELECT @@server_id").unwrap().unwrap();
+    assert!(
+        wait_for(Duration::from_secs(30), || {
+            conn.exec_first::<u32, _, _>(
+                format!("SELECT server_id FROM `{POSITION_TABLE}` WHERE outbox_table = ?"),
+                (&table,),
+            )
+            .unwrap()
+                == Some(server_id)
+        }),
+        "the relay caught up and saved a position of this server"
+    );
+    assert!(wait_for(Duration::from_secs(30), || count(
+        &pool,
+        &table,
+        "state = 1"
+    ) == 30));
+    let got = consume(&topic, 30, Duration::from_secs(30), Duration::from_secs(1));
+    let read: HashSet<String> = got.iter().map(Consumed::message_id).collect();
+    assert_eq!(read, ids.into_iter().collect::<HashSet<_>>());
+    assert_eq!(got.len(), 30, "each once");
+    relay.stop().unwrap();
+}

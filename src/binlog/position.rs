@@ -29,16 +29,17 @@ pub(crate) fn migrate(conn: &mut impl Queryable) -> Result<()> {
     Ok(conn.query_drop(SCHEMA)?)
 }
 
-/// The position saved for `table`, if any.
-pub(crate) fn load(conn: &mut impl Queryable, table: &str) -> Result<Option<Position>> {
-    let row: Option<(String, u64)> = conn.exec_first(
-        format!("SELECT file, position FROM `{POSITION_TABLE}` WHERE outbox_table = ?"),
+/// The position saved for `table`, if any, and the server id of the server it is on.
+pub(crate) fn load(conn: &mut impl Queryable, table: &str) -> Result<Option<(Position, u32)>> {
+    let row: Option<(String, u64, u32)> = conn.exec_first(
+        format!("SELECT file, position, server_id FROM `{POSITION_TABLE}` WHERE outbox_table = ?"),
         (table,),
     )?;
-    Ok(row.map(|(file, offset)| Position { file, offset }))
+    Ok(row.map(|(file, offset, server)| (Position { file, offset }, server)))
 }
 
-/// Saves `at` as `table`'s position, by `relay`, with the last transaction's GTID.
+/// Saves `at` as `table`'s position on this server (`@@server_id`), by `relay`, with the
+/// last transaction's GTID.
 pub(crate) fn save(
     conn: &mut impl Queryable,
     table: &str,
@@ -48,9 +49,10 @@ pub(crate) fn save(
 ) -> Result<()> {
     conn.exec_drop(
         format!(
-            "INSERT INTO `{POSITION_TABLE}` (outbox_table, file, position, gtid, relay, saved_on) \
-             VALUES (?, ?, ?, ?, ?, UTC_TIMESTAMP(6)) ON DUPLICATE KEY UPDATE file = VALUES(file), \
-             position = VALUES(position), gtid = VALUES(gtid), relay = VALUES(relay), \
+            "INSERT INTO `{POSITION_TABLE}` (outbox_table, file, position, server_id, gtid, relay, \
+             saved_on) VALUES (?, ?, ?, @@server_id, ?, ?, UTC_TIMESTAMP(6)) \
+             ON DUPLICATE KEY UPDATE file = VALUES(file), position = VALUES(position), \
+             server_id = VALUES(server_id), gtid = VALUES(gtid), relay = VALUES(relay), \
              saved_on = VALUES(saved_on)"
         ),
         (table, &at.file, at.offset, gtid, relay),

@@ -13,6 +13,8 @@ pub(crate) struct Server {
     pub mariadb: bool,
     /// The database the outbox table is in.
     pub database: String,
+    /// The server's `server_id`, which a saved position belongs to.
+    pub server_id: u32,
 }
 
 /// Checks every setting and privilege a binlog reader needs; [`Error::Config`] naming the
@@ -27,8 +29,16 @@ pub(crate) fn check(conn: &mut impl Queryable) -> Result<Server> {
         )
     })?;
     let mariadb = version.contains("MariaDB");
-    let (log_bin, format, image): (Option<String>, Option<String>, Option<String>) = conn
-        .query_first("SELECT @@GLOBAL.log_bin, @@GLOBAL.binlog_format, @@GLOBAL.binlog_row_image")?
+    let (log_bin, format, image, server_id): (
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<u32>,
+    ) = conn
+        .query_first(
+            "SELECT @@GLOBAL.log_bin, @@GLOBAL.binlog_format, @@GLOBAL.binlog_row_image, \
+             @@GLOBAL.server_id",
+        )?
         .unwrap_or_default();
     if !matches!(log_bin.as_deref(), Some("1" | "ON")) {
         return Err(Error::config(
@@ -70,7 +80,11 @@ pub(crate) fn check(conn: &mut impl Queryable) -> Result<Server> {
         }
     }
     check_grants(conn)?;
-    Ok(Server { mariadb, database })
+    Ok(Server {
+        mariadb,
+        database,
+        server_id: server_id.unwrap_or(0),
+    })
 }
 
 /// REPLICATION SLAVE (to read the binlog) and REPLICATION CLIENT (to ask where it

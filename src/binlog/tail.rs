@@ -170,14 +170,20 @@ impl Tail {
         let saved = position::load(&mut lock, &table)?;
         let files = server::files(&mut lock)?;
         let start = match saved {
-            Some(at) if files.contains(&at.file) => {
+            Some((at, server)) if server == self.server.server_id && files.contains(&at.file) => {
                 log::info!("binlog relay {} resumes at {at}", self.owner);
                 let high = settled_high(&mut lock, &table)?;
                 (at, high)
             }
             other => {
                 match other {
-                    Some(at) => log::warn!(
+                    Some((at, server)) if server != self.server.server_id => log::warn!(
+                        "binlog relay {}: the saved position {at} is on server {server}, not on \
+                         this one ({}): after a failover; catching up from the table",
+                        self.owner,
+                        self.server.server_id
+                    ),
+                    Some((at, _)) => log::warn!(
                         "binlog relay {}: the saved position {at} is no longer on the server \
                          (purged); catching up from the table",
                         self.owner
