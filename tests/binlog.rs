@@ -28,6 +28,31 @@ fn binlog_database() -> PrivateDatabase {
     db
 }
 
+/// A private binlog server with a fresh outbox table and a topic of the test's own.
+struct Fixture {
+    /// The server, which stops when dropped.
+    db: PrivateDatabase,
+    url: String,
+    pool: mysql::Pool,
+    store: MySqlStore,
+    table: String,
+    topic: String,
+}
+
+fn fixture(prefix: &str) -> Fixture {
+    let db = binlog_database();
+    let url = db.url();
+    let (pool, store, table) = outbox_table(&url, prefix);
+    Fixture {
+        db,
+        url,
+        pool,
+        store,
+        table,
+        topic: unique(prefix),
+    }
+}
+
 /// A fresh outbox table on `url`'s server.
 fn outbox_table(url: &str, prefix: &str) -> (mysql::Pool, MySqlStore, String) {
     let pool = mysql::Pool::new(url).unwrap();
@@ -73,6 +98,20 @@ fn wait_until_following(pool: &mysql::Pool, table: &str) {
         ) == 1),
         "the relay follows the binary log"
     );
+}
+
+/// Waits up to a minute until `n` rows of `table` are delivered; whether they were.
+fn delivered(pool: &mysql::Pool, table: &str, n: u64) -> bool {
+    wait_for(Duration::from_secs(60), || {
+        count(pool, table, "state = 1") == n
+    })
+}
+
+/// The payloads read, as text.
+fn payloads(got: &[Consumed]) -> Vec<String> {
+    got.iter()
+        .map(|c| String::from_utf8_lossy(&c.payload).into_owned())
+        .collect()
 }
 
 fn count(pool: &mysql::Pool, table: &str, condition: &str) -> u64 {
@@ -130,17 +169,21 @@ fn write_concurrently(
 #[test]
 fn every_committed_message_is_published_in_key_order_and_none_rolled_back() {
     const KEYS: usize = 20;
-    let db = binlog_database();
-    let url = db.url();
-    let (pool, store, table) = outbox_table(&url, "binlog");
-    let topic = unique("binlog");
-    let aggregates = Arc::new(Aggregates::new(&pool, KEYS));
-    let mut relay = start_relay(&url, &table, "binlog-order").unwrap();
-    wait_until_following(&pool, &table);
+    let f = fixture("binlog");
+    let (url, pool, store, table, topic) = (
+        f.url.as_str(),
+        &f.pool,
+        &f.store,
+        f.table.as_str(),
+        f.topic.as_str(),
+    );
+    let aggregates = Arc::new(Aggregates::new(pool, KEYS));
+    let mut relay = start_relay(url, table, "binlog-order").unwrap();
+    wait_until_following(pool, table);
 
-    let committed = write_concurrently(&pool, &store, &aggregates, &topic, 4, KEYS, 15);
+    let committed = write_concurrently(pool, store, &aggregates, topic, 4, KEYS, 15);
     let got = consume(
-        &topic,
+        topic,
         committed.len(),
         Duration::from_secs(60),
         Duration::from_secs(2),
@@ -151,13 +194,10 @@ fn every_committed_message_is_published_in_key_order_and_none_rolled_back() {
         "exactly the committed messages, none rolled back"
     );
     assert_eq!(got.len(), committed.len(), "each once");
-    assert_commit_order(&versions_read(&got), &aggregates.versions(&pool), false);
+    assert_commit_order(&versions_read(&got), &aggregates.versions(pool), false);
     assert!(
-        wait_for(Duration::from_secs(10), || count(
-            &pool,
-            &table,
-            "state = 0"
-        ) == 0),
+        wait_for(Duration::from_secs(10), || count(pool, table, "state = 0")
+            == 0),
         "every row published is marked delivered"
     );
     let saved: Option<(String, u64)> = pool
@@ -181,36 +221,37 @@ fn every_committed_message_is_published_in_key_order_and_none_rolled_back() {
 #[test]
 fn a_relay_killed_mid_stream_resumes_from_its_position_and_loses_nothing() {
     const KEYS: usize = 10;
-    let db = binlog_database();
-    let url = db.url();
-    let (pool, store, table) = outbox_table(&url, "binlog_kill");
-    let topic = unique("binlog_kill");
-    let aggregates = Arc::new(Aggregates::new(&pool, KEYS));
+    let f = fixture("binlog_kill");
+    let (url, pool, store, table, topic) = (
+        f.url.as_str(),
+        &f.pool,
+        &f.store,
+        f.table.as_str(),
+        f.topic.as_str(),
+    );
+    let aggregates = Arc::new(Aggregates::new(pool, KEYS));
 
-    let (mut first, _) = relay_process(&url, &table, "binlog-killed");
-    wait_until_following(&pool, &table);
+    let (mut first, _) = relay_process(url, table, "binlog-killed");
+    wait_until_following(pool, table);
     let writing = {
         let (pool, store, aggregates, topic) = (
             pool.clone(),
             store.clone(),
             aggregates.clone(),
-            topic.clone(),
+            topic.to_string(),
         );
         std::thread::spawn(move || {
             write_concurrently(&pool, &store, &aggregates, &topic, 2, KEYS, 60)
         })
     };
     assert!(
-        wait_for(Duration::from_secs(30), || count(
-            &pool,
-            &table,
-            "state = 1"
-        ) >= 50),
+        wait_for(Duration::from_secs(30), || count(pool, table, "state = 1")
+            >= 50),
         "the first relay publishes"
     );
     first.kill().unwrap();
     first.wait().unwrap();
-    let delivered_at_kill = count(&pool, &table, "state = 1");
+    let delivered_at_kill = count(pool, table, "state = 1");
     let saved_at_kill: Option<(String, u64)> = pool
         .get_conn()
         .unwrap()
@@ -219,11 +260,11 @@ fn a_relay_killed_mid_stream_resumes_from_its_position_and_loses_nothing() {
             (&table,),
         )
         .unwrap();
-    let (mut second, _) = relay_process(&url, &table, "binlog-restarted");
+    let (mut second, _) = relay_process(url, table, "binlog-restarted");
     let committed = writing.join().unwrap();
 
     let got = consume(
-        &topic,
+        topic,
         committed.len(),
         Duration::from_secs(60),
         Duration::from_secs(3),
@@ -240,19 +281,19 @@ fn a_relay_killed_mid_stream_resumes_from_its_position_and_loses_nothing() {
         committed.len(),
         "nothing but committed messages"
     );
-    assert_commit_order(&versions_read(&got), &aggregates.versions(&pool), true);
+    assert_commit_order(&versions_read(&got), &aggregates.versions(pool), true);
     assert!(
         (delivered_at_kill as usize) < committed.len(),
         "the relay was killed mid-stream ({delivered_at_kill} of {})",
         committed.len()
     );
     assert!(wait_for(Duration::from_secs(10), || count(
-        &pool,
-        &table,
+        pool,
+        table,
         "state = 0"
     ) == 0));
     assert_eq!(
-        count(&pool, &table, "locked_by <> 0"),
+        count(pool, table, "locked_by <> 0"),
         0,
         "the restarted relay resumed from the binary log, without claiming"
     );
@@ -263,15 +304,19 @@ fn a_relay_killed_mid_stream_resumes_from_its_position_and_loses_nothing() {
 
 #[test]
 fn a_standby_takes_over_when_the_active_relay_dies() {
-    let db = binlog_database();
-    let url = db.url();
-    let (pool, store, table) = outbox_table(&url, "binlog_standby");
-    let topic = unique("binlog_standby");
-    let outbox = Outbox::new(&store);
+    let f = fixture("binlog_standby");
+    let (url, pool, store, table, topic) = (
+        f.url.as_str(),
+        &f.pool,
+        &f.store,
+        f.table.as_str(),
+        f.topic.as_str(),
+    );
+    let outbox = Outbox::new(store);
     let add = |n: usize, from: usize| -> Vec<String> {
         let mut tx = pool.start_transaction(mysql::TxOpts::default()).unwrap();
         let messages: Vec<_> = (from..from + n)
-            .map(|i| outbox::Message::new(&topic, format!("m{i}")).with_key(format!("k{}", i % 3)))
+            .map(|i| outbox::Message::new(topic, format!("m{i}")).with_key(format!("k{}", i % 3)))
             .collect();
         let ids = outbox.add_all(&mut tx, &messages).unwrap();
         tx.commit().unwrap();
@@ -289,22 +334,14 @@ fn a_standby_takes_over_when_the_active_relay_dies() {
             .unwrap_or_default()
     };
 
-    let (mut active, active_owner) = relay_process(&url, &table, "binlog-active");
+    let (mut active, active_owner) = relay_process(url, table, "binlog-active");
     let mut ids = add(20, 0);
-    assert!(wait_for(Duration::from_secs(30), || count(
-        &pool,
-        &table,
-        "state = 1"
-    ) == 20));
-    let mut standby = start_relay(&url, &table, "binlog-standby").unwrap();
+    assert!(delivered(pool, table, 20));
+    let mut standby = start_relay(url, table, "binlog-standby").unwrap();
     // Several of the standby's lock waits.
     std::thread::sleep(Duration::from_secs(3));
     ids.extend(add(20, 20));
-    assert!(wait_for(Duration::from_secs(30), || count(
-        &pool,
-        &table,
-        "state = 1"
-    ) == 40));
+    assert!(delivered(pool, table, 40));
     assert_eq!(
         saved_by(),
         active_owner,
@@ -314,18 +351,14 @@ fn a_standby_takes_over_when_the_active_relay_dies() {
     active.wait().unwrap();
     ids.extend(add(20, 40));
     assert!(
-        wait_for(Duration::from_secs(30), || count(
-            &pool,
-            &table,
-            "state = 1"
-        ) == 60),
+        delivered(pool, table, 60),
         "the standby publishes once the active relay is gone"
     );
     assert!(
         wait_for(Duration::from_secs(10), || saved_by() == standby.owner()),
         "the standby took over and saves the position"
     );
-    let got = consume(&topic, 60, Duration::from_secs(30), Duration::from_secs(2));
+    let got = consume(topic, 60, Duration::from_secs(30), Duration::from_secs(2));
     let read: HashSet<String> = got.iter().map(Consumed::message_id).collect();
     assert_eq!(read, ids.into_iter().collect::<HashSet<_>>());
     assert_eq!(
@@ -338,11 +371,15 @@ fn a_standby_takes_over_when_the_active_relay_dies() {
 
 #[test]
 fn a_rotated_then_purged_binary_log_is_caught_up_from_the_table() {
-    let db = binlog_database();
-    let url = db.url();
-    let (pool, store, table) = outbox_table(&url, "binlog_purge");
-    let topic = unique("binlog_purge");
-    let outbox = Outbox::new(&store);
+    let f = fixture("binlog_purge");
+    let (url, pool, store, table, topic) = (
+        f.url.as_str(),
+        &f.pool,
+        &f.store,
+        f.table.as_str(),
+        f.topic.as_str(),
+    );
+    let outbox = Outbox::new(store);
     let add = |from: usize, n: usize| -> Vec<String> {
         (from..from + n)
             .map(|i| {
@@ -350,7 +387,7 @@ fn a_rotated_then_purged_binary_log_is_caught_up_from_the_table() {
                 let id = outbox
                     .add(
                         &mut tx,
-                        &outbox::Message::new(&topic, format!("m{i}")).with_key("k"),
+                        &outbox::Message::new(topic, format!("m{i}")).with_key("k"),
                     )
                     .unwrap();
                 tx.commit().unwrap();
@@ -360,17 +397,13 @@ fn a_rotated_then_purged_binary_log_is_caught_up_from_the_table() {
     };
     let mut conn = pool.get_conn().unwrap();
 
-    let mut relay = start_relay(&url, &table, "binlog-rotate").unwrap();
-    wait_until_following(&pool, &table);
+    let mut relay = start_relay(url, table, "binlog-rotate").unwrap();
+    wait_until_following(pool, table);
     let mut ids = add(0, 10);
     conn.query_drop("FLUSH BINARY LOGS").unwrap();
     ids.extend(add(10, 10));
     assert!(
-        wait_for(Duration::from_secs(30), || count(
-            &pool,
-            &table,
-            "state = 1"
-        ) == 20),
+        delivered(pool, table, 20),
         "the relay follows the log into its next file"
     );
     relay.stop().unwrap();
@@ -386,7 +419,7 @@ fn a_rotated_then_purged_binary_log_is_caught_up_from_the_table() {
         .unwrap();
     // A file being read cannot be purged: wait for the stopped relay's reader to go.
     assert!(wait_for(Duration::from_secs(10), || count(
-        &pool,
+        pool,
         "information_schema`.`PROCESSLIST",
         "COMMAND LIKE 'Binlog Dump%'"
     ) == 0));
@@ -403,21 +436,14 @@ fn a_rotated_then_purged_binary_log_is_caught_up_from_the_table() {
         "the saved position's file is purged"
     );
 
-    let mut relay = start_relay(&url, &table, "binlog-purged").unwrap();
+    let mut relay = start_relay(url, table, "binlog-purged").unwrap();
     ids.extend(add(30, 10));
     assert!(
-        wait_for(Duration::from_secs(30), || count(
-            &pool,
-            &table,
-            "state = 1"
-        ) == 40),
+        delivered(pool, table, 40),
         "the catch-up publishes what the purged log held, and the relay follows after it"
     );
-    let got = consume(&topic, 40, Duration::from_secs(30), Duration::from_secs(2));
-    let payloads: Vec<String> = got
-        .iter()
-        .map(|c| String::from_utf8_lossy(&c.payload).into_owned())
-        .collect();
+    let got = consume(topic, 40, Duration::from_secs(30), Duration::from_secs(2));
+    let payloads: Vec<String> = payloads(&got);
     let expected: Vec<String> = (0..40).map(|i| format!("m{i}")).collect();
     assert_eq!(
         payloads, expected,
@@ -526,15 +552,19 @@ fn assert_key_order(got: &[Consumed], duplicates: bool) {
 
 #[test]
 fn the_broker_down_and_back_loses_nothing_and_keeps_key_order() {
-    let db = binlog_database();
-    let url = db.url();
-    let (pool, store, table) = outbox_table(&url, "binlog_broker");
-    let topic = unique("binlog_broker");
+    let f = fixture("binlog_broker");
+    let (url, pool, store, table, topic) = (
+        f.url.as_str(),
+        &f.pool,
+        &f.store,
+        f.table.as_str(),
+        f.topic.as_str(),
+    );
     let mut kafka = common::tansu::Tansu::on_free_port().unwrap();
     kafka.start().unwrap();
     let mut relay = BinlogRelay::new(
-        mysql::Opts::from_url(&url).unwrap(),
-        &table,
+        mysql::Opts::from_url(url).unwrap(),
+        table,
         broker_at(kafka.address()),
         fast_settings(),
         BinlogSettings::default(),
@@ -543,23 +573,19 @@ fn the_broker_down_and_back_loses_nothing_and_keeps_key_order() {
     .unwrap()
     .start()
     .unwrap();
-    wait_until_following(&pool, &table);
-    commit(&pool, &store, &keyed(&topic, 0, 100));
-    assert!(wait_for(Duration::from_secs(30), || count(
-        &pool,
-        &table,
-        "state = 1"
-    ) == 100));
+    wait_until_following(pool, table);
+    commit(pool, store, &keyed(topic, 0, 100));
+    assert!(delivered(pool, table, 100));
 
     kafka.kill();
     let mut pending: HashSet<String> = HashSet::new();
     for round in 0..10 {
-        pending.extend(commit(&pool, &store, &keyed(&topic, 100 + round * 50, 50)));
+        pending.extend(commit(pool, store, &keyed(topic, 100 + round * 50, 50)));
     }
     assert!(
         wait_for(Duration::from_secs(30), || count(
-            &pool,
-            &table,
+            pool,
+            table,
             "number_of_attempts >= 1 AND state = 0"
         ) > 0),
         "sends are tried, fail and are counted"
@@ -569,24 +595,20 @@ fn the_broker_down_and_back_loses_nothing_and_keeps_key_order() {
         "the outage is reported"
     );
     assert_eq!(
-        count(&pool, &table, "state = 1"),
+        count(pool, table, "state = 1"),
         100,
         "nothing is marked while it is down"
     );
 
     kafka.start().unwrap();
     assert!(
-        wait_for(Duration::from_secs(60), || count(
-            &pool,
-            &table,
-            "state = 1"
-        ) == 600),
+        delivered(pool, table, 600),
         "every message is delivered once the broker is back"
     );
     // The restarted broker (memory storage) holds what was committed while it was down.
     let got = consume_from(
         kafka.address(),
-        &topic,
+        topic,
         pending.len(),
         Duration::from_secs(60),
         Duration::from_secs(1),
@@ -602,10 +624,14 @@ fn the_broker_down_and_back_loses_nothing_and_keeps_key_order() {
 
 #[test]
 fn the_database_restarted_mid_stream_loses_nothing() {
-    let mut db = binlog_database();
-    let url = db.url();
-    let (pool, store, table) = outbox_table(&url, "binlog_restart");
-    let topic = unique("binlog_restart");
+    let Fixture {
+        mut db,
+        url,
+        pool,
+        store,
+        table,
+        topic,
+    } = fixture("binlog_restart");
     let settings = outbox::DispatcherSettings {
         batch_size: 20,
         ..fast_settings()
@@ -642,11 +668,7 @@ fn the_database_restarted_mid_stream_loses_nothing() {
         ids.extend(commit(&pool, &store, &keyed(&topic, round * 50, 50)));
     }
     assert!(
-        wait_for(Duration::from_secs(60), || count(
-            &pool,
-            &table,
-            "state = 1"
-        ) == 2_100),
+        delivered(&pool, &table, 2_100),
         "every message is delivered after the restart"
     );
     let got = consume(
@@ -664,18 +686,22 @@ fn the_database_restarted_mid_stream_loses_nothing() {
 
 #[test]
 fn a_dead_message_holds_its_key_until_an_operator_discards_it() {
-    let db = binlog_database();
-    let url = db.url();
-    let (pool, store, table) = outbox_table(&url, "binlog_dead");
-    let topic = unique("binlog_dead");
+    let f = fixture("binlog_dead");
+    let (url, pool, store, table, topic) = (
+        f.url.as_str(),
+        &f.pool,
+        &f.store,
+        f.table.as_str(),
+        f.topic.as_str(),
+    );
     let settings = outbox::DispatcherSettings {
         max_attempts: Some(2),
         dead_blocks_key: true,
         ..fast_settings()
     };
     let mut relay = BinlogRelay::new(
-        mysql::Opts::from_url(&url).unwrap(),
-        &table,
+        mysql::Opts::from_url(url).unwrap(),
+        table,
         small_message_broker(),
         settings,
         BinlogSettings::default(),
@@ -684,36 +710,33 @@ fn a_dead_message_holds_its_key_until_an_operator_discards_it() {
     .unwrap()
     .start()
     .unwrap();
-    wait_until_following(&pool, &table);
+    wait_until_following(pool, table);
     let big = "x".repeat(20_000);
     let messages = vec![
-        outbox::Message::new(&topic, "a:1").with_key("a"),
-        outbox::Message::new(&topic, big.as_str()).with_key("a"),
-        outbox::Message::new(&topic, "a:3").with_key("a"),
-        outbox::Message::new(&topic, "b:1").with_key("b"),
+        outbox::Message::new(topic, "a:1").with_key("a"),
+        outbox::Message::new(topic, big.as_str()).with_key("a"),
+        outbox::Message::new(topic, "a:3").with_key("a"),
+        outbox::Message::new(topic, "b:1").with_key("b"),
     ];
-    let ids = commit(&pool, &store, &messages);
+    let ids = commit(pool, store, &messages);
     commit(
-        &pool,
-        &store,
-        &[outbox::Message::new(&topic, "b:2").with_key("b")],
+        pool,
+        store,
+        &[outbox::Message::new(topic, "b:2").with_key("b")],
     );
     assert!(
-        wait_for(Duration::from_secs(30), || count(
-            &pool,
-            &table,
-            "state = 2"
-        ) == 1
-            && count(&pool, &table, "state = 1") == 3),
+        wait_for(Duration::from_secs(30), || count(pool, table, "state = 2")
+            == 1
+            && count(pool, table, "state = 1") == 3),
         "the big one dies after 2 attempts; a:1, b:1 and b:2 go"
     );
     assert_eq!(
-        count(&pool, &table, "state = 2 AND number_of_attempts = 2"),
+        count(pool, table, "state = 2 AND number_of_attempts = 2"),
         1
     );
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(
-        count(&pool, &table, "state = 0"),
+        count(pool, table, "state = 0"),
         1,
         "a:3 waits behind the dead a:2"
     );
@@ -722,26 +745,16 @@ fn a_dead_message_holds_its_key_until_an_operator_discards_it() {
     let discarded = admin
         .discard(
             &outbox::admin::DeadFilter {
-                topic: Some(topic.clone()),
+                topic: Some(topic.to_string()),
                 ..Default::default()
             },
             false,
         )
         .unwrap();
     assert_eq!(discarded.len(), 1);
-    assert!(
-        wait_for(Duration::from_secs(30), || count(
-            &pool,
-            &table,
-            "state = 1"
-        ) == 4),
-        "a:3 goes once a:2 is discarded"
-    );
-    let got = consume(&topic, 4, Duration::from_secs(30), Duration::from_secs(1));
-    let payloads: Vec<String> = got
-        .iter()
-        .map(|c| String::from_utf8_lossy(&c.payload).into_owned())
-        .collect();
+    assert!(delivered(pool, table, 4), "a:3 goes once a:2 is discarded");
+    let got = consume(topic, 4, Duration::from_secs(30), Duration::from_secs(1));
+    let payloads: Vec<String> = payloads(&got);
     let of = |key: &str| {
         payloads
             .iter()
@@ -772,26 +785,30 @@ fn peak_memory_kib(pid: u32) -> u64 {
 fn a_transaction_of_100_000_messages_goes_through_in_bounded_memory() {
     const ROWS: usize = 100_000;
     const PAYLOAD: usize = 2_000;
-    let db = binlog_database();
-    let url = db.url();
-    let (pool, store, table) = outbox_table(&url, "binlog_big");
-    let topic = unique("binlog_big");
-    let mut command = relay_command(&table, "binlog-big", "", &[]);
+    let f = fixture("binlog_big");
+    let (url, pool, store, table, topic) = (
+        f.url.as_str(),
+        &f.pool,
+        &f.store,
+        f.table.as_str(),
+        f.topic.as_str(),
+    );
+    let mut command = relay_command(table, "binlog-big", "", &[]);
     command
-        .env("OUTBOX_DATABASE_URL", &url)
+        .env("OUTBOX_DATABASE_URL", url)
         .env("OUTBOX_SOURCE", "binlog")
         .env("OUTBOX_BATCH_SIZE", "500")
         .stdin(std::process::Stdio::piped());
     let (mut relay, _) = common::start_relay(command);
-    wait_until_following(&pool, &table);
+    wait_until_following(pool, table);
 
     let payload = "p".repeat(PAYLOAD);
     let mut tx = pool.start_transaction(mysql::TxOpts::default()).unwrap();
-    let outbox = Outbox::new(&store);
+    let outbox = Outbox::new(store);
     for chunk in 0..ROWS / 1_000 {
         let messages: Vec<_> = (0..1_000)
             .map(|i| {
-                outbox::Message::new(&topic, payload.as_str())
+                outbox::Message::new(topic, payload.as_str())
                     .with_key(format!("k{}", (chunk * 1_000 + i) % 100))
             })
             .collect();
@@ -799,11 +816,8 @@ fn a_transaction_of_100_000_messages_goes_through_in_bounded_memory() {
     }
     tx.commit().unwrap();
     assert!(
-        wait_for(Duration::from_secs(300), || count(
-            &pool,
-            &table,
-            "state = 1"
-        ) == ROWS as u64),
+        wait_for(Duration::from_secs(300), || count(pool, table, "state = 1")
+            == ROWS as u64),
         "every message of the transaction is published and marked"
     );
     let peak_mib = peak_memory_kib(relay.id()) / 1024;
@@ -819,12 +833,16 @@ fn a_transaction_of_100_000_messages_goes_through_in_bounded_memory() {
 
 #[test]
 fn a_position_saved_on_another_server_is_not_resumed_but_caught_up() {
-    let db = binlog_database();
-    let url = db.url();
-    let (pool, store, table) = outbox_table(&url, "binlog_failover");
-    let topic = unique("binlog_failover");
-    let mut relay = start_relay(&url, &table, "binlog-before").unwrap();
-    wait_until_following(&pool, &table);
+    let f = fixture("binlog_failover");
+    let (url, pool, store, table, topic) = (
+        f.url.as_str(),
+        &f.pool,
+        &f.store,
+        f.table.as_str(),
+        f.topic.as_str(),
+    );
+    let mut relay = start_relay(url, table, "binlog-before").unwrap();
+    wait_until_following(pool, table);
     relay.stop().unwrap();
     // As after a failover: the position names a file and offset of another server, which
     // may well exist here with other contents.
@@ -836,9 +854,9 @@ fn a_position_saved_on_another_server_is_not_resumed_but_caught_up() {
         (&table,),
     )
     .unwrap();
-    let ids = commit(&pool, &store, &keyed(&topic, 0, 30));
+    let ids = commit(pool, store, &keyed(topic, 0, 30));
 
-    let mut relay = start_relay(&url, &table, "binlog-after").unwrap();
+    let mut relay = start_relay(url, table, "binlog-after").unwrap();
     let server_id: u32 = conn.query_first("SELECT @@server_id").unwrap().unwrap();
     assert!(
         wait_for(Duration::from_secs(30), || {
@@ -851,12 +869,8 @@ fn a_position_saved_on_another_server_is_not_resumed_but_caught_up() {
         }),
         "the relay caught up and saved a position of this server"
     );
-    assert!(wait_for(Duration::from_secs(30), || count(
-        &pool,
-        &table,
-        "state = 1"
-    ) == 30));
-    let got = consume(&topic, 30, Duration::from_secs(30), Duration::from_secs(1));
+    assert!(delivered(pool, table, 30));
+    let got = consume(topic, 30, Duration::from_secs(30), Duration::from_secs(1));
     let read: HashSet<String> = got.iter().map(Consumed::message_id).collect();
     assert_eq!(read, ids.into_iter().collect::<HashSet<_>>());
     assert_eq!(got.len(), 30, "each once");

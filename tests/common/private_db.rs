@@ -26,19 +26,29 @@ impl PrivateDatabase {
             .port();
         let dir = std::env::temp_dir().join(unique("outbox-db"));
         std::fs::create_dir_all(&dir).unwrap();
-        let status = std::process::Command::new("mariadb-install-db")
-            .args([
-                "--no-defaults",
-                "--user=root",
-                "--auth-root-authentication-method=normal",
-                "--skip-test-db",
-            ])
-            .arg(format!("--datadir={}", dir.join("data").display()))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .expect("mariadb-install-db runs (MariaDB server package)");
-        assert!(status.success(), "mariadb-install-db succeeds");
+        // Tried twice: under load a first install has been seen to fail once.
+        let install = || {
+            std::process::Command::new("mariadb-install-db")
+                .args([
+                    "--no-defaults",
+                    "--user=root",
+                    "--auth-root-authentication-method=normal",
+                    "--skip-test-db",
+                ])
+                .arg(format!("--datadir={}", dir.join("data").display()))
+                .output()
+                .expect("mariadb-install-db runs (MariaDB server package)")
+        };
+        let mut output = install();
+        if !output.status.success() {
+            let _ = std::fs::remove_dir_all(dir.join("data"));
+            output = install();
+        }
+        assert!(
+            output.status.success(),
+            "mariadb-install-db succeeds: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         PrivateDatabase {
             dir,
             port,
