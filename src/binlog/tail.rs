@@ -23,7 +23,7 @@ use crate::metrics::Meter;
 use crate::record::Record;
 use crate::settings::DispatcherSettings;
 use crate::store::codec::{decode_record, RECORD_COLUMNS};
-use crate::store::mysql::{placeholders, truncate};
+use crate::store::mysql::{padded, placeholders, truncate};
 use crate::store::MySqlStore;
 
 /// How long a position reached only through other tables' transactions waits before it
@@ -34,7 +34,7 @@ const SESSION_RETRY_MAX: Duration = Duration::from_secs(5);
 /// Longest a position waits to be saved while the settler is busy marking.
 const POSITION_INTERVAL: Duration = Duration::from_secs(1);
 /// Most ids in one marking statement.
-const MARK_CHUNK: usize = 1_000;
+const MARK_CHUNK: usize = crate::store::mysql::MAX_ID_LIST;
 
 /// A topic and key whose later messages wait behind a dead one (`dead_blocks_key`).
 type Key = (String, Vec<u8>);
@@ -484,9 +484,9 @@ impl Tail {
                 .exec::<u64, _, _>(
                     format!(
                         "SELECT id FROM `{table}` WHERE state = 0 AND id IN ({})",
-                        placeholders(ids.len())
+                        placeholders(padded(&ids).len())
                     ),
-                    ids,
+                    padded(&ids),
                 )?
                 .into_iter()
                 .collect();
@@ -711,15 +711,17 @@ fn coalesce(queued: Vec<Settle>) -> Vec<Settle> {
 /// COMMITTED: the rows of transactions still open, writers' new rows, are neither scanned
 /// nor waited for).
 fn mark(lock: &mut Conn, table: &str, ids: &[u64]) -> Result<()> {
+    // Padded to a few lengths, so that the connection reuses its prepared statements.
     for chunk in ids.chunks(MARK_CHUNK) {
+        let params = padded(chunk);
         lock.exec_drop(
             format!(
                 "UPDATE `{table}` FORCE INDEX (PRIMARY) SET state = 1, \
                  processed_on = UTC_TIMESTAMP(6), last_attempted_on = UTC_TIMESTAMP(6), number_of_attempts = number_of_attempts + 1 \
                  WHERE state = 0 AND locked_by = 0 AND id IN ({})",
-                placeholders(chunk.len())
+                placeholders(params.len())
             ),
-            chunk.to_vec(),
+            params,
         )?;
     }
     Ok(())
