@@ -87,7 +87,8 @@ impl Columns {
 }
 
 /// What the reader needs to know to open the stream and pick the outbox table's rows.
-#[derive(Debug, Clone)]
+/// Not `Debug`: its connection options hold the database password.
+#[derive(Clone)]
 pub(crate) struct Source {
     pub opts: Opts,
     pub server_id: u32,

@@ -471,11 +471,13 @@ impl Tail {
         }
         let mut records = std::mem::take(&mut session.batch);
         if records.iter().any(|r| r.id <= session.verify_below) {
-            let ids: Vec<u64> = records
+            let below: Vec<u64> = records
                 .iter()
                 .filter(|r| r.id <= session.verify_below)
                 .map(|r| r.id)
                 .collect();
+            // Padded to a few lengths, so that the connection reuses its prepared statements.
+            let ids = padded(&below);
             // Reads need no lock: any connection of the pool.
             let pending: HashSet<u64> = self
                 .store
@@ -484,9 +486,9 @@ impl Tail {
                 .exec::<u64, _, _>(
                     format!(
                         "SELECT id FROM `{table}` WHERE state = 0 AND id IN ({})",
-                        placeholders(padded(&ids).len())
+                        placeholders(ids.len())
                     ),
-                    padded(&ids),
+                    ids,
                 )?
                 .into_iter()
                 .collect();
