@@ -707,6 +707,50 @@ impl Bench {
         Ok(rate)
     }
 
+    /// Commits `rate` single-message transactions per second for `duration`, from 4 writer
+    /// threads (enough to offer the rate even when one commit is slow); `committed` is told
+    /// each message id as its commit returns.
+    fn paced_writes(
+        &self,
+        outbox: &Outbox,
+        topic: &str,
+        rate: u32,
+        duration: Duration,
+        committed: impl Fn(outbox::uuid::Uuid) + Send + Sync + 'static,
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let writers = 4u32;
+        let per_writer = rate / writers;
+        let committed = Arc::new(committed);
+        let threads: Vec<_> = (0..writers)
+            .map(|w| {
+                let (pool, outbox, topic, committed) = (
+                    self.pool.clone(),
+                    outbox.clone(),
+                    topic.to_string(),
+                    committed.clone(),
+                );
+                std::thread::spawn(move || -> Result<(), outbox::Error> {
+                    let ticks = crossbeam_channel::tick(Duration::from_secs(1) / per_writer);
+                    let end = Instant::now() + duration;
+                    let mut i = w as usize;
+                    while Instant::now() < end {
+                        let _ = ticks.recv();
+                        let mut tx = pool.start_transaction(TxOpts::default())?;
+                        let id = outbox.add(&mut tx, &sample_message(&topic, i, KEYS))?;
+                        tx.commit()?;
+                        committed(id);
+                        i += writers as usize;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().map_err(|_| "writer panicked")??;
+        }
+        Ok(())
+    }
+
     /// Commits `rate` single-message transactions per second for `duration` and returns,
     /// in milliseconds, the time from each commit to the broker's acknowledgement.
     fn latency(
@@ -732,41 +776,14 @@ impl Bench {
         .start()?;
         let waker = handle.waker();
 
-        // Writers: enough threads to offer the rate even when one commit is slow.
-        let writers = 4u32;
-        let per_writer = rate / writers;
         let committed = Arc::new(Mutex::new(HashMap::new()));
-        let threads: Vec<_> = (0..writers)
-            .map(|w| {
-                let (pool, outbox, topic, committed, waker) = (
-                    self.pool.clone(),
-                    outbox.clone(),
-                    topic.clone(),
-                    committed.clone(),
-                    waker.clone(),
-                );
-                std::thread::spawn(move || -> Result<(), outbox::Error> {
-                    let ticks = crossbeam_channel::tick(Duration::from_secs(1) / per_writer);
-                    let end = Instant::now() + duration;
-                    let mut i = w as usize;
-                    while Instant::now() < end {
-                        let _ = ticks.recv();
-                        let mut tx = pool.start_transaction(TxOpts::default())?;
-                        let id = outbox.add(&mut tx, &sample_message(&topic, i, KEYS))?;
-                        tx.commit()?;
-                        committed.lock().insert(id, Instant::now());
-                        if wake {
-                            waker.wake();
-                        }
-                        i += writers as usize;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().map_err(|_| "writer panicked")??;
-        }
+        let stamps = committed.clone();
+        self.paced_writes(&outbox, &topic, rate, duration, move |id| {
+            stamps.lock().insert(id, Instant::now());
+            if wake {
+                waker.wake();
+            }
+        })?;
         let total = committed.lock().len();
         let deadline = Instant::now() + Duration::from_secs(60);
         while acked.lock().len() < total && Instant::now() < deadline {
@@ -1251,36 +1268,11 @@ impl Bench {
         if source == Source::Binlog {
             self.following(store.table())?;
         }
-        let writers = 4u32;
-        let per_writer = rate / writers;
         let committed = Arc::new(Mutex::new(HashMap::new()));
-        let threads: Vec<_> = (0..writers)
-            .map(|w| {
-                let (pool, outbox, topic, committed) = (
-                    self.pool.clone(),
-                    Outbox::new(&store),
-                    topic.clone(),
-                    committed.clone(),
-                );
-                std::thread::spawn(move || -> Result<(), outbox::Error> {
-                    let ticks = crossbeam_channel::tick(Duration::from_secs(1) / per_writer);
-                    let end = Instant::now() + duration;
-                    let mut i = w as usize;
-                    while Instant::now() < end {
-                        let _ = ticks.recv();
-                        let mut tx = pool.start_transaction(TxOpts::default())?;
-                        let id = outbox.add(&mut tx, &sample_message(&topic, i, KEYS))?;
-                        tx.commit()?;
-                        committed.lock().insert(id, std::time::SystemTime::now());
-                        i += writers as usize;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().map_err(|_| "writer panicked")??;
-        }
+        let stamps = committed.clone();
+        self.paced_writes(&Outbox::new(&store), &topic, rate, duration, move |id| {
+            stamps.lock().insert(id, std::time::SystemTime::now());
+        })?;
         let deadline = Instant::now() + Duration::from_secs(60);
         while self.any_pending(store.table())? && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
