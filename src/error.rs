@@ -67,6 +67,11 @@ pub enum Error {
     #[error("refused: {0}")]
     Refused(String),
 
+    /// An inbox consumer's handler failed on a record (or panicked); the record is tried
+    /// again, and goes to the dead table after `max_attempts`.
+    #[error("handler failed: {0}")]
+    Handler(#[source] Box<dyn std::error::Error + Send + Sync>),
+
     /// A dispatcher thread could not be started.
     #[error("could not start a dispatcher thread: {0}")]
     Thread(#[source] std::io::Error),
@@ -90,9 +95,7 @@ impl Error {
     /// deadlock, an unreachable broker); false for bad input and bad settings.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Database(mysql::Error::MySqlError(e)) => {
-                TRANSIENT_SERVER_ERRORS.contains(&e.code)
-            }
+            Error::Database(mysql::Error::MySqlError(e)) => is_transient_code(e.code),
             Error::Database(e) => matches!(
                 e,
                 mysql::Error::IoError(_)
@@ -102,6 +105,7 @@ impl Error {
             Error::Kafka(_)
             | Error::NotSent(_)
             | Error::Broker(_)
+            | Error::Handler(_)
             | Error::PoolExhausted { .. }
             | Error::Thread(_)
             | Error::StopTimedOut { .. }
@@ -129,6 +133,11 @@ impl Error {
 /// killed (1927), disconnected for inactivity (4031).
 const TRANSIENT_SERVER_ERRORS: [u16; 7] = [1040, 1053, 1205, 1213, 1317, 1927, 4031];
 
+/// Whether the server error `code` passes (see [`TRANSIENT_SERVER_ERRORS`]).
+pub(crate) fn is_transient_code(code: u16) -> bool {
+    TRANSIENT_SERVER_ERRORS.contains(&code)
+}
+
 /// The dispatcher's worker threads, as named in errors and thread names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -141,12 +150,15 @@ pub enum Worker {
     Settler,
     /// Releases leases older than `max_lock_duration`.
     LockChecker,
-    /// Deletes delivered (and, if set, dead) rows past their retention.
+    /// Deletes delivered (and, if set, dead) rows past their retention; for an inbox,
+    /// processed ids past theirs.
     Cleaner,
     /// Refreshes the gauges of the table's backlog, when `gauge_interval` is set.
     Gauges,
     /// Reads the server's binary log for the [`BinlogRelay`](crate::binlog::BinlogRelay).
     BinlogReader,
+    /// Handles the records of an [`InboxConsumer`](crate::inbox::InboxConsumer).
+    Consumer,
 }
 
 impl fmt::Display for Worker {
@@ -159,6 +171,7 @@ impl fmt::Display for Worker {
             Worker::Cleaner => "cleaner",
             Worker::Gauges => "gauges",
             Worker::BinlogReader => "binlog-reader",
+            Worker::Consumer => "consumer",
         })
     }
 }

@@ -107,6 +107,7 @@ pub mod binlog;
 mod broker;
 mod dispatcher;
 mod error;
+pub mod inbox;
 mod message;
 pub mod metrics;
 mod outbox;

@@ -151,7 +151,8 @@ impl<B: Broker> BinlogRelay<B> {
         let server = server::check(&mut conn)?;
         position::migrate(&mut conn)?;
         drop(conn);
-        let (mut handle, signals, _wake) = DispatcherHandle::prepare(self.owner.clone());
+        let (mut handle, signals, _wake) =
+            DispatcherHandle::prepare("binlog relay", self.owner.clone());
         log::info!("binlog relay {} starting", self.owner);
         let store = Arc::new(self.store);
         let meter = Meter::new(&self.owner);

@@ -441,7 +441,7 @@ struct Reports {
 
 /// `error` with the values of the secret properties `secrets` blotted out: librdkafka's
 /// configuration errors repeat the value they refused.
-fn redact(error: KafkaError, secrets: &[String]) -> KafkaError {
+pub(crate) fn redact(error: KafkaError, secrets: &[String]) -> KafkaError {
     match error {
         KafkaError::ClientConfig(code, description, key, value) => {
             let value = if is_secret(&key) || secrets.contains(&value) {
@@ -471,21 +471,33 @@ impl ClientContext for Reports {
     /// `enable.gapless.guarantee` (which the crate sets on purpose) is experimental goes
     /// to `debug`, not to every start's warnings.
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        let level = match level {
-            _ if fac == "CONFWARN" && log_message.contains("enable.gapless.guarantee") => {
-                log::Level::Debug
-            }
-            RDKafkaLogLevel::Emerg
-            | RDKafkaLogLevel::Alert
-            | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => log::Level::Error,
-            RDKafkaLogLevel::Warning => log::Level::Warn,
-            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => log::Level::Info,
-            RDKafkaLogLevel::Debug => log::Level::Debug,
-        };
-        let message = blot(log_message, &self.secrets);
-        log::log!(target: "librdkafka", level, "librdkafka: {fac} {message}");
+        forward_log(level, fac, log_message, &self.secrets);
     }
+}
+
+/// A librdkafka log line to `log` under the target `librdkafka`, with `secrets` blotted
+/// out; its warning that `enable.gapless.guarantee` (which the crate sets on purpose) is
+/// experimental goes to `debug`, not to every start's warnings.
+pub(crate) fn forward_log(
+    level: RDKafkaLogLevel,
+    fac: &str,
+    log_message: &str,
+    secrets: &[String],
+) {
+    let level = match level {
+        _ if fac == "CONFWARN" && log_message.contains("enable.gapless.guarantee") => {
+            log::Level::Debug
+        }
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error => log::Level::Error,
+        RDKafkaLogLevel::Warning => log::Level::Warn,
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => log::Level::Info,
+        RDKafkaLogLevel::Debug => log::Level::Debug,
+    };
+    let message = blot(log_message, secrets);
+    log::log!(target: "librdkafka", level, "librdkafka: {fac} {message}");
 }
 
 impl ProducerContext for Reports {

@@ -6,6 +6,8 @@ mod properties;
 use std::time::Duration;
 
 pub use self::kafka::KafkaBroker;
+pub(crate) use self::kafka::{forward_log, redact};
+pub(crate) use self::properties::{resolves, secret_values};
 pub use self::properties::{ALLOW_WEAK_DELIVERY, RECORD_TIMESTAMP, STRICT_KEY_ORDER};
 use crate::error::Result;
 use crate::record::Record;

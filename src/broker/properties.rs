@@ -73,6 +73,12 @@ pub(crate) fn is_secret(name: &str) -> bool {
         || name == "sasl.jaas.config"
 }
 
+/// The value of the property `name`, if it is a secret: what to blot out of librdkafka's
+/// words.
+pub(crate) fn secret_values(name: &str, value: &str) -> Option<String> {
+    (is_secret(name) && !value.is_empty()).then(|| value.to_string())
+}
+
 /// The properties a [`KafkaBroker`](super::KafkaBroker) is made with. Their `Debug`
 /// shows secret values as [`REDACTED`].
 #[derive(Clone, PartialEq, Eq)]
@@ -115,8 +121,7 @@ impl Properties {
     pub fn secrets(&self) -> Vec<String> {
         self.librdkafka
             .iter()
-            .filter(|(name, value)| is_secret(name) && !value.is_empty())
-            .map(|(_, value)| value.clone())
+            .filter_map(|(name, value)| secret_values(name, value))
             .collect()
     }
 
@@ -368,7 +373,7 @@ fn unescape(text: &str) -> Option<String> {
 }
 
 /// True when a bootstrap server (`[protocol://]host[:port]`) resolves to an address.
-fn resolves(server: &str) -> bool {
+pub(crate) fn resolves(server: &str) -> bool {
     let server = server.trim();
     let address = server.split_once("://").map_or(server, |(_, rest)| rest);
     if address.is_empty() {

@@ -122,7 +122,11 @@ pub(crate) fn run_gauges<S: Store>(
 
 /// Runs `purge` until a chunk comes back short or the stop signal comes; returns the
 /// total deleted.
-fn purge_all(signals: &Signals, chunk: usize, purge: impl Fn(usize) -> Result<u64>) -> Result<u64> {
+pub(crate) fn purge_all(
+    signals: &Signals,
+    chunk: usize,
+    mut purge: impl FnMut(usize) -> Result<u64>,
+) -> Result<u64> {
     let mut total = 0;
     loop {
         let n = purge(chunk)?;

@@ -2,7 +2,7 @@
 
 pub(crate) mod backoff;
 mod health;
-mod maintenance;
+pub(crate) mod maintenance;
 pub(crate) mod relay;
 pub(crate) mod signal;
 #[cfg(test)]
@@ -101,7 +101,8 @@ impl<S: Store, B: Broker> Dispatcher<S, B> {
             }
             checked => checked?,
         }
-        let (mut handle, signals, wake_rx) = DispatcherHandle::prepare(self.owner.clone());
+        let (mut handle, signals, wake_rx) =
+            DispatcherHandle::prepare("dispatcher", self.owner.clone());
         let store = Arc::new(self.store);
         log::info!("dispatcher {} starting", self.owner);
         let meter = Meter::new(&self.owner);
@@ -142,6 +143,8 @@ pub(crate) fn lease_owner(instance_id: &str) -> Result<String> {
 /// A running dispatcher. [`stop`](DispatcherHandle::stop) it, or drop it, to stop and
 /// join its threads.
 pub struct DispatcherHandle {
+    /// What runs, for the logs: a dispatcher, a binlog relay, an inbox consumer.
+    kind: &'static str,
     owner: String,
     stop: Option<Sender<()>>,
     wake: Sender<()>,
@@ -302,20 +305,24 @@ impl DispatcherHandle {
             }
         }
         if result.is_ok() {
-            log::info!("dispatcher {} stopped", self.owner);
+            log::info!("{} {} stopped", self.kind, self.owner);
         }
         result
     }
 
-    /// A handle with no thread yet, the workers' end of its signals, and the wake-up
-    /// channel's receiving end.
-    pub(crate) fn prepare(owner: String) -> (DispatcherHandle, Signals, Receiver<()>) {
+    /// A handle with no thread yet for the `kind` of worker named `owner`, the workers'
+    /// end of its signals, and the wake-up channel's receiving end.
+    pub(crate) fn prepare(
+        kind: &'static str,
+        owner: String,
+    ) -> (DispatcherHandle, Signals, Receiver<()>) {
         let (stop_tx, stop_rx) = bounded::<()>(0);
         let (errors_tx, errors_rx) = bounded(ERROR_CAPACITY);
         let (wake_tx, wake_rx) = bounded(1);
         let shared = Arc::new(Shared::default());
         let signals = Signals::new(stop_rx, errors_tx, shared.clone());
         let handle = DispatcherHandle {
+            kind,
             owner,
             stop: Some(stop_tx),
             wake: wake_tx,
@@ -398,7 +405,7 @@ impl Drop for DispatcherHandle {
             return;
         }
         if let Err(e) = self.stop() {
-            log::error!("stopping dispatcher {}: {e}", self.owner);
+            log::error!("stopping {} {}: {e}", self.kind, self.owner);
         }
     }
 }

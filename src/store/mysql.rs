@@ -20,7 +20,7 @@ use crate::metrics::Backlog;
 /// The schema, with `outbox` as the table name.
 const SCHEMA: &str = include_str!("../../sql/outbox.sql");
 /// Longest table name MySQL accepts.
-const MAX_TABLE_NAME_LEN: usize = 64;
+pub(crate) const MAX_TABLE_NAME_LEN: usize = 64;
 /// Longest error text kept in a row (the `error` column's width).
 const MAX_ERROR_LEN: usize = 1000;
 
@@ -96,7 +96,7 @@ impl MySqlStore {
     ///
     /// [`Error::Config`] for any other name; nothing reaches the database.
     pub fn with_table(pool: Pool, table: &str) -> Result<MySqlStore> {
-        validate_table_name(table)?;
+        validate_table_name(table, MAX_TABLE_NAME_LEN)?;
         Ok(MySqlStore {
             table: Arc::from(table),
             ..MySqlStore::new(pool)
@@ -562,15 +562,16 @@ impl Store for MySqlStore {
     }
 }
 
-fn validate_table_name(table: &str) -> Result<()> {
+/// Checks that `table` is a plain identifier of at most `max_len` characters.
+pub(crate) fn validate_table_name(table: &str, max_len: usize) -> Result<()> {
     let mut chars = table.chars();
     let first_ok = chars
         .next()
         .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
     let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if !first_ok || !rest_ok || table.len() > MAX_TABLE_NAME_LEN {
+    if !first_ok || !rest_ok || table.len() > max_len {
         return Err(Error::config(format!(
-            "table name {table:?} is not a plain identifier (1 to {MAX_TABLE_NAME_LEN} of A-Z a-z 0-9 _, \
+            "table name {table:?} is not a plain identifier (1 to {max_len} of A-Z a-z 0-9 _, \
              not starting with a digit)"
         )));
     }
@@ -622,7 +623,7 @@ mod tests {
     #[test]
     fn table_names_are_plain_identifiers() {
         for ok in ["outbox", "_t", "Billing_Outbox_2", &"t".repeat(64)] {
-            assert!(validate_table_name(ok).is_ok(), "{ok}");
+            assert!(validate_table_name(ok, MAX_TABLE_NAME_LEN).is_ok(), "{ok}");
         }
         for bad in [
             "",
@@ -635,7 +636,10 @@ mod tests {
             &"t".repeat(65),
         ] {
             assert!(
-                matches!(validate_table_name(bad), Err(Error::Config(_))),
+                matches!(
+                    validate_table_name(bad, MAX_TABLE_NAME_LEN),
+                    Err(Error::Config(_))
+                ),
                 "{bad}"
             );
         }
