@@ -36,8 +36,14 @@
 //!   runs on the machine's server too, to compare the two servers. `BENCH_RELAY_LOG` sets
 //!   the relay processes' log filter (`outbox::binlog=debug` shows each batch's timings).
 //!
+//! - inbox: `BENCH_INBOX_RECORDS` records (default 20,000, with message ids) consumed from
+//!   the beginning of their topic into MySQL, one row written per record: by an
+//!   `InboxConsumer` (id recorded, row written and offset saved in one transaction); by
+//!   the same loop written out without the inbox's record (row and offset in one
+//!   transaction); and by the raw consumer alone (no database), interleaved.
+//!
 //! `BENCH_ONLY=drain,latency` runs only the sections named (add, drain, latency, memory,
-//! metrics, status, web, binlog).
+//! metrics, status, web, binlog, inbox).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -100,6 +106,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if section("binlog") {
         binlog(&bench, runs, backlog, &mut table)?;
+    }
+    if section("inbox") {
+        inbox(
+            &bench,
+            runs,
+            env_number("BENCH_INBOX_RECORDS", 20_000),
+            &mut table,
+        )?;
     }
     println!("{}", table.render());
     Ok(())
@@ -634,14 +648,24 @@ impl Bench {
 
     /// The same messages produced straight through rdkafka, every delivery report awaited.
     fn raw_broker(&self, n: usize) -> Result<f64, Box<dyn std::error::Error>> {
-        let topic = self.name("topic");
+        self.produce(&self.name("topic"), n, false)
+    }
+
+    /// Publishes `n` sample messages to `topic` straight through rdkafka, with the
+    /// outbox's message id header when `with_ids`; messages per second.
+    fn produce(
+        &self,
+        topic: &str,
+        n: usize,
+        with_ids: bool,
+    ) -> Result<f64, Box<dyn std::error::Error>> {
         let producer: BaseProducer = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("partitioner", "murmur2_random")
             .create()?;
-        let messages: Vec<Message> = (0..n).map(|i| sample_message(&topic, i, KEYS)).collect();
+        let messages: Vec<Message> = (0..n).map(|i| sample_message(topic, i, KEYS)).collect();
         let start = Instant::now();
         for m in &messages {
             let mut headers = outbox::rdkafka::message::OwnedHeaders::new_with_capacity(4);
@@ -651,7 +675,14 @@ impl Bench {
                     value: Some(value),
                 });
             }
-            let mut record = BaseRecord::<[u8], [u8]>::to(&topic)
+            let id = outbox::uuid::Uuid::now_v7().to_string();
+            if with_ids {
+                headers = headers.insert(outbox::rdkafka::message::Header {
+                    key: outbox::MESSAGE_ID_HEADER,
+                    value: Some(&id),
+                });
+            }
+            let mut record = BaseRecord::<[u8], [u8]>::to(topic)
                 .payload(m.payload())
                 .headers(headers);
             if let Some(key) = m.key() {
@@ -667,6 +698,150 @@ impl Bench {
         }
         producer.flush(Duration::from_secs(120))?;
         Ok(n as f64 / start.elapsed().as_secs_f64())
+    }
+
+    /// A consumer of every partition of `topic` from its beginning, without a group.
+    fn assigned_consumer(
+        &self,
+        topic: &str,
+    ) -> Result<outbox::rdkafka::consumer::BaseConsumer, Box<dyn std::error::Error>> {
+        use outbox::rdkafka::consumer::{BaseConsumer, Consumer};
+        use outbox::rdkafka::{Offset, TopicPartitionList};
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", self.name("group"))
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let mut list = TopicPartitionList::new();
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                list.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+            }
+        }
+        consumer.assign(&list)?;
+        Ok(consumer)
+    }
+
+    /// A business table of one row per record.
+    fn effects_table(&self) -> Result<String, Box<dyn std::error::Error>> {
+        let name = self.name("effects");
+        self.pool.get_conn()?.query_drop(format!(
+            "CREATE TABLE `{name}` (id BIGINT UNSIGNED AUTO_INCREMENT PRIMARY KEY, \
+             event_id CHAR(36) NOT NULL, body BLOB NOT NULL)"
+        ))?;
+        Ok(name)
+    }
+
+    /// `n` records of `topic` read by rdkafka alone; records per second.
+    fn consume_raw(&self, topic: &str, n: usize) -> Result<f64, Box<dyn std::error::Error>> {
+        let consumer = self.assigned_consumer(topic)?;
+        let start = Instant::now();
+        let mut read = 0;
+        while read < n {
+            if let Some(record) = consumer.poll(Duration::from_millis(100)) {
+                record?;
+                read += 1;
+            }
+            if start.elapsed() > Duration::from_secs(600) {
+                return Err("the raw consumer did not read every record".into());
+            }
+        }
+        Ok(n as f64 / start.elapsed().as_secs_f64())
+    }
+
+    /// `n` records of `topic`, each writing one row and its partition's next offset in one
+    /// transaction: the inbox consumer's loop without the inbox's record.
+    fn consume_without_inbox(
+        &self,
+        topic: &str,
+        n: usize,
+    ) -> Result<f64, Box<dyn std::error::Error>> {
+        use outbox::rdkafka::message::Message as _;
+        let effects = self.effects_table()?;
+        let offsets = self.name("offsets");
+        let mut conn = self.pool.get_conn()?;
+        conn.query_drop(format!(
+            "CREATE TABLE `{offsets}` (topic VARCHAR(249) NOT NULL, kafka_partition INT NOT NULL, \
+             next_offset BIGINT NOT NULL, PRIMARY KEY (topic, kafka_partition))"
+        ))?;
+        let insert = format!("INSERT INTO `{effects}` (event_id, body) VALUES (?, ?)");
+        let save = format!(
+            "INSERT INTO `{offsets}` (topic, kafka_partition, next_offset) VALUES (?, ?, ?) \
+             ON DUPLICATE KEY UPDATE next_offset = GREATEST(next_offset, VALUES(next_offset))"
+        );
+        let consumer = self.assigned_consumer(topic)?;
+        let start = Instant::now();
+        let mut read = 0;
+        while read < n {
+            let Some(record) = consumer.poll(Duration::from_millis(100)) else {
+                continue;
+            };
+            let record = record?;
+            let delivery = outbox::inbox::Delivery::from_kafka(&record);
+            let mut tx = conn.start_transaction(TxOpts::default())?;
+            tx.exec_drop(
+                &insert,
+                (delivery.message_id().to_string(), delivery.payload()),
+            )?;
+            tx.exec_drop(
+                &save,
+                (record.topic(), record.partition(), record.offset() + 1),
+            )?;
+            tx.commit()?;
+            read += 1;
+        }
+        let rate = n as f64 / start.elapsed().as_secs_f64();
+        self.drop_table(&effects)?;
+        self.drop_table(&offsets)?;
+        Ok(rate)
+    }
+
+    /// `n` records of `topic` through an `InboxConsumer` whose handler writes one row;
+    /// records per second, until the last record's offset is saved.
+    fn consume_with_inbox(&self, topic: &str, n: usize) -> Result<f64, Box<dyn std::error::Error>> {
+        use outbox::inbox::{
+            Assignment, Delivery, HandlerError, Inbox, InboxConsumer, InboxSettings,
+        };
+        let effects = self.effects_table()?;
+        let inbox = Inbox::with_table(self.pool.clone(), &self.name("inbox"))?;
+        inbox.migrate()?;
+        let insert = format!("INSERT INTO `{effects}` (event_id, body) VALUES (?, ?)");
+        let consumer = InboxConsumer::new(
+            inbox.clone(),
+            "bench",
+            &self.brokers,
+            Assignment::Topics(vec![topic.to_string()]),
+            InboxSettings::default(),
+        )?;
+        let read = format!(
+            "SELECT COALESCE(SUM(next_offset), 0) FROM `{}_offsets`",
+            inbox.table()
+        );
+        let mut conn = self.pool.get_conn()?;
+        let start = Instant::now();
+        let mut handle = consumer.start(
+            move |tx: &mut mysql::Transaction<'_>, d: &Delivery| -> Result<(), HandlerError> {
+                tx.exec_drop(&insert, (d.message_id().to_string(), d.payload()))?;
+                Ok(())
+            },
+        )?;
+        loop {
+            let done: Option<u64> = conn.query_first(&read)?;
+            if done.unwrap_or(0) >= n as u64 {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(600) || !handle.is_running() {
+                return Err("the inbox consumer did not read every record".into());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let rate = n as f64 / start.elapsed().as_secs_f64();
+        handle.stop()?;
+        self.drop_table(&effects)?;
+        let t = inbox.table();
+        conn.query_drop(format!("DROP TABLE `{t}`, `{t}_dead`, `{t}_offsets`"))?;
+        Ok(rate)
     }
 
     /// A plain claim-and-mark loop over a backlog of `n` rows, 500 at a time, reading the
@@ -1407,6 +1582,38 @@ impl Broker for TimingBroker {
 }
 
 /// About 200 bytes of payload, 3 headers, one of `keys` keys.
+fn inbox(
+    bench: &Bench,
+    runs: usize,
+    records: usize,
+    table: &mut Table,
+) -> Result<(), Box<dyn std::error::Error>> {
+    eprintln!("inbox, {records} records ({runs} runs)");
+    let topic = bench.name("inbox").replace('_', ".");
+    bench.produce(&topic, records, true)?;
+    let (mut raw, mut plain, mut inboxed) = (vec![], vec![], vec![]);
+    for run in 0..runs {
+        raw.push(bench.consume_raw(&topic, records)?);
+        // Each first in turn: the server's disk weather changes by the minute.
+        if run % 2 == 0 {
+            plain.push(bench.consume_without_inbox(&topic, records)?);
+            inboxed.push(bench.consume_with_inbox(&topic, records)?);
+        } else {
+            inboxed.push(bench.consume_with_inbox(&topic, records)?);
+            plain.push(bench.consume_without_inbox(&topic, records)?);
+        }
+    }
+    table.rate("raw consumer alone (records/s)", &raw);
+    table.rate(
+        "consumer loop, one row per record, no inbox (records/s)",
+        &plain,
+    );
+    table.rate("inbox consumer, one row per record (records/s)", &inboxed);
+    table.ratio("  inbox / same loop without the inbox", &inboxed, &plain);
+    table.ratio("  inbox / raw consumer", &inboxed, &raw);
+    Ok(())
+}
+
 fn sample_message(topic: &str, i: usize, keys: usize) -> Message {
     let mut payload = format!(
         "{{\"order\":{i},\"customer\":\"customer-{}\",\"items\":[",

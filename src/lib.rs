@@ -69,6 +69,13 @@
 //! table: each message the moment its transaction commits, and no query while nothing
 //! does. It needs the binary log on, in ROW format, and replication privileges.
 //!
+//! # Consuming
+//!
+//! [`inbox::InboxConsumer`] is the consumer's side: it reads records from Kafka and applies
+//! each once, recording its message id in the transaction of its effect, and lets the
+//! offset go only after that commit. [`inbox::Inbox::record`] does the same for an
+//! application's own loop.
+//!
 //! # Operating
 //!
 //! [`admin::Admin`] tells how far behind the outbox is, lists dead messages and replays or
@@ -91,11 +98,13 @@
 //! # Logging
 //!
 //! The crate logs through [`log`] and never installs a logger.
-//! - `error`: a message declared dead, a corrupt row, a worker panic;
+//! - `error`: a message declared dead (by the relay or an inbox consumer), a corrupt row, a
+//!   worker panic;
 //! - `warn`: every error also put on the error channel, failed publishes, expired leases
 //!   released, rows whose lease was lost before they were marked, a Kafka producer
 //!   replaced;
-//! - `info`: dispatcher start and stop, rows deleted by retention;
+//! - `info`: dispatcher and inbox consumer start and stop, rows deleted by retention,
+//!   partitions assigned or revoked;
 //! - `debug`: each relay round and each failed attempt.
 //!
 //! librdkafka's own lines go to the target `librdkafka`.

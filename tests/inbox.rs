@@ -359,9 +359,16 @@ fn a_poison_message_goes_dead_the_partition_moves_on_and_a_replay_applies_it() {
     );
     assert!(!f.inbox.is_processed("effects", poison).unwrap());
 
-    // The operator fixes the cause and replays it.
+    // The person on call sees it with the `outbox` command, fixes the cause and replays it.
+    let listed = outbox_inbox(&f, &["dead", "--consumer", "effects", "--json"]);
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed["records"][0]["id"], dead[0].id);
+    assert_eq!(listed["records"][0]["message_id"], poison.to_string());
+    assert_eq!(listed["records"][0]["payload"], "poison");
+    assert_eq!(listed["records"][0]["attempts"], 3);
     fixed.store(true, Ordering::SeqCst);
-    assert_eq!(f.inbox.replay(&[dead[0].id]).unwrap(), 1);
+    let replayed = outbox_inbox(&f, &["replay", &dead[0].id.to_string()]);
+    assert!(replayed.starts_with("1 of 1"), "{replayed}");
     assert!(wait_for(Duration::from_secs(30), || f.effects().0 == 30));
     assert!(wait_for(Duration::from_secs(10), || f
         .inbox
@@ -371,6 +378,23 @@ fn a_poison_message_goes_dead_the_partition_moves_on_and_a_replay_applies_it() {
     stop(handle);
     assert_eq!(f.effects(), (30, 30));
     assert!(f.inbox.is_processed("effects", poison).unwrap());
+}
+
+/// `outbox inbox --inbox-table <the fixture's> <args>`: its standard output, after
+/// checking that it succeeded.
+fn outbox_inbox(f: &Fixture, args: &[&str]) -> String {
+    let output = Command::new(outbox_command())
+        .args(["inbox", "--inbox-table", f.inbox.table()])
+        .args(args)
+        .env("OUTBOX_DATABASE_URL", database_url())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
 }
 
 #[test]
@@ -727,4 +751,49 @@ fn a_consumer_group_commits_the_offsets_of_what_it_applied() {
         total, 100,
         "every applied record's offset committed on stop"
     );
+}
+
+#[test]
+fn a_member_joining_the_group_takes_over_from_what_was_committed_on_revoke() {
+    let f = Fixture::new("inbox_rebalance");
+    produce(&f.topic, &keyed_records(200, 8));
+    let name = unique("inbox_rebalance");
+    // No periodic commit within the test: only the revoke (and the stop) commit.
+    let member = || {
+        InboxConsumer::with_properties(
+            f.inbox.clone(),
+            &name,
+            &brokers(),
+            Assignment::Group(vec![f.topic.clone()]),
+            fast(),
+            [("auto.commit.interval.ms", "600000")],
+        )
+        .unwrap()
+    };
+    let first = member().start(f.writer()).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(90), || f.effects().0 == 200),
+        "{:?}",
+        f.effects()
+    );
+    assert_eq!(committed(&name, &f.topic).values().sum::<i64>(), 0);
+    let second = member().start(f.writer()).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(90), || committed(&name, &f.topic)
+            .values()
+            .sum::<i64>()
+            == 200),
+        "the first member commits what it applied when its partitions are revoked: {:?}",
+        committed(&name, &f.topic)
+    );
+    produce(&f.topic, &keyed_records(100, 8));
+    assert!(
+        wait_for(Duration::from_secs(90), || f.effects().0 == 300),
+        "{:?}",
+        f.effects()
+    );
+    stop(second);
+    stop(first);
+    assert_eq!(f.effects(), (300, 300));
+    assert_eq!(committed(&name, &f.topic).values().sum::<i64>(), 300);
 }

@@ -475,7 +475,7 @@ impl Loop {
                         backoff(waits, self.settings.backoff_min, self.settings.backoff_max)
                     } else {
                         attempts += 1;
-                        log::warn!(
+                        log::debug!(
                             "inbox {}: handler failed on {} ({}/{}@{}), attempt {attempts} of {}: {}",
                             self.name,
                             delivery.message_id(),

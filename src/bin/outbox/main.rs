@@ -10,6 +10,7 @@
 //! nothing changed. Nothing printed carries the password of the database URL.
 
 mod dead;
+mod inbox;
 mod leases;
 mod relay;
 mod render;
@@ -64,6 +65,8 @@ enum Command {
     Discard(dead::ChangeArgs),
     /// The leases dispatchers hold, by owner; or release those of a dispatcher that is gone.
     Leases(leases::Args),
+    /// An inbox (the consumer's side): its tables, its dead records and their replay.
+    Inbox(inbox::Args),
 }
 
 /// What a subcommand's failure prints; `Box<dyn Error>` for any error.
@@ -95,6 +98,11 @@ fn main() -> ExitCode {
         Command::Replay(args) => with_admin(url, table, |admin| dead::replay(admin, &args)),
         Command::Discard(args) => with_admin(url, table, |admin| dead::discard(admin, &args)),
         Command::Leases(args) => with_admin(url, table, |admin| leases::run(admin, &args)),
+        Command::Inbox(args) => {
+            env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
+                .init();
+            pool(url, 1).and_then(|pool| inbox::run(pool, args))
+        }
     };
     match result {
         Ok(code) => code,
