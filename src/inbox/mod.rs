@@ -233,11 +233,9 @@ impl Inbox {
     ) -> Result<Vec<DeadDelivery>> {
         let rows: Vec<mysql::Row> = self.pool.get_conn()?.exec(
             format!(
-                "SELECT id, consumer, topic, kafka_partition, kafka_offset, msg_key, headers, \
-                 payload, record_timestamp, error, number_of_attempts, {}, {} \
-                 FROM `{}_dead` WHERE id > ? AND (? IS NULL OR consumer = ?) ORDER BY id LIMIT ?",
-                micros_of("died_on"),
-                micros_of("COALESCE(replay_requested_on, '1970-01-01')"),
+                "SELECT {} FROM `{}_dead` WHERE id > ? AND (? IS NULL OR consumer = ?) \
+                 ORDER BY id LIMIT ?",
+                dead_columns(),
                 self.table
             ),
             (after_id, consumer, consumer, limit as u64),
@@ -396,12 +394,9 @@ impl Inbox {
     ) -> Result<Vec<DeadDelivery>> {
         let rows: Vec<mysql::Row> = conn.exec(
             format!(
-                "SELECT id, consumer, topic, kafka_partition, kafka_offset, msg_key, headers, \
-                 payload, record_timestamp, error, number_of_attempts, {}, {} \
-                 FROM `{}_dead` WHERE consumer = ? AND replay_requested_on IS NOT NULL \
+                "SELECT {} FROM `{}_dead` WHERE consumer = ? AND replay_requested_on IS NOT NULL \
                  ORDER BY replay_requested_on, id LIMIT ?",
-                micros_of("died_on"),
-                micros_of("replay_requested_on"),
+                dead_columns(),
                 self.table
             ),
             (consumer, limit as u64),
@@ -471,7 +466,17 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// A row of the dead table, as [`Inbox::dead`] selects it.
+/// The dead table's columns as [`dead_delivery`] reads them.
+fn dead_columns() -> String {
+    format!(
+        "id, consumer, topic, kafka_partition, kafka_offset, msg_key, headers, payload, \
+         record_timestamp, error, number_of_attempts, {}, {}",
+        micros_of("died_on"),
+        micros_of("COALESCE(replay_requested_on, '1970-01-01')")
+    )
+}
+
+/// A row of the dead table, as [`dead_columns`] selects it.
 fn dead_delivery(row: mysql::Row) -> Result<DeadDelivery> {
     fn column<T: mysql::prelude::FromValue>(row: &mut mysql::Row, index: usize) -> Result<T> {
         match row.take_opt(index) {
