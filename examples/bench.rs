@@ -756,8 +756,8 @@ impl Bench {
         &self,
         topic: &str,
         n: usize,
+        batch: usize,
     ) -> Result<f64, Box<dyn std::error::Error>> {
-        use outbox::rdkafka::message::Message as _;
         let effects = self.effects_table()?;
         let offsets = self.name("offsets");
         let mut conn = self.pool.get_conn()?;
@@ -773,23 +773,34 @@ impl Bench {
         let consumer = self.assigned_consumer(topic)?;
         let start = Instant::now();
         let mut read = 0;
+        let mut deliveries = Vec::with_capacity(batch);
         while read < n {
-            let Some(record) = consumer.poll(Duration::from_millis(100)) else {
-                continue;
-            };
-            let record = record?;
-            let delivery = outbox::inbox::Delivery::from_kafka(&record);
+            deliveries.clear();
+            let mut timeout = Duration::from_millis(100);
+            while deliveries.len() < batch {
+                match consumer.poll(timeout) {
+                    Some(record) => deliveries.push(outbox::inbox::Delivery::from_kafka(&record?)),
+                    None => break,
+                }
+                timeout = Duration::ZERO;
+            }
             let mut tx = conn.start_transaction(TxOpts::default())?;
-            tx.exec_drop(
-                &insert,
-                (delivery.message_id().to_string(), delivery.payload()),
-            )?;
-            tx.exec_drop(
-                &save,
-                (record.topic(), record.partition(), record.offset() + 1),
-            )?;
+            let mut last: HashMap<(String, i32), i64> = HashMap::new();
+            for delivery in &deliveries {
+                tx.exec_drop(
+                    &insert,
+                    (delivery.message_id().to_string(), delivery.payload()),
+                )?;
+                last.insert(
+                    (delivery.topic().to_string(), delivery.partition()),
+                    delivery.offset(),
+                );
+            }
+            for ((topic, partition), offset) in last {
+                tx.exec_drop(&save, (topic, partition, offset + 1))?;
+            }
             tx.commit()?;
-            read += 1;
+            read += deliveries.len();
         }
         let rate = n as f64 / start.elapsed().as_secs_f64();
         self.drop_table(&effects)?;
@@ -799,7 +810,12 @@ impl Bench {
 
     /// `n` records of `topic` through an `InboxConsumer` whose handler writes one row;
     /// records per second, until the last record's offset is saved.
-    fn consume_with_inbox(&self, topic: &str, n: usize) -> Result<f64, Box<dyn std::error::Error>> {
+    fn consume_with_inbox(
+        &self,
+        topic: &str,
+        n: usize,
+        batch: usize,
+    ) -> Result<f64, Box<dyn std::error::Error>> {
         use outbox::inbox::{
             Assignment, Delivery, HandlerError, Inbox, InboxConsumer, InboxSettings,
         };
@@ -812,7 +828,10 @@ impl Bench {
             "bench",
             &self.brokers,
             Assignment::Topics(vec![topic.to_string()]),
-            InboxSettings::default(),
+            InboxSettings {
+                batch_size: batch,
+                ..Default::default()
+            },
         )?;
         let read = format!(
             "SELECT COALESCE(SUM(next_offset), 0) FROM `{}_offsets`",
@@ -1591,26 +1610,43 @@ fn inbox(
     eprintln!("inbox, {records} records ({runs} runs)");
     let topic = bench.name("inbox").replace('_', ".");
     bench.produce(&topic, records, true)?;
-    let (mut raw, mut plain, mut inboxed) = (vec![], vec![], vec![]);
+    let mut raw = vec![];
+    // Per batch size: the loop without the inbox, and the inbox consumer.
+    let sizes = [1, 100];
+    let mut plain = vec![vec![]; sizes.len()];
+    let mut inboxed = vec![vec![]; sizes.len()];
     for run in 0..runs {
         raw.push(bench.consume_raw(&topic, records)?);
-        // Each first in turn: the server's disk weather changes by the minute.
-        if run % 2 == 0 {
-            plain.push(bench.consume_without_inbox(&topic, records)?);
-            inboxed.push(bench.consume_with_inbox(&topic, records)?);
-        } else {
-            inboxed.push(bench.consume_with_inbox(&topic, records)?);
-            plain.push(bench.consume_without_inbox(&topic, records)?);
+        for (i, &batch) in sizes.iter().enumerate() {
+            // Each first in turn: the server's disk weather changes by the minute.
+            if run % 2 == 0 {
+                plain[i].push(bench.consume_without_inbox(&topic, records, batch)?);
+                inboxed[i].push(bench.consume_with_inbox(&topic, records, batch)?);
+            } else {
+                inboxed[i].push(bench.consume_with_inbox(&topic, records, batch)?);
+                plain[i].push(bench.consume_without_inbox(&topic, records, batch)?);
+            }
         }
     }
     table.rate("raw consumer alone (records/s)", &raw);
-    table.rate(
-        "consumer loop, one row per record, no inbox (records/s)",
-        &plain,
-    );
-    table.rate("inbox consumer, one row per record (records/s)", &inboxed);
-    table.ratio("  inbox / same loop without the inbox", &inboxed, &plain);
-    table.ratio("  raw consumer / inbox (times faster)", &raw, &inboxed);
+    for (i, batch) in sizes.iter().enumerate() {
+        let per = if *batch == 1 {
+            "a transaction per record".to_string()
+        } else {
+            format!("up to {batch} records per transaction")
+        };
+        table.rate(
+            &format!("loop without the inbox, {per} (records/s)"),
+            &plain[i],
+        );
+        table.rate(&format!("inbox consumer, {per} (records/s)"), &inboxed[i]);
+        table.ratio(
+            "  inbox / same loop without the inbox",
+            &inboxed[i],
+            &plain[i],
+        );
+        table.ratio("  raw consumer / inbox (times faster)", &raw, &inboxed[i]);
+    }
     Ok(())
 }
 

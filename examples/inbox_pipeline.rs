@@ -12,7 +12,8 @@
 //!
 //! Environment: `OUTBOX_DATABASE_URL`, `OUTBOX_KAFKA_BROKERS`; `PIPELINE_TOPIC` (default:
 //! a new one per demo run), `PIPELINE_TABLES` (the tables' prefix, default `pipeline`),
-//! `PIPELINE_ORDERS` (default 1,000).
+//! `PIPELINE_ORDERS` (default 1,000), `PIPELINE_BATCH` (the billing consumer's
+//! `batch_size`, default 100).
 
 use std::time::{Duration, Instant};
 
@@ -90,7 +91,13 @@ impl Setup {
             // Every partition, with the offsets kept in MySQL beside the invoices; with a
             // Kafka cluster, `Assignment::Group` shares them among billing's instances.
             Assignment::Topics(vec![self.topic.clone()]),
-            InboxSettings::default(),
+            InboxSettings {
+                batch_size: std::env::var("PIPELINE_BATCH")
+                    .ok()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(100),
+                ..Default::default()
+            },
         )?;
         let handler = move |tx: &mut Transaction<'_>,
                             event: &Delivery|

@@ -240,10 +240,12 @@ fn messages_published_twice_apply_once_in_key_order() {
     // The same messages again, as a relay that died before marking them would send them:
     // the first 150, same ids, same order.
     produce(&f.topic, &records[..150]);
+    // And one twice in a row, which lands in one batch (one transaction).
+    produce(&f.topic, &[records[399].clone(), records[399].clone()]);
     let handle = f.explicit(fast()).start(f.writer()).unwrap();
     assert!(
-        wait_for(Duration::from_secs(60), || f.records_read() == 550),
-        "read {} of 550 records",
+        wait_for(Duration::from_secs(60), || f.records_read() == 552),
+        "read {} of 552 records",
         f.records_read()
     );
     stop(handle);
@@ -444,7 +446,12 @@ fn a_record_without_a_message_id_is_known_by_its_place() {
             .unwrap();
     }
     producer.flush(Duration::from_secs(30)).unwrap();
-    let handle = f.explicit(fast()).start(f.writer()).unwrap();
+    // A transaction per record, this time.
+    let one = InboxSettings {
+        batch_size: 1,
+        ..fast()
+    };
+    let handle = f.explicit(one.clone()).start(f.writer()).unwrap();
     assert!(wait_for(Duration::from_secs(60), || f.records_read() == 5));
     stop(handle);
     assert_eq!(f.effects(), (5, 5));
@@ -454,7 +461,7 @@ fn a_record_without_a_message_id_is_known_by_its_place() {
         .unwrap()
         .query_drop(format!("DELETE FROM `{}_offsets`", f.inbox.table()))
         .unwrap();
-    let handle = f.explicit(fast()).start(f.writer()).unwrap();
+    let handle = f.explicit(one).start(f.writer()).unwrap();
     assert!(wait_for(Duration::from_secs(60), || f.records_read() == 5));
     stop(handle);
     assert_eq!(f.effects(), (5, 5));
@@ -607,6 +614,8 @@ fn billing(topic: &str, tables: &str) -> Child {
         .env("OUTBOX_KAFKA_BROKERS", brokers())
         .env("PIPELINE_TOPIC", topic)
         .env("PIPELINE_TABLES", tables)
+        // A transaction per record: slow enough to be killed mid-stream.
+        .env("PIPELINE_BATCH", "1")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -659,6 +668,7 @@ fn a_consumer_killed_mid_stream_applies_every_message_once_after_a_restart() {
         );
         child.kill().unwrap();
         child.wait().unwrap();
+        assert!(counts().1 < ORDERS, "killed mid-stream: {:?}", counts());
         killed += 1;
         child = billing(&topic, &tables);
     }

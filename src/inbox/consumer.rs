@@ -57,9 +57,9 @@ pub enum Assignment {
 /// each record, in one transaction, it records the message id, calls the handler (not for
 /// a duplicate), commits, and only then lets the record's offset go.
 ///
-/// It runs on two OS threads: the consumer (`outbox-consumer`), which handles records one
-/// at a time, in offset order per partition, and replays the dead records an operator
-/// asked for; and the cleaner (`outbox-cleaner`), which deletes processed ids past their
+/// It runs on two OS threads: the consumer (`outbox-consumer`), which handles records in
+/// offset order per partition, up to `batch_size` in one transaction, and replays the dead
+/// records an operator asked for; and the cleaner (`outbox-cleaner`), which deletes processed ids past their
 /// retention.
 ///
 /// A handler that fails is tried again with backoff; after `max_attempts` failures the
@@ -306,9 +306,9 @@ impl InboxHandle {
         self.0.run_until(stop)
     }
 
-    /// Gives the stop signal and joins the threads. The record being handled is finished
-    /// first (a handler waiting out its backoff stops waiting: the record is not marked,
-    /// and comes again after a restart); with a consumer group, the offsets of what was
+    /// Gives the stop signal and joins the threads. The batch being handled is finished
+    /// first (a handler waiting out its backoff stops waiting: what is not applied yet is
+    /// read again after a restart); with a consumer group, the offsets of what was
     /// handled are committed and the group is left. Calling it again does nothing.
     ///
     /// # Errors
@@ -353,41 +353,40 @@ impl Loop {
             }
         }
         let mut next_replay = Instant::now();
+        let mut batch: Vec<Delivery> = Vec::with_capacity(self.settings.batch_size);
         while !self.signals.stopped() {
             if Instant::now() >= next_replay {
                 self.replay(&mut handler);
                 next_replay = Instant::now() + self.settings.replay_interval;
             }
-            let Some(polled) = consumer.poll(self.settings.poll_timeout) else {
+            // The first record waits up to `poll_timeout`; the rest of the batch is what
+            // has already arrived.
+            batch.clear();
+            let mut timeout = self.settings.poll_timeout;
+            while batch.len() < self.settings.batch_size {
+                match consumer.poll(timeout) {
+                    Some(Ok(record)) => batch.push(Delivery::from_kafka(&record)),
+                    Some(Err(e)) => {
+                        self.signals.report(Error::Kafka(e));
+                        break;
+                    }
+                    None => break,
+                }
+                timeout = Duration::ZERO;
+            }
+            if batch.is_empty() {
                 self.signals.succeeded(Worker::Consumer);
                 continue;
-            };
-            let record = match polled {
-                Ok(record) => record,
-                Err(e) => {
-                    self.signals.report(Error::Kafka(e));
-                    continue;
-                }
-            };
-            let delivery = Delivery::from_kafka(&record);
-            match self.apply(&delivery, &mut handler) {
-                Outcome::Stopped => break,
-                outcome => {
-                    log::trace!(
-                        "inbox {}: {}/{}@{} {outcome:?}",
-                        self.name,
-                        delivery.topic(),
-                        delivery.partition(),
-                        delivery.offset()
-                    );
-                    if matches!(self.assignment, Assignment::Group(_)) {
-                        if let Err(e) = consumer.store_offset_from_message(&record) {
-                            self.signals.report(Error::Kafka(e));
-                        }
-                    }
-                    self.signals.succeeded(Worker::Consumer);
+            }
+            if self.apply_batch(&batch, &mut handler) == Outcome::Stopped {
+                break;
+            }
+            if matches!(self.assignment, Assignment::Group(_)) {
+                if let Err(e) = store_offsets(&consumer, &batch) {
+                    self.signals.report(e);
                 }
             }
+            self.signals.succeeded(Worker::Consumer);
         }
         if matches!(self.assignment, Assignment::Group(_)) {
             commit_stored(&consumer, &self.name);
@@ -442,27 +441,97 @@ impl Loop {
         self.signals.stopped()
     }
 
-    /// Handles one record until it is applied, found a duplicate, or dead.
-    fn apply(&mut self, delivery: &Delivery, handler: &mut impl Handler) -> Outcome {
+    /// Applies `batch` in one transaction. When the handler fails on a record, that
+    /// transaction is rolled back: the records before it are applied again as a batch,
+    /// the failed one alone (the failure counts as its first attempt), then the rest.
+    /// Returns [`Outcome::Stopped`] if the stop signal came before all were settled.
+    fn apply_batch(&mut self, batch: &[Delivery], handler: &mut impl Handler) -> Outcome {
+        if batch.len() == 1 {
+            return self.apply(&batch[0], handler, None);
+        }
+        let grouped = matches!(self.assignment, Assignment::Group(_));
+        let mut waits = 0u32;
+        loop {
+            let attempt = self.with_conn(|inbox, conn, name| {
+                let mut tx = conn.start_transaction(TxOpts::default())?;
+                for (index, delivery) in batch.iter().enumerate() {
+                    if inbox.record(&mut tx, name, delivery)? == Recorded::New {
+                        if let Err(failure) = call(handler, &mut tx, delivery) {
+                            return Ok(Some((index, failure)));
+                        }
+                    }
+                }
+                if !grouped {
+                    for last in last_of_each_partition(batch) {
+                        inbox.save_offset(&mut tx, name, last)?;
+                    }
+                }
+                tx.commit()?;
+                Ok(None)
+            });
+            match attempt {
+                Ok(None) => return Outcome::Applied,
+                Ok(Some((index, failure))) => {
+                    if failure.transient {
+                        self.conn = None;
+                    }
+                    let (before, rest) = batch.split_at(index);
+                    let Some((failed, after)) = rest.split_first() else {
+                        return Outcome::Stopped;
+                    };
+                    for outcome in [
+                        self.apply_batch(before, handler),
+                        self.apply(failed, handler, Some(failure)),
+                        self.apply_batch(after, handler),
+                    ] {
+                        if outcome == Outcome::Stopped {
+                            return Outcome::Stopped;
+                        }
+                    }
+                    return Outcome::Applied;
+                }
+                Err(e) => {
+                    waits += 1;
+                    self.signals.report(e);
+                    let wait = backoff(waits, self.settings.backoff_min, self.settings.backoff_max);
+                    if self.pause(wait) {
+                        return Outcome::Stopped;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one record until it is applied, found a duplicate, or dead; `failed` is
+    /// how a first attempt made elsewhere (in a batch) ended.
+    fn apply(
+        &mut self,
+        delivery: &Delivery,
+        handler: &mut impl Handler,
+        mut failed: Option<Failure>,
+    ) -> Outcome {
         let mut attempts = 0u32;
         let mut waits = 0u32;
         loop {
             let grouped = matches!(self.assignment, Assignment::Group(_));
-            let attempt = self.with_conn(|inbox, conn, name| {
-                let mut tx = conn.start_transaction(TxOpts::default())?;
-                let recorded = inbox.record(&mut tx, name, delivery)?;
-                let failure = match recorded {
-                    Recorded::Duplicate => None,
-                    Recorded::New => call(handler, &mut tx, delivery).err(),
-                };
-                if failure.is_none() {
-                    if !grouped {
-                        inbox.save_offset(&mut tx, name, delivery)?;
+            let attempt = match failed.take() {
+                Some(failure) => Ok((Recorded::New, Some(failure))),
+                None => self.with_conn(|inbox, conn, name| {
+                    let mut tx = conn.start_transaction(TxOpts::default())?;
+                    let recorded = inbox.record(&mut tx, name, delivery)?;
+                    let failure = match recorded {
+                        Recorded::Duplicate => None,
+                        Recorded::New => call(handler, &mut tx, delivery).err(),
+                    };
+                    if failure.is_none() {
+                        if !grouped {
+                            inbox.save_offset(&mut tx, name, delivery)?;
+                        }
+                        tx.commit()?;
                     }
-                    tx.commit()?;
-                }
-                Ok((recorded, failure))
-            });
+                    Ok((recorded, failure))
+                }),
+            };
             let wait = match attempt {
                 Ok((Recorded::New, None)) => return Outcome::Applied,
                 Ok((Recorded::Duplicate, None)) => return Outcome::Duplicate,
@@ -667,6 +736,37 @@ fn partitions_of(
 
 /// How long the consumer waits for the cluster's metadata.
 const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The last record of each partition in `batch`.
+fn last_of_each_partition(batch: &[Delivery]) -> Vec<&Delivery> {
+    let mut last: Vec<&Delivery> = Vec::new();
+    for delivery in batch {
+        match last
+            .iter_mut()
+            .find(|d| d.topic() == delivery.topic() && d.partition() == delivery.partition())
+        {
+            Some(seen) if seen.offset() < delivery.offset() => *seen = delivery,
+            Some(_) => {}
+            None => last.push(delivery),
+        }
+    }
+    last
+}
+
+/// Stores, for the next commit to Kafka, the offset after the last record of each
+/// partition in `batch`.
+fn store_offsets(consumer: &BaseConsumer<Context>, batch: &[Delivery]) -> Result<()> {
+    let mut list = TopicPartitionList::new();
+    for last in last_of_each_partition(batch) {
+        list.add_partition_offset(
+            last.topic(),
+            last.partition(),
+            Offset::Offset(last.offset().saturating_add(1)),
+        )?;
+    }
+    consumer.store_offsets(&list)?;
+    Ok(())
+}
 
 /// Commits the offsets stored so far, at once; nothing stored is no error.
 fn commit_stored(consumer: &BaseConsumer<Context>, name: &str) {

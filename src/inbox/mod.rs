@@ -52,7 +52,7 @@ use uuid::Uuid;
 
 pub use self::consumer::{Assignment, HandlerError, InboxConsumer, InboxHandle};
 pub use self::delivery::{Delivery, FALLBACK_ID_NAMESPACE};
-pub use self::settings::InboxSettings;
+pub use self::settings::{InboxSettings, MAX_INBOX_BATCH};
 use crate::admin::time::{micros_of, time, time_or_never};
 use crate::error::{Error, Result};
 use crate::store::mysql::validate_table_name;

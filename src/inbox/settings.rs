@@ -4,6 +4,9 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 
+/// Largest accepted `batch_size`.
+pub const MAX_INBOX_BATCH: usize = 10_000;
+
 /// The inbox consumer's settings. Build from [`Default`] and change what you need:
 ///
 /// ```
@@ -15,6 +18,13 @@ use crate::error::{Error, Result};
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InboxSettings {
+    /// Most records applied in one transaction: those already received when the first
+    /// arrives, up to this many. One commit for many records is what makes a consumer
+    /// fast; when the handler fails on one of them, the transaction is rolled back and
+    /// the records are applied again, the failed one alone (so a handler may run again
+    /// for a record whose first run was rolled back). 1 gives a transaction per record.
+    /// Defaults to 100.
+    pub batch_size: usize,
     /// Times the handler is called for one record before the record goes to the dead
     /// table and its partition moves on. Defaults to 5.
     pub max_attempts: u32,
@@ -45,6 +55,7 @@ pub struct InboxSettings {
 impl Default for InboxSettings {
     fn default() -> Self {
         InboxSettings {
+            batch_size: 100,
             max_attempts: 5,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
@@ -84,6 +95,11 @@ impl InboxSettings {
         if self.max_attempts == 0 {
             return Err(Error::config("max_attempts must be at least 1"));
         }
+        if self.batch_size == 0 || self.batch_size > MAX_INBOX_BATCH {
+            return Err(Error::config(format!(
+                "batch_size must be 1 to {MAX_INBOX_BATCH}"
+            )));
+        }
         if self.cleanup_batch_size == 0 {
             return Err(Error::config("cleanup_batch_size must be at least 1"));
         }
@@ -120,6 +136,10 @@ mod tests {
             },
             InboxSettings {
                 cleanup_batch_size: 0,
+                ..Default::default()
+            },
+            InboxSettings {
+                batch_size: 0,
                 ..Default::default()
             },
         ];
