@@ -517,6 +517,62 @@ fn record_in_the_callers_transaction_commits_or_rolls_back_with_it() {
 }
 
 #[test]
+fn recording_a_batch_sees_ids_recorded_meanwhile_by_another_transaction() {
+    let f = Fixture::new("inbox_race");
+    let delivery = |i: i64| {
+        let id = uuid::Uuid::now_v7().to_string().into_bytes();
+        Delivery::new(
+            &f.topic,
+            0,
+            i,
+            None,
+            vec![],
+            vec![(MESSAGE_ID_HEADER.into(), id)],
+            None,
+        )
+    };
+    let (x, y) = (delivery(1), delivery(2));
+    // Within one batch, a repeated id is a duplicate.
+    let mut tx = f.pool.start_transaction(Default::default()).unwrap();
+    let repeated = [x.clone(), y.clone(), x.clone()];
+    assert_eq!(
+        f.inbox.record_all(&mut tx, "c", &repeated).unwrap(),
+        Some(vec![Recorded::New, Recorded::New, Recorded::Duplicate])
+    );
+    tx.rollback().unwrap();
+
+    // Another transaction holds `x`, uncommitted; the batch waits on it, then finds that
+    // one of its ids was recorded meanwhile.
+    let mut other = f.pool.start_transaction(Default::default()).unwrap();
+    assert_eq!(f.inbox.record(&mut other, "c", &x).unwrap(), Recorded::New);
+    let batch = {
+        let (inbox, pool, x, y) = (f.inbox.clone(), f.pool.clone(), x.clone(), y.clone());
+        std::thread::spawn(move || {
+            let mut tx = pool.start_transaction(Default::default()).unwrap();
+            inbox.record_all(&mut tx, "c", &[x, y]).unwrap()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    other.commit().unwrap();
+    assert_eq!(
+        batch.join().unwrap(),
+        None,
+        "one of the ids was taken meanwhile"
+    );
+
+    // Already committed before the batch: a duplicate, found by the first statement.
+    let mut tx = f.pool.start_transaction(Default::default()).unwrap();
+    assert_eq!(
+        f.inbox
+            .record_all(&mut tx, "c", &[x.clone(), y.clone()])
+            .unwrap(),
+        Some(vec![Recorded::Duplicate, Recorded::New])
+    );
+    tx.commit().unwrap();
+    assert!(f.inbox.is_processed("c", y.message_id()).unwrap());
+}
+
+#[test]
 fn processed_ids_past_retention_are_deleted() {
     let f = Fixture::new("inbox_retention");
     produce(&f.topic, &keyed_records(10, 2));

@@ -454,10 +454,15 @@ impl Loop {
         loop {
             let attempt = self.with_conn(|inbox, conn, name| {
                 let mut tx = conn.start_transaction(TxOpts::default())?;
+                let recorded = match inbox.record_all(&mut tx, name, batch)? {
+                    Some(recorded) => recorded,
+                    // Another transaction recorded one of them meanwhile: one by one.
+                    None => return Ok(Some(None)),
+                };
                 for (index, delivery) in batch.iter().enumerate() {
-                    if inbox.record(&mut tx, name, delivery)? == Recorded::New {
+                    if recorded[index] == Recorded::New {
                         if let Err(failure) = call(handler, &mut tx, delivery) {
-                            return Ok(Some((index, failure)));
+                            return Ok(Some(Some((index, failure))));
                         }
                     }
                 }
@@ -471,7 +476,15 @@ impl Loop {
             });
             match attempt {
                 Ok(None) => return Outcome::Applied,
-                Ok(Some((index, failure))) => {
+                Ok(Some(None)) => {
+                    for delivery in batch {
+                        if self.apply(delivery, handler, None) == Outcome::Stopped {
+                            return Outcome::Stopped;
+                        }
+                    }
+                    return Outcome::Applied;
+                }
+                Ok(Some(Some((index, failure)))) => {
                     if failure.transient {
                         self.conn = None;
                     }

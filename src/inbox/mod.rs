@@ -55,7 +55,7 @@ pub use self::delivery::{Delivery, FALLBACK_ID_NAMESPACE};
 pub use self::settings::{InboxSettings, MAX_INBOX_BATCH};
 use crate::admin::time::{micros_of, time, time_or_never};
 use crate::error::{Error, Result};
-use crate::store::mysql::validate_table_name;
+use crate::store::mysql::{placeholders, validate_table_name};
 
 const SCHEMA: &str = include_str!("../../sql/inbox.sql");
 /// Longest inbox table name: its dead records' and offsets' tables add a suffix.
@@ -201,6 +201,80 @@ impl Inbox {
         })
     }
 
+    /// As [`record`](Inbox::record) for each of `batch`, in two statements instead of one
+    /// per record: which ids are there already, then the others in one INSERT. Says for
+    /// each record whether it is new; a record whose id came earlier in the batch is a
+    /// duplicate. `None` when another transaction recorded one of the new ids meanwhile:
+    /// roll back, and record them one by one with [`record`](Inbox::record).
+    ///
+    /// # Errors
+    ///
+    /// As [`record`](Inbox::record).
+    pub fn record_all(
+        &self,
+        tx: &mut Transaction<'_>,
+        consumer: &str,
+        batch: &[Delivery],
+    ) -> Result<Option<Vec<Recorded>>> {
+        check_consumer(consumer)?;
+        let ids: Vec<[u8; 16]> = batch.iter().map(|d| *d.message_id().as_bytes()).collect();
+        let mut params: Vec<mysql::Value> = vec![consumer.into()];
+        params.extend(
+            padded_with_last(&ids)
+                .into_iter()
+                .map(|id| id.to_vec().into()),
+        );
+        let found: Vec<Vec<u8>> = tx.exec(
+            format!(
+                "SELECT message_id FROM `{}` WHERE consumer = ? AND message_id IN ({})",
+                self.table,
+                placeholders(params.len() - 1)
+            ),
+            params,
+        )?;
+        let mut seen: std::collections::HashSet<[u8; 16]> = found
+            .into_iter()
+            .filter_map(|id| <[u8; 16]>::try_from(id.as_slice()).ok())
+            .collect();
+        let mut fresh = Vec::new();
+        let recorded: Vec<Recorded> = batch
+            .iter()
+            .zip(&ids)
+            .map(|(delivery, id)| {
+                if seen.insert(*id) {
+                    fresh.push(delivery);
+                    Recorded::New
+                } else {
+                    Recorded::Duplicate
+                }
+            })
+            .collect();
+        if fresh.is_empty() {
+            return Ok(Some(recorded));
+        }
+        let rows = padded_with_last(&fresh);
+        let mut params: Vec<mysql::Value> = Vec::with_capacity(rows.len() * 5);
+        for delivery in &rows {
+            params.extend([
+                consumer.into(),
+                delivery.message_id().as_bytes().to_vec().into(),
+                delivery.topic().into(),
+                delivery.partition().into(),
+                delivery.offset().into(),
+            ]);
+        }
+        tx.exec_drop(
+            format!(
+                "INSERT IGNORE INTO `{}` (consumer, message_id, topic, kafka_partition, \
+                 kafka_offset, processed_on) VALUES {}",
+                self.table,
+                vec!["(?, ?, ?, ?, ?, UTC_TIMESTAMP(6))"; rows.len()].join(", ")
+            ),
+            params,
+        )?;
+        Ok((tx.affected_rows() == fresh.len() as u64).then_some(recorded))
+    }
+
     /// Whether `consumer` applied the message `message_id` (and it is still within
     /// retention).
     ///
@@ -274,7 +348,7 @@ impl Inbox {
         let sql = format!(
             "{} WHERE id IN ({})",
             statement.replace("{}", &self.table),
-            crate::store::mysql::placeholders(ids.len())
+            placeholders(ids.len())
         );
         let mut conn = self.pool.get_conn()?;
         conn.exec_drop(sql, ids.to_vec())?;
@@ -451,6 +525,17 @@ pub(crate) fn check_consumer(consumer: &str) -> Result<()> {
     Ok(())
 }
 
+/// `items` padded to a power of two by repeating the last, so that statements of a few
+/// lengths are prepared once per connection; a repeated row or id changes nothing.
+fn padded_with_last<T: Copy>(items: &[T]) -> Vec<T> {
+    let Some(&last) = items.last() else {
+        return Vec::new();
+    };
+    let mut padded = items.to_vec();
+    padded.resize(items.len().next_power_of_two(), last);
+    padded
+}
+
 /// Header values are bytes; the dead table keeps them in JSON as hex.
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -542,6 +627,14 @@ mod tests {
         }
         assert_eq!(unhex("abc"), None);
         assert_eq!(unhex("zz"), None);
+    }
+
+    #[test]
+    fn lists_are_padded_to_a_power_of_two_with_their_last() {
+        assert_eq!(padded_with_last::<u8>(&[]), Vec::<u8>::new());
+        assert_eq!(padded_with_last(&[1]), vec![1]);
+        assert_eq!(padded_with_last(&[1, 2, 3]), vec![1, 2, 3, 3]);
+        assert_eq!(padded_with_last(&[1, 2, 3, 4, 5]).len(), 8);
     }
 
     #[test]
