@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::private_db::PrivateDatabase;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -32,7 +34,12 @@ struct Fixture {
 
 impl Fixture {
     fn new(prefix: &str) -> Fixture {
-        let pool = mysql::Pool::new(small_pool_url().as_str()).expect("MariaDB (make services)");
+        Fixture::on(&small_pool_url(), prefix)
+    }
+
+    /// A fixture on the database at `url`.
+    fn on(url: &str, prefix: &str) -> Fixture {
+        let pool = mysql::Pool::new(url).expect("MariaDB (make services)");
         let name = unique(prefix);
         let inbox = Inbox::with_table(pool.clone(), &format!("{name}_inbox")).unwrap();
         inbox.migrate().unwrap();
@@ -277,6 +284,42 @@ fn the_outbox_feeds_the_inbox_and_a_replayed_outbox_changes_nothing() {
     relay.stop().unwrap();
     stop(handle);
     assert_eq!(f.effects(), (200, 200));
+    assert_key_order(&f.payloads_by_key());
+}
+
+#[test]
+fn a_database_killed_and_restarted_mid_stream_loses_nothing_and_applies_nothing_twice() {
+    let mut db = PrivateDatabase::new();
+    db.start();
+    let f = Fixture::on(&db.url(), "inbox_dbkill");
+    produce(&f.topic, &keyed_records(3_000, 10));
+    let one = InboxSettings {
+        batch_size: 1,
+        ..fast()
+    };
+    let handle = f.explicit(one).start(f.writer()).unwrap();
+    assert!(wait_for(Duration::from_secs(60), || f.effects().0 >= 500));
+    db.kill();
+    std::thread::sleep(Duration::from_secs(1));
+    db.start();
+    assert!(
+        wait_for(Duration::from_secs(120), || f.records_read() == 3_000),
+        "read {} of 3000",
+        f.records_read()
+    );
+    assert!(handle.is_running(), "a database outage is waited out");
+    let errors: Vec<Error> = handle.errors().try_iter().collect();
+    stop(handle);
+    assert!(
+        errors.iter().any(|e| matches!(e, Error::Database(_))),
+        "the outage was reported: {errors:?}"
+    );
+    assert!(
+        !errors.iter().any(|e| matches!(e, Error::Handler(_))),
+        "and never counted as the handler's failure: {errors:?}"
+    );
+    assert_eq!(f.effects(), (3_000, 3_000));
+    assert_eq!(f.count("SELECT COUNT(*) FROM `{inbox}_dead`"), 0);
     assert_key_order(&f.payloads_by_key());
 }
 
