@@ -21,6 +21,17 @@
 //! | `outbox_lag_seconds` | gauge | age of the oldest pending message, on the database's clock |
 //! | `outbox_leased_rows` | gauge | pending rows leased by any dispatcher (no `topic`) |
 //!
+//! An [`InboxConsumer`](crate::inbox::InboxConsumer) reports under the label `consumer`
+//! (its name), and `topic`:
+//!
+//! | name | kind | meaning |
+//! | --- | --- | --- |
+//! | `outbox_inbox_records_total` | counter | records settled, label `outcome`: `applied`, `duplicate` (skipped) or `dead` |
+//! | `outbox_inbox_handler_failures_total` | counter | failed handler attempts (transient database errors not counted) |
+//! | `outbox_inbox_batch_seconds` | histogram | applying one batch, from its first record to its commit (no `topic`) |
+//! | `outbox_inbox_lag_seconds` | gauge | from the timestamp of the last record settled to its settling (for the outbox's records, from the message's `created_on`), on this host's clock |
+//! | `outbox_inbox_ids_deleted_total` | counter | processed ids deleted by retention (no `topic`) |
+//!
 //! The gauges describe the table, not one dispatcher: a worker refreshes them every
 //! [`DispatcherSettings::gauge_interval`](crate::DispatcherSettings::gauge_interval)
 //! (off by default), from queries that read only pending and dead rows through indexes.
@@ -59,6 +70,62 @@ pub const DEAD_MESSAGES: &str = "outbox_dead_messages";
 pub const LAG_SECONDS: &str = "outbox_lag_seconds";
 /// Pending rows leased by any dispatcher.
 pub const LEASED_ROWS: &str = "outbox_leased_rows";
+
+/// Records an inbox consumer settled, by `outcome`.
+pub const INBOX_RECORDS: &str = "outbox_inbox_records_total";
+/// Failed handler attempts of an inbox consumer.
+pub const INBOX_HANDLER_FAILURES: &str = "outbox_inbox_handler_failures_total";
+/// Seconds an inbox consumer took to apply a batch.
+pub const INBOX_BATCH_SECONDS: &str = "outbox_inbox_batch_seconds";
+/// Seconds from the last settled record's timestamp to its settling, by topic.
+pub const INBOX_LAG_SECONDS: &str = "outbox_inbox_lag_seconds";
+/// Processed ids deleted by an inbox's retention.
+pub const INBOX_IDS_DELETED: &str = "outbox_inbox_ids_deleted_total";
+
+/// One inbox consumer's reports, under its `consumer` label.
+#[derive(Clone)]
+pub(crate) struct InboxMeter {
+    consumer: SharedString,
+}
+
+impl InboxMeter {
+    pub fn new(consumer: &str) -> InboxMeter {
+        InboxMeter {
+            consumer: SharedString::from(consumer.to_string()),
+        }
+    }
+
+    /// A record settled: `applied`, `duplicate` or `dead`; its timestamp (milliseconds
+    /// since 1970) sets the lag.
+    pub fn settled(&self, topic: &str, outcome: &'static str, timestamp: Option<i64>) {
+        let topic = SharedString::from(topic.to_string());
+        counter!(INBOX_RECORDS, "consumer" => self.consumer.clone(), "topic" => topic.clone(), "outcome" => outcome)
+            .increment(1);
+        if let Some(millis) = timestamp {
+            let now = micros_since_epoch(SystemTime::now());
+            let lag = (now - millis.saturating_mul(1_000)).max(0) as f64 / 1e6;
+            gauge!(INBOX_LAG_SECONDS, "consumer" => self.consumer.clone(), "topic" => topic)
+                .set(lag);
+        }
+    }
+
+    /// A failed handler attempt on a record of `topic`.
+    pub fn failed(&self, topic: &str) {
+        counter!(INBOX_HANDLER_FAILURES, "consumer" => self.consumer.clone(), "topic" => topic.to_string())
+            .increment(1);
+    }
+
+    /// How long a batch took to apply.
+    pub fn batch(&self, took: Duration) {
+        histogram!(INBOX_BATCH_SECONDS, "consumer" => self.consumer.clone())
+            .record(took.as_secs_f64());
+    }
+
+    /// Processed ids deleted by retention.
+    pub fn deleted(&self, ids: u64) {
+        counter!(INBOX_IDS_DELETED, "consumer" => self.consumer.clone()).increment(ids);
+    }
+}
 
 /// One dispatcher's reports: its `instance` label, and how far the database's clock is
 /// ahead of this host's (learned by the gauge worker; 0 until then).

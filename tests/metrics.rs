@@ -258,3 +258,95 @@ fn counters_histograms_and_gauges_agree_with_the_table_after_a_drain_with_failur
         35
     );
 }
+
+#[test]
+fn an_inbox_consumer_counts_what_it_applied_skipped_and_buried() {
+    use outbox::inbox::{Assignment, Delivery, HandlerError, Inbox, InboxConsumer, InboxSettings};
+
+    let kept = kept();
+    let table = TestTable::new("metrics_inbox_src");
+    let topic = unique("metrics_inbox").replace('_', ".");
+    let mut messages: Vec<Message> = (0..20)
+        .map(|i| Message::new(&topic, format!("m{i}")).with_key(format!("k{}", i % 4)))
+        .collect();
+    messages.push(Message::new(&topic, "poison"));
+    table.commit(&messages);
+    let mut relay = table.dispatch(broker(), fast_settings(), "metrics-inbox");
+    assert!(wait_for(Duration::from_secs(30), || table
+        .count("state = 1")
+        == 21));
+    // Five of them published a second time, same message ids.
+    table.exec("UPDATE {t} SET state = 0 ORDER BY id LIMIT 5");
+    relay.wake();
+    assert!(wait_for(Duration::from_secs(30), || table
+        .count("state = 1")
+        == 21));
+    relay.stop().unwrap();
+
+    let inbox = Inbox::with_table(table.pool.clone(), &unique("metrics_inbox")).unwrap();
+    inbox.migrate().unwrap();
+    let consumer = unique("metrics_consumer");
+    let settings = InboxSettings {
+        max_attempts: 2,
+        backoff_min: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let handler = |_: &mut mysql::Transaction<'_>, d: &Delivery| -> Result<(), HandlerError> {
+        if d.payload() == b"poison" {
+            return Err("cannot parse".into());
+        }
+        Ok(())
+    };
+    let mut handle = InboxConsumer::new(
+        inbox.clone(),
+        &consumer,
+        &brokers(),
+        Assignment::Topics(vec![topic.clone()]),
+        settings,
+    )
+    .unwrap()
+    .start(handler)
+    .unwrap();
+    let records = |outcome: &str| {
+        kept.counter(&format!(
+            "outbox_inbox_records_total{{consumer={consumer},outcome={outcome},topic={topic}}}"
+        ))
+    };
+    assert!(
+        wait_for(Duration::from_secs(60), || records("applied")
+            + records("duplicate")
+            + records("dead")
+            == 26),
+        "{} applied, {} duplicates, {} dead",
+        records("applied"),
+        records("duplicate"),
+        records("dead")
+    );
+    handle.stop().unwrap();
+    assert_eq!(
+        (records("applied"), records("duplicate"), records("dead")),
+        (20, 5, 1)
+    );
+    assert_eq!(
+        kept.counter(&format!(
+            "outbox_inbox_handler_failures_total{{consumer={consumer},topic={topic}}}"
+        )),
+        2
+    );
+    let batches = kept.values(&format!(
+        "outbox_inbox_batch_seconds{{consumer={consumer}}}"
+    ));
+    assert!(!batches.is_empty() && batches.iter().all(|s| *s >= 0.0 && *s < 60.0));
+    let lag = kept
+        .gauge(&format!(
+            "outbox_inbox_lag_seconds{{consumer={consumer},topic={topic}}}"
+        ))
+        .expect("a lag for the topic");
+    assert!((0.0..600.0).contains(&lag), "{lag}");
+    let t = inbox.table();
+    table
+        .conn()
+        .query_drop(format!("DROP TABLE `{t}`, `{t}_dead`, `{t}_offsets`"))
+        .unwrap();
+}

@@ -18,6 +18,7 @@ use crate::dispatcher::maintenance::purge_all;
 use crate::dispatcher::signal::{panic_text, Signals};
 use crate::dispatcher::{DispatcherHandle, Health};
 use crate::error::{Error, Result, Worker};
+use crate::metrics::InboxMeter;
 
 /// What a handler returns when it fails: any error. The record is tried again, and after
 /// `max_attempts` failures it goes to the dead table with this error's text.
@@ -232,15 +233,18 @@ impl InboxConsumer {
         let (mut handle, signals, _wake) =
             DispatcherHandle::prepare("inbox consumer", self.name.clone());
         log::info!("inbox consumer {} starting", self.name);
+        let meter = InboxMeter::new(&self.name);
         let cleaner = Cleaner {
             inbox: self.inbox.clone(),
             name: self.name.clone(),
+            meter: meter.clone(),
             settings: self.settings.clone(),
         };
         let consumer = self.consumer;
         let loop_ = Loop {
             inbox: self.inbox,
             name: self.name,
+            meter,
             assignment: self.assignment,
             settings: self.settings,
             conn: None,
@@ -333,6 +337,7 @@ enum Outcome {
 struct Loop {
     inbox: Inbox,
     name: String,
+    meter: InboxMeter,
     assignment: Assignment,
     settings: InboxSettings,
     conn: Option<PooledConn>,
@@ -378,9 +383,11 @@ impl Loop {
                 self.signals.succeeded(Worker::Consumer);
                 continue;
             }
+            let started = Instant::now();
             if self.apply_batch(&batch, &mut handler) == Outcome::Stopped {
                 break;
             }
+            self.meter.batch(started.elapsed());
             if matches!(self.assignment, Assignment::Group(_)) {
                 if let Err(e) = store_offsets(&consumer, &batch) {
                     self.signals.report(e);
@@ -435,6 +442,18 @@ impl Loop {
         result
     }
 
+    /// Reports that `delivery` was settled with `outcome`.
+    fn settled(&self, delivery: &Delivery, outcome: Outcome) {
+        let outcome = match outcome {
+            Outcome::Applied => "applied",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Dead => "dead",
+            Outcome::Stopped => return,
+        };
+        self.meter
+            .settled(delivery.topic(), outcome, delivery.timestamp());
+    }
+
     /// Waits for `duration` or the stop signal; true if it was the stop signal.
     fn pause(&self, duration: Duration) -> bool {
         self.signals.pause(duration);
@@ -457,12 +476,12 @@ impl Loop {
                 let recorded = match inbox.record_all(&mut tx, name, batch)? {
                     Some(recorded) => recorded,
                     // Another transaction recorded one of them meanwhile: one by one.
-                    None => return Ok(Some(None)),
+                    None => return Ok(BatchEnd::Raced),
                 };
                 for (index, delivery) in batch.iter().enumerate() {
                     if recorded[index] == Recorded::New {
                         if let Err(failure) = call(handler, &mut tx, delivery) {
-                            return Ok(Some(Some((index, failure))));
+                            return Ok(BatchEnd::Failed(index, failure));
                         }
                     }
                 }
@@ -472,11 +491,16 @@ impl Loop {
                     }
                 }
                 tx.commit()?;
-                Ok(None)
+                Ok(BatchEnd::Committed(recorded))
             });
             match attempt {
-                Ok(None) => return Outcome::Applied,
-                Ok(Some(None)) => {
+                Ok(BatchEnd::Committed(recorded)) => {
+                    for (delivery, recorded) in batch.iter().zip(recorded) {
+                        self.settled(delivery, recorded.into());
+                    }
+                    return Outcome::Applied;
+                }
+                Ok(BatchEnd::Raced) => {
                     for delivery in batch {
                         if self.apply(delivery, handler, None) == Outcome::Stopped {
                             return Outcome::Stopped;
@@ -484,7 +508,7 @@ impl Loop {
                     }
                     return Outcome::Applied;
                 }
-                Ok(Some(Some((index, failure)))) => {
+                Ok(BatchEnd::Failed(index, failure)) => {
                     if failure.transient {
                         self.conn = None;
                     }
@@ -546,8 +570,11 @@ impl Loop {
                 }),
             };
             let wait = match attempt {
-                Ok((Recorded::New, None)) => return Outcome::Applied,
-                Ok((Recorded::Duplicate, None)) => return Outcome::Duplicate,
+                Ok((recorded, None)) => {
+                    let outcome = recorded.into();
+                    self.settled(delivery, outcome);
+                    return outcome;
+                }
                 Ok((_, Some(failure))) => {
                     // The transaction was rolled back when it was dropped.
                     if failure.transient {
@@ -557,6 +584,7 @@ impl Loop {
                         backoff(waits, self.settings.backoff_min, self.settings.backoff_max)
                     } else {
                         attempts += 1;
+                        self.meter.failed(delivery.topic());
                         log::debug!(
                             "inbox {}: handler failed on {} ({}/{}@{}), attempt {attempts} of {}: {}",
                             self.name,
@@ -615,7 +643,10 @@ impl Loop {
                 Ok(tx.commit()?)
             });
             match buried {
-                Ok(()) => return Outcome::Dead,
+                Ok(()) => {
+                    self.settled(delivery, Outcome::Dead);
+                    return Outcome::Dead;
+                }
                 Err(e) => {
                     waits += 1;
                     self.signals.report(e);
@@ -673,6 +704,25 @@ impl Loop {
             }
         }
     }
+}
+
+impl From<Recorded> for Outcome {
+    fn from(recorded: Recorded) -> Outcome {
+        match recorded {
+            Recorded::New => Outcome::Applied,
+            Recorded::Duplicate => Outcome::Duplicate,
+        }
+    }
+}
+
+/// How a batch's transaction ended.
+enum BatchEnd {
+    /// Committed, with whether each record was new.
+    Committed(Vec<Recorded>),
+    /// Another transaction recorded one of its ids meanwhile; rolled back.
+    Raced,
+    /// The handler failed on the record at this index; rolled back.
+    Failed(usize, Failure),
 }
 
 /// A handler's failure, and whether it was a passing database error.
@@ -830,6 +880,7 @@ impl ConsumerContext for Context {
 struct Cleaner {
     inbox: Inbox,
     name: String,
+    meter: InboxMeter,
     settings: InboxSettings,
 }
 
@@ -851,6 +902,7 @@ impl Cleaner {
             match purged {
                 Ok(n) => {
                     if n > 0 {
+                        self.meter.deleted(n);
                         log::info!(
                             "inbox {}: deleted {n} processed ids past their retention",
                             self.name
