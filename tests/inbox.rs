@@ -446,11 +446,12 @@ fn outbox_inbox(f: &Fixture, args: &[&str]) -> String {
 fn a_handler_that_panics_is_a_failed_attempt_not_a_dead_consumer() {
     let f = Fixture::new("inbox_panic");
     let records = keyed_records(5, 1);
-    let doomed = records[2].2;
+    // The first and the last of the batch: what is left on either side of them is empty.
+    let doomed = [records[0].2, records[4].2];
     produce(&f.topic, &records);
     let mut write = f.writer();
     let handler = move |tx: &mut Transaction<'_>, d: &Delivery| -> Result<(), HandlerError> {
-        if d.message_id() == doomed {
+        if doomed.contains(&d.message_id()) {
             panic!("index out of bounds");
         }
         write(tx, d)
@@ -463,16 +464,16 @@ fn a_handler_that_panics_is_a_failed_attempt_not_a_dead_consumer() {
     assert!(wait_for(Duration::from_secs(60), || f.records_read() == 5));
     assert!(handle.is_running());
     stop(handle);
-    assert_eq!(f.effects(), (4, 4));
+    assert_eq!(f.effects(), (3, 3));
     let dead = f.inbox.dead(None, 0, 10).unwrap();
-    assert_eq!(dead.len(), 1);
-    assert!(
-        dead[0]
-            .error
-            .contains("handler panicked: index out of bounds"),
-        "{}",
-        dead[0].error
-    );
+    assert_eq!(dead.len(), 2);
+    for d in &dead {
+        assert!(
+            d.error.contains("handler panicked: index out of bounds"),
+            "{}",
+            d.error
+        );
+    }
 }
 
 #[test]
@@ -577,6 +578,7 @@ fn recording_a_batch_sees_ids_recorded_meanwhile_by_another_transaction() {
     let (x, y) = (delivery(1), delivery(2));
     // Within one batch, a repeated id is a duplicate.
     let mut tx = f.pool.start_transaction(Default::default()).unwrap();
+    assert_eq!(f.inbox.record_all(&mut tx, "c", &[]).unwrap(), Some(vec![]));
     let repeated = [x.clone(), y.clone(), x.clone()];
     assert_eq!(
         f.inbox.record_all(&mut tx, "c", &repeated).unwrap(),

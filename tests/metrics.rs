@@ -318,10 +318,11 @@ fn an_inbox_consumer_counts_what_it_applied_skipped_and_buried() {
             + records("duplicate")
             + records("dead")
             == 26),
-        "{} applied, {} duplicates, {} dead",
+        "{} applied, {} duplicates, {} dead; errors: {:?}",
         records("applied"),
         records("duplicate"),
-        records("dead")
+        records("dead"),
+        handle.errors().try_iter().collect::<Vec<_>>()
     );
     handle.stop().unwrap();
     assert_eq!(

@@ -465,8 +465,10 @@ impl Loop {
     /// the failed one alone (the failure counts as its first attempt), then the rest.
     /// Returns [`Outcome::Stopped`] if the stop signal came before all were settled.
     fn apply_batch(&mut self, batch: &[Delivery], handler: &mut impl Handler) -> Outcome {
-        if batch.len() == 1 {
-            return self.apply(&batch[0], handler, None);
+        match batch {
+            [] => return Outcome::Applied,
+            [one] => return self.apply(one, handler, None),
+            _ => {}
         }
         let grouped = matches!(self.assignment, Assignment::Group(_));
         let mut waits = 0u32;
@@ -741,10 +743,17 @@ fn call(
         Ok(Ok(())) => Ok(()),
         Ok(Err(error)) => {
             let transient = is_transient(&*error);
-            Err(Failure {
-                error: Error::Handler(error),
-                transient,
-            })
+            // A passing database error is the database's, not the handler's.
+            let error = match error.downcast::<mysql::Error>() {
+                Ok(e) if transient => Error::Database(*e),
+                Ok(e) => Error::Handler(e),
+                Err(error) => match error.downcast::<Error>() {
+                    Ok(e) if transient => *e,
+                    Ok(e) => Error::Handler(e),
+                    Err(error) => Error::Handler(error),
+                },
+            };
+            Err(Failure { error, transient })
         }
         Err(panic) => Err(Failure {
             error: Error::Handler(format!("handler panicked: {}", panic_text(&*panic)).into()),
@@ -764,8 +773,13 @@ fn is_transient(error: &(dyn std::error::Error + 'static)) -> bool {
             }
         }
         if let Some(e) = e.downcast_ref::<mysql::Error>() {
-            return matches!(e, mysql::Error::IoError(_) | mysql::Error::DriverError(_))
-                || matches!(e, mysql::Error::MySqlError(server) if crate::error::is_transient_code(server.code));
+            return match e {
+                mysql::Error::MySqlError(server) => crate::error::is_transient_code(server.code),
+                mysql::Error::IoError(_)
+                | mysql::Error::CodecError(_)
+                | mysql::Error::DriverError(_) => true,
+                _ => false,
+            };
         }
         current = e.source();
     }
@@ -938,8 +952,10 @@ mod tests {
     #[test]
     fn passing_database_errors_in_a_handler_are_not_counted_as_attempts() {
         let lost = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
         let transient: Vec<HandlerError> = vec![
             Box::new(mysql::Error::IoError(lost)),
+            Box::new(mysql::Error::CodecError(reset.into())),
             Box::new(server_error(1213)),
             Box::new(Error::Database(server_error(1205))),
         ];

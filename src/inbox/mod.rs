@@ -217,6 +217,9 @@ impl Inbox {
         batch: &[Delivery],
     ) -> Result<Option<Vec<Recorded>>> {
         check_consumer(consumer)?;
+        if batch.is_empty() {
+            return Ok(Some(Vec::new()));
+        }
         let ids: Vec<[u8; 16]> = batch.iter().map(|d| *d.message_id().as_bytes()).collect();
         let mut params: Vec<mysql::Value> = vec![consumer.into()];
         params.extend(
