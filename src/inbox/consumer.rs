@@ -349,10 +349,7 @@ impl Loop {
         if !matches!(self.assignment, Assignment::Group(_)) {
             let mut waits = 0;
             while let Err(e) = self.assign(&consumer) {
-                self.signals.report(e);
-                waits += 1;
-                let wait = backoff(waits, self.settings.backoff_min, self.settings.backoff_max);
-                if self.pause(wait) {
+                if self.wait_out(e, &mut waits) {
                     return;
                 }
             }
@@ -454,6 +451,18 @@ impl Loop {
             .settled(delivery.topic(), outcome, delivery.timestamp());
     }
 
+    /// Reports `error`, which is not the handler's, and waits the `waits`-th backoff
+    /// (counting it); true if the stop signal came instead.
+    fn wait_out(&self, error: Error, waits: &mut u32) -> bool {
+        self.signals.report(error);
+        *waits += 1;
+        self.pause(backoff(
+            *waits,
+            self.settings.backoff_min,
+            self.settings.backoff_max,
+        ))
+    }
+
     /// Waits for `duration` or the stop signal; true if it was the stop signal.
     fn pause(&self, duration: Duration) -> bool {
         self.signals.pause(duration);
@@ -530,10 +539,7 @@ impl Loop {
                     return Outcome::Applied;
                 }
                 Err(e) => {
-                    waits += 1;
-                    self.signals.report(e);
-                    let wait = backoff(waits, self.settings.backoff_min, self.settings.backoff_max);
-                    if self.pause(wait) {
+                    if self.wait_out(e, &mut waits) {
                         return Outcome::Stopped;
                     }
                 }
@@ -581,9 +587,10 @@ impl Loop {
                     // The transaction was rolled back when it was dropped.
                     if failure.transient {
                         self.conn = None;
-                        waits += 1;
-                        self.signals.report(failure.error);
-                        backoff(waits, self.settings.backoff_min, self.settings.backoff_max)
+                        if self.wait_out(failure.error, &mut waits) {
+                            return Outcome::Stopped;
+                        }
+                        continue;
                     } else {
                         attempts += 1;
                         self.meter.failed(delivery.topic());
@@ -611,9 +618,10 @@ impl Loop {
                 Err(e) => {
                     // Not the handler's fault: the database. Waited out, never counted;
                     // a commit that failed is found a duplicate if it had gone through.
-                    waits += 1;
-                    self.signals.report(e);
-                    backoff(waits, self.settings.backoff_min, self.settings.backoff_max)
+                    if self.wait_out(e, &mut waits) {
+                        return Outcome::Stopped;
+                    }
+                    continue;
                 }
             };
             if self.pause(wait) {
@@ -650,10 +658,7 @@ impl Loop {
                     return Outcome::Dead;
                 }
                 Err(e) => {
-                    waits += 1;
-                    self.signals.report(e);
-                    let wait = backoff(waits, self.settings.backoff_min, self.settings.backoff_max);
-                    if self.pause(wait) {
+                    if self.wait_out(e, &mut waits) {
                         return Outcome::Stopped;
                     }
                 }
