@@ -95,13 +95,7 @@ impl Error {
     /// deadlock, an unreachable broker); false for bad input and bad settings.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Database(mysql::Error::MySqlError(e)) => is_transient_code(e.code),
-            Error::Database(e) => matches!(
-                e,
-                mysql::Error::IoError(_)
-                    | mysql::Error::CodecError(_)
-                    | mysql::Error::DriverError(_)
-            ),
+            Error::Database(e) => is_transient_database(e),
             Error::Kafka(_)
             | Error::NotSent(_)
             | Error::Broker(_)
@@ -133,9 +127,16 @@ impl Error {
 /// killed (1927), disconnected for inactivity (4031).
 const TRANSIENT_SERVER_ERRORS: [u16; 7] = [1040, 1053, 1205, 1213, 1317, 1927, 4031];
 
-/// Whether the server error `code` passes (see [`TRANSIENT_SERVER_ERRORS`]).
-pub(crate) fn is_transient_code(code: u16) -> bool {
-    TRANSIENT_SERVER_ERRORS.contains(&code)
+/// Whether a database error passes: a lost connection, or one of
+/// [`TRANSIENT_SERVER_ERRORS`].
+pub(crate) fn is_transient_database(error: &mysql::Error) -> bool {
+    match error {
+        mysql::Error::MySqlError(e) => TRANSIENT_SERVER_ERRORS.contains(&e.code),
+        mysql::Error::IoError(_) | mysql::Error::CodecError(_) | mysql::Error::DriverError(_) => {
+            true
+        }
+        _ => false,
+    }
 }
 
 /// The dispatcher's worker threads, as named in errors and thread names.

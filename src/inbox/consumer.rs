@@ -17,7 +17,7 @@ use crate::dispatcher::backoff::backoff;
 use crate::dispatcher::maintenance::purge_all;
 use crate::dispatcher::signal::{panic_text, Signals};
 use crate::dispatcher::{DispatcherHandle, Health};
-use crate::error::{Error, Result, Worker};
+use crate::error::{is_transient_database, Error, Result, Worker};
 use crate::metrics::InboxMeter;
 
 /// What a handler returns when it fails: any error. The record is tried again, and after
@@ -778,13 +778,7 @@ fn is_transient(error: &(dyn std::error::Error + 'static)) -> bool {
             }
         }
         if let Some(e) = e.downcast_ref::<mysql::Error>() {
-            return match e {
-                mysql::Error::MySqlError(server) => crate::error::is_transient_code(server.code),
-                mysql::Error::IoError(_)
-                | mysql::Error::CodecError(_)
-                | mysql::Error::DriverError(_) => true,
-                _ => false,
-            };
+            return is_transient_database(e);
         }
         current = e.source();
     }
