@@ -218,6 +218,45 @@ fn every_committed_message_is_published_in_key_order_and_none_rolled_back() {
     relay.stop().unwrap();
 }
 
+/// Where the server's binary log ends: its file and the offset in it.
+fn log_end(pool: &mysql::Pool) -> (String, u64) {
+    let row: mysql::Row = pool
+        .get_conn()
+        .unwrap()
+        .query_first("SHOW MASTER STATUS")
+        .unwrap()
+        .expect("the binary log is on");
+    (row.get(0).unwrap(), row.get(1).unwrap())
+}
+
+#[test]
+fn the_relays_marks_log_no_payload() {
+    const N: usize = 100;
+    const PAYLOAD: usize = 20_000;
+    let f = fixture("binlog_marks");
+    let mut relay = start_relay(&f.url, &f.table, "binlog-marks").unwrap();
+    wait_until_following(&f.pool, &f.table);
+    let messages: Vec<outbox::Message> = (0..N)
+        .map(|i| outbox::Message::new(&f.topic, format!("{i:0>PAYLOAD$}")).with_key("k"))
+        .collect();
+    commit(&f.pool, &f.store, &messages);
+    let (file, before) = log_end(&f.pool);
+    assert!(delivered(&f.pool, &f.table, N as u64), "all delivered");
+    // The position after the marks is saved within a second of them.
+    std::thread::sleep(Duration::from_millis(1_500));
+    let (file_after, after) = log_end(&f.pool);
+    assert_eq!(file_after, file, "no rotation meanwhile");
+    let written = after - before;
+    // In full rows, each mark would log its payload twice: 4 MB here.
+    assert!(
+        written < (N * PAYLOAD / 10) as u64,
+        "the marks of {N} rows of {PAYLOAD} bytes wrote {written} bytes to the binary log"
+    );
+    let errors: Vec<Error> = relay.errors().try_iter().collect();
+    assert!(errors.is_empty(), "no error: {errors:?}");
+    relay.stop().unwrap();
+}
+
 #[test]
 fn a_relay_killed_mid_stream_resumes_from_its_position_and_loses_nothing() {
     const KEYS: usize = 10;

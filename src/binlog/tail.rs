@@ -129,6 +129,17 @@ impl Tail {
         // being idle while nothing is committed.
         conn.query_drop("SET SESSION wait_timeout = 31536000")?;
         conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")?;
+        // The relay's own writes need no more in the binary log than each row's key and
+        // what changed: in full, every mark would log its row's payload twice, for the
+        // server to write and send and the reader to read back and skip. The reader needs
+        // full images only of inserts and of other sessions' updates.
+        if let Err(e) = conn.query_drop("SET SESSION binlog_row_image = 'MINIMAL'") {
+            log::info!(
+                "binlog relay {}: its marks are logged in full rows, as the user may not \
+                 set binlog_row_image for its session ({e})",
+                self.owner
+            );
+        }
         let name = self.lock_name();
         let wait = self.binlog.lock_wait.as_secs_f64();
         let mut told = false;
