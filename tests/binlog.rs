@@ -316,6 +316,44 @@ fn every_field_comes_through_the_binary_log_as_written(server: Server) {
     relay.stop().unwrap();
 }
 
+fn a_corrupt_row_is_made_dead_and_the_rest_go_on(server: Server) {
+    let f = fixture(server, "binlog_corrupt");
+    let mut relay = start_relay(&f.url, &f.table, "binlog-corrupt").unwrap();
+    wait_until_following(&f.pool, &f.table);
+    let outbox = Outbox::new(&f.store);
+    let mut tx = f.pool.start_transaction(mysql::TxOpts::default()).unwrap();
+    let message = |i: usize| outbox::Message::new(&f.topic, format!("m{i}")).with_key("k");
+    outbox.add(&mut tx, &message(0)).unwrap();
+    // Headers written by hand, not as the outbox writes them.
+    tx.exec_drop(
+        format!(
+            "INSERT INTO `{}` (message_id, topic, msg_key, headers, payload) \
+             VALUES (UNHEX(REPLACE(UUID(), '-', '')), ?, 'k', '{{\"not\": \"an array\"}}', 'x')",
+            f.table
+        ),
+        (&f.topic,),
+    )
+    .unwrap();
+    outbox.add_all(&mut tx, &[message(1), message(2)]).unwrap();
+    tx.commit().unwrap();
+    // And after it, in a transaction of its own.
+    commit(&f.pool, &f.store, &[message(3)]);
+
+    assert!(delivered(&f.pool, &f.table, 4), "the others are delivered");
+    assert!(
+        wait_for(Duration::from_secs(10), || count(
+            &f.pool,
+            &f.table,
+            "state = 2 AND error LIKE 'corrupt row: headers are not a JSON array%'"
+        ) == 1),
+        "the corrupt row is dead, with the reason"
+    );
+    let got = consume(&f.topic, 4, Duration::from_secs(30), Duration::from_secs(1));
+    assert_eq!(payloads(&got), ["m0", "m1", "m2", "m3"]);
+    assert!(relay.is_running());
+    relay.stop().unwrap();
+}
+
 fn a_relay_killed_mid_stream_resumes_from_its_position_and_loses_nothing(server: Server) {
     const KEYS: usize = 10;
     let f = fixture(server, "binlog_kill");
@@ -1002,6 +1040,7 @@ macro_rules! on_both_servers {
 }
 
 on_both_servers!(
+    a_corrupt_row_is_made_dead_and_the_rest_go_on,
     every_field_comes_through_the_binary_log_as_written,
     every_committed_message_is_published_in_key_order_and_none_rolled_back,
     the_relays_marks_log_no_payload,

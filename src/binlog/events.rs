@@ -32,6 +32,14 @@ pub(crate) enum Change {
     Inserted(Record),
     /// A dead row an operator replayed (`replayed`: pending again) or discarded.
     Revived { record: Record, replayed: bool },
+    /// A pending row that cannot be read as a message (written by hand, say): the relay
+    /// makes it dead, with `reason`, instead of stopping on it. `key` is its topic and
+    /// key where those could be read.
+    Corrupt {
+        id: u64,
+        reason: String,
+        key: Option<(String, Vec<u8>)>,
+    },
     /// A transaction ended; reading from `at` goes on after it. `foreign`: it changed
     /// something besides the relay's own marks and position.
     Committed {
@@ -307,7 +315,7 @@ impl<'s> Decoder<'s> {
             if inserted {
                 self.foreign = true;
                 if state(&mut after, columns) == Some(PENDING) {
-                    emit(Change::Inserted(record(after, columns)?));
+                    emit(readable(after, columns, Change::Inserted)?);
                 }
                 continue;
             }
@@ -315,10 +323,11 @@ impl<'s> Decoder<'s> {
             let now = state(&mut after, columns);
             if was == Some(DEAD) && matches!(now, Some(PENDING | DISCARDED)) {
                 self.foreign = true;
-                emit(Change::Revived {
-                    record: record(after, columns)?,
-                    replayed: now == Some(PENDING),
-                });
+                let replayed = now == Some(PENDING);
+                emit(readable(after, columns, |record| Change::Revived {
+                    record,
+                    replayed,
+                })?);
             } else if was != Some(DEAD) {
                 // A rows event holds the rows of one statement, and a statement that
                 // revives dead rows (`outbox replay`, `outbox discard`, the admin API)
@@ -359,6 +368,30 @@ fn state(row: &mut BinlogRow, columns: &Columns) -> Option<i64> {
         BinlogValue::Value(v) => mysql::from_value_opt::<i64>(v.clone()).ok(),
         _ => None,
     })
+}
+
+/// `change` of the row's record, or [`Change::Corrupt`] when the row is no message; an
+/// error only when not even its id can be read.
+fn readable(
+    row: BinlogRow,
+    columns: &Columns,
+    change: impl FnOnce(Record) -> Change,
+) -> Result<Change> {
+    let key = text_and_bytes(&row, columns.topic, columns.key);
+    match record(row, columns) {
+        Ok(record) => Ok(change(record)),
+        Err(Error::CorruptRow { id, reason }) if id != 0 => Ok(Change::Corrupt { id, reason, key }),
+        Err(e) => Err(e),
+    }
+}
+
+/// The topic and key of a row image, where both are what they should be.
+fn text_and_bytes(row: &BinlogRow, topic: usize, key: usize) -> Option<(String, Vec<u8>)> {
+    let read = |index| match row.as_ref(index) {
+        Some(BinlogValue::Value(Value::Bytes(bytes))) => Some(bytes.clone()),
+        _ => None,
+    };
+    Some((String::from_utf8(read(topic)?).ok()?, read(key)?))
 }
 
 /// A row image of the outbox table as a record.

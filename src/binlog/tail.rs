@@ -23,7 +23,7 @@ use crate::metrics::Meter;
 use crate::record::Record;
 use crate::settings::DispatcherSettings;
 use crate::store::codec::{decode_record, RECORD_COLUMNS};
-use crate::store::mysql::{padded, placeholders, truncate};
+use crate::store::mysql::{bury, padded, placeholders, truncate};
 use crate::store::MySqlStore;
 
 /// How long a position reached only through other tables' transactions waits before it
@@ -63,6 +63,8 @@ enum Settle {
     Failed(Vec<(Record, String, bool)>),
     /// A position only other tables' transactions moved.
     Position(Position, Option<String>),
+    /// Rows that are no message, to make dead with the reason.
+    Bury(Vec<(u64, String)>),
 }
 
 /// Most writes waiting for the settler: the tail publishes on while the settler marks
@@ -310,6 +312,7 @@ impl Tail {
                         self.write(|| record_failures(&mut lock, table, &failures))?
                     }
                     Settle::Position(at, gtid) => unsaved = Some((at, gtid)),
+                    Settle::Bury(corrupt) => self.write(|| bury(&mut lock, table, &corrupt))?,
                 }
             }
             if saved.elapsed() >= POSITION_INTERVAL {
@@ -441,6 +444,13 @@ impl Tail {
                 Change::Committed { at, gtid, foreign } => {
                     session.commit = Some((at, gtid));
                     session.foreign |= foreign;
+                }
+                Change::Corrupt { id, reason, key } => {
+                    // Its key's later rows wait behind it as behind any dead row.
+                    if let Some(key) = key.filter(|_| self.settings.dead_blocks_key) {
+                        session.blocked.insert(key);
+                    }
+                    self.hand_over(session, Settle::Bury(vec![(id, reason)]))?;
                 }
                 Change::Revived { record, replayed } => {
                     if !self.flush(broker, session)?

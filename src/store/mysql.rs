@@ -352,7 +352,7 @@ impl MySqlStore {
                 Err(other) => return Err(other),
             }
         }
-        self.bury(&mut tx, &corrupt)?;
+        bury(&mut tx, &self.table, &corrupt)?;
         let picked: Vec<&Candidate> = chosen.iter().collect();
         let present: HashSet<u64> = locked.keys().copied().collect();
         let kept = keep_unbroken(&picked, &present);
@@ -376,25 +376,6 @@ impl MySqlStore {
             more,
             lease,
         })
-    }
-
-    /// Makes corrupt rows dead, with the reason as their error, so they block nothing.
-    fn bury(&self, tx: &mut Transaction<'_>, corrupt: &[(u64, String)]) -> Result<()> {
-        for (id, reason) in corrupt {
-            log::error!(
-                "outbox row {id} in `{}` is corrupt and now dead: {reason}",
-                self.table
-            );
-            tx.exec_drop(
-                format!(
-                    "UPDATE `{}` SET state = {DEAD}, error = ?, processed_on = UTC_TIMESTAMP(6), \
-                     last_attempted_on = UTC_TIMESTAMP(6) WHERE id = ?",
-                    self.table
-                ),
-                (truncate(&format!("corrupt row: {reason}")), id),
-            )?;
-        }
-        Ok(())
     }
 
     /// Deletes at most `limit` rows in one of `states` (a list such as `(1, 3)`) that got
@@ -593,6 +574,27 @@ pub(crate) fn padded(ids: &[u64]) -> Vec<Value> {
     (0..len)
         .map(|i| Value::from(ids.get(i).copied().unwrap_or(last)))
         .collect()
+}
+
+/// Makes corrupt pending rows of `table` dead, with the reason as their error, so that
+/// they hold back nothing (unless `dead_blocks_key`).
+pub(crate) fn bury(
+    conn: &mut impl Queryable,
+    table: &str,
+    corrupt: &[(u64, String)],
+) -> Result<()> {
+    for (id, reason) in corrupt {
+        log::error!("outbox row {id} in `{table}` is corrupt and now dead: {reason}");
+        conn.exec_drop(
+            format!(
+                "UPDATE `{table}` SET state = {DEAD}, error = ?, processed_on = UTC_TIMESTAMP(6), \
+                 last_attempted_on = UTC_TIMESTAMP(6) WHERE id = ? AND state = {PENDING} \
+                 AND locked_by = 0"
+            ),
+            (truncate(&format!("corrupt row: {reason}")), id),
+        )?;
+    }
+    Ok(())
 }
 
 pub(crate) fn placeholders(n: usize) -> String {
