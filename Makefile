@@ -48,6 +48,7 @@ web-service: services
 bench: services binlog-mariadb
 	cargo build --release $(FEATURES) --bin outbox --example bench --example web_service
 	BENCH_OUTBOX=target/release/outbox BENCH_BINLOG_DATABASE_URL=$(BINLOG_DATABASE_URL) \
+	  BENCH_BINLOG_PID_FILE=$(BINLOG_DIR)/pid BENCH_BROKER_PID_FILE=$(SERVICES)/tansu.pid \
 	  target/release/examples/bench
 
 # A bounded soak (SOAK_SECONDS, default 600): writers, two dispatchers, and a broker of

@@ -32,7 +32,9 @@
 //!   (`BENCH_BINLOG_DATABASE_URL`, which `make bench` starts): commit to acknowledgement at
 //!   1,000 messages/s with no wake-up; a backlog of `BENCH_BACKLOG` messages committed while
 //!   the relay was stopped, drained, with the server's work per message (`SHOW GLOBAL
-//!   STATUS` deltas); statements while nothing is committed for 10 s. The polling drain
+//!   STATUS` deltas); statements while nothing is committed for 10 s. Both drains run
+//!   again with the database pinned to CPU 0 and the broker and relays to the others
+//!   (`taskset`), as when the database has a host of its own. The polling drain
 //!   runs on the machine's server too, to compare the two servers. `BENCH_RELAY_LOG` sets
 //!   the relay processes' log filter (`outbox::binlog=debug` shows each batch's timings).
 //!
@@ -389,6 +391,8 @@ struct Bench {
     brokers: String,
     run: String,
     counter: Mutex<u32>,
+    /// The CPUs its relay processes run on (`taskset -c`); all when `None`.
+    relay_cpus: Option<String>,
 }
 
 impl Bench {
@@ -410,6 +414,7 @@ impl Bench {
             brokers,
             run: run[run.len() - 8..].to_string(),
             counter: Mutex::new(0),
+            relay_cpus: None,
         })
     }
 
@@ -1188,7 +1193,7 @@ fn binlog(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let url = std::env::var("BENCH_BINLOG_DATABASE_URL")
         .unwrap_or_else(|_| "mysql://root@127.0.0.1:3307/test".into());
-    let private = Bench::at(url)?;
+    let private = Bench::at(url.clone())?;
     eprintln!("binlog relay, {backlog} messages ({runs} runs)");
     let mut rates: HashMap<&str, Vec<f64>> = HashMap::new();
     let mut work: HashMap<(&str, &str), Vec<f64>> = HashMap::new();
@@ -1210,6 +1215,18 @@ fn binlog(
                 ("rows written", per_message.rows_written),
             ] {
                 work.entry((source.name(), what)).or_default().push(value);
+            }
+        }
+        if let Some((_pinned, others)) = Pinned::new() {
+            let mut apart = Bench::at(url.clone())?;
+            apart.relay_cpus = Some(others);
+            for source in order {
+                let (rate, _) = apart.source_drain(backlog, source)?;
+                let name = match source {
+                    Source::Binlog => "binlog, database on a CPU of its own",
+                    Source::Polling => "polling, database on a CPU of its own",
+                };
+                rates.entry(name).or_default().push(rate);
             }
         }
         rates
@@ -1251,6 +1268,15 @@ fn binlog(
         &rates[Source::Binlog.name()],
         &rates[Source::Polling.name()],
     );
+    let (binlog_apart, polling_apart) = (
+        "binlog, database on a CPU of its own",
+        "polling, database on a CPU of its own",
+    );
+    if let (Some(binlog), Some(polling)) = (rates.get(binlog_apart), rates.get(polling_apart)) {
+        table.rate(&format!("drain, {binlog_apart} (msg/s)"), binlog);
+        table.rate(&format!("drain, {polling_apart} (msg/s)"), polling);
+        table.ratio("  binlog / polling, database apart", binlog, polling);
+    }
     table.rate(
         "drain, polling relay process, machine's server (msg/s)",
         &rates["polling, machine's server"],
@@ -1295,6 +1321,63 @@ impl Source {
     }
 }
 
+/// The benchmark's database server on CPU 0 and the broker and relays on the others, as
+/// when the database has a host of its own; undone when dropped. Its processes come
+/// from `BENCH_BINLOG_PID_FILE` and `BENCH_BROKER_PID_FILE` (which `make bench` sets).
+struct Pinned {
+    pids: Vec<u32>,
+    all: String,
+}
+
+impl Pinned {
+    /// `None` (and why, on standard error) when a process is unknown or there is one CPU.
+    fn new() -> Option<(Pinned, String)> {
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let pid = |variable: &str| -> Option<u32> {
+            let file = std::env::var(variable).ok()?;
+            std::fs::read_to_string(file).ok()?.trim().parse().ok()
+        };
+        let (Some(database), Some(broker)) =
+            (pid("BENCH_BINLOG_PID_FILE"), pid("BENCH_BROKER_PID_FILE"))
+        else {
+            eprintln!("  (no pinned drains: the database's or the broker's process is unknown)");
+            return None;
+        };
+        if cpus < 2 {
+            eprintln!("  (no pinned drains: one CPU)");
+            return None;
+        }
+        let others = format!("1-{}", cpus - 1);
+        let pinned = Pinned {
+            pids: vec![database, broker],
+            all: format!("0-{}", cpus - 1),
+        };
+        let pin = |pid: u32, cpus: &str| taskset(pid, cpus);
+        if !(pin(database, "0") && pin(broker, &others)) {
+            eprintln!("  (no pinned drains: taskset failed)");
+            return None;
+        }
+        Some((pinned, others))
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        for &pid in &self.pids {
+            taskset(pid, &self.all);
+        }
+    }
+}
+
+/// Sets the CPUs of every thread of `pid`; whether it could.
+fn taskset(pid: u32, cpus: &str) -> bool {
+    std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
 /// What the server did for a relay, from `SHOW GLOBAL STATUS`.
 #[derive(Debug, Default, Clone, Copy)]
 struct ServerWork {
@@ -1337,9 +1420,17 @@ impl Bench {
     /// Starts `outbox relay` on `table`, reading from `source`; closing its standard
     /// input stops it.
     fn relay_process(&self, table: &str, source: Source) -> std::io::Result<std::process::Child> {
-        let command =
+        let outbox =
             std::env::var("BENCH_OUTBOX").unwrap_or_else(|_| "target/release/outbox".into());
-        std::process::Command::new(command)
+        let mut command = match &self.relay_cpus {
+            Some(cpus) => {
+                let mut taskset = std::process::Command::new("taskset");
+                taskset.args(["-c", cpus, &outbox]);
+                taskset
+            }
+            None => std::process::Command::new(outbox),
+        };
+        command
             .arg("relay")
             .env("OUTBOX_DATABASE_URL", &self.url)
             .env("OUTBOX_KAFKA_BROKERS", &self.brokers)
