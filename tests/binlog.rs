@@ -325,15 +325,7 @@ fn a_corrupt_row_is_made_dead_and_the_rest_go_on(server: Server) {
     let message = |i: usize| outbox::Message::new(&f.topic, format!("m{i}")).with_key("k");
     outbox.add(&mut tx, &message(0)).unwrap();
     // Headers written by hand, not as the outbox writes them.
-    tx.exec_drop(
-        format!(
-            "INSERT INTO `{}` (message_id, topic, msg_key, headers, payload) \
-             VALUES (UNHEX(REPLACE(UUID(), '-', '')), ?, 'k', '{{\"not\": \"an array\"}}', 'x')",
-            f.table
-        ),
-        (&f.topic,),
-    )
-    .unwrap();
+    insert_corrupt(&mut tx, &f.table, &f.topic, "k");
     outbox.add_all(&mut tx, &[message(1), message(2)]).unwrap();
     tx.commit().unwrap();
     // And after it, in a transaction of its own.
@@ -351,6 +343,87 @@ fn a_corrupt_row_is_made_dead_and_the_rest_go_on(server: Server) {
     let got = consume(&f.topic, 4, Duration::from_secs(30), Duration::from_secs(1));
     assert_eq!(payloads(&got), ["m0", "m1", "m2", "m3"]);
     assert!(relay.is_running());
+    relay.stop().unwrap();
+}
+
+/// Inserts, in `tx`, a pending row whose headers are no list of pairs, with key `key`.
+fn insert_corrupt(tx: &mut mysql::Transaction<'_>, table: &str, topic: &str, key: &str) {
+    tx.exec_drop(
+        format!(
+            "INSERT INTO `{table}` (message_id, topic, msg_key, headers, payload) \
+             VALUES (UNHEX(REPLACE(UUID(), '-', '')), ?, ?, '{{\"not\": \"an array\"}}', 'x')"
+        ),
+        (topic, key),
+    )
+    .unwrap();
+}
+
+fn a_corrupt_row_holds_its_key_until_an_operator_discards_it(server: Server) {
+    let f = fixture(server, "binlog_corrupt_key");
+    let settings = outbox::DispatcherSettings {
+        dead_blocks_key: true,
+        ..fast_settings()
+    };
+    let mut relay = BinlogRelay::new(
+        mysql::Opts::from_url(&f.url).unwrap(),
+        &f.table,
+        broker(),
+        settings,
+        BinlogSettings::default(),
+        "binlog-corrupt-key",
+    )
+    .unwrap()
+    .start()
+    .unwrap();
+    wait_until_following(&f.pool, &f.table);
+    let outbox = Outbox::new(&f.store);
+    let message =
+        |key: &str, i: usize| outbox::Message::new(&f.topic, format!("{key}:{i}")).with_key(key);
+    let mut tx = f.pool.start_transaction(mysql::TxOpts::default()).unwrap();
+    outbox.add(&mut tx, &message("a", 1)).unwrap();
+    insert_corrupt(&mut tx, &f.table, &f.topic, "a");
+    outbox
+        .add_all(&mut tx, &[message("a", 3), message("b", 1)])
+        .unwrap();
+    tx.commit().unwrap();
+    assert!(delivered(&f.pool, &f.table, 2), "a:1 and b:1 go");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        count(&f.pool, &f.table, "state = 2"),
+        1,
+        "the corrupt row is dead"
+    );
+    assert_eq!(
+        count(&f.pool, &f.table, "state = 0"),
+        1,
+        "a:3 waits behind the corrupt a:2"
+    );
+
+    let admin = outbox::admin::Admin::new(f.store.clone()).unwrap();
+    let discarded = admin
+        .discard(
+            &outbox::admin::DeadFilter {
+                topic: Some(f.topic.clone()),
+                ..Default::default()
+            },
+            false,
+        )
+        .unwrap();
+    assert_eq!(discarded.len(), 1);
+    assert!(
+        delivered(&f.pool, &f.table, 3),
+        "a:3 goes once the corrupt row is discarded"
+    );
+    let got = consume(&f.topic, 3, Duration::from_secs(30), Duration::from_secs(1));
+    let mut payloads = payloads(&got);
+    payloads.sort();
+    assert_eq!(payloads, ["a:1", "a:3", "b:1"]);
+    let a: Vec<&Consumed> = got
+        .iter()
+        .filter(|c| c.key.as_deref() == Some("a"))
+        .collect();
+    assert_eq!(a.len(), 2);
+    assert!(a[0].offset < a[1].offset, "a:1 before a:3");
     relay.stop().unwrap();
 }
 
@@ -1040,6 +1113,7 @@ macro_rules! on_both_servers {
 }
 
 on_both_servers!(
+    a_corrupt_row_holds_its_key_until_an_operator_discards_it,
     a_corrupt_row_is_made_dead_and_the_rest_go_on,
     every_field_comes_through_the_binary_log_as_written,
     every_committed_message_is_published_in_key_order_and_none_rolled_back,

@@ -30,8 +30,13 @@ const DISCARDED: i64 = 3;
 pub(crate) enum Change {
     /// A pending row inserted into the outbox table.
     Inserted(Record),
-    /// A dead row an operator replayed (`replayed`: pending again) or discarded.
-    Revived { record: Record, replayed: bool },
+    /// A dead row an operator replayed (`replayed`: its record, pending again) or
+    /// discarded (`None`); `key` is its topic and key, if it has a key.
+    Revived {
+        id: u64,
+        key: Option<(String, Vec<u8>)>,
+        replayed: Option<Record>,
+    },
     /// A pending row that cannot be read as a message (written by hand, say): the relay
     /// makes it dead, with `reason`, instead of stopping on it. `key` is its topic and
     /// key where those could be read.
@@ -323,11 +328,26 @@ impl<'s> Decoder<'s> {
             let now = state(&mut after, columns);
             if was == Some(DEAD) && matches!(now, Some(PENDING | DISCARDED)) {
                 self.foreign = true;
-                let replayed = now == Some(PENDING);
-                emit(readable(after, columns, |record| Change::Revived {
-                    record,
-                    replayed,
-                })?);
+                if now == Some(PENDING) {
+                    emit(readable(after, columns, |record| Change::Revived {
+                        id: record.id,
+                        key: record
+                            .message
+                            .order_key()
+                            .map(|(topic, key)| (topic.to_string(), key.to_vec())),
+                        replayed: Some(record),
+                    })?);
+                } else {
+                    // Discarded: what it held back goes, whatever else the row holds.
+                    let key = text_and_bytes(&after, columns.topic, columns.key);
+                    let id = mysql::from_value_opt(value(&mut after, columns.id))
+                        .map_err(|e| corrupt_event(std::io::Error::other(e.to_string())))?;
+                    emit(Change::Revived {
+                        id,
+                        key,
+                        replayed: None,
+                    });
+                }
             } else if was != Some(DEAD) {
                 // A rows event holds the rows of one statement, and a statement that
                 // revives dead rows (`outbox replay`, `outbox discard`, the admin API)

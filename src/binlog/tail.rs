@@ -462,9 +462,9 @@ impl Tail {
                     }
                     self.hand_over(session, Settle::Bury(vec![(id, reason)]))?;
                 }
-                Change::Revived { record, replayed } => {
+                Change::Revived { id, key, replayed } => {
                     if !self.flush(broker, session)?
-                        || !self.revive(broker, session, record, replayed)?
+                        || !self.revive(broker, session, id, key, replayed)?
                     {
                         return Ok(());
                     }
@@ -682,49 +682,57 @@ impl Tail {
         Ok((delivered, true))
     }
 
-    /// A dead row an operator replayed or discarded: publishes the replayed one and,
-    /// when its key was held behind it and no other dead row of the key is left, the
-    /// key's pending rows in id order.
+    /// A dead row `id` an operator replayed (`replayed`, its record) or discarded:
+    /// publishes the replayed one and, when its key was held behind it and no other dead
+    /// row of the key is left, the key's pending rows in id order.
     fn revive(
         &self,
         broker: &mut impl Broker,
         session: &mut Session,
-        record: Record,
-        replayed: bool,
+        id: u64,
+        key: Option<Key>,
+        replayed: Option<Record>,
     ) -> Result<bool> {
         let table = self.store.table();
-        let mut records = Vec::new();
-        if replayed {
-            records.push(record.clone());
-        }
-        let topic = record.message.topic().to_string();
-        if let Some(key) = record.message.key().map(<[u8]>::to_vec) {
-            let entry = (topic.clone(), key.clone());
-            if session.blocked.contains(&entry) {
-                let dead_left: Option<bool> = self.store.pool().get_conn()?.exec_first(
+        let mut records: Vec<Record> = replayed.into_iter().collect();
+        if let Some(entry) = key.filter(|entry| session.blocked.contains(entry)) {
+            let (topic, key) = &entry;
+            let dead_left: Option<bool> = self.store.pool().get_conn()?.exec_first(
+                format!(
+                    "SELECT EXISTS (SELECT 1 FROM `{table}` WHERE topic = ? AND msg_key = ? \
+                     AND state = 2)"
+                ),
+                (topic, key),
+            )?;
+            if !dead_left.unwrap_or(true) {
+                let rows: Vec<mysql::Row> = self.store.pool().get_conn()?.exec(
                     format!(
-                        "SELECT EXISTS (SELECT 1 FROM `{table}` WHERE topic = ? AND msg_key = ? \
-                         AND state = 2)"
+                        "SELECT {RECORD_COLUMNS} FROM `{table}` o WHERE o.topic = ? AND \
+                         o.msg_key = ? AND o.state = 0 AND o.locked_by = 0 AND o.id <> ? \
+                         ORDER BY o.id"
                     ),
-                    (&topic, &key),
+                    (topic, key, id),
                 )?;
-                if !dead_left.unwrap_or(true) {
-                    session.blocked.remove(&entry);
-                    let rows: Vec<mysql::Row> = self.store.pool().get_conn()?.exec(
-                        format!(
-                            "SELECT {RECORD_COLUMNS} FROM `{table}` o WHERE o.topic = ? AND \
-                             o.msg_key = ? AND o.state = 0 AND o.locked_by = 0 AND o.id <> ? \
-                             ORDER BY o.id"
-                        ),
-                        (&topic, &key, record.id),
-                    )?;
-                    for row in rows {
-                        records.push(decode_record(row)?);
+                session.blocked.remove(&entry);
+                let mut corrupt = Vec::new();
+                for row in rows {
+                    match decode_record(row) {
+                        Ok(record) => records.push(record),
+                        Err(Error::CorruptRow { id, reason }) => corrupt.push((id, reason)),
+                        Err(e) => return Err(e),
                     }
-                    // Rows of this key the binary log brings later were read here already.
-                    let newest = records.iter().map(|r| r.id).max().unwrap_or(0);
-                    session.verify_below = session.verify_below.max(newest);
                 }
+                if !corrupt.is_empty() {
+                    // Dead again, and holding the key back again, at the first of them:
+                    // only the rows before it go.
+                    let first = corrupt.iter().map(|(id, _)| *id).min().unwrap_or(0);
+                    records.retain(|r| r.id < first);
+                    session.blocked.insert(entry.clone());
+                    self.hand_over(session, Settle::Bury(corrupt))?;
+                }
+                // Rows of this key the binary log brings later were read here already.
+                let newest = records.iter().map(|r| r.id).max().unwrap_or(0);
+                session.verify_below = session.verify_below.max(newest);
             }
         }
         records.sort_by_key(|r| r.id);
