@@ -427,6 +427,87 @@ fn a_corrupt_row_holds_its_key_until_an_operator_discards_it(server: Server) {
     relay.stop().unwrap();
 }
 
+/// The server's setting that compresses its binary log.
+fn compression(server: Server) -> &'static str {
+    match server {
+        Server::MariaDb => "log_bin_compress",
+        Server::MySql => "binlog_transaction_compression",
+    }
+}
+
+fn a_log_compressed_while_the_relay_runs_stops_it_until_caught_up_from_the_table(server: Server) {
+    let f = fixture(server, "binlog_compressed");
+    let mut relay = start_relay(&f.url, &f.table, "binlog-compressed").unwrap();
+    wait_until_following(&f.pool, &f.table);
+    // Payloads past MariaDB's log_bin_compress_min_len (256 bytes), so that it compresses.
+    let message = |i: usize| {
+        outbox::Message::new(&f.topic, format!("m{i}:{}", "z".repeat(1_000))).with_key("k")
+    };
+    let mut ids = commit(&f.pool, &f.store, &(0..10).map(message).collect::<Vec<_>>());
+    assert!(delivered(&f.pool, &f.table, 10));
+
+    let setting = compression(server);
+    let mut conn = mysql::Conn::new(f.url.as_str()).unwrap();
+    conn.query_drop(format!("SET GLOBAL {setting} = ON"))
+        .unwrap();
+    // A connection opened after the change, which compresses.
+    let mut writer = mysql::Conn::new(f.url.as_str()).unwrap();
+    let mut tx = writer.start_transaction(mysql::TxOpts::default()).unwrap();
+    let more: Vec<_> = (10..20).map(message).collect();
+    ids.extend(
+        Outbox::new(&f.store)
+            .add_all(&mut tx, &more)
+            .unwrap()
+            .iter()
+            .map(|id| id.hyphenated().to_string()),
+    );
+    tx.commit().unwrap();
+    let error = relay
+        .errors()
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the relay reports the compressed event");
+    assert!(
+        matches!(&error, Error::Config(why) if why.contains(setting) && why.contains("DELETE FROM")),
+        "{error:?}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        count(&f.pool, &f.table, "state = 0"),
+        10,
+        "nothing after the compressed event is skipped over"
+    );
+
+    // The operator's way out, as the error says.
+    conn.query_drop(format!("SET GLOBAL {setting} = OFF"))
+        .unwrap();
+    conn.exec_drop(
+        format!("DELETE FROM {POSITION_TABLE} WHERE outbox_table = ?"),
+        (&f.table,),
+    )
+    .unwrap();
+    assert!(
+        delivered(&f.pool, &f.table, 20),
+        "caught up from the table after the position was removed"
+    );
+    ids.extend(commit(&f.pool, &f.store, &[message(20)]));
+    assert!(
+        delivered(&f.pool, &f.table, 21),
+        "and following the log again"
+    );
+    let got = consume(
+        &f.topic,
+        21,
+        Duration::from_secs(30),
+        Duration::from_secs(1),
+    );
+    assert_eq!(
+        got.iter().map(Consumed::message_id).collect::<Vec<_>>(),
+        ids,
+        "each once, in order"
+    );
+    relay.stop().unwrap();
+}
+
 fn a_relay_killed_mid_stream_resumes_from_its_position_and_loses_nothing(server: Server) {
     const KEYS: usize = 10;
     let f = fixture(server, "binlog_kill");
@@ -696,6 +777,12 @@ fn each_missing_server_setting_is_refused_with_its_fix(server: Server) {
         .unwrap();
     refused("binlog_row_image", "SET GLOBAL binlog_row_image = 'FULL'");
     conn.query_drop("SET GLOBAL binlog_row_image = 'FULL'")
+        .unwrap();
+    let compression = compression(server);
+    conn.query_drop(format!("SET GLOBAL {compression} = ON"))
+        .unwrap();
+    refused(compression, &format!("SET GLOBAL {compression} = OFF"));
+    conn.query_drop(format!("SET GLOBAL {compression} = OFF"))
         .unwrap();
 
     // A user with rights on the tables only, then with REPLICATION SLAVE only.
@@ -1113,6 +1200,7 @@ macro_rules! on_both_servers {
 }
 
 on_both_servers!(
+    a_log_compressed_while_the_relay_runs_stops_it_until_caught_up_from_the_table,
     a_corrupt_row_holds_its_key_until_an_operator_discards_it,
     a_corrupt_row_is_made_dead_and_the_rest_go_on,
     every_field_comes_through_the_binary_log_as_written,

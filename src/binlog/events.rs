@@ -19,6 +19,10 @@ use crate::store::codec::assemble;
 
 /// MariaDB's own event types, which the `mysql` crate does not name.
 const MARIADB_GTID_EVENT: u8 = 162;
+/// MySQL's event that wraps a compressed transaction (`binlog_transaction_compression`).
+const MYSQL_TRANSACTION_PAYLOAD_EVENT: u8 = 40;
+/// MariaDB's compressed rows events (`log_bin_compress`), from the first to the last.
+const MARIADB_COMPRESSED_ROWS: std::ops::RangeInclusive<u8> = 166..=171;
 /// What a MariaDB replica says it understands: GTID events and annotations (4, "mine").
 const MARIADB_CAPABILITY: u8 = 4;
 const PENDING: i64 = 0;
@@ -219,6 +223,19 @@ impl<'s> Decoder<'s> {
             }
             return Ok(());
         }
+        if let Some(setting) = compressed(header.event_type_raw()) {
+            return Err(Error::config(format!(
+                "the binary log holds a compressed event before {}:{} ({setting} is ON), \
+                 which the binlog relay cannot read and must not skip: nothing after it is \
+                 published. Run SET GLOBAL {setting} = OFF (and set it OFF under [mysqld]), \
+                 then DELETE FROM {POSITION_TABLE} WHERE outbox_table = '{}': the relay \
+                 then publishes what is pending from the table and follows the log from its \
+                 end",
+                self.file,
+                header.log_pos(),
+                self.source.table
+            )));
+        }
         let Some(data) = event.read_data().map_err(corrupt_event)? else {
             return Ok(());
         };
@@ -357,6 +374,19 @@ impl<'s> Decoder<'s> {
             }
         }
         Ok(())
+    }
+}
+
+/// The server setting behind a compressed event of type `event_type`: MySQL's compressed
+/// transactions and MariaDB's compressed rows events, which the `mysql` crate does not
+/// read here. `None` for any other event.
+fn compressed(event_type: u8) -> Option<&'static str> {
+    if event_type == MYSQL_TRANSACTION_PAYLOAD_EVENT {
+        Some("binlog_transaction_compression")
+    } else if MARIADB_COMPRESSED_ROWS.contains(&event_type) {
+        Some("log_bin_compress")
+    } else {
+        None
     }
 }
 

@@ -68,16 +68,20 @@ pub(crate) fn check(conn: &mut impl Queryable) -> Result<Server> {
             image.as_deref().unwrap_or("unset")
         )));
     }
-    if !mariadb {
-        let compressed: Option<String> = conn
-            .query_first("SELECT @@GLOBAL.binlog_transaction_compression")
-            .unwrap_or(None);
-        if matches!(compressed.as_deref(), Some("1" | "ON")) {
-            return Err(Error::config(
-                "binlog_transaction_compression is ON: the binlog relay does not read \
-                 compressed transactions yet. SET GLOBAL binlog_transaction_compression = OFF",
-            ));
-        }
+    // MySQL compresses whole transactions, MariaDB single events: neither is read here.
+    let compression = if mariadb {
+        "log_bin_compress"
+    } else {
+        "binlog_transaction_compression"
+    };
+    let compressed: Option<String> = conn
+        .query_first(format!("SELECT @@GLOBAL.{compression}"))
+        .unwrap_or(None);
+    if matches!(compressed.as_deref(), Some("1" | "ON")) {
+        return Err(Error::config(format!(
+            "{compression} is ON: the binlog relay does not read compressed binary logs. \
+             Run SET GLOBAL {compression} = OFF and set {compression} = OFF under [mysqld]"
+        )));
     }
     check_grants(conn)?;
     Ok(Server {
