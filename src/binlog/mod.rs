@@ -5,7 +5,9 @@
 //! inserted into the outbox table in commit order, the moment its transaction commits:
 //! no polling query while nothing is committed, and one bulk mark per batch instead of
 //! a claim and a mark. It needs a server with `log_bin` on, `binlog_format = ROW`,
-//! `binlog_row_image = FULL`, and a user with REPLICATION SLAVE and REPLICATION CLIENT;
+//! `binlog_row_image = FULL`, its binary log uncompressed (MySQL's
+//! `binlog_transaction_compression` and MariaDB's `log_bin_compress` off), and a user
+//! with REPLICATION SLAVE and REPLICATION CLIENT;
 //! [`BinlogRelay::start`] checks each and refuses with an [`Error::Config`] that says how
 //! to fix it.
 //!
