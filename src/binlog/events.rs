@@ -337,7 +337,9 @@ impl<'s> Decoder<'s> {
             if inserted {
                 self.foreign = true;
                 if state(&mut after, columns) == Some(PENDING) {
-                    emit(readable(after, columns, Change::Inserted)?);
+                    emit(readable(after, columns, |record, _| {
+                        Change::Inserted(record)
+                    })?);
                 }
                 continue;
             }
@@ -346,12 +348,9 @@ impl<'s> Decoder<'s> {
             if was == Some(DEAD) && matches!(now, Some(PENDING | DISCARDED)) {
                 self.foreign = true;
                 if now == Some(PENDING) {
-                    emit(readable(after, columns, |record| Change::Revived {
+                    emit(readable(after, columns, |record, key| Change::Revived {
                         id: record.id,
-                        key: record
-                            .message
-                            .order_key()
-                            .map(|(topic, key)| (topic.to_string(), key.to_vec())),
+                        key,
                         replayed: Some(record),
                     })?);
                 } else {
@@ -420,16 +419,16 @@ fn state(row: &mut BinlogRow, columns: &Columns) -> Option<i64> {
     })
 }
 
-/// `change` of the row's record, or [`Change::Corrupt`] when the row is no message; an
-/// error only when not even its id can be read.
+/// `change` of the row's record and its topic and key, or [`Change::Corrupt`] when the
+/// row is no message; an error only when not even its id can be read.
 fn readable(
     row: BinlogRow,
     columns: &Columns,
-    change: impl FnOnce(Record) -> Change,
+    change: impl FnOnce(Record, Option<(String, Vec<u8>)>) -> Change,
 ) -> Result<Change> {
     let key = text_and_bytes(&row, columns.topic, columns.key);
     match record(row, columns) {
-        Ok(record) => Ok(change(record)),
+        Ok(record) => Ok(change(record, key)),
         Err(Error::CorruptRow { id, reason }) if id != 0 => Ok(Change::Corrupt { id, reason, key }),
         Err(e) => Err(e),
     }
