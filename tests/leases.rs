@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use common::private_db::PrivateDatabase;
 use common::*;
+use mysql::prelude::Queryable;
+use mysql::TxOpts;
 use outbox::{Dispatcher, Error, Message, MySqlStore, Store};
 
 /// A TCP proxy to the test database that, when armed, lets the next `COMMIT` reach the
@@ -162,4 +164,63 @@ fn a_server_that_would_refuse_every_claim_is_refused_at_start() {
     let row = MySqlStore::with_table(mysql::Pool::new(opts).unwrap(), "statement_outbox").unwrap();
     row.check().unwrap();
     assert_eq!(row.claim("row#1", 10, false).unwrap().records.len(), 1);
+}
+
+/// A relay marks a row whose lease has just run out while the lease cleaner releases it.
+/// The mark holds the row, then moves its `state_id` entry; a release that scanned
+/// `state_id` with locks held that entry and waited for the row, and one of the two died
+/// in a deadlock.
+#[test]
+fn releasing_an_expired_lease_waits_for_a_mark_of_its_row_without_a_deadlock() {
+    let table = TestTable::new("release");
+    table.commit(&[Message::new("t", "m")]);
+    table.exec("UPDATE {t} SET locked_by = 7, locked_on = UTC_TIMESTAMP(6) - INTERVAL 1 HOUR");
+    let id: u64 = table
+        .conn()
+        .query_first(format!("SELECT id FROM `{}`", table.name))
+        .unwrap()
+        .unwrap();
+
+    let mut marker = table.conn();
+    let mut mark = marker.start_transaction(TxOpts::default()).unwrap();
+    let held: Option<u64> = mark
+        .exec_first(
+            format!("SELECT id FROM `{}` WHERE id = ? FOR UPDATE", table.name),
+            (id,),
+        )
+        .unwrap();
+    assert_eq!(held, Some(id));
+
+    let store = table.store.clone();
+    let release = thread::spawn(move || store.release_expired(Duration::from_secs(60)));
+    let waiting = format!(
+        "SELECT COUNT(*) FROM information_schema.INNODB_TRX \
+         WHERE trx_state = 'LOCK WAIT' AND trx_query LIKE '%{}%'",
+        table.name
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || table
+            .conn()
+            .query_first::<u64, _>(&waiting)
+            .unwrap()
+            == Some(1)),
+        "the release waits for the marked row"
+    );
+    let marked = mark.exec_drop(
+        format!(
+            "UPDATE `{}` SET state = 1, locked_by = 0, processed_on = UTC_TIMESTAMP(6) WHERE id = ?",
+            table.name
+        ),
+        (id,),
+    );
+    assert!(marked.is_ok(), "the mark goes through: {marked:?}");
+    mark.commit().unwrap();
+
+    let released = release.join().unwrap();
+    assert_eq!(
+        released.unwrap(),
+        0,
+        "the release goes through, and finds the row delivered, not leased"
+    );
+    assert_eq!(table.count("state = 1 AND locked_by = 0"), 1);
 }

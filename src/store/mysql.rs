@@ -514,16 +514,35 @@ impl Store for MySqlStore {
         self.update_ids(&sql, vec![Value::from(lease)], ids)
     }
 
+    /// Found by a plain read, released by primary key. A locking scan of `state_id` would
+    /// lock each index entry before its row, the opposite of a mark (row, then the entry it
+    /// moves), and deadlock with a relay marking those rows; it would also wait on every
+    /// pending row not yet committed.
     fn release_expired(&self, older_than: Duration) -> Result<u64> {
-        self.read_committed(
-            &format!(
-                "UPDATE `{}` SET locked_by = 0 \
-                 WHERE state = {PENDING} AND locked_by <> 0 \
-                   AND locked_on < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND",
-                self.table
-            ),
-            (micros(older_than),),
-        )
+        let expired = format!(
+            "state = {PENDING} AND locked_by <> 0 \
+             AND locked_on < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND"
+        );
+        let find = format!(
+            "SELECT id FROM `{}` WHERE {expired} ORDER BY id LIMIT {MAX_ID_LIST}",
+            self.table
+        );
+        let release = format!(
+            "UPDATE `{}` FORCE INDEX (PRIMARY) SET locked_by = 0 WHERE {expired} AND id IN ({{ids}})",
+            self.table
+        );
+        let age = micros(older_than);
+        let mut released = 0;
+        loop {
+            let ids: Vec<u64> = self.conns.with(|conn| Ok(conn.exec(&find, (age,))?))?;
+            let changed = self.update_ids(&release, vec![Value::from(age)], &ids)?;
+            released += changed;
+            // Fewer than a full list: none left. None changed: they changed under us, and
+            // the next round takes them up.
+            if ids.len() < MAX_ID_LIST || changed == 0 {
+                return Ok(released);
+            }
+        }
     }
 
     /// Deletes delivered rows and discarded ones (dead rows an operator gave up on,
