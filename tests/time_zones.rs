@@ -125,8 +125,8 @@ fn leases_and_backoffs_mean_the_same_in_every_session_zone() {
 fn migrate_brings_the_time_defaults_of_an_earlier_table_to_utc() {
     let table = TestTable::new("tz_migrate");
     table.exec(
-        "ALTER TABLE {t} ALTER COLUMN created_on SET DEFAULT CURRENT_TIMESTAMP(6), \
-         ALTER COLUMN available_on SET DEFAULT CURRENT_TIMESTAMP(6)",
+        "ALTER TABLE {t} MODIFY created_on DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6), \
+         MODIFY available_on DATETIME(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6)",
     );
     table.store.migrate().unwrap();
     // A row written by hand, without the times, in a session far from UTC.

@@ -298,9 +298,17 @@ impl Admin {
     pub fn explain_status(&self) -> Result<Vec<String>> {
         let table = self.table();
         self.store().connections().with(|conn| {
+            // MySQL 9 answers a plain EXPLAIN as a tree, in one column; MariaDB knows no
+            // FORMAT=TRADITIONAL.
+            let version: Option<String> = conn.query_first("SELECT VERSION()")?;
+            let explain = if version.is_some_and(|v| v.contains("MariaDB")) {
+                "EXPLAIN"
+            } else {
+                "EXPLAIN FORMAT=TRADITIONAL"
+            };
             let mut lines = Vec::new();
             for sql in [settled_sql(table), pending_sql(table)] {
-                let plan: Vec<mysql::Row> = conn.query(format!("EXPLAIN {sql}"))?;
+                let plan: Vec<mysql::Row> = conn.query(format!("{explain} {sql}"))?;
                 for row in plan {
                     let column = |name: &str| -> String {
                         row.get_opt::<Option<String>, _>(name)
