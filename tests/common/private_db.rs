@@ -63,9 +63,16 @@ fn mysqld() -> std::process::Command {
 }
 
 impl PrivateDatabase {
-    /// A private MariaDB.
+    /// A private server of the kind the tests run on: MariaDB, or MySQL when
+    /// `OUTBOX_TEST_SERVER` is `mysql` (`make test-mysql` sets it).
     pub fn new() -> PrivateDatabase {
-        PrivateDatabase::of(Server::MariaDb)
+        let mysql =
+            std::env::var("OUTBOX_TEST_SERVER").is_ok_and(|s| s.eq_ignore_ascii_case("mysql"));
+        PrivateDatabase::of(if mysql {
+            Server::MySql
+        } else {
+            Server::MariaDb
+        })
     }
 
     /// A private server of `server`'s kind.

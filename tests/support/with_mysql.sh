@@ -3,7 +3,8 @@
 # .services/mysql-server, the server unpacked by `make mysql` (OUTBOX_TEST_MYSQL overrides
 # where), listening on 127.0.0.1:$MYSQL_PORT (default 3308) with the binary log off, as the
 # machine's MariaDB runs. The command gets OUTBOX_DATABASE_URL pointing at it; the server
-# is stopped when the command ends, whatever its outcome.
+# is stopped when the command ends, whatever its outcome. OUTBOX_TEST_SERVER=mysql makes the
+# tests that start a private server of their own start MySQL as well.
 #
 #   tests/support/with_mysql.sh cargo test --features cli
 set -euo pipefail
@@ -41,4 +42,5 @@ done
 version=$(mysql --host=127.0.0.1 --port="$port" --user=root -N -e "SELECT VERSION()")
 echo "MySQL $version on 127.0.0.1:$port ($dir)"
 
-OUTBOX_DATABASE_URL="mysql://root@127.0.0.1:$port/test" "$@"
+# The tests that start a server of their own (killed, restarted) start MySQL too.
+OUTBOX_DATABASE_URL="mysql://root@127.0.0.1:$port/test" OUTBOX_TEST_SERVER=mysql "$@"
