@@ -14,6 +14,7 @@ use common::private_db::PrivateDatabase;
 use common::*;
 use mysql::prelude::Queryable;
 use mysql::TxOpts;
+use outbox::admin::{Admin, Owner};
 use outbox::{Dispatcher, Error, Message, MySqlStore, Store};
 
 /// A TCP proxy to the test database that, when armed, lets the next `COMMIT` reach the
@@ -172,9 +173,34 @@ fn a_server_that_would_refuse_every_claim_is_refused_at_start() {
 /// in a deadlock.
 #[test]
 fn releasing_an_expired_lease_waits_for_a_mark_of_its_row_without_a_deadlock() {
-    let table = TestTable::new("release");
+    a_release_waits_for_a_mark_of_its_row("release_expired", 7, |store| {
+        store.release_expired(Duration::from_secs(60))
+    });
+}
+
+/// The same for an operator's `outbox leases release` of a dispatcher believed gone,
+/// while another relay marks one of its rows.
+#[test]
+fn releasing_an_owners_leases_waits_for_a_mark_of_its_row_without_a_deadlock() {
+    let lease = MySqlStore::leases_of("gone#1").start() | 1;
+    a_release_waits_for_a_mark_of_its_row("release_owner", lease, |store| {
+        Admin::new(store)?.release_leases(Owner::of("gone#1"))
+    });
+}
+
+/// One pending row leased under `lease` an hour ago is held by a mark in progress while
+/// `release` runs: the release waits for it, the mark goes through, and the release then
+/// finds the row delivered.
+fn a_release_waits_for_a_mark_of_its_row(
+    prefix: &str,
+    lease: u64,
+    release: impl FnOnce(MySqlStore) -> outbox::Result<u64> + Send + 'static,
+) {
+    let table = TestTable::new(prefix);
     table.commit(&[Message::new("t", "m")]);
-    table.exec("UPDATE {t} SET locked_by = 7, locked_on = UTC_TIMESTAMP(6) - INTERVAL 1 HOUR");
+    table.exec(&format!(
+        "UPDATE {{t}} SET locked_by = {lease}, locked_on = UTC_TIMESTAMP(6) - INTERVAL 1 HOUR"
+    ));
     let id: u64 = table
         .conn()
         .query_first(format!("SELECT id FROM `{}`", table.name))
@@ -192,7 +218,7 @@ fn releasing_an_expired_lease_waits_for_a_mark_of_its_row_without_a_deadlock() {
     assert_eq!(held, Some(id));
 
     let store = table.store.clone();
-    let release = thread::spawn(move || store.release_expired(Duration::from_secs(60)));
+    let release = thread::spawn(move || release(store));
     // Its statement, a second into it: waiting for the row. (MySQL 9.7 does not list an
     // autocommit statement's lock wait in INNODB_TRX.)
     let waiting = format!(

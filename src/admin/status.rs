@@ -12,7 +12,7 @@ use super::time::{age, age_of, micros_of, rfc3339, seconds, time};
 use super::Admin;
 use crate::error::{Error, Result};
 use crate::metrics::{Backlog, TopicBacklog};
-use crate::store::mysql::{micros, DEAD, DELIVERED, DISCARDED, PENDING};
+use crate::store::mysql::{micros, release_leased, DEAD, DELIVERED, DISCARDED, PENDING};
 use crate::store::MySqlStore;
 
 /// How many messages are in each state, and how old the oldest pending one is.
@@ -242,20 +242,15 @@ impl Admin {
     pub fn release_leases(&self, owner: Owner) -> Result<u64> {
         let leases = owner.leases();
         let released = self.store().connections().with(|conn| {
-            let opts = mysql::TxOpts::default()
-                .set_isolation_level(Some(mysql::IsolationLevel::ReadCommitted));
-            let mut tx = conn.start_transaction(opts)?;
-            tx.exec_drop(
-                format!(
-                    "UPDATE `{}` SET locked_by = 0 WHERE state = {PENDING} \
-                     AND locked_by BETWEEN ? AND ?",
-                    self.table()
-                ),
-                (leases.start(), leases.end()),
-            )?;
-            let released = tx.affected_rows();
-            tx.commit()?;
-            Ok(released)
+            release_leased(
+                conn,
+                self.table(),
+                "locked_by BETWEEN ? AND ?",
+                &[
+                    mysql::Value::from(*leases.start()),
+                    mysql::Value::from(*leases.end()),
+                ],
+            )
         })?;
         if released > 0 {
             log::warn!(

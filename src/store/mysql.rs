@@ -131,15 +131,9 @@ impl MySqlStore {
         if orphans.is_empty() {
             return Ok(());
         }
-        conn.exec_drop(
-            format!(
-                "UPDATE `{}` SET locked_by = 0 WHERE state = {PENDING} AND locked_by IN ({})",
-                self.table,
-                placeholders(orphans.len())
-            ),
-            orphans.clone(),
-        )?;
-        let released = conn.affected_rows();
+        let condition = format!("locked_by IN ({})", placeholders(orphans.len()));
+        let leases: Vec<Value> = orphans.iter().map(|&lease| Value::from(lease)).collect();
+        let released = release_leased(conn, &self.table, &condition, &leases)?;
         if released > 0 {
             log::warn!(
                 "released {released} rows of claims whose outcome was lost with their connection"
@@ -514,35 +508,15 @@ impl Store for MySqlStore {
         self.update_ids(&sql, vec![Value::from(lease)], ids)
     }
 
-    /// Found by a plain read, released by primary key. A locking scan of `state_id` would
-    /// lock each index entry before its row, the opposite of a mark (row, then the entry it
-    /// moves), and deadlock with a relay marking those rows; it would also wait on every
-    /// pending row not yet committed.
     fn release_expired(&self, older_than: Duration) -> Result<u64> {
-        let expired = format!(
-            "state = {PENDING} AND locked_by <> 0 \
-             AND locked_on < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND"
-        );
-        let find = format!(
-            "SELECT id FROM `{}` WHERE {expired} ORDER BY id LIMIT {MAX_ID_LIST}",
-            self.table
-        );
-        let release = format!(
-            "UPDATE `{}` FORCE INDEX (PRIMARY) SET locked_by = 0 WHERE {expired} AND id IN ({{ids}})",
-            self.table
-        );
-        let age = micros(older_than);
-        let mut released = 0;
-        loop {
-            let ids: Vec<u64> = self.conns.with(|conn| Ok(conn.exec(&find, (age,))?))?;
-            let changed = self.update_ids(&release, vec![Value::from(age)], &ids)?;
-            released += changed;
-            // Fewer than a full list: none left. None changed: they changed under us, and
-            // the next round takes them up.
-            if ids.len() < MAX_ID_LIST || changed == 0 {
-                return Ok(released);
-            }
-        }
+        self.conns.with(|conn| {
+            release_leased(
+                conn,
+                &self.table,
+                "locked_on < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND",
+                &[Value::from(micros(older_than))],
+            )
+        })
     }
 
     /// Deletes delivered rows and discarded ones (dead rows an operator gave up on,
@@ -576,6 +550,45 @@ pub(crate) fn validate_table_name(table: &str, max_len: usize) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Releases the pending rows of `table` whose lease matches `condition` (SQL on the row,
+/// with its `params`), without counting an attempt; returns how many. They are found by a
+/// plain read and released by primary key, the condition checked again under each row's
+/// lock. A locking scan of `state_id` would lock each index entry before its row, the
+/// opposite of a mark (the row, then the entry it moves), and deadlock with a mark of
+/// those rows; it would also wait on every pending row not yet committed.
+pub(crate) fn release_leased(
+    conn: &mut PooledConn,
+    table: &str,
+    condition: &str,
+    params: &[Value],
+) -> Result<u64> {
+    let leased = format!("state = {PENDING} AND locked_by <> 0 AND {condition}");
+    let find = format!("SELECT id FROM `{table}` WHERE {leased} ORDER BY id LIMIT {MAX_ID_LIST}");
+    let mut released = 0;
+    loop {
+        let ids: Vec<u64> = conn.exec(&find, params.to_vec())?;
+        if ids.is_empty() {
+            return Ok(released);
+        }
+        let ids_params = padded(&ids);
+        let release = format!(
+            "UPDATE `{table}` FORCE INDEX (PRIMARY) SET locked_by = 0 \
+             WHERE {leased} AND id IN ({})",
+            placeholders(ids_params.len())
+        );
+        let mut all = params.to_vec();
+        all.extend(ids_params);
+        conn.exec_drop(release, all)?;
+        let changed = conn.affected_rows();
+        released += changed;
+        // Fewer than a full list: none left. None changed: they changed under us, and
+        // a later round takes them up.
+        if ids.len() < MAX_ID_LIST || changed == 0 {
+            return Ok(released);
+        }
+    }
 }
 
 /// `ids` as parameters, padded to a power of two (up to [`MAX_ID_LIST`]) by repeating the
