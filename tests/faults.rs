@@ -127,9 +127,32 @@ fn broker_down_at_start_and_killed_mid_drain_loses_nothing_and_keeps_key_order()
         .count("state = 1")
         > 300));
     kafka.kill();
-    // Let every batch sent before the kill settle: publishing waits at most the delivery
-    // timeout for its reports, and what the dead broker acknowledged is marked delivered.
-    std::thread::sleep(Duration::from_millis(DELIVERY_TIMEOUT_MS + 3_000));
+    // Let every batch sent before the kill settle: each row leased now keeps its lease
+    // until its publish is over (at most a delivery timeout) and it is marked, delivered
+    // if the dead broker acknowledged it. A batch claimed later is sent to no broker.
+    let leased: Vec<(u64, u64)> = table
+        .conn()
+        .query(format!(
+            "SELECT id, locked_by FROM `{}` WHERE locked_by <> 0",
+            table.name
+        ))
+        .unwrap();
+    let still_held = format!(
+        "(id, locked_by) IN ({})",
+        leased
+            .iter()
+            .map(|(id, lease)| format!("({id}, {lease})"))
+            .chain(std::iter::once("(0, 0)".to_string()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    assert!(
+        wait_for(
+            Duration::from_millis(DELIVERY_TIMEOUT_MS) + Duration::from_secs(60),
+            || table.count(&still_held) == 0
+        ),
+        "the batches in flight at the kill were settled"
+    );
     // What is still pending now can only reach Kafka through the restarted broker.
     let pending: HashSet<String> = table
         .conn()
@@ -195,8 +218,12 @@ fn database_killed_mid_drain_recovers_and_marks_only_what_kafka_acknowledged() {
     store.migrate().unwrap();
     let topic = unique("db_crash");
     let outbox = outbox::Outbox::new(&store);
+    // Twenty keys, each with versions 1 to 150 in commit order.
     let messages: Vec<Message> = (0..3_000)
-        .map(|i| Message::new(&topic, format!("k{}:{i}", i % 20)).with_key(format!("k{}", i % 20)))
+        .map(|i| {
+            Message::new(&topic, format!("k{}:{}", i % 20, i / 20 + 1))
+                .with_key(format!("k{}", i % 20))
+        })
         .collect();
     let mut tx = pool.start_transaction(TxOpts::default()).unwrap();
     let ids: HashSet<String> = outbox
@@ -248,36 +275,16 @@ fn database_killed_mid_drain_recovers_and_marks_only_what_kafka_acknowledged() {
 
     // Every message arrived; a row is marked delivered only when Kafka has it; a message
     // whose mark the crash lost is sent again, replaying its key's suffix in order.
-    let got = consume(
+    let got = consume_ids(
         &topic,
-        3_000,
+        &ids,
         Duration::from_secs(60),
         Duration::from_secs(1),
     );
     let counts = id_counts(&got);
     assert_eq!(counts.keys().cloned().collect::<HashSet<_>>(), ids);
-    let mut per_key: std::collections::HashMap<String, Vec<u32>> = std::collections::HashMap::new();
-    for record in &got {
-        let text = String::from_utf8(record.payload.clone()).unwrap();
-        let (key, n) = text.split_once(':').unwrap();
-        per_key
-            .entry(key.to_string())
-            .or_default()
-            .push(n.parse().unwrap());
-    }
-    for (key, seen) in per_key {
-        let mut max_seen = None;
-        for n in seen {
-            // Forward steps go to the key's next message (i + 20); going back re-sends.
-            if let Some(max) = max_seen {
-                assert!(
-                    n <= max || n == max + 20,
-                    "{key}: {n} after reading up to {max}"
-                );
-            }
-            max_seen = max_seen.max(Some(n));
-        }
-    }
+    let finals = (0..20).map(|k| (format!("k{k}"), 150)).collect();
+    assert_commit_order(&versions_read(&got), &finals, true);
     drop(handle);
 }
 
@@ -288,23 +295,46 @@ fn dispatchers_whose_host_clocks_are_off_by_minutes_neither_steal_nor_stall() {
     // decision made on the host's clock, the one ahead would take the other's leases as
     // long expired and publish their messages again, and the one behind would take
     // fresh backoffs as far in the future.
+    //
+    // Only the wall clock is off, and everywhere in the process, as on a host whose
+    // clock is wrong. libfaketime shifts the monotonic clock too unless told not to, and
+    // then every timed wait (futexes and condition variables wait by the real monotonic
+    // clock) waits for ever. And librdkafka waits through glibc's C11 cnd_timedwait,
+    // which libfaketime does not see: its deadline comes from the faked wall clock and is
+    // waited for by the real one, so a clock set ahead delays each of its timers by the
+    // whole offset. A small preloaded shim sends that wait through the pthread function
+    // libfaketime translates (tests/support/cnd_timedwait.c).
     let table = TestTable::new("clock");
     let topic = unique("clock");
+    // Lingering makes every batch hold its leases for a while; 400 keys let both relays
+    // claim at once (a batch holds back only the later rows of its own keys). Each
+    // record's timestamp is its relay's clock when it published, so the records say which
+    // relay sent them and that its clock was off.
+    let properties = ",linger.ms=100,outbox.record.timestamp=publish";
+    const SKEW: i64 = 15 * 60 * 1_000;
+    let shim = cnd_timedwait_shim();
+    let skewed_relay = |instance: &str, offset: &str| {
+        let faketime = ["faketime", "--exclude-monotonic", "-f", offset];
+        let mut command = relay_command(&table.name, instance, properties, &faketime);
+        command
+            .env("LD_PRELOAD", &shim)
+            .stdin(std::process::Stdio::piped());
+        start_relay(command)
+    };
+    let mut behind = Reaped(skewed_relay("behind", "-15m").0);
+    let mut ahead = Reaped(skewed_relay("ahead", "+15m").0);
+    let committed_at = now_millis();
     let ids: HashSet<String> = table
         .commit(
             &(0..2_000)
                 .map(|i| {
-                    Message::new(&topic, format!("k{}:{i}", i % 40))
-                        .with_key(format!("k{}", i % 40))
+                    Message::new(&topic, format!("k{}:{i}", i % 400))
+                        .with_key(format!("k{}", i % 400))
                 })
                 .collect::<Vec<_>>(),
         )
         .into_iter()
         .collect();
-    let skewed = |offset: &'static str| -> Vec<&'static str> { vec!["faketime", "-f", offset] };
-    // Lingering makes every batch hold its leases for a while.
-    let (mut behind, _) = spawn_relay(&table.name, "behind", ",linger.ms=100", &skewed("-15m"));
-    let (mut ahead, _) = spawn_relay(&table.name, "ahead", ",linger.ms=100", &skewed("+15m"));
 
     let got = consume(
         &topic,
@@ -312,6 +342,7 @@ fn dispatchers_whose_host_clocks_are_off_by_minutes_neither_steal_nor_stall() {
         Duration::from_secs(60),
         Duration::from_secs(2),
     );
+    let published_by = now_millis();
     let counts = id_counts(&got);
     assert_eq!(
         counts.keys().cloned().collect::<HashSet<_>>(),
@@ -322,13 +353,54 @@ fn dispatchers_whose_host_clocks_are_off_by_minutes_neither_steal_nor_stall() {
         counts.values().all(|&n| n == 1),
         "no lease was taken over: nothing twice"
     );
+    // Every record was stamped by a clock 15 minutes off, and both relays published.
+    let (mut by_behind, mut by_ahead) = (0, 0);
+    for record in &got {
+        let stamp = record.timestamp.expect("a timestamp");
+        if (committed_at - SKEW..=published_by - SKEW).contains(&stamp) {
+            by_behind += 1;
+        } else if (committed_at + SKEW..=published_by + SKEW).contains(&stamp) {
+            by_ahead += 1;
+        } else {
+            panic!("a record stamped {stamp}, by neither skewed clock");
+        }
+    }
+    assert!(
+        by_behind > 0 && by_ahead > 0,
+        "both relays published: {by_behind} behind, {by_ahead} ahead"
+    );
     assert!(wait_for(Duration::from_secs(10), || table
         .count("state = 1")
         == 2_000));
-    for relay in [&mut behind, &mut ahead] {
+    for Reaped(relay) in [&mut behind, &mut ahead] {
         drop(relay.stdin.take());
         assert!(relay.wait().unwrap().success());
     }
+}
+
+/// The shim of tests/support/cnd_timedwait.c, built with the C compiler (`CC`, or `cc`)
+/// into the build's directory; its path.
+fn cnd_timedwait_shim() -> std::path::PathBuf {
+    let source = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/cnd_timedwait.c");
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let library = dir.join(format!("{}.so", unique("cnd_timedwait")));
+    let compiler = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let built = std::process::Command::new(&compiler)
+        .args(["-shared", "-fPIC", "-O2", "-o"])
+        .arg(&library)
+        .arg(source)
+        .status()
+        .unwrap_or_else(|e| panic!("{compiler} runs: {e}"));
+    assert!(built.success(), "{compiler} builds {source}");
+    library
+}
+
+/// Milliseconds since 1970 by this process's clock.
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }
 
 #[test]

@@ -6,7 +6,10 @@
 
 #![allow(dead_code)]
 
+pub mod gate;
+pub mod logs;
 pub mod private_db;
+pub mod recorder;
 pub mod tansu;
 
 use std::collections::HashMap;
@@ -258,6 +261,40 @@ pub fn consume_with(
     timeout: Duration,
     linger: Duration,
 ) -> Vec<Consumed> {
+    consume_until(properties, servers, topic, timeout, linger, |got| {
+        got.len() >= expected
+    })
+}
+
+/// Reads `topic` from the beginning until every message of `ids` arrived (however many
+/// records that took: duplicates are allowed), then `linger` more, or until `timeout`.
+pub fn consume_ids(
+    topic: &str,
+    ids: &std::collections::HashSet<String>,
+    timeout: Duration,
+    linger: Duration,
+) -> Vec<Consumed> {
+    let mut seen = std::collections::HashSet::new();
+    let mut read = 0;
+    consume_until(&[], &brokers(), topic, timeout, linger, |got| {
+        for record in &got[read..] {
+            seen.insert(record.message_id());
+        }
+        read = got.len();
+        ids.iter().all(|id| seen.contains(id))
+    })
+}
+
+/// Reads `topic` from the beginning until `done` holds of what was read, then `linger`
+/// more (to catch records that should not be there), or until `timeout`.
+pub fn consume_until(
+    properties: &[(&str, &str)],
+    servers: &str,
+    topic: &str,
+    timeout: Duration,
+    linger: Duration,
+    mut done: impl FnMut(&[Consumed]) -> bool,
+) -> Vec<Consumed> {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", servers)
@@ -312,7 +349,7 @@ pub fn consume_with(
                 headers,
                 timestamp: m.timestamp().to_millis(),
             });
-            if out.len() == expected {
+            if stop_at == deadline && done(&out) {
                 stop_at = stop_at.min(Instant::now() + linger);
             }
         }
@@ -622,4 +659,14 @@ pub fn exchange(address: &str, request: &[u8]) -> (u16, String) {
         .split_once("\r\n\r\n")
         .map_or(String::new(), |(_, body)| body.to_string());
     (status, body)
+}
+
+/// A child process killed when dropped, so that a failing test leaves none running.
+pub struct Reaped(pub std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
