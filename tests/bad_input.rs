@@ -11,39 +11,86 @@ use outbox::{
     MAX_MESSAGE_SIZE, MAX_TOPIC_LEN, MESSAGE_ID_HEADER,
 };
 
-fn bad_messages() -> Vec<(&'static str, Message)> {
+/// Each bad message, with a case name and what its refusal must say: the rule it broke.
+fn bad_messages() -> Vec<(&'static str, Message, String)> {
     let ok = || Message::new("orders", "payload");
     vec![
-        ("empty topic", Message::new("", "p")),
-        ("topic with a space", Message::new("or ders", "p")),
-        ("topic with a slash", Message::new("a/b", "p")),
-        ("topic '..'", Message::new("..", "p")),
+        (
+            "empty topic",
+            Message::new("", "p"),
+            "topic is empty".into(),
+        ),
+        (
+            "topic with a space",
+            Message::new("or ders", "p"),
+            "topic \"or ders\" contains ' '".into(),
+        ),
+        (
+            "topic with a slash",
+            Message::new("a/b", "p"),
+            "topic \"a/b\" contains '/'".into(),
+        ),
+        (
+            "topic '..'",
+            Message::new("..", "p"),
+            "topic may not be \"..\"".into(),
+        ),
         (
             "topic too long",
             Message::new("t".repeat(MAX_TOPIC_LEN + 1), "p"),
+            format!(
+                "topic is {} characters, the limit is {MAX_TOPIC_LEN}",
+                MAX_TOPIC_LEN + 1
+            ),
         ),
         (
             "topic with a quote",
             Message::new("x'; DROP TABLE outbox; --", "p"),
+            "contains '\\''".into(),
         ),
-        ("key too long", ok().with_key("k".repeat(MAX_KEY_LEN + 1))),
-        ("empty header name", ok().with_header("", "v")),
-        ("header name with NUL", ok().with_header("a\0b", "v")),
+        (
+            "key too long",
+            ok().with_key("k".repeat(MAX_KEY_LEN + 1)),
+            format!(
+                "key is {} bytes, the limit is {MAX_KEY_LEN}",
+                MAX_KEY_LEN + 1
+            ),
+        ),
+        (
+            "empty header name",
+            ok().with_header("", "v"),
+            "header name is empty".into(),
+        ),
+        (
+            "header name with NUL",
+            ok().with_header("a\0b", "v"),
+            "contains a control character".into(),
+        ),
         (
             "reserved header",
             ok().with_header(MESSAGE_ID_HEADER, "forged"),
+            format!("header name {MESSAGE_ID_HEADER:?} is reserved"),
         ),
         (
             "too many headers",
             (0..=MAX_HEADERS).fold(ok(), |m, i| m.with_header(format!("h{i}"), "v")),
+            format!("{} headers, the limit is {MAX_HEADERS}", MAX_HEADERS + 1),
         ),
         (
             "payload too large",
             Message::new("orders", vec![7u8; MAX_MESSAGE_SIZE + 1]),
+            format!(
+                "message is {} bytes (payload, key and headers), the limit is {MAX_MESSAGE_SIZE}",
+                MAX_MESSAGE_SIZE + 1
+            ),
         ),
         (
             "headers too large",
             ok().with_header("big", vec![0u8; MAX_MESSAGE_SIZE]),
+            format!(
+                "message is {} bytes",
+                "payload".len() + "big".len() + MAX_MESSAGE_SIZE
+            ),
         ),
     ]
 }
@@ -53,9 +100,11 @@ fn every_bad_message_is_refused_and_nothing_is_written() {
     let table = TestTable::new("bad_input");
     let outbox = Outbox::new(&table.store);
     let mut tx = table.pool.start_transaction(TxOpts::default()).unwrap();
-    for (case, message) in bad_messages() {
+    for (case, message, rule) in bad_messages() {
         match outbox.add(&mut tx, &message) {
-            Err(Error::InvalidMessage(reason)) => assert!(!reason.is_empty(), "{case}"),
+            Err(Error::InvalidMessage(reason)) => {
+                assert!(reason.contains(&rule), "{case}: {reason:?} says {rule:?}")
+            }
             other => panic!("{case}: expected InvalidMessage, got {other:?}"),
         }
     }
@@ -173,28 +222,28 @@ fn invalid_settings_are_refused_at_construction() {
     let d = fast_settings;
     let cases = vec![
         (
-            "zero process_interval",
+            "process_interval must be greater than zero",
             DispatcherSettings {
                 process_interval: Duration::ZERO,
                 ..d()
             },
         ),
         (
-            "zero batch",
+            "batch_size must be 1 to",
             DispatcherSettings {
                 batch_size: 0,
                 ..d()
             },
         ),
         (
-            "zero attempts",
+            "max_attempts must be at least 1",
             DispatcherSettings {
                 max_attempts: Some(0),
                 ..d()
             },
         ),
         (
-            "backoff inverted",
+            "backoff_min must not exceed backoff_max",
             DispatcherSettings {
                 backoff_min: Duration::from_secs(2),
                 backoff_max: Duration::from_secs(1),
@@ -202,18 +251,21 @@ fn invalid_settings_are_refused_at_construction() {
             },
         ),
         (
-            "lease shorter than the delivery timeout",
+            "must be at least 3 times the broker's delivery timeout",
             DispatcherSettings {
                 max_lock_duration: Duration::from_millis(DELIVERY_TIMEOUT_MS),
                 ..d()
             },
         ),
     ];
-    for (case, settings) in cases {
-        let result = Dispatcher::new(table.store.clone(), broker(), settings, "bad");
-        assert!(matches!(result, Err(Error::Config(_))), "{case}");
+    // Each refusal names the setting at fault and the rule.
+    for (rule, settings) in cases {
+        match Dispatcher::new(table.store.clone(), broker(), settings, "bad") {
+            Err(Error::Config(reason)) => assert!(reason.contains(rule), "{reason:?}: {rule:?}"),
+            Err(other) => panic!("{rule}: expected a Config error, got {other:?}"),
+            Ok(_) => panic!("{rule}: the settings were accepted"),
+        }
     }
-    assert_eq!(table.count("1"), 0);
 }
 
 #[test]

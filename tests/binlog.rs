@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::logs::Logs;
 use common::private_db::{PrivateDatabase, Server};
 use common::*;
 use mysql::prelude::Queryable;
@@ -75,18 +76,22 @@ fn start_relay(url: &str, table: &str, instance: &str) -> outbox::Result<Dispatc
     .start()
 }
 
-/// `outbox relay --source binlog` on the private server.
-fn relay_process(url: &str, table: &str, instance: &str) -> (std::process::Child, String) {
+/// `outbox relay --source binlog` on the private server; what it logs (the outbox's
+/// lines from `info` up, unless `RUST_LOG` says otherwise).
+fn relay_process(url: &str, table: &str, instance: &str) -> (std::process::Child, String, Logs) {
     let mut command = relay_command(table, instance, "", &[]);
     command
         .env("OUTBOX_DATABASE_URL", url)
         .env("OUTBOX_SOURCE", "binlog")
         .env(
             "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,outbox=info".into()),
         )
-        .stdin(std::process::Stdio::piped());
-    common::start_relay(command)
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let (mut child, owner) = common::start_relay(command);
+    let logs = Logs::capture(child.stderr.take().unwrap(), instance);
+    (child, owner, logs)
 }
 
 /// Waits until the relay of `table` saved a position: it follows the binary log.
@@ -236,14 +241,33 @@ fn the_relays_marks_log_no_payload(server: Server) {
     let f = fixture(server, "binlog_marks");
     let mut relay = start_relay(&f.url, &f.table, "binlog-marks").unwrap();
     wait_until_following(&f.pool, &f.table);
+    relay.stop().unwrap();
     let messages: Vec<outbox::Message> = (0..N)
         .map(|i| outbox::Message::new(&f.topic, format!("{i:0>PAYLOAD$}")).with_key("k"))
         .collect();
     commit(&f.pool, &f.store, &messages);
+    // No relay runs: the log ends after the inserts, and what it gains from here on is
+    // the relay's own writing.
     let (file, before) = log_end(&f.pool);
+    let mut relay = start_relay(&f.url, &f.table, "binlog-marks-again").unwrap();
     assert!(delivered(&f.pool, &f.table, N as u64), "all delivered");
-    // The position after the marks is saved within a second of them.
-    std::thread::sleep(Duration::from_millis(1_500));
+    let saved = || -> Option<(String, u64)> {
+        f.pool
+            .get_conn()
+            .unwrap()
+            .exec_first(
+                format!("SELECT file, position FROM `{POSITION_TABLE}` WHERE outbox_table = ?"),
+                (&f.table,),
+            )
+            .unwrap()
+    };
+    // Its writes end with the position past the inserts.
+    assert!(
+        wait_for(Duration::from_secs(10), || saved()
+            .is_some_and(|(at, offset)| at == file && offset >= before)),
+        "the position past the inserts ({before}) is saved: {:?}",
+        saved()
+    );
     let (file_after, after) = log_end(&f.pool);
     assert_eq!(file_after, file, "no rotation meanwhile");
     let written = after - before;
@@ -520,7 +544,7 @@ fn a_relay_killed_mid_stream_resumes_from_its_position_and_loses_nothing(server:
     );
     let aggregates = Arc::new(Aggregates::new(pool, KEYS));
 
-    let (mut first, _) = relay_process(url, table, "binlog-killed");
+    let (mut first, _, _) = relay_process(url, table, "binlog-killed");
     wait_until_following(pool, table);
     let writing = {
         let (pool, store, aggregates, topic) = (
@@ -541,20 +565,21 @@ fn a_relay_killed_mid_stream_resumes_from_its_position_and_loses_nothing(server:
     first.kill().unwrap();
     first.wait().unwrap();
     let delivered_at_kill = count(pool, table, "state = 1");
-    let saved_at_kill: Option<(String, u64)> = pool
+    let (file, offset): (String, u64) = pool
         .get_conn()
         .unwrap()
         .exec_first(
             format!("SELECT file, position FROM `{POSITION_TABLE}` WHERE outbox_table = ?"),
             (&table,),
         )
-        .unwrap();
-    let (mut second, _) = relay_process(url, table, "binlog-restarted");
+        .unwrap()
+        .expect("a position saved before the kill");
+    let (mut second, _, logs) = relay_process(url, table, "binlog-restarted");
     let committed = writing.join().unwrap();
 
-    let got = consume(
+    let got = consume_ids(
         topic,
-        committed.len(),
+        &committed,
         Duration::from_secs(60),
         Duration::from_secs(3),
     );
@@ -581,12 +606,19 @@ fn a_relay_killed_mid_stream_resumes_from_its_position_and_loses_nothing(server:
         table,
         "state = 0"
     ) == 0));
+    // It resumed where the killed relay had saved its position, and never caught up
+    // from the table (which claims the pending rows instead).
+    let resumed = logs.wait_for(" resumes at ", Duration::from_secs(10));
     assert_eq!(
-        count(pool, table, "locked_by <> 0"),
-        0,
-        "the restarted relay resumed from the binary log, without claiming"
+        resumed.map(|line| line.ends_with(&format!(" resumes at {file}:{offset}"))),
+        Some(true),
+        "the restarted relay resumed from the saved position {file}:{offset}"
     );
-    assert!(saved_at_kill.is_some());
+    assert_eq!(
+        logs.matching("catching up"),
+        Vec::<String>::new(),
+        "without catching up from the table"
+    );
     second.kill().unwrap();
     second.wait().unwrap();
 }
@@ -622,7 +654,7 @@ fn a_standby_takes_over_when_the_active_relay_dies(server: Server) {
             .unwrap_or_default()
     };
 
-    let (mut active, active_owner) = relay_process(url, table, "binlog-active");
+    let (mut active, active_owner, _) = relay_process(url, table, "binlog-active");
     let mut ids = add(20, 0);
     assert!(delivered(pool, table, 20));
     let mut standby = start_relay(url, table, "binlog-standby").unwrap();
@@ -1148,17 +1180,20 @@ fn a_position_saved_on_another_server_is_not_resumed_but_caught_up(server: Serve
     let mut relay = start_relay(url, table, "binlog-before").unwrap();
     wait_until_following(pool, table);
     relay.stop().unwrap();
+    let ids = commit(pool, store, &keyed(topic, 0, 30));
     // As after a failover: the position names a file and offset of another server, which
-    // may well exist here with other contents.
+    // may well exist here with other contents. Here it names the end of this server's
+    // log, past the 30 messages: resumed, it would publish none of them.
+    let (file, end) = log_end(pool);
     let mut conn = pool.get_conn().unwrap();
     conn.exec_drop(
         format!(
-            "UPDATE `{POSITION_TABLE}` SET server_id = 999, position = 4 WHERE outbox_table = ?"
+            "UPDATE `{POSITION_TABLE}` SET server_id = 999, file = ?, position = ? \
+             WHERE outbox_table = ?"
         ),
-        (&table,),
+        (&file, end, &table),
     )
     .unwrap();
-    let ids = commit(pool, store, &keyed(topic, 0, 30));
 
     let mut relay = start_relay(url, table, "binlog-after").unwrap();
     let server_id: u32 = conn.query_first("SELECT @@server_id").unwrap().unwrap();

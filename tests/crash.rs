@@ -121,9 +121,9 @@ fn killed_dispatcher_process_loses_nothing_and_keeps_key_order() {
     };
     let thread_dispatcher = table.dispatch(broker(), settings, "survivor-thread");
 
-    let got = consume(
+    let got = consume_ids(
         &topic,
-        total,
+        &committed,
         Duration::from_secs(120),
         Duration::from_secs(2),
     );

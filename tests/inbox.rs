@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::recorder::kept;
 use common::*;
 use mysql::prelude::Queryable;
 use mysql::Transaction;
@@ -297,10 +298,22 @@ fn a_database_killed_and_restarted_mid_stream_loses_nothing_and_applies_nothing_
         batch_size: 1,
         ..fast()
     };
-    let handle = f.explicit(one).start(f.writer()).unwrap();
+    // Every call of the handler is counted: a record is applied only in a call.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut write = f.writer();
+    let counted = calls.clone();
+    let handler = move |tx: &mut Transaction<'_>, d: &Delivery| -> Result<(), HandlerError> {
+        counted.fetch_add(1, Ordering::SeqCst);
+        write(tx, d)
+    };
+    let handle = f.explicit(one).start(handler).unwrap();
     assert!(wait_for(Duration::from_secs(60), || f.effects().0 >= 500));
     db.kill();
-    std::thread::sleep(Duration::from_secs(1));
+    let calls_at_kill = calls.load(Ordering::SeqCst);
+    assert!(
+        calls_at_kill < 3_000,
+        "killed mid-stream: {calls_at_kill} handler calls, fewer than the records"
+    );
     db.start();
     assert!(
         wait_for(Duration::from_secs(120), || f.records_read() == 3_000),
@@ -597,7 +610,23 @@ fn recording_a_batch_sees_ids_recorded_meanwhile_by_another_transaction() {
             inbox.record_all(&mut tx, "c", &[x, y]).unwrap()
         })
     };
-    std::thread::sleep(Duration::from_millis(300));
+    // The batch's statement waits for `other`'s row lock before `other` commits.
+    let waiting = format!(
+        "SELECT COUNT(*) FROM information_schema.PROCESSLIST \
+         WHERE COMMAND <> 'Sleep' AND INFO LIKE '%`{}`%' AND ID <> CONNECTION_ID()",
+        f.inbox.table()
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || f
+            .pool
+            .get_conn()
+            .unwrap()
+            .query_first::<u64, _>(&waiting)
+            .unwrap()
+            == Some(1)),
+        "the batch waits for the other transaction"
+    );
+    assert!(!batch.is_finished());
     other.commit().unwrap();
     assert_eq!(
         batch.join().unwrap(),
@@ -824,13 +853,15 @@ fn committed(group: &str, topic: &str) -> HashMap<i32, i64> {
         .set("group.id", group)
         .create()
         .unwrap();
+    let partitions = partition_count(topic);
+    assert!(partitions > 0, "{topic} has partitions");
     let mut list = TopicPartitionList::new();
-    for p in 0..partition_count(topic) as i32 {
+    for p in 0..partitions as i32 {
         list.add_partition(topic, p);
     }
-    let Ok(list) = consumer.committed_offsets(list, Duration::from_secs(10)) else {
-        return HashMap::new();
-    };
+    let list = consumer
+        .committed_offsets(list, Duration::from_secs(10))
+        .expect("the group's committed offsets");
     list.elements()
         .iter()
         .filter_map(|e| match e.offset() {
@@ -866,6 +897,7 @@ fn a_consumer_group_commits_the_offsets_of_what_it_applied() {
 
 #[test]
 fn a_member_joining_the_group_takes_over_from_what_was_committed_on_revoke() {
+    let kept = kept();
     let f = Fixture::new("inbox_rebalance");
     produce(&f.topic, &keyed_records(200, 8));
     let name = unique("inbox_rebalance");
@@ -887,7 +919,11 @@ fn a_member_joining_the_group_takes_over_from_what_was_committed_on_revoke() {
         "{:?}",
         f.effects()
     );
-    assert_eq!(committed(&name, &f.topic).values().sum::<i64>(), 0);
+    assert_eq!(
+        committed(&name, &f.topic).values().sum::<i64>(),
+        0,
+        "nothing committed before the revoke"
+    );
     let second = member().start(f.writer()).unwrap();
     assert!(
         wait_for(Duration::from_secs(90), || committed(&name, &f.topic)
@@ -907,4 +943,13 @@ fn a_member_joining_the_group_takes_over_from_what_was_committed_on_revoke() {
     stop(first);
     assert_eq!(f.effects(), (300, 300));
     assert_eq!(committed(&name, &f.topic).values().sum::<i64>(), 300);
+    // The inbox would hide a re-read (each id is applied once); its metrics do not. The
+    // new member read from what was committed at the revoke: no record came twice.
+    let records = |outcome: &str| {
+        kept.counter(&format!(
+            "outbox_inbox_records_total{{consumer={name},outcome={outcome},topic={}}}",
+            f.topic
+        ))
+    };
+    assert_eq!((records("applied"), records("duplicate")), (300, 0));
 }

@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::gate::{gated, stop_signalled};
 use common::*;
-use crossbeam_channel::{bounded, Receiver, Sender};
-use outbox::{Claim, Error, Failure, Message, MySqlStore, Record, Store, Worker};
+use outbox::{Claim, Error, Failure, Message, MySqlStore, Store, Worker};
 
 /// The real store, with marks that fail (a lost connection) or panic when told to.
 struct FlakyStore {
@@ -65,43 +65,6 @@ impl Store for FlakyStore {
 
     fn purge_dead(&self, older_than: Duration, limit: usize) -> outbox::Result<u64> {
         self.inner.purge_dead(older_than, limit)
-    }
-}
-
-/// The real broker behind a gate: each publish says it began, then waits for the test's
-/// go (or panics, when told to) before it publishes.
-struct GatedBroker {
-    inner: outbox::KafkaBroker,
-    entered: Sender<()>,
-    go: Receiver<()>,
-    panic: bool,
-}
-
-/// A gated broker; the test's ends of the gate.
-fn gated(panic: bool) -> (GatedBroker, Receiver<()>, Sender<()>) {
-    let (entered_tx, entered_rx) = bounded(100);
-    let (go_tx, go_rx) = bounded(100);
-    let broker = GatedBroker {
-        inner: broker(),
-        entered: entered_tx,
-        go: go_rx,
-        panic,
-    };
-    (broker, entered_rx, go_tx)
-}
-
-impl outbox::Broker for GatedBroker {
-    fn publish(&mut self, records: &[Record]) -> Vec<outbox::Result<()>> {
-        let _ = self.entered.send(());
-        if self.panic {
-            panic!("injected publisher panic");
-        }
-        let _ = self.go.recv();
-        self.inner.publish(records)
-    }
-
-    fn delivery_timeout(&self) -> Duration {
-        self.inner.delivery_timeout()
     }
 }
 
@@ -203,13 +166,20 @@ fn marks_that_fail_during_stop_are_tried_again_not_dropped() {
         .unwrap();
     entered.recv_timeout(Duration::from_secs(10)).unwrap();
     assert_eq!(table.count("locked_by <> 0"), 5, "the batch is in flight");
-    // The stop comes while the batch is being published; its first two marks fail.
+    // The stop comes while the batch is being published (the gate opens only once the
+    // stop was signalled); its first two marks fail.
     store.failing_marks.store(2, Ordering::SeqCst);
-    std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(300));
+    let probe = handle.health_probe();
+    let opener = std::thread::spawn(move || {
+        let signalled = wait_for(Duration::from_secs(10), || stop_signalled(&probe));
         go.send(()).unwrap();
+        signalled
     });
     handle.stop().unwrap();
+    assert!(
+        opener.join().unwrap(),
+        "the stop was signalled before the publish returned"
+    );
     assert_eq!(store.failing_marks.load(Ordering::SeqCst), 0, "both failed");
     assert_eq!(
         table.count("state = 1 AND locked_by = 0"),

@@ -6,6 +6,7 @@ mod common;
 use std::process::{Child, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use common::logs::Logs;
 use common::*;
 use outbox::Message;
 
@@ -69,17 +70,20 @@ fn a_second_signal_while_the_relay_settles_exits_at_once_and_loses_nothing() {
     command
         .env("OUTBOX_KAFKA_BROKERS", "127.0.0.1:9")
         .env("OUTBOX_MAX_LOCK_MS", "200000") // three delivery timeouts of 62 s, and the margin
-        .env("RUST_LOG", "warn,rdkafka=off,librdkafka=off") // the refused connections
-        .stdin(Stdio::null());
+        // The refused connections are not logged; the start of each publish is.
+        .env("RUST_LOG", "warn,outbox=debug,rdkafka=off,librdkafka=off")
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped());
     let (mut relay, _owner) = start_relay(command);
+    let logs = Logs::capture(relay.stderr.take().unwrap(), "relay");
+    // The lease is written just before the batch reaches the publisher, and a stop in
+    // between would release it untried: wait until the publish began. It then waits 60 s.
     assert!(
-        wait_for(Duration::from_secs(30), || table.count("locked_by <> 0")
-            == 1),
+        logs.wait_for("publishing a batch of 1 ", Duration::from_secs(30))
+            .is_some(),
         "the message is being published"
     );
-    // The lease is written just before the batch reaches the publisher; a stop in between
-    // releases it untried. The publish then waits 60 s: half a second in, it is under way.
-    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(table.count("locked_by <> 0"), 1, "under its lease");
 
     send_signal(&relay, libc::SIGINT);
     assert!(

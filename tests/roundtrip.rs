@@ -93,7 +93,13 @@ fn round_trip(
         Duration::from_millis(300),
     );
     drop(handle);
-    prop_assert_eq!(got.len(), messages.len());
+    // Each message exactly once: every id read once, and no id but those written.
+    let counts = id_counts(&got);
+    prop_assert!(counts.values().all(|&n| n == 1), "{:?}", counts);
+    prop_assert_eq!(
+        counts.keys().collect::<std::collections::HashSet<_>>(),
+        ids.iter().collect::<std::collections::HashSet<_>>()
+    );
 
     let sent: HashMap<&String, &Message> = ids.iter().zip(&messages).collect();
     for record in &got {

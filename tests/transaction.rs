@@ -217,7 +217,16 @@ fn a_refused_message_keeps_nothing_and_the_transaction_goes_on() {
 #[test]
 fn large_batches_are_written_in_several_inserts_in_order() {
     let orders = Orders::new();
-    let mut tx = orders.begin();
+    let mut conn = orders.table.conn();
+    let inserts = |conn: &mut mysql::PooledConn| -> u64 {
+        let row: (String, u64) = conn
+            .query_first("SHOW SESSION STATUS LIKE 'Com_insert'")
+            .unwrap()
+            .unwrap();
+        row.1
+    };
+    let inserts_before = inserts(&mut conn);
+    let mut tx = orders.begin_on(&mut conn);
     orders.insert(&mut tx, 10);
     // More rows than one INSERT carries, then more bytes than one INSERT carries.
     let small: Vec<Message> = (0..1_201).map(message).collect();
@@ -233,6 +242,10 @@ fn large_batches_are_written_in_several_inserts_in_order() {
         "rows written early are not committed before the transaction"
     );
     tx.commit().unwrap();
+    // The order's INSERT, then the messages': 500 rows, 500 rows, then the last 201 small
+    // ones with four of 900 kB (a fifth would pass 4 MiB), then the last two with the
+    // COMMIT.
+    assert_eq!(inserts(&mut conn) - inserts_before, 1 + 4);
 
     assert_eq!(orders.messages(), simple_ids(&ids));
     let sizes: Vec<u64> = orders

@@ -68,6 +68,11 @@ impl Batch {
             );
             return;
         }
+        log::debug!(
+            "publishing a batch of {} under lease {}",
+            self.records.len(),
+            self.lease
+        );
         let mut outcomes = broker.publish(&self.records);
         if outcomes.len() != self.records.len() {
             log::error!(
