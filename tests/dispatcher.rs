@@ -124,9 +124,32 @@ fn concurrent_dispatchers_publish_each_message_exactly_once() {
     assert!(duplicates.is_empty(), "published twice: {duplicates:?}");
     let expected: HashSet<String> = ids.into_iter().collect();
     let published: HashSet<String> = counts.into_keys().collect();
+    let missing: Vec<&String> = expected.difference(&published).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {N} never read; their rows (state, attempts, lease, error): {:?}",
+        missing.len(),
+        rows_of(&table, &missing)
+    );
     assert_eq!(published, expected);
     assert!(wait_for(WAIT, || table.count("state = 1") == N as u64));
     drop(handles);
+}
+
+/// The state, attempts, lease and error of the rows of `ids` (hyphenated message ids).
+fn rows_of(table: &TestTable, ids: &[&String]) -> Vec<(u8, u32, u64, Option<String>)> {
+    let hex: Vec<String> = ids
+        .iter()
+        .map(|id| format!("UNHEX('{}')", id.replace('-', "")))
+        .collect();
+    table
+        .conn()
+        .query(format!(
+            "SELECT state, number_of_attempts, locked_by, error FROM `{}` WHERE message_id IN ({})",
+            table.name,
+            hex.join(", ")
+        ))
+        .unwrap()
 }
 
 #[test]
