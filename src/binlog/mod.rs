@@ -44,8 +44,13 @@
 //! ```
 
 mod events;
+mod follow;
+mod lock;
 mod position;
+mod revive;
 mod server;
+mod settle;
+mod start;
 mod tail;
 
 use std::sync::Arc;

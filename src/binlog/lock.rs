@@ -1,0 +1,73 @@
+//! The table's named lock: one active binlog relay per table, the others wait as
+//! standbys on the same lock.
+
+use mysql::prelude::Queryable;
+use mysql::{Conn, OptsBuilder};
+
+use super::tail::Tail;
+use crate::error::Result;
+
+impl Tail {
+    fn lock_name(&self) -> String {
+        let name = format!(
+            "outbox-binlog:{}.{}",
+            self.server.database,
+            self.store.table()
+        );
+        if name.len() <= 64 {
+            return name;
+        }
+        // FNV-1a: the same name from every relay, whatever its build.
+        let digest = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        });
+        format!("outbox-binlog:{digest:016x}")
+    }
+
+    /// A connection of its own that holds the table's named lock; `None` on the stop
+    /// signal. A standby waits here.
+    pub(super) fn acquire(&self) -> Result<Option<Conn>> {
+        let opts = OptsBuilder::from_opts(self.opts.clone()).tcp_keepalive_time_ms(Some(10_000));
+        let mut conn = Conn::new(opts)?;
+        // The lock lives as long as this connection: the server must not close it for
+        // being idle while nothing is committed.
+        conn.query_drop("SET SESSION wait_timeout = 31536000")?;
+        conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")?;
+        // The relay's own writes need no more in the binary log than each row's key and
+        // what changed: in full, every mark would log its row's payload twice, for the
+        // server to write and send and the reader to read back and skip. The reader needs
+        // full images only of inserts and of other sessions' updates.
+        if let Err(e) = conn.query_drop("SET SESSION binlog_row_image = 'MINIMAL'") {
+            log::info!(
+                "binlog relay {}: its marks are logged in full rows, as the user may not \
+                 set binlog_row_image for its session ({e})",
+                self.owner
+            );
+        }
+        let name = self.lock_name();
+        let wait = self.binlog.lock_wait.as_secs_f64();
+        let mut told = false;
+        loop {
+            let got: Option<Option<i64>> =
+                conn.exec_first("SELECT GET_LOCK(?, ?)", (&name, wait))?;
+            if got.flatten() == Some(1) {
+                log::info!(
+                    "binlog relay {} is the active relay of {}",
+                    self.owner,
+                    name
+                );
+                return Ok(Some(conn));
+            }
+            if !told {
+                log::info!(
+                    "binlog relay {} waits as a standby: another holds {name}",
+                    self.owner
+                );
+                told = true;
+            }
+            if self.signals.stopped() {
+                return Ok(None);
+            }
+        }
+    }
+}
