@@ -8,8 +8,8 @@ use crossbeam_channel::{after, select, Receiver, RecvTimeoutError, TryRecvError}
 use mysql::prelude::Queryable;
 
 use super::events::{self, Change};
-use super::settle::Settle;
-use super::tail::{Session, Tail};
+use super::worker::Settle;
+use super::worker::{Session, Tail};
 use crate::broker::Broker;
 use crate::dispatcher::backoff::backoff;
 use crate::error::{Error, Result, Worker};

@@ -4,7 +4,7 @@
 use mysql::prelude::Queryable;
 use mysql::{Conn, OptsBuilder};
 
-use super::tail::Tail;
+use super::worker::Tail;
 use crate::error::Result;
 
 impl Tail {

@@ -52,6 +52,7 @@ mod server;
 mod settle;
 mod start;
 mod tail;
+mod worker;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -163,7 +164,7 @@ impl<B: Broker> BinlogRelay<B> {
         log::info!("binlog relay {} starting", self.owner);
         let store = Arc::new(self.store);
         let meter = Meter::new(&self.owner);
-        let tail = tail::Tail {
+        let tail = worker::Tail {
             opts: self.opts,
             server,
             store: store.clone(),

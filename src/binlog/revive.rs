@@ -3,8 +3,8 @@
 
 use mysql::prelude::Queryable;
 
-use super::settle::Settle;
-use super::tail::{Key, Session, Tail};
+use super::worker::Settle;
+use super::worker::{Key, Session, Tail};
 use crate::broker::Broker;
 use crate::error::{Error, Result};
 use crate::record::Record;

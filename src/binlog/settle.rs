@@ -9,7 +9,7 @@ use mysql::prelude::Queryable;
 use mysql::{Conn, TxOpts};
 
 use super::position::{self, Position};
-use super::tail::{Session, Tail};
+use super::worker::{Session, Settle, Tail};
 use crate::dispatcher::signal::Signals;
 use crate::error::{Error, Result};
 use crate::record::Record;
@@ -22,23 +22,6 @@ const MARK_CHUNK: usize = crate::store::mysql::MAX_ID_LIST;
 /// Most writes waiting for the settler: the tail publishes on while the settler marks
 /// what was published before, all of it at once.
 pub(super) const SETTLE_QUEUE: usize = 64;
-
-/// What the settler writes, in the order the tail sends it, on the connection that
-/// holds the lock.
-pub(super) enum Settle {
-    /// Rows acknowledged by the broker, to mark delivered, and the position after the
-    /// last whole transaction published, to save with them.
-    Delivered {
-        ids: Vec<u64>,
-        commit: Option<(Position, Option<String>)>,
-    },
-    /// Failed sends: the attempt counted, the error, dead at `max_attempts`.
-    Failed(Vec<(Record, String, bool)>),
-    /// A position only other tables' transactions moved.
-    Position(Position, Option<String>),
-    /// Rows that are no message, to make dead with the reason.
-    Bury(Vec<(u64, String)>),
-}
 
 impl Tail {
     /// Writes what the tail sends, in order, on the lock's connection: a relay that lost

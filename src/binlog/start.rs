@@ -10,7 +10,7 @@ use mysql::Conn;
 
 use super::position::{self, Position};
 use super::server;
-use super::tail::{Key, Tail};
+use super::worker::{Key, Tail};
 use crate::broker::Broker;
 use crate::dispatcher::relay::Relay;
 use crate::error::Result;

@@ -4,61 +4,20 @@
 //! ([`settle`](super::settle)). A session that fails ends, and the next one begins.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::bounded;
 
 use super::events::{self, Columns, Source};
-use super::position::Position;
-use super::server::Server;
-use super::settle::{Settle, SETTLE_QUEUE};
+use super::settle::SETTLE_QUEUE;
 use super::start::dead_keys;
-use super::BinlogSettings;
+use super::worker::{Session, Tail};
 use crate::broker::Broker;
-use crate::dispatcher::signal::Signals;
 use crate::error::{Error, Result, Worker};
-use crate::metrics::Meter;
-use crate::record::Record;
-use crate::settings::DispatcherSettings;
-use crate::store::MySqlStore;
 
 /// Longest pause between two sessions that failed.
 const SESSION_RETRY_MAX: Duration = Duration::from_secs(5);
-
-/// A topic and key whose later messages wait behind a dead one (`dead_blocks_key`).
-pub(super) type Key = (String, Vec<u8>);
-
-/// The binlog relay's worker, on the thread that publishes: what every session needs.
-pub(crate) struct Tail {
-    pub opts: mysql::Opts,
-    pub server: Server,
-    pub store: Arc<MySqlStore>,
-    pub settings: DispatcherSettings,
-    pub binlog: BinlogSettings,
-    pub owner: String,
-    pub signals: Signals,
-    pub meter: Meter,
-}
-
-/// What one session keeps between changes.
-pub(super) struct Session {
-    /// The settler's queue: every write goes through it, to the lock's connection.
-    pub settler: crossbeam_channel::Sender<Settle>,
-    /// Rows read and not yet published, in commit order.
-    pub batch: Vec<Record>,
-    /// The end of the last whole transaction read, and its GTID, not yet saved.
-    pub commit: Option<(Position, Option<String>)>,
-    /// Whether a transaction since the last save changed anything but the relay's own rows.
-    pub foreign: bool,
-    pub last_save: Instant,
-    /// Rows up to this id may have been settled before this session read them (see
-    /// `settled_high` in `start`): their state is read before they are sent.
-    pub verify_below: u64,
-    /// Keys held behind a dead message.
-    pub blocked: HashSet<Key>,
-}
 
 impl Tail {
     /// Runs sessions until the stop signal: each takes the lock, and ends on an error,

@@ -1,0 +1,65 @@
+//! What every job of the binlog relay's worker shares: the worker itself, and what one
+//! session keeps between changes.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::position::Position;
+use super::server::Server;
+use super::BinlogSettings;
+use crate::dispatcher::signal::Signals;
+use crate::metrics::Meter;
+use crate::record::Record;
+use crate::settings::DispatcherSettings;
+use crate::store::MySqlStore;
+
+/// A topic and key whose later messages wait behind a dead one (`dead_blocks_key`).
+pub(super) type Key = (String, Vec<u8>);
+
+/// The binlog relay's worker, on the thread that publishes: what every session needs.
+pub(crate) struct Tail {
+    pub opts: mysql::Opts,
+    pub server: Server,
+    pub store: Arc<MySqlStore>,
+    pub settings: DispatcherSettings,
+    pub binlog: BinlogSettings,
+    pub owner: String,
+    pub signals: Signals,
+    pub meter: Meter,
+}
+
+/// What one session keeps between changes.
+pub(super) struct Session {
+    /// The settler's queue: every write goes through it, to the lock's connection.
+    pub settler: crossbeam_channel::Sender<Settle>,
+    /// Rows read and not yet published, in commit order.
+    pub batch: Vec<Record>,
+    /// The end of the last whole transaction read, and its GTID, not yet saved.
+    pub commit: Option<(Position, Option<String>)>,
+    /// Whether a transaction since the last save changed anything but the relay's own rows.
+    pub foreign: bool,
+    pub last_save: Instant,
+    /// Rows up to this id may have been settled before this session read them (see
+    /// `settled_high` in `start`): their state is read before they are sent.
+    pub verify_below: u64,
+    /// Keys held behind a dead message.
+    pub blocked: HashSet<Key>,
+}
+
+/// What the settler writes, in the order the tail sends it, on the connection that
+/// holds the lock.
+pub(super) enum Settle {
+    /// Rows acknowledged by the broker, to mark delivered, and the position after the
+    /// last whole transaction published, to save with them.
+    Delivered {
+        ids: Vec<u64>,
+        commit: Option<(Position, Option<String>)>,
+    },
+    /// Failed sends: the attempt counted, the error, dead at `max_attempts`.
+    Failed(Vec<(Record, String, bool)>),
+    /// A position only other tables' transactions moved.
+    Position(Position, Option<String>),
+    /// Rows that are no message, to make dead with the reason.
+    Bury(Vec<(u64, String)>),
+}
