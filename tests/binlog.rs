@@ -8,14 +8,14 @@ mod common;
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use common::logs::Logs;
 use common::private_db::{PrivateDatabase, Server};
 use common::*;
 use mysql::prelude::Queryable;
 use outbox::binlog::{BinlogRelay, BinlogSettings, POSITION_TABLE};
-use outbox::{DispatcherHandle, Error, MySqlStore, Outbox};
+use outbox::{DispatcherHandle, Error, MySqlStore, Outbox, Worker};
 
 /// A private server that writes a row-based binary log.
 fn binlog_database(server: Server) -> PrivateDatabase {
@@ -621,6 +621,119 @@ fn a_relay_killed_mid_stream_resumes_from_its_position_and_loses_nothing(server:
     );
     second.kill().unwrap();
     second.wait().unwrap();
+}
+
+/// Sessions reading the server's binary log (`Binlog Dump`, `Binlog Dump GTID`).
+fn binlog_readers(pool: &mysql::Pool) -> u64 {
+    let mut conn = pool.get_conn().unwrap();
+    let listed = conn.query_first(
+        "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE COMMAND LIKE 'Binlog Dump%'",
+    );
+    // MySQL may refuse to list sessions whose statement text it cannot convert.
+    let listed = listed.or_else(|_| {
+        conn.query_first(
+            "SELECT COUNT(*) FROM performance_schema.threads \
+             WHERE PROCESSLIST_COMMAND LIKE 'Binlog Dump%'",
+        )
+    });
+    listed.unwrap().unwrap_or(0)
+}
+
+/// The tests' broker, taking `pause` more over each publish: a relay that always has
+/// more to read than it can send.
+struct SlowBroker {
+    inner: outbox::KafkaBroker,
+    pause: Duration,
+}
+
+impl outbox::Broker for SlowBroker {
+    fn publish(&mut self, records: &[outbox::Record]) -> Vec<outbox::Result<()>> {
+        std::thread::sleep(self.pause);
+        self.inner.publish(records)
+    }
+
+    fn delivery_timeout(&self) -> Duration {
+        self.inner.delivery_timeout()
+    }
+}
+
+fn health_names_the_reader_sees_a_busy_relay_alive_and_the_reader_stops_with_it(server: Server) {
+    const N: usize = 3_000;
+    let f = fixture(server, "binlog_health");
+    // Slower to send than to read: the relay is never idle while the backlog lasts.
+    let slow = SlowBroker {
+        inner: broker(),
+        pause: Duration::from_millis(200),
+    };
+    // Thirty batches, six seconds at least.
+    let settings = outbox::DispatcherSettings {
+        batch_size: 100,
+        ..fast_settings()
+    };
+    let mut relay = BinlogRelay::new(
+        mysql::Opts::from_url(&f.url).unwrap(),
+        &f.table,
+        slow,
+        settings,
+        BinlogSettings::default(),
+        "binlog-health",
+    )
+    .unwrap()
+    .start()
+    .unwrap();
+    wait_until_following(&f.pool, &f.table);
+    let workers: Vec<Worker> = relay.health().workers.iter().map(|w| w.worker).collect();
+    for worker in [Worker::Relay, Worker::BinlogReader, Worker::Settler] {
+        assert!(workers.contains(&worker), "{worker}: {workers:?}");
+    }
+    assert!(
+        !workers.contains(&Worker::Publisher),
+        "no polling publisher: {workers:?}"
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || binlog_readers(&f.pool) == 1),
+        "one reader while it runs"
+    );
+
+    // While a backlog is drained, the relay and its reader keep saying they work.
+    let messages: Vec<outbox::Message> = (0..N)
+        .map(|i| outbox::Message::new(&f.topic, format!("m{i}")))
+        .collect();
+    commit(&f.pool, &f.store, &messages);
+    let committed = SystemTime::now();
+    let mut checked = 0;
+    while count(&f.pool, &f.table, "state = 0") > 0 {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = SystemTime::now();
+        if now.duration_since(committed).unwrap() < Duration::from_secs(2) {
+            continue;
+        }
+        let health = relay.health();
+        assert!(health.is_alive(), "{health:?}");
+        for worker in [Worker::Relay, Worker::BinlogReader, Worker::Settler] {
+            let last = health
+                .workers
+                .iter()
+                .find(|w| w.worker == worker)
+                .and_then(|w| w.last_success)
+                .unwrap_or(std::time::UNIX_EPOCH);
+            let age = now.duration_since(last).unwrap_or_default();
+            assert!(
+                age < Duration::from_millis(1_500),
+                "{worker} last succeeded {age:?} ago, mid-drain"
+            );
+        }
+        checked += 1;
+    }
+    assert!(checked > 0, "the drain lasted long enough to be looked at");
+    assert_eq!(count(&f.pool, &f.table, "state = 1"), N as u64);
+
+    relay.stop().unwrap();
+    assert!(
+        wait_for(Duration::from_secs(2), || binlog_readers(&f.pool) == 0),
+        "the reader's connection closed with the relay: {} left",
+        binlog_readers(&f.pool)
+    );
 }
 
 fn a_standby_takes_over_when_the_active_relay_dies(server: Server) {
@@ -1235,6 +1348,7 @@ macro_rules! on_both_servers {
 }
 
 on_both_servers!(
+    health_names_the_reader_sees_a_busy_relay_alive_and_the_reader_stops_with_it,
     a_log_compressed_while_the_relay_runs_stops_it_until_caught_up_from_the_table,
     a_corrupt_row_holds_its_key_until_an_operator_discards_it,
     a_corrupt_row_is_made_dead_and_the_rest_go_on,

@@ -3,7 +3,8 @@
 //! acts on: outbox rows inserted, dead rows revived, transactions ended.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use mysql::binlog::events::{Event, EventData, RowsEventData, TableMapEvent};
@@ -13,7 +14,8 @@ use mysql::prelude::Queryable;
 use mysql::{BinlogRequest, Conn, Opts, OptsBuilder, Value};
 
 use super::position::{Position, POSITION_TABLE};
-use crate::error::{Error, Result};
+use crate::dispatcher::signal::Signals;
+use crate::error::{Error, Result, Worker};
 use crate::record::Record;
 use crate::store::codec::assemble;
 
@@ -28,6 +30,8 @@ const MARIADB_CAPABILITY: u8 = 4;
 const PENDING: i64 = 0;
 const DEAD: i64 = 2;
 const DISCARDED: i64 = 3;
+/// How often the reader records its success while events keep coming.
+const SUCCESS_EVERY: Duration = Duration::from_millis(500);
 
 /// One thing the relay acts on, in the order of the binary log.
 #[derive(Debug)]
@@ -116,16 +120,28 @@ pub(crate) struct Source {
     pub columns: Columns,
 }
 
-/// Reads the binary log from `from` and sends each change to `changes`, until the
-/// receiver is gone (then within a heartbeat) or the stream fails (then the error is
-/// the last thing sent).
-pub(crate) fn read(source: Source, from: Position, changes: Sender<Result<Change>>) {
-    if let Err(e) = stream(&source, from, &changes) {
+/// Reads the binary log from `from` and sends each change to `changes`, until `quit` is
+/// set or the receiver is gone (then within a heartbeat) or the stream fails (then the
+/// error is the last thing sent). Every event received counts as the reader's success.
+pub(crate) fn read(
+    source: Source,
+    from: Position,
+    changes: Sender<Result<Change>>,
+    quit: &AtomicBool,
+    signals: &Signals,
+) {
+    if let Err(e) = stream(&source, from, &changes, quit, signals) {
         let _ = changes.send(Err(e));
     }
 }
 
-fn stream(source: &Source, from: Position, changes: &Sender<Result<Change>>) -> Result<()> {
+fn stream(
+    source: &Source,
+    from: Position,
+    changes: &Sender<Result<Change>>,
+    quit: &AtomicBool,
+    signals: &Signals,
+) -> Result<()> {
     // The server sends a heartbeat when it has nothing else; a read that waits several
     // heartbeats in vain means the server or the network is gone.
     let opts = OptsBuilder::from_opts(source.opts.clone())
@@ -144,8 +160,18 @@ fn stream(source: &Source, from: Position, changes: &Sender<Result<Change>>) -> 
         .with_pos(from.offset);
     let mut events = conn.get_binlog_stream(request)?;
     let mut decoder = Decoder::new(source, from.file);
+    let mut told = Instant::now();
+    signals.succeeded(Worker::BinlogReader);
     while let Some(event) = events.next() {
         let event = event?;
+        if quit.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        // Heartbeats included: a reader that hears from the server is alive, busy or not.
+        if told.elapsed() >= SUCCESS_EVERY {
+            signals.succeeded(Worker::BinlogReader);
+            told = Instant::now();
+        }
         let mut sent = Ok(());
         decoder.decode(&event, |table_id| events.get_tme(table_id), &mut |change| {
             if sent.is_ok() {

@@ -175,6 +175,7 @@ impl Tail {
         let started = Instant::now();
         let (delivered, finished) = self.publish(broker, session, records)?;
         let published = Instant::now();
+        self.signals.succeeded(Worker::Relay);
         self.meter.stage("publish", published - started);
         self.meter.settled(
             delivered.iter(),

@@ -17,9 +17,11 @@
 //!   marks and its position) goes through that connection, so a relay that lost the
 //!   lock changes nothing.
 //! - **Position.** After a batch is acknowledged by the broker, its rows are marked
-//!   delivered and the position after the last whole transaction is saved, in one
-//!   transaction, in `outbox_binlog_position`. A restart resumes from there and sends
-//!   again at most what was in flight.
+//!   delivered; the position after the last whole transaction published is saved in
+//!   `outbox_binlog_position` after those marks, in a write of its own, at most every
+//!   second. A restart resumes from the saved position: the rows it reads again that
+//!   were marked since are looked up and not sent again, so what is sent again is at
+//!   most what was in flight.
 //! - **No position, or one the server purged:** the relay first publishes what is
 //!   pending with the polling relay's claim, then reads the binary log from a position
 //!   taken before that catch-up began, skipping the rows the catch-up delivered.
@@ -161,6 +163,7 @@ impl<B: Broker> BinlogRelay<B> {
         drop(conn);
         let (mut handle, signals, _wake) =
             DispatcherHandle::prepare("binlog relay", self.owner.clone());
+        handle.relay_threads(&[Worker::BinlogReader, Worker::Settler]);
         log::info!("binlog relay {} starting", self.owner);
         let store = Arc::new(self.store);
         let meter = Meter::new(&self.owner);

@@ -11,7 +11,7 @@ use mysql::{Conn, TxOpts};
 use super::position::{self, Position};
 use super::worker::{Session, Settle, Tail};
 use crate::dispatcher::signal::Signals;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Worker};
 use crate::record::Record;
 use crate::store::mysql::{bury, padded, placeholders, truncate};
 
@@ -68,6 +68,7 @@ impl Tail {
                     Settle::Bury(corrupt) => self.write(|| bury(&mut lock, table, &corrupt))?,
                 }
             }
+            self.signals.succeeded(Worker::Settler);
             if saved.elapsed() >= POSITION_INTERVAL {
                 if let Some((at, gtid)) = unsaved.take() {
                     self.write(|| {

@@ -4,6 +4,7 @@
 //! ([`settle`](super::settle)). A session that fails ends, and the next one begins.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -60,27 +61,38 @@ impl Tail {
             columns,
         };
         let (to_relay, changes) = bounded(self.settings.batch_size.max(64) * 2);
-        let reader = self.signals.clone();
-        thread::Builder::new()
-            .name("outbox-binlog-reader".into())
-            .spawn(move || {
-                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    events::read(source, at, to_relay)
-                }));
-                if let Err(panic) = outcome {
-                    reader.panicked(
-                        Worker::BinlogReader,
-                        crate::dispatcher::signal::panic_text(&*panic),
-                    );
-                }
-            })
-            .map_err(Error::Thread)?;
+        // Set when the session ends: the reader stops at its next event, a heartbeat at
+        // the latest, and the scope joins it, so that no reader outlives its session.
+        let quit = AtomicBool::new(false);
         thread::scope(|scope| {
+            let reader = self.signals.clone();
+            let quit = &quit;
+            thread::Builder::new()
+                .name("outbox-binlog-reader".into())
+                .spawn_scoped(scope, move || {
+                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        events::read(source, at, to_relay, quit, &reader)
+                    }));
+                    if let Err(panic) = outcome {
+                        reader.panicked(
+                            Worker::BinlogReader,
+                            crate::dispatcher::signal::panic_text(&*panic),
+                        );
+                    }
+                })
+                .map_err(Error::Thread)?;
             let (settler, settles) = bounded(SETTLE_QUEUE);
             let settling = thread::Builder::new()
                 .name("outbox-binlog-settler".into())
                 .spawn_scoped(scope, move || self.settle(lock, settles))
-                .map_err(Error::Thread)?;
+                .map_err(Error::Thread);
+            let settling = match settling {
+                Ok(settling) => settling,
+                Err(e) => {
+                    quit.store(true, Ordering::SeqCst);
+                    return Err(e);
+                }
+            };
             let mut session = Session {
                 settler,
                 batch: Vec::new(),
@@ -91,6 +103,8 @@ impl Tail {
                 blocked,
             };
             let followed = self.follow(broker, &mut session, &changes);
+            quit.store(true, Ordering::SeqCst);
+            drop(changes);
             drop(session);
             let settled = match settling.join() {
                 Ok(settled) => settled,

@@ -32,8 +32,8 @@ impl HealthProbe {
                 last_success: shared.last_success(worker),
             });
             if worker == Worker::Relay {
-                // The relay's own two threads, which live inside its thread.
-                for inner in [Worker::Publisher, Worker::Settler] {
+                // The relay's own threads, which live inside its thread.
+                for inner in shared.inner() {
                     workers.push(WorkerHealth {
                         worker: inner,
                         alive: alive && panicked != Some(inner),

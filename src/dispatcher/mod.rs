@@ -103,6 +103,7 @@ impl<S: Store, B: Broker> Dispatcher<S, B> {
         }
         let (mut handle, signals, wake_rx) =
             DispatcherHandle::prepare("dispatcher", self.owner.clone());
+        handle.relay_threads(&[Worker::Publisher, Worker::Settler]);
         let store = Arc::new(self.store);
         log::info!("dispatcher {} starting", self.owner);
         let meter = Meter::new(&self.owner);
@@ -331,6 +332,11 @@ impl DispatcherHandle {
             shared,
         };
         (handle, signals, wake_rx)
+    }
+
+    /// Names the threads that live inside the relay's thread, for its health.
+    pub(crate) fn relay_threads(&self, workers: &[Worker]) {
+        self.shared.set_inner(workers);
     }
 
     /// Spawns the workers that keep the table: the lock checker, the cleaner and, when

@@ -38,6 +38,9 @@ pub(crate) struct Shared {
     last_error: Mutex<Option<(SystemTime, String)>>,
     /// The worker threads started, in order, and whether each still runs.
     running: Mutex<Vec<(Worker, bool)>>,
+    /// The threads that live inside the relay's thread, reported with it: the polling
+    /// relay's publisher and settler, the binlog relay's reader and settler.
+    inner: Mutex<Vec<Worker>>,
 }
 
 impl Shared {
@@ -63,6 +66,16 @@ impl Shared {
     /// The worker threads started, and whether each still runs.
     pub fn running(&self) -> Vec<(Worker, bool)> {
         self.running.lock().clone()
+    }
+
+    /// The threads inside the relay's thread.
+    pub fn inner(&self) -> Vec<Worker> {
+        self.inner.lock().clone()
+    }
+
+    /// Sets the threads inside the relay's thread, which health reports with it.
+    pub fn set_inner(&self, workers: &[Worker]) {
+        *self.inner.lock() = workers.to_vec();
     }
 
     /// The last error reported by any worker, and when.
