@@ -736,6 +736,109 @@ fn health_names_the_reader_sees_a_busy_relay_alive_and_the_reader_stops_with_it(
     );
 }
 
+/// Commits `messages` one per transaction on `conn`, as its session is set up.
+fn commit_each_on(conn: &mut mysql::PooledConn, store: &MySqlStore, messages: &[outbox::Message]) {
+    let outbox = Outbox::new(store);
+    for message in messages {
+        let mut tx = conn.start_transaction(mysql::TxOpts::default()).unwrap();
+        outbox.add(&mut tx, message).unwrap();
+        tx.commit().unwrap();
+    }
+}
+
+fn rows_a_session_logs_in_minimal_images_are_read_from_the_table(server: Server) {
+    let f = fixture(server, "binlog_minimal");
+    let (pool, table, topic) = (&f.pool, f.table.as_str(), f.topic.as_str());
+    // Two dead rows, each holding back its key.
+    let dead = |key: &str| {
+        pool.get_conn()
+            .unwrap()
+            .query_drop(format!(
+                "INSERT INTO `{table}` (message_id, topic, msg_key, headers, payload, state, \
+                 number_of_attempts, created_on, available_on) VALUES \
+                 (UNHEX(REPLACE(UUID(), '-', '')), '{topic}', '{key}', '[]', '{key}:0', 2, 3, \
+                 UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))"
+            ))
+            .unwrap();
+    };
+    dead("a");
+    dead("b");
+    let settings = outbox::DispatcherSettings {
+        dead_blocks_key: true,
+        ..fast_settings()
+    };
+    let mut relay = BinlogRelay::new(
+        mysql::Opts::from_url(&f.url).unwrap(),
+        table,
+        broker(),
+        settings,
+        BinlogSettings::default(),
+        "binlog-minimal",
+    )
+    .unwrap()
+    .start()
+    .unwrap();
+    wait_until_following(pool, table);
+
+    // A session that logs only the columns a statement names: its inserts leave out the
+    // state, and its updates the row's former state.
+    let mut minimal = pool.get_conn().unwrap();
+    minimal
+        .query_drop("SET SESSION binlog_row_image = 'MINIMAL'")
+        .unwrap();
+    let messages: Vec<outbox::Message> = (0..20)
+        .map(|i| {
+            outbox::Message::new(topic, format!("m:{i}"))
+                .with_key("m")
+                .with_header("n", format!("{i}"))
+        })
+        .collect();
+    commit_each_on(&mut minimal, &f.store, &messages);
+    commit_each_on(
+        &mut minimal,
+        &f.store,
+        &[
+            outbox::Message::new(topic, "a:1").with_key("a"),
+            outbox::Message::new(topic, "b:1").with_key("b"),
+        ],
+    );
+    // An operator's replay and discard, as `outbox replay` and `outbox discard` write them.
+    minimal
+        .query_drop(format!(
+            "UPDATE `{table}` SET state = 0, number_of_attempts = 0, \
+             available_on = UTC_TIMESTAMP(6), error = NULL WHERE state = 2 AND msg_key = 'a'"
+        ))
+        .unwrap();
+    minimal
+        .query_drop(format!(
+            "UPDATE `{table}` SET state = 3, processed_on = UTC_TIMESTAMP(6) \
+             WHERE state = 2 AND msg_key = 'b'"
+        ))
+        .unwrap();
+
+    let got = consume(topic, 23, Duration::from_secs(30), Duration::from_secs(1));
+    let of = |key: &str| {
+        payloads(&got)
+            .into_iter()
+            .filter(|p| p.starts_with(key))
+            .collect::<Vec<_>>()
+    };
+    let expected: Vec<String> = (0..20).map(|i| format!("m:{i}")).collect();
+    assert_eq!(of("m:"), expected, "every insert, once, in order");
+    for record in got.iter().filter(|r| r.key.as_deref() == Some("m")) {
+        let n = String::from_utf8_lossy(&record.payload)[2..].to_string();
+        assert_eq!(record.header("n"), Some(n.as_bytes()), "headers intact");
+    }
+    assert_eq!(
+        of("a:"),
+        ["a:0", "a:1"],
+        "the replayed row, then what it held"
+    );
+    assert_eq!(of("b:"), ["b:1"], "the discarded row released its key");
+    assert!(delivered(pool, table, 23));
+    relay.stop().unwrap();
+}
+
 fn a_standby_takes_over_when_the_active_relay_dies(server: Server) {
     let f = fixture(server, "binlog_standby");
     let (url, pool, store, table, topic) = (
@@ -1348,6 +1451,7 @@ macro_rules! on_both_servers {
 }
 
 on_both_servers!(
+    rows_a_session_logs_in_minimal_images_are_read_from_the_table,
     health_names_the_reader_sees_a_busy_relay_alive_and_the_reader_stops_with_it,
     a_log_compressed_while_the_relay_runs_stops_it_until_caught_up_from_the_table,
     a_corrupt_row_holds_its_key_until_an_operator_discards_it,

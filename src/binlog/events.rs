@@ -53,6 +53,10 @@ pub(crate) enum Change {
         reason: String,
         key: Option<(String, Vec<u8>)>,
     },
+    /// A row whose image lacks columns the relay needs, or holds one it cannot read (a
+    /// session that logs `binlog_row_image` MINIMAL or NOBLOB, say): it is read from the
+    /// table by its id instead.
+    Partial { id: u64, kind: PartialKind },
     /// A transaction ended; reading from `at` goes on after it. `foreign`: it changed
     /// something besides the relay's own marks and position.
     Committed {
@@ -62,9 +66,21 @@ pub(crate) enum Change {
     },
 }
 
+/// What a [`Change::Partial`] row was seen doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PartialKind {
+    /// Inserted.
+    Inserted,
+    /// Made pending again by an operator's replay (its attempts set back to 0).
+    Replayed,
+    /// Discarded by an operator.
+    Discarded,
+}
+
 /// Where the outbox table's columns are in its rows, by name.
 #[derive(Debug, Clone)]
 pub(crate) struct Columns {
+    names: Vec<String>,
     count: usize,
     id: usize,
     message_id: usize,
@@ -103,6 +119,7 @@ impl Columns {
             state: at("state")?,
             created_on: at("created_on")?,
             attempts: at("number_of_attempts")?,
+            names,
         })
     }
 }
@@ -359,43 +376,50 @@ impl<'s> Decoder<'s> {
         }
         for row in rows.rows(map) {
             let (before, after) = row.map_err(corrupt_event)?;
-            let Some(mut after) = after else { continue };
+            let Some(after) = after else { continue };
+            let after = Image::new(after, columns);
             if inserted {
                 self.foreign = true;
-                if state(&mut after, columns) == Some(PENDING) {
-                    emit(readable(after, columns, |record, _| {
-                        Change::Inserted(record)
-                    })?);
+                match after.number(columns.state) {
+                    Some(PENDING) => {
+                        let id = after.id(columns)?;
+                        emit(readable(after, id, columns, PartialKind::Inserted));
+                    }
+                    Some(_) => {}
+                    // Not in the image: the row is read from the table.
+                    None => emit(Change::Partial {
+                        id: after.id(columns)?,
+                        kind: PartialKind::Inserted,
+                    }),
                 }
                 continue;
             }
-            let was = before.and_then(|mut b| state(&mut b, columns));
-            let now = state(&mut after, columns);
-            if was == Some(DEAD) && matches!(now, Some(PENDING | DISCARDED)) {
-                self.foreign = true;
-                if now == Some(PENDING) {
-                    emit(readable(after, columns, |record, key| Change::Revived {
-                        id: record.id,
-                        key,
-                        replayed: Some(record),
-                    })?);
-                } else {
-                    // Discarded: what it held back goes, whatever else the row holds.
-                    let key = text_and_bytes(&after, columns.topic, columns.key);
-                    let id = mysql::from_value_opt(value(&mut after, columns.id))
-                        .map_err(|e| corrupt_event(std::io::Error::other(e.to_string())))?;
-                    emit(Change::Revived {
-                        id,
-                        key,
-                        replayed: None,
-                    });
+            let before = before.map(|b| Image::new(b, columns));
+            let was = before.as_ref().and_then(|b| b.number(columns.state));
+            let now = after.number(columns.state);
+            let revived = match (was, now) {
+                (Some(DEAD), Some(PENDING)) => Some(PartialKind::Replayed),
+                (Some(DEAD), Some(DISCARDED)) => Some(PartialKind::Discarded),
+                // A before image without the state (MINIMAL): only a replay makes a row
+                // pending with no attempt counted, only a discard makes it discarded.
+                (None, Some(PENDING)) if after.number(columns.attempts) == Some(0) => {
+                    Some(PartialKind::Replayed)
                 }
-            } else if was != Some(DEAD) {
+                (None, Some(DISCARDED)) => Some(PartialKind::Discarded),
+                _ => None,
+            };
+            match revived {
+                Some(kind) => {
+                    self.foreign = true;
+                    let id = before.as_ref().unwrap_or(&after).id(columns)?;
+                    emit(readable(after, id, columns, kind));
+                }
+                None if was == Some(DEAD) => {}
                 // A rows event holds the rows of one statement, and a statement that
                 // revives dead rows (`outbox replay`, `outbox discard`, the admin API)
                 // touches dead rows only: an event that starts with any other row (most
                 // often the relay's own marks coming back) is not decoded further.
-                break;
+                None => break,
             }
         }
         Ok(())
@@ -430,73 +454,152 @@ fn corrupt_event(e: std::io::Error) -> Error {
     Error::Database(mysql::Error::IoError(e))
 }
 
-fn value(row: &mut BinlogRow, index: usize) -> Value {
-    match row.take(index) {
-        Some(BinlogValue::Value(v)) => v,
-        Some(other) => Value::try_from(other).unwrap_or(Value::NULL),
-        None => Value::NULL,
-    }
-}
-
-fn state(row: &mut BinlogRow, columns: &Columns) -> Option<i64> {
-    row.as_ref(columns.state).and_then(|v| match v {
-        BinlogValue::Value(v) => mysql::from_value_opt::<i64>(v.clone()).ok(),
-        _ => None,
-    })
-}
-
-/// `change` of the row's record and its topic and key, or [`Change::Corrupt`] when the
-/// row is no message; an error only when not even its id can be read.
-fn readable(
+/// A row image of the outbox table, read by the table's column numbers whether it holds
+/// every column or only some: a session that logs `binlog_row_image` MINIMAL or NOBLOB
+/// leaves columns out, and the row then holds the others only.
+struct Image {
     row: BinlogRow,
-    columns: &Columns,
-    change: impl FnOnce(Record, Option<(String, Vec<u8>)>) -> Change,
-) -> Result<Change> {
-    let key = text_and_bytes(&row, columns.topic, columns.key);
-    match record(row, columns) {
-        Ok(record) => Ok(change(record, key)),
-        Err(Error::CorruptRow { id, reason }) if id != 0 => Ok(Change::Corrupt { id, reason, key }),
-        Err(e) => Err(e),
+    /// For each of the table's columns, where it is in the row, if it is there.
+    at: Vec<Option<usize>>,
+}
+
+impl Image {
+    fn new(row: BinlogRow, columns: &Columns) -> Image {
+        let at = if row.len() == columns.count {
+            (0..columns.count).map(Some).collect()
+        } else {
+            // Each column is named by the table map: `@n` for the table's n-th column, or
+            // its name when the server logs row metadata in full.
+            let mut at = vec![None; columns.count];
+            for (index, column) in row.columns_ref().iter().enumerate() {
+                let name = column.name_str();
+                let number = match name.strip_prefix('@') {
+                    Some(number) => number.parse().ok(),
+                    None => columns.names.iter().position(|n| *n == name),
+                };
+                if let Some(slot) = number.and_then(|n: usize| at.get_mut(n)) {
+                    *slot = Some(index);
+                }
+            }
+            at
+        };
+        Image { row, at }
+    }
+
+    fn peek(&self, column: usize) -> Option<&BinlogValue<'_>> {
+        let index = self.at.get(column).copied().flatten()?;
+        self.row.as_ref(index)
+    }
+
+    /// The value of `column`, taken out of the image; `None` when the image lacks it or
+    /// holds what cannot be read as a value (JSON the decoder cannot convert, say).
+    fn take(&mut self, column: usize) -> Option<Value> {
+        let index = self.at.get(column).copied().flatten()?;
+        match self.row.take(index)? {
+            BinlogValue::Value(value) => Some(value),
+            other => Value::try_from(other).ok(),
+        }
+    }
+
+    /// An integer column's value, if the image holds it.
+    fn number(&self, column: usize) -> Option<i64> {
+        match self.peek(column)? {
+            BinlogValue::Value(v) => mysql::from_value_opt::<i64>(v.clone()).ok(),
+            _ => None,
+        }
+    }
+
+    /// The row's id. An insert's image holds it, and an update's before image: an
+    /// update's after image may not (MINIMAL).
+    fn id(&self, columns: &Columns) -> Result<u64> {
+        match self.peek(columns.id) {
+            Some(BinlogValue::Value(v)) => mysql::from_value_opt(v.clone())
+                .map_err(|e| corrupt_event(std::io::Error::other(e.to_string()))),
+            _ => Err(corrupt_event(std::io::Error::other(
+                "an outbox row without its id in the binary log",
+            ))),
+        }
+    }
+
+    /// The topic and key, where both are what they should be.
+    fn topic_and_key(&self, columns: &Columns) -> Option<(String, Vec<u8>)> {
+        let read = |column| match self.peek(column) {
+            Some(BinlogValue::Value(Value::Bytes(bytes))) => Some(bytes.clone()),
+            _ => None,
+        };
+        Some((
+            String::from_utf8(read(columns.topic)?).ok()?,
+            read(columns.key)?,
+        ))
     }
 }
 
-/// The topic and key of a row image, where both are what they should be.
-fn text_and_bytes(row: &BinlogRow, topic: usize, key: usize) -> Option<(String, Vec<u8>)> {
-    let read = |index| match row.as_ref(index) {
-        Some(BinlogValue::Value(Value::Bytes(bytes))) => Some(bytes.clone()),
-        _ => None,
-    };
-    Some((String::from_utf8(read(topic)?).ok()?, read(key)?))
+/// The change row `id`'s image, seen doing `kind`, stands for: its record, or
+/// [`Change::Corrupt`] when the row is no message, or [`Change::Partial`] when the image
+/// lacks what the record needs.
+fn readable(mut image: Image, id: u64, columns: &Columns, kind: PartialKind) -> Change {
+    let key = image.topic_and_key(columns);
+    if kind == PartialKind::Discarded {
+        // What it held back goes, whatever else the row holds: its key is enough.
+        return match key {
+            Some(key) => Change::Revived {
+                id,
+                key: Some(key),
+                replayed: None,
+            },
+            None => Change::Partial { id, kind },
+        };
+    }
+    match record(&mut image, id, columns) {
+        Ok(Some(record)) => match kind {
+            PartialKind::Inserted => Change::Inserted(record),
+            _ => Change::Revived {
+                id,
+                key,
+                replayed: Some(record),
+            },
+        },
+        Ok(None) => Change::Partial { id, kind },
+        Err(Error::CorruptRow { id, reason }) => Change::Corrupt { id, reason, key },
+        Err(_) => Change::Partial { id, kind },
+    }
 }
 
-/// A row image of the outbox table as a record.
-fn record(mut row: BinlogRow, columns: &Columns) -> Result<Record> {
-    let id: u64 =
-        mysql::from_value_opt(value(&mut row, columns.id)).map_err(|e| Error::CorruptRow {
-            id: 0,
-            reason: format!("id: {e}"),
-        })?;
+/// Row `id`'s image as a record; `None` when the image lacks a column the record needs.
+fn record(image: &mut Image, id: u64, columns: &Columns) -> Result<Option<Record>> {
     let corrupt = |column: &str, e: mysql::FromValueError| Error::CorruptRow {
         id,
         reason: format!("{column}: {e}"),
     };
-    let mut message_id: Vec<u8> = mysql::from_value_opt(value(&mut row, columns.message_id))
-        .map_err(|e| corrupt("message_id", e))?;
+    let values = [
+        columns.message_id,
+        columns.topic,
+        columns.key,
+        columns.headers,
+        columns.payload,
+        columns.attempts,
+        columns.created_on,
+    ]
+    .map(|column| image.take(column));
+    let [Some(message_id), Some(topic), Some(key), Some(headers), Some(payload), Some(attempts), Some(created)] =
+        values
+    else {
+        return Ok(None);
+    };
+    let mut message_id: Vec<u8> =
+        mysql::from_value_opt(message_id).map_err(|e| corrupt("message_id", e))?;
     // The binary log keeps BINARY(n) values without their trailing zero bytes.
     if message_id.len() < 16 {
         message_id.resize(16, 0);
     }
-    let topic: String =
-        mysql::from_value_opt(value(&mut row, columns.topic)).map_err(|e| corrupt("topic", e))?;
-    let key: Option<Vec<u8>> =
-        mysql::from_value_opt(value(&mut row, columns.key)).map_err(|e| corrupt("msg_key", e))?;
-    let headers: Option<Vec<u8>> = mysql::from_value_opt(value(&mut row, columns.headers))
-        .map_err(|e| corrupt("headers", e))?;
-    let payload: Vec<u8> = mysql::from_value_opt(value(&mut row, columns.payload))
-        .map_err(|e| corrupt("payload", e))?;
-    let attempts: u32 = mysql::from_value_opt(value(&mut row, columns.attempts))
-        .map_err(|e| corrupt("number_of_attempts", e))?;
-    let created = match value(&mut row, columns.created_on) {
+    let topic: String = mysql::from_value_opt(topic).map_err(|e| corrupt("topic", e))?;
+    let key: Option<Vec<u8>> = mysql::from_value_opt(key).map_err(|e| corrupt("msg_key", e))?;
+    let headers: Option<Vec<u8>> =
+        mysql::from_value_opt(headers).map_err(|e| corrupt("headers", e))?;
+    let payload: Vec<u8> = mysql::from_value_opt(payload).map_err(|e| corrupt("payload", e))?;
+    let attempts: u32 =
+        mysql::from_value_opt(attempts).map_err(|e| corrupt("number_of_attempts", e))?;
+    let created = match created {
         Value::Date(y, mo, d, h, mi, s, us) => micros_since_epoch(y, mo, d, h, mi, s, us),
         _ => None,
     };
@@ -510,6 +613,7 @@ fn record(mut row: BinlogRow, columns: &Columns) -> Result<Record> {
         attempts,
         created.unwrap_or(-1),
     )
+    .map(Some)
 }
 
 /// A UTC date and time as microseconds since 1970 (days from the civil calendar, as in

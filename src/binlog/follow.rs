@@ -7,14 +7,16 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{after, select, Receiver, RecvTimeoutError, TryRecvError};
 use mysql::prelude::Queryable;
 
-use super::events::{self, Change};
+use super::events::{self, Change, PartialKind};
 use super::worker::Settle;
 use super::worker::{Session, Tail};
 use crate::broker::Broker;
 use crate::dispatcher::backoff::backoff;
 use crate::error::{Error, Result, Worker};
 use crate::record::Record;
+use crate::store::codec::{decode_record, RECORD_COLUMNS};
 use crate::store::mysql::{padded, placeholders};
+use crate::store::mysql::{DISCARDED, PENDING};
 
 /// How long a position reached only through other tables' transactions waits before it
 /// is saved: saving it costs a write, and only shortens what a restart reads again.
@@ -66,38 +68,99 @@ impl Tail {
                     }
                 }
             };
-            match change {
-                Change::Inserted(record) => {
-                    if self.held(session, &record) {
-                        continue;
-                    }
-                    session.batch.push(record);
-                    if session.batch.len() >= self.settings.batch_size
-                        && !self.flush(broker, session)?
-                    {
-                        return Ok(());
-                    }
+            if !self.apply(broker, session, change)? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Acts on one change read from the binary log; false when the stop signal came
+    /// during a publish's retries.
+    fn apply(
+        &self,
+        broker: &mut impl Broker,
+        session: &mut Session,
+        change: Change,
+    ) -> Result<bool> {
+        match change {
+            Change::Inserted(record) => {
+                if self.held(session, &record) {
+                    return Ok(true);
                 }
-                Change::Committed { at, gtid, foreign } => {
-                    session.commit = Some((at, gtid));
-                    session.foreign |= foreign;
+                session.batch.push(record);
+                if session.batch.len() >= self.settings.batch_size {
+                    return self.flush(broker, session);
                 }
-                Change::Corrupt { id, reason, key } => {
-                    // Its key's later rows wait behind it as behind any dead row.
-                    if let Some(key) = key.filter(|_| self.settings.dead_blocks_key) {
-                        session.blocked.insert(key);
-                    }
-                    self.hand_over(session, Settle::Bury(vec![(id, reason)]))?;
+            }
+            Change::Committed { at, gtid, foreign } => {
+                session.commit = Some((at, gtid));
+                session.foreign |= foreign;
+            }
+            Change::Corrupt { id, reason, key } => {
+                // Its key's later rows wait behind it as behind any dead row.
+                if let Some(key) = key.filter(|_| self.settings.dead_blocks_key) {
+                    session.blocked.insert(key);
                 }
-                Change::Revived { id, key, replayed } => {
-                    if !self.flush(broker, session)?
-                        || !self.revive(broker, session, id, key, replayed)?
-                    {
-                        return Ok(());
-                    }
+                self.hand_over(session, Settle::Bury(vec![(id, reason)]))?;
+            }
+            Change::Revived { id, key, replayed } => {
+                return Ok(self.flush(broker, session)?
+                    && self.revive(broker, session, id, key, replayed)?);
+            }
+            Change::Partial { id, kind } => {
+                if let Some(change) = self.read_back(id, kind)? {
+                    return self.apply(broker, session, change);
                 }
             }
         }
+        Ok(true)
+    }
+
+    /// The change a row the binary log gave only in part stands for, read from the table
+    /// by its id: `None` when the row is no longer what the binary log saw (settled since,
+    /// or deleted). The read locks the row for a moment: its transaction, whose commit
+    /// the binary log holds already, may not be visible yet, and a locking read waits for
+    /// it instead of concluding that the row is not there.
+    fn read_back(&self, id: u64, kind: PartialKind) -> Result<Option<Change>> {
+        let table = self.store.table();
+        let row: Option<mysql::Row> = self.store.pool().get_conn()?.exec_first(
+            format!(
+                "SELECT {RECORD_COLUMNS}, o.state, o.topic, o.msg_key FROM `{table}` o \
+                 WHERE o.id = ? LOCK IN SHARE MODE"
+            ),
+            (id,),
+        )?;
+        let Some(mut row) = row else {
+            return Ok(None);
+        };
+        let state: Option<u8> = row.take(8);
+        let topic: Option<String> = row.take(9);
+        let key: Option<Option<Vec<u8>>> = row.take(10);
+        let key = topic.zip(key.flatten());
+        let wanted = match kind {
+            PartialKind::Inserted | PartialKind::Replayed => PENDING,
+            PartialKind::Discarded => DISCARDED,
+        };
+        if state != Some(wanted) {
+            return Ok(None);
+        }
+        if kind == PartialKind::Discarded {
+            return Ok(Some(Change::Revived {
+                id,
+                key,
+                replayed: None,
+            }));
+        }
+        Ok(Some(match decode_record(row) {
+            Ok(record) if kind == PartialKind::Inserted => Change::Inserted(record),
+            Ok(record) => Change::Revived {
+                id,
+                key,
+                replayed: Some(record),
+            },
+            Err(Error::CorruptRow { id, reason }) => Change::Corrupt { id, reason, key },
+            Err(e) => return Err(e),
+        }))
     }
 
     /// The next change, if it comes within [`GATHER_GAP`] while a backlog is read (the

@@ -5,7 +5,9 @@
 //! inserted into the outbox table in commit order, the moment its transaction commits:
 //! no polling query while nothing is committed, and one bulk mark per batch instead of
 //! a claim and a mark. It needs a server with `log_bin` on, `binlog_format = ROW`,
-//! `binlog_row_image = FULL`, its binary log uncompressed (MySQL's
+//! `binlog_row_image = FULL` (a session that sets MINIMAL or NOBLOB for itself is
+//! handled: each row it logs without every column is read from the table by its id,
+//! which costs a query per row), its binary log uncompressed (MySQL's
 //! `binlog_transaction_compression` and MariaDB's `log_bin_compress` off), and a user
 //! with REPLICATION SLAVE and REPLICATION CLIENT;
 //! [`BinlogRelay::start`] checks each and refuses with an [`Error::Config`] that says how

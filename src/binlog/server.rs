@@ -62,7 +62,8 @@ pub(crate) fn check(conn: &mut impl Queryable) -> Result<Server> {
         .is_some_and(|i| i.eq_ignore_ascii_case("FULL"))
     {
         return Err(Error::config(format!(
-            "binlog_row_image is {}, not FULL: the relay needs every column of a row. Run \
+            "binlog_row_image is {}, not FULL: the relay would read every row again from \
+             the table, a query each, as it does for a session that sets it for itself. Run \
              SET GLOBAL binlog_row_image = 'FULL' and set binlog_row_image = FULL under \
              [mysqld]",
             image.as_deref().unwrap_or("unset")
