@@ -1032,6 +1032,17 @@ fn each_missing_server_setting_is_refused_with_its_fix(server: Server) {
     refused(compression, &format!("SET GLOBAL {compression} = OFF"));
     conn.query_drop(format!("SET GLOBAL {compression} = OFF"))
         .unwrap();
+    if server == Server::MySql {
+        // Commits made visible out of the log's order: MariaDB has no such setting.
+        conn.query_drop("SET GLOBAL binlog_order_commits = OFF")
+            .unwrap();
+        refused(
+            "binlog_order_commits",
+            "SET GLOBAL binlog_order_commits = ON",
+        );
+        conn.query_drop("SET GLOBAL binlog_order_commits = ON")
+            .unwrap();
+    }
 
     // A user with rights on the tables only, then with REPLICATION SLAVE only.
     conn.query_drop("CREATE USER 'app'@'127.0.0.1' IDENTIFIED BY 'app'")

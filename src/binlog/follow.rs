@@ -219,14 +219,17 @@ impl Tail {
                 .collect();
             // Padded to a few lengths, so that the connection reuses its prepared statements.
             let ids = padded(&below);
-            // Reads need no lock: any connection of the pool.
+            // Any connection of the pool. The read locks the rows for a moment: a row whose
+            // commit the binary log holds may not be visible yet, and a plain read would
+            // conclude it is not pending and drop it for good; a locking read waits for it.
             let pending: HashSet<u64> = self
                 .store
                 .pool()
                 .get_conn()?
                 .exec::<u64, _, _>(
                     format!(
-                        "SELECT id FROM `{table}` WHERE state = 0 AND id IN ({})",
+                        "SELECT id FROM `{table}` WHERE state = 0 AND id IN ({}) \
+                         LOCK IN SHARE MODE",
                         placeholders(ids.len())
                     ),
                     ids,

@@ -38,6 +38,27 @@ pub(crate) fn load(conn: &mut impl Queryable, table: &str) -> Result<Option<(Pos
     Ok(row.map(|(file, offset, server)| (Position { file, offset }, server)))
 }
 
+/// Writes `table`'s row of the table of positions through `conn` without moving its
+/// position (a row written for the first time holds `at` on no server, server id 0,
+/// which is no position to resume from): a commit after everything before `at` in the
+/// binary log, which the server makes visible only once those commits are.
+pub(crate) fn touch(
+    conn: &mut impl Queryable,
+    table: &str,
+    at: &Position,
+    relay: &str,
+) -> Result<()> {
+    conn.exec_drop(
+        format!(
+            "INSERT INTO `{POSITION_TABLE}` (outbox_table, file, position, server_id, gtid, relay, \
+             saved_on) VALUES (?, ?, ?, 0, NULL, ?, UTC_TIMESTAMP(6)) \
+             ON DUPLICATE KEY UPDATE relay = VALUES(relay), saved_on = VALUES(saved_on)"
+        ),
+        (table, &at.file, at.offset, relay),
+    )?;
+    Ok(())
+}
+
 /// Saves `at` as `table`'s position on this server (`@@server_id`), by `relay`, with the
 /// last transaction's GTID.
 pub(crate) fn save(

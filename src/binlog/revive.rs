@@ -26,7 +26,17 @@ impl Tail {
         let mut records: Vec<Record> = replayed.into_iter().collect();
         if let Some(entry) = key.filter(|entry| session.blocked.contains(entry)) {
             let (topic, key) = &entry;
-            let dead_left: Option<bool> = self.store.pool().get_conn()?.exec_first(
+            let mut conn = self.store.pool().get_conn()?;
+            // The binary log may bring the replay or discard before its commit is visible:
+            // a locking read of the row waits for it, so that the next read does not still
+            // see the row dead and keep the key held for good. The rows of its key that
+            // committed before it are visible by then too (commits become visible in the
+            // order of the binary log).
+            conn.exec_drop(
+                format!("SELECT id FROM `{table}` WHERE id = ? LOCK IN SHARE MODE"),
+                (id,),
+            )?;
+            let dead_left: Option<bool> = conn.exec_first(
                 format!(
                     "SELECT EXISTS (SELECT 1 FROM `{table}` WHERE topic = ? AND msg_key = ? \
                      AND state = 2)"
@@ -34,7 +44,7 @@ impl Tail {
                 (topic, key),
             )?;
             if !dead_left.unwrap_or(true) {
-                let rows: Vec<mysql::Row> = self.store.pool().get_conn()?.exec(
+                let rows: Vec<mysql::Row> = conn.exec(
                     format!(
                         "SELECT {RECORD_COLUMNS} FROM `{table}` o WHERE o.topic = ? AND \
                          o.msg_key = ? AND o.state = 0 AND o.locked_by = 0 AND o.id <> ? \

@@ -84,6 +84,20 @@ pub(crate) fn check(conn: &mut impl Queryable) -> Result<Server> {
              Run SET GLOBAL {compression} = OFF and set {compression} = OFF under [mysqld]"
         )));
     }
+    if !mariadb {
+        // MariaDB always makes commits visible in the order of its binary log.
+        let ordered: Option<String> = conn
+            .query_first("SELECT @@GLOBAL.binlog_order_commits")
+            .unwrap_or(None);
+        if matches!(ordered.as_deref(), Some("0" | "OFF")) {
+            return Err(Error::config(
+                "binlog_order_commits is OFF: transactions may then become visible in another \
+                 order than the binary log's, and a relay catching up from the table could miss \
+                 one the log holds before where it starts. Run SET GLOBAL binlog_order_commits \
+                 = ON and set binlog_order_commits = ON under [mysqld]",
+            ));
+        }
+    }
     check_grants(conn)?;
     Ok(Server {
         mariadb,

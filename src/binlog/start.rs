@@ -36,6 +36,11 @@ impl Tail {
             }
             other => {
                 match other {
+                    // Server 0: written before a first catch-up that did not finish.
+                    None | Some((_, 0)) => log::info!(
+                        "binlog relay {}: no saved position; catching up from the table",
+                        self.owner
+                    ),
                     Some((at, server)) if server != self.server.server_id => log::warn!(
                         "binlog relay {}: the saved position {at} is on server {server}, not on \
                          this one ({}): after a failover; catching up from the table",
@@ -47,12 +52,13 @@ impl Tail {
                          (purged); catching up from the table",
                         self.owner
                     ),
-                    None => log::info!(
-                        "binlog relay {}: no saved position; catching up from the table",
-                        self.owner
-                    ),
                 }
                 let at = server::current(lock)?;
+                // A transaction the log holds before `at` may not be visible yet, and then
+                // neither the catch-up nor the log from `at` would publish it. Commits
+                // become visible in the order of the log: once a commit of our own after
+                // `at` returns, every one before `at` is visible.
+                position::touch(lock, table, &at, &self.owner)?;
                 let high = max_id(lock, table)?;
                 if !self.catch_up(broker, lock, high)? {
                     return Ok(None);
