@@ -8,10 +8,11 @@ mod common;
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use common::logs::Logs;
 use common::private_db::{PrivateDatabase, Server};
+use common::proxy::{CloseOnDrop, Proxy};
 use common::*;
 use mysql::prelude::Queryable;
 use outbox::binlog::{BinlogRelay, BinlogSettings, POSITION_TABLE};
@@ -839,6 +840,160 @@ fn rows_a_session_logs_in_minimal_images_are_read_from_the_table(server: Server)
     relay.stop().unwrap();
 }
 
+/// Writes on `aggregates` from a thread of its own, a transaction every few
+/// milliseconds, until `stop` is set; the ids committed.
+fn keep_writing(
+    pool: &mysql::Pool,
+    store: &MySqlStore,
+    aggregates: &Arc<Aggregates>,
+    topic: &str,
+    keys: u64,
+    stop: &Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<HashSet<String>> {
+    let (pool, store, aggregates, topic, stop) = (
+        pool.clone(),
+        store.clone(),
+        aggregates.clone(),
+        topic.to_string(),
+        stop.clone(),
+    );
+    std::thread::spawn(move || {
+        let outbox = Outbox::new(&store);
+        let mut rng = Rng::new(7);
+        let mut committed = HashSet::new();
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let key = format!("k{}", rng.below(keys));
+            let ids = aggregates
+                .write(&pool, &outbox, &topic, &key, 1 + rng.below(2) as u32, true)
+                .unwrap();
+            committed.extend(ids);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        committed
+    })
+}
+
+fn a_standby_takes_over_within_seconds_of_the_active_relay_cut_off(server: Server) {
+    const KEYS: usize = 10;
+    let f = fixture(server, "binlog_cut");
+    let (pool, table, topic) = (&f.pool, f.table.as_str(), f.topic.as_str());
+    let aggregates = Arc::new(Aggregates::new(pool, KEYS));
+    // The active relay reaches the server through a proxy that can stop moving bytes
+    // with both sockets left open: a cut link, or a host gone dark. (Over loopback the
+    // `mysql` crate would take the server's socket instead, unless told not to.) It
+    // publishes slower than the writers write, so that it has rows in hand when cut off.
+    let address = f.url.split('@').nth(1).unwrap().split('/').next().unwrap();
+    let proxy = Proxy::start(address);
+    let cut_url = format!(
+        "mysql://root@{}/test?prefer_socket=false&pool_min=1&pool_max=10",
+        proxy.address()
+    );
+    let slow = SlowBroker {
+        inner: broker(),
+        pause: Duration::from_millis(500),
+    };
+    let settings = outbox::DispatcherSettings {
+        batch_size: 10,
+        ..fast_settings()
+    };
+    let binlog = BinlogSettings {
+        lock_timeout: Duration::from_secs(4),
+        ..BinlogSettings::default()
+    };
+    let mut active = BinlogRelay::new(
+        mysql::Opts::from_url(&cut_url).unwrap(),
+        table,
+        slow,
+        settings,
+        binlog,
+        "binlog-active",
+    )
+    .unwrap()
+    .start()
+    .unwrap();
+    wait_until_following(pool, table);
+    let (standby, _, standby_logs) = relay_process(&f.url, table, "binlog-standby");
+    let standby = Reaped(standby);
+    assert!(standby_logs
+        .wait_for("waits as a standby", Duration::from_secs(30))
+        .is_some());
+
+    let _close = CloseOnDrop(&proxy);
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = keep_writing(pool, &f.store, &aggregates, topic, KEYS as u64, &stop);
+    assert!(
+        wait_for(Duration::from_secs(30), || count(pool, table, "state = 1")
+            >= 20
+            && count(pool, table, "state = 0") >= 200),
+        "the active relay publishes, and falls behind"
+    );
+    proxy.cut();
+    let cut = Instant::now();
+    // The standby takes the lock once the server lets the cut-off connection go, and
+    // every message committed in the 15 s after the cut is published within 30 s of it.
+    assert!(
+        standby_logs
+            .wait_for("is the active relay", Duration::from_secs(30))
+            .is_some(),
+        "the standby took over"
+    );
+    let taken_over = cut.elapsed();
+    std::thread::sleep((cut + Duration::from_secs(15)).saturating_duration_since(Instant::now()));
+    let high: u64 = pool
+        .get_conn()
+        .unwrap()
+        .query_first(format!("SELECT MAX(id) FROM `{table}`"))
+        .unwrap()
+        .unwrap();
+    let behind = format!("id <= {high} AND state = 0");
+    assert!(
+        wait_for(
+            (cut + Duration::from_secs(30)).saturating_duration_since(Instant::now()),
+            || count(pool, table, &behind) == 0
+        ),
+        "published within 30 s of the cut: {} still pending",
+        count(pool, table, &behind)
+    );
+    let published = cut.elapsed();
+    // The cut-off relay had rows in hand, and stopped publishing them on its own.
+    let errors: Vec<Error> = active.errors().try_iter().collect();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.to_string().contains("could not prove")),
+        "fenced: {errors:?}"
+    );
+
+    // The link comes back: the relay that was cut off waits as a standby.
+    proxy.mend();
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let committed = writer.join().unwrap();
+    let got = consume_ids(
+        topic,
+        &committed,
+        Duration::from_secs(60),
+        Duration::from_secs(2),
+    );
+    let read: HashSet<String> = got.iter().map(Consumed::message_id).collect();
+    assert!(
+        committed.is_subset(&read),
+        "{} of {} committed messages missing",
+        committed.difference(&read).count(),
+        committed.len()
+    );
+    assert_first_reads_in_order(&versions_read(&got), &aggregates.versions(pool));
+    eprintln!(
+        "cut off: the standby took over {taken_over:?} after the cut; what was committed \
+         15 s into it was published {published:?} after it; {} messages committed, {} read",
+        committed.len(),
+        got.len()
+    );
+    active.stop().unwrap();
+    drop(standby);
+}
+
 fn a_standby_takes_over_when_the_active_relay_dies(server: Server) {
     let f = fixture(server, "binlog_standby");
     let (url, pool, store, table, topic) = (
@@ -1462,6 +1617,7 @@ macro_rules! on_both_servers {
 }
 
 on_both_servers!(
+    a_standby_takes_over_within_seconds_of_the_active_relay_cut_off,
     rows_a_session_logs_in_minimal_images_are_read_from_the_table,
     health_names_the_reader_sees_a_busy_relay_alive_and_the_reader_stops_with_it,
     a_log_compressed_while_the_relay_runs_stops_it_until_caught_up_from_the_table,

@@ -280,6 +280,22 @@ impl Tail {
     ) -> Result<(Vec<Record>, bool)> {
         let mut delivered = Vec::with_capacity(pending.len());
         while !pending.is_empty() {
+            // Fencing by time: publish only while the lock is known to be held.
+            if !session.fence.holds() {
+                let fenced = || {
+                    Error::Refused(format!(
+                        "the binlog relay {} could not prove for {:?} that it still holds the \
+                         table's lock (its connection to the server is cut, or the server is \
+                         silent): it publishes nothing more before the server could let a \
+                         standby take over",
+                        self.owner,
+                        self.binlog.lock_timeout - self.binlog.lock_timeout / 4
+                    ))
+                };
+                // Said now: the session's end may be explained by the settler's error.
+                self.signals.report(fenced());
+                return Err(fenced());
+            }
             let mut outcomes = broker.publish(&pending);
             outcomes.resize_with(pending.len(), || {
                 Err(Error::Broker("the broker returned no outcome".into()))

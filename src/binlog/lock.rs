@@ -1,9 +1,12 @@
 //! The table's named lock: one active binlog relay per table, the others wait as
 //! standbys on the same lock.
 
+use std::time::{Duration, Instant};
+
 use mysql::prelude::Queryable;
 use mysql::{Conn, OptsBuilder};
 
+use super::fence::Fence;
 use super::worker::Tail;
 use crate::error::Result;
 
@@ -24,14 +27,24 @@ impl Tail {
         format!("outbox-binlog:{digest:016x}")
     }
 
-    /// A connection of its own that holds the table's named lock; `None` on the stop
-    /// signal. A standby waits here.
-    pub(super) fn acquire(&self) -> Result<Option<Conn>> {
-        let opts = OptsBuilder::from_opts(self.opts.clone()).tcp_keepalive_time_ms(Some(10_000));
+    /// A connection of its own that holds the table's named lock, and the fence of that
+    /// lock; `None` on the stop signal. A standby waits here.
+    pub(super) fn acquire(&self) -> Result<Option<(Conn, Fence)>> {
+        let timeout = self.binlog.lock_timeout;
+        // A server gone quiet fails a statement, a connection attempt included, instead
+        // of holding the relay for ever: a GET_LOCK waits `lock_wait` on the server.
+        let answer_within = timeout.max(self.binlog.lock_wait + Duration::from_secs(5));
+        let opts = OptsBuilder::from_opts(self.opts.clone())
+            .tcp_keepalive_time_ms(Some(10_000))
+            .tcp_connect_timeout(Some(timeout))
+            .read_timeout(Some(answer_within))
+            .write_timeout(Some(answer_within));
         let mut conn = Conn::new(opts)?;
-        // The lock lives as long as this connection: the server must not close it for
-        // being idle while nothing is committed.
-        conn.query_drop("SET SESSION wait_timeout = 31536000")?;
+        // The lock lives as long as this connection, and the server closes it after this
+        // long without a statement: the active relay pings it well within (see `fence`),
+        // and a relay cut off from the server loses the lock after this long.
+        let seconds = timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0);
+        conn.query_drop(format!("SET SESSION wait_timeout = {seconds}"))?;
         conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")?;
         // The relay's own writes need no more in the binary log than each row's key and
         // what changed: in full, every mark would log its row's payload twice, for the
@@ -48,15 +61,18 @@ impl Tail {
         let wait = self.binlog.lock_wait.as_secs_f64();
         let mut told = false;
         loop {
+            let sent = Instant::now();
             let got: Option<Option<i64>> =
                 conn.exec_first("SELECT GET_LOCK(?, ?)", (&name, wait))?;
             if got.flatten() == Some(1) {
                 log::info!(
-                    "binlog relay {} is the active relay of {}",
+                    "binlog relay {} is the active relay of {} (it stops publishing when it \
+                     has not heard from the server for {:?})",
                     self.owner,
-                    name
+                    name,
+                    timeout - timeout / 4
                 );
-                return Ok(Some(conn));
+                return Ok(Some((conn, Fence::new(timeout, sent))));
             }
             if !told {
                 log::info!(
@@ -70,4 +86,10 @@ impl Tail {
             }
         }
     }
+}
+
+/// A statement that does nothing, on the lock's connection: the server hears from the
+/// relay, and its answer proves the lock is still held.
+pub(super) fn ping(lock: &mut Conn) -> Result<()> {
+    Ok(lock.query_drop("DO 1")?)
 }

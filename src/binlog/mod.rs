@@ -48,6 +48,7 @@
 //! ```
 
 mod events;
+mod fence;
 mod follow;
 mod lock;
 mod position;
@@ -69,6 +70,10 @@ use crate::metrics::Meter;
 use crate::settings::DispatcherSettings;
 use crate::store::MySqlStore;
 
+/// How long a statement of the relay's pool may wait for the server, when the database
+/// options set no read or write timeout of their own.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// What only the binlog relay needs; [`DispatcherSettings`] holds the rest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BinlogSettings {
@@ -82,6 +87,14 @@ pub struct BinlogSettings {
     /// How long a standby waits on the lock before looking at the stop signal again.
     /// Defaults to 1 s.
     pub lock_wait: Duration,
+    /// How long the server keeps the table's lock for an active relay it hears nothing
+    /// from (its `wait_timeout` on the lock's connection, which the relay pings at a
+    /// quarter of it): a relay cut off from the server, or on a host gone dark, is
+    /// replaced by a standby within about this and `lock_wait`. It stops publishing a
+    /// quarter of this before the server could let the lock go, and starts no publish
+    /// after; one begun before may finish later (within the broker's delivery timeout).
+    /// 2 s to 1 h; defaults to 10 s.
+    pub lock_timeout: Duration,
 }
 
 impl Default for BinlogSettings {
@@ -91,6 +104,7 @@ impl Default for BinlogSettings {
             server_id: 1_000_000_000 + random % 1_000_000_000,
             heartbeat: Duration::from_secs(1),
             lock_wait: Duration::from_secs(1),
+            lock_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -104,6 +118,11 @@ impl BinlogSettings {
             if value < Duration::from_millis(1) || value > Duration::from_secs(3600) {
                 return Err(Error::config(format!("{name} must be 1 ms to 1 h")));
             }
+        }
+        if self.lock_timeout < Duration::from_secs(2)
+            || self.lock_timeout > Duration::from_secs(3600)
+        {
+            return Err(Error::config("lock_timeout must be 2 s to 1 h"));
         }
         Ok(())
     }
@@ -123,7 +142,8 @@ pub struct BinlogRelay<B> {
 
 impl<B: Broker> BinlogRelay<B> {
     /// A relay of `table` in the database `database` names, called `instance_id` (as a
-    /// dispatcher's).
+    /// dispatcher's). Its pool's statements wait at most 60 s for the server when
+    /// `database` sets no read or write timeout of its own.
     ///
     /// # Errors
     ///
@@ -140,7 +160,22 @@ impl<B: Broker> BinlogRelay<B> {
         settings.validate(broker.delivery_timeout())?;
         binlog.validate()?;
         let owner = lease_owner(instance_id)?;
-        let store = MySqlStore::with_table(mysql::Pool::new(database.clone())?, table)?;
+        // A server cut off mid-statement fails the statement instead of holding a worker
+        // (and the stop that joins it) for ever.
+        let bounded = mysql::OptsBuilder::from_opts(database.clone())
+            .read_timeout(
+                database
+                    .get_read_timeout()
+                    .copied()
+                    .or(Some(STATEMENT_TIMEOUT)),
+            )
+            .write_timeout(
+                database
+                    .get_write_timeout()
+                    .copied()
+                    .or(Some(STATEMENT_TIMEOUT)),
+            );
+        let store = MySqlStore::with_table(mysql::Pool::new(bounded)?, table)?;
         Ok(BinlogRelay {
             opts: database,
             store,

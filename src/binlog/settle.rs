@@ -8,6 +8,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use mysql::prelude::Queryable;
 use mysql::{Conn, TxOpts};
 
+use super::fence::Fence;
+use super::lock::ping;
 use super::position::{self, Position};
 use super::worker::{Session, Settle, Tail};
 use crate::dispatcher::signal::Signals;
@@ -31,17 +33,26 @@ impl Tail {
     /// past a saved position are looked up, not sent again, by the next session (see
     /// `settled_high` in `start`). A write that fails is tried again a few times
     /// (a lock wait, a deadlock); then the session ends.
-    pub(super) fn settle(&self, mut lock: Conn, settles: Receiver<Settle>) -> Result<()> {
+    pub(super) fn settle(
+        &self,
+        mut lock: Conn,
+        settles: Receiver<Settle>,
+        fence: &Fence,
+    ) -> Result<()> {
         let table = self.store.table();
         let mut unsaved: Option<(Position, Option<String>)> = None;
         let mut saved = Instant::now();
         loop {
-            let first = match settles.recv_timeout(POSITION_INTERVAL) {
+            let first = match settles.recv_timeout(POSITION_INTERVAL.min(fence.ping_after())) {
                 Ok(first) => first,
                 Err(RecvTimeoutError::Timeout) => {
-                    // Quiet: the position the last marks reached.
+                    // Quiet: the position the last marks reached, or else a ping, which
+                    // keeps the lock's connection from looking idle to the server.
+                    if unsaved.is_none() && fence.due_for_ping() {
+                        self.write(fence, || ping(&mut lock))?;
+                    }
                     if let Some((at, gtid)) = unsaved.take() {
-                        self.write(|| {
+                        self.write(fence, || {
                             position::save(&mut lock, table, &at, gtid.as_deref(), &self.owner)
                         })?;
                         saved = Instant::now();
@@ -56,22 +67,24 @@ impl Tail {
                 let marking = Instant::now();
                 match settle {
                     Settle::Delivered { ids, commit } => {
-                        self.write(|| mark(&mut lock, table, &ids))?;
+                        self.write(fence, || mark(&mut lock, table, &ids))?;
                         self.meter.stage("mark", marking.elapsed());
                         log::debug!("marked {} in {:?}", ids.len(), marking.elapsed());
                         unsaved = commit.or(unsaved);
                     }
                     Settle::Failed(failures) => {
-                        self.write(|| record_failures(&mut lock, table, &failures))?
+                        self.write(fence, || record_failures(&mut lock, table, &failures))?
                     }
                     Settle::Position(at, gtid) => unsaved = Some((at, gtid)),
-                    Settle::Bury(corrupt) => self.write(|| bury(&mut lock, table, &corrupt))?,
+                    Settle::Bury(corrupt) => {
+                        self.write(fence, || bury(&mut lock, table, &corrupt))?
+                    }
                 }
             }
             self.signals.succeeded(Worker::Settler);
             if saved.elapsed() >= POSITION_INTERVAL {
                 if let Some((at, gtid)) = unsaved.take() {
-                    self.write(|| {
+                    self.write(fence, || {
                         position::save(&mut lock, table, &at, gtid.as_deref(), &self.owner)
                     })?;
                     saved = Instant::now();
@@ -79,17 +92,27 @@ impl Tail {
             }
         }
         if let Some((at, gtid)) = unsaved {
-            self.write(|| position::save(&mut lock, table, &at, gtid.as_deref(), &self.owner))?;
+            self.write(fence, || {
+                position::save(&mut lock, table, &at, gtid.as_deref(), &self.owner)
+            })?;
         }
         Ok(())
     }
 
     /// Runs a write of the settler, again after a pause when it fails on anything but a
-    /// lost connection, up to five times.
-    fn write(&self, mut write: impl FnMut() -> Result<()>) -> Result<()> {
+    /// lost connection, up to five times. Each that succeeds proves the lock is held.
+    fn write(&self, fence: &Fence, mut write: impl FnMut() -> Result<()>) -> Result<()> {
         let mut pause = Duration::from_millis(50);
+        let mut attempt = || {
+            let sent = Instant::now();
+            let written = write();
+            if written.is_ok() {
+                fence.proved(sent);
+            }
+            written
+        };
         for _ in 0..5 {
-            match write() {
+            match attempt() {
                 Err(e) if !matches!(e, Error::Database(mysql::Error::IoError(_))) => {
                     self.signals.report(e);
                     Signals::wait(pause);
@@ -98,7 +121,7 @@ impl Tail {
                 done => return done,
             }
         }
-        write()
+        attempt()
     }
 
     /// Queues a write for the settler; an error when the settler has ended (its error

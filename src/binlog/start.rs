@@ -3,11 +3,13 @@
 //! relay's claim.
 
 use std::collections::HashSet;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mysql::prelude::Queryable;
 use mysql::Conn;
 
+use super::fence::Fence;
+use super::lock::ping;
 use super::position::{self, Position};
 use super::server;
 use super::worker::{Key, Tail};
@@ -24,6 +26,7 @@ impl Tail {
         &self,
         broker: &mut impl Broker,
         lock: &mut Conn,
+        fence: &Fence,
         table: &str,
     ) -> Result<Option<(Position, u64)>> {
         let saved = position::load(lock, table)?;
@@ -60,7 +63,7 @@ impl Tail {
                 // `at` returns, every one before `at` is visible.
                 position::touch(lock, table, &at, &self.owner)?;
                 let high = max_id(lock, table)?;
-                if !self.catch_up(broker, lock, high)? {
+                if !self.catch_up(broker, lock, fence, high)? {
                     return Ok(None);
                 }
                 // The catch-up may have published rows committed after `at`, which the
@@ -77,7 +80,15 @@ impl Tail {
     /// Publishes what is pending with the polling relay's claim until nothing is left
     /// that may be sent (rows up to `high`, the newest when the catch-up began). False
     /// on the stop signal.
-    fn catch_up(&self, broker: &mut impl Broker, lock: &mut Conn, high: u64) -> Result<bool> {
+    /// The catch-up's claims lease their rows, as the polling relay's do: it needs no
+    /// fence, but keeps the lock's connection from looking idle to the server.
+    fn catch_up(
+        &self,
+        broker: &mut impl Broker,
+        lock: &mut Conn,
+        fence: &Fence,
+        high: u64,
+    ) -> Result<bool> {
         let mut relay = Relay {
             store: self.store.clone(),
             settings: self.settings.clone(),
@@ -102,6 +113,11 @@ impl Tail {
         loop {
             if self.signals.stopped() {
                 return Ok(false);
+            }
+            if fence.due_for_ping() {
+                let sent = Instant::now();
+                ping(lock)?;
+                fence.proved(sent);
             }
             let round = relay.round(broker)?;
             caught += round.delivered;

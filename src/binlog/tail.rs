@@ -5,6 +5,7 @@
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -38,9 +39,10 @@ impl Tail {
     }
 
     fn session(&self, broker: &mut impl Broker) -> Result<()> {
-        let Some(mut lock) = self.acquire()? else {
+        let Some((mut lock, fence)) = self.acquire()? else {
             return Ok(());
         };
+        let fence = Arc::new(fence);
         let table = self.store.table().to_string();
         let columns = Columns::read(&mut lock, &table)?;
         let blocked = if self.settings.dead_blocks_key {
@@ -48,7 +50,7 @@ impl Tail {
         } else {
             HashSet::new()
         };
-        let Some((at, verify_below)) = self.start(broker, &mut lock, &table)? else {
+        let Some((at, verify_below)) = self.start(broker, &mut lock, &fence, &table)? else {
             return Ok(());
         };
         let source = Source {
@@ -82,9 +84,10 @@ impl Tail {
                 })
                 .map_err(Error::Thread)?;
             let (settler, settles) = bounded(SETTLE_QUEUE);
+            let settler_fence = fence.clone();
             let settling = thread::Builder::new()
                 .name("outbox-binlog-settler".into())
-                .spawn_scoped(scope, move || self.settle(lock, settles))
+                .spawn_scoped(scope, move || self.settle(lock, settles, &settler_fence))
                 .map_err(Error::Thread);
             let settling = match settling {
                 Ok(settling) => settling,
@@ -101,6 +104,7 @@ impl Tail {
                 last_save: Instant::now(),
                 verify_below,
                 blocked,
+                fence,
             };
             let followed = self.follow(broker, &mut session, &changes);
             quit.store(true, Ordering::SeqCst);

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::fence::Fence;
 use super::position::Position;
 use super::server::Server;
 use super::BinlogSettings;
@@ -45,6 +46,8 @@ pub(super) struct Session {
     pub verify_below: u64,
     /// Keys held behind a dead message.
     pub blocked: HashSet<Key>,
+    /// Until when the session may publish: it holds the table's lock until then.
+    pub fence: Arc<Fence>,
 }
 
 /// What the settler writes, in the order the tail sends it, on the connection that

@@ -9,6 +9,7 @@
 pub mod gate;
 pub mod logs;
 pub mod private_db;
+pub mod proxy;
 pub mod recorder;
 pub mod tansu;
 
@@ -565,6 +566,27 @@ pub fn assert_commit_order(
             let ok = step == 1 || (duplicates_allowed && step <= 0);
             assert!(ok, "{key}: read {} after {}: {seen:?}", pair[1], pair[0]);
         }
+    }
+}
+
+/// Checks that each key's versions were first read as 1, 2, ..., final: nothing lost,
+/// and no message published for the first time after a later one of its key. Copies
+/// read again later (a batch whose publish outlived its relay's lock, say) pass.
+pub fn assert_first_reads_in_order(
+    read: &HashMap<String, Vec<u32>>,
+    finals: &HashMap<String, u32>,
+) {
+    for (key, &last) in finals {
+        let mut seen = std::collections::HashSet::new();
+        let first: Vec<u32> = read
+            .get(key)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|v| seen.insert(*v))
+            .collect();
+        let expected: Vec<u32> = (1..=last).collect();
+        assert_eq!(first, expected, "{key}: first reads, in order");
     }
 }
 

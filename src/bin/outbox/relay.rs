@@ -9,6 +9,7 @@
 //! | `OUTBOX_KAFKA_BROKERS` | `127.0.0.1:9092` |
 //! | `OUTBOX_INSTANCE` | `relay-<pid>` |
 //! | `OUTBOX_SOURCE`, `OUTBOX_SERVER_ID` | `polling`; `binlog` reads the binary log (under a random server id) |
+//! | `OUTBOX_BINLOG_LOCK_TIMEOUT_MS` | 10,000: how soon a standby binlog relay replaces one cut off |
 //! | `OUTBOX_KAFKA_CONFIG_FILE` | none; a Java `.properties` file (Kafka's `client.properties`), also `--kafka-config FILE` |
 //! | `OUTBOX_KAFKA_PROPERTIES` | none; `name=value` pairs separated by commas, `\,` for a comma in a value; they override the file's |
 //! | `OUTBOX_BATCH_SIZE`, `OUTBOX_MAX_ATTEMPTS`, `OUTBOX_DEAD_BLOCKS_KEY` | as `DispatcherSettings` |
@@ -49,6 +50,11 @@ pub struct Args {
     /// the server's replicas. Default: random, from 1,000,000,000 up.
     #[arg(long, env = "OUTBOX_SERVER_ID")]
     server_id: Option<u32>,
+    /// With --source binlog: milliseconds the server keeps the table's lock for an
+    /// active relay it hears nothing from; a standby takes over within about that.
+    /// Default 10,000.
+    #[arg(long, value_name = "MS", env = "OUTBOX_BINLOG_LOCK_TIMEOUT_MS")]
+    lock_timeout_ms: Option<u64>,
     /// Kafka's bootstrap servers.
     #[arg(long, env = "OUTBOX_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     brokers: String,
@@ -188,6 +194,9 @@ pub fn main(database_url: &str, table: &str, args: Args) -> Result<ExitCode, Fai
             let mut binlog = BinlogSettings::default();
             if let Some(id) = args.server_id {
                 binlog.server_id = id;
+            }
+            if let Some(ms) = args.lock_timeout_ms {
+                binlog.lock_timeout = Duration::from_millis(ms);
             }
             BinlogRelay::new(opts, table, broker, args.settings(), binlog, &instance)?.start()?
         }
