@@ -994,6 +994,142 @@ fn a_standby_takes_over_within_seconds_of_the_active_relay_cut_off(server: Serve
     drop(standby);
 }
 
+fn a_message_the_broker_never_takes_holds_back_its_own_key_only(server: Server) {
+    let f = fixture(server, "binlog_stuck");
+    let (pool, table, topic) = (&f.pool, f.table.as_str(), f.topic.as_str());
+    let relay_with = |max_attempts: Option<u32>| {
+        let settings = outbox::DispatcherSettings {
+            max_attempts,
+            ..fast_settings()
+        };
+        BinlogRelay::new(
+            mysql::Opts::from_url(&f.url).unwrap(),
+            table,
+            broker(),
+            settings,
+            BinlogSettings::default(),
+            "binlog-stuck",
+        )
+        .unwrap()
+        .start()
+        .unwrap()
+    };
+    let mut relay = relay_with(None);
+    wait_until_following(pool, table);
+    // 2 MB, written by SQL as another writer might: more than the producer sends.
+    pool.get_conn()
+        .unwrap()
+        .query_drop(format!(
+            "INSERT INTO `{table}` (message_id, topic, msg_key, headers, payload, created_on, \
+             available_on) VALUES (UNHEX(REPLACE(UUID(), '-', '')), '{topic}', 'big', '[]', \
+             REPEAT('x', 2000000), UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))"
+        ))
+        .unwrap();
+    let behind: Vec<outbox::Message> = (1..=5)
+        .map(|i| outbox::Message::new(topic, format!("big:{i}")).with_key("big"))
+        .collect();
+    commit(pool, &f.store, &behind);
+    let others = unique("binlog_others");
+    let messages: Vec<outbox::Message> = (0..200)
+        .map(|i| outbox::Message::new(&others, format!("o:{i}")).with_key(format!("k{}", i % 7)))
+        .collect();
+    let ids: HashSet<String> = commit(pool, &f.store, &messages).into_iter().collect();
+
+    // Everything else goes on; the big one is tried again and again, its key waits.
+    let got = consume(
+        &others,
+        200,
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+    );
+    assert_eq!(
+        got.iter().map(Consumed::message_id).collect::<HashSet<_>>(),
+        ids,
+        "the other topic's 200 went"
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || count(
+            pool,
+            table,
+            "msg_key = 'big' AND state = 0 AND number_of_attempts >= 3"
+        ) == 1),
+        "the big one is tried again"
+    );
+    assert_eq!(
+        count(pool, table, "msg_key = 'big' AND state = 0"),
+        6,
+        "its key's later messages wait behind it"
+    );
+    relay.stop().unwrap();
+
+    // Restarted with a limit: it is dead at once (its attempts are the table's), and
+    // its key goes on, in order.
+    let mut relay = relay_with(Some(3));
+    assert!(
+        wait_for(Duration::from_secs(30), || count(pool, table, "state = 2")
+            == 1
+            && count(pool, table, "msg_key = 'big' AND state = 1") == 5),
+        "dead after its attempts, and the rest of its key published"
+    );
+    let big = consume(topic, 5, Duration::from_secs(30), Duration::from_secs(1));
+    assert_eq!(
+        payloads(&big),
+        (1..=5).map(|i| format!("big:{i}")).collect::<Vec<_>>()
+    );
+    relay.stop().unwrap();
+}
+
+fn a_long_wait_behind_a_failed_message_is_read_back_from_the_table_in_order(server: Server) {
+    let f = fixture(server, "binlog_spill");
+    let (pool, table, topic) = (&f.pool, f.table.as_str(), f.topic.as_str());
+    // Small batches keep 256 held rows in memory at most; the rest stay in the table.
+    let settings = outbox::DispatcherSettings {
+        batch_size: 10,
+        max_attempts: Some(4),
+        ..fast_settings()
+    };
+    let mut relay = BinlogRelay::new(
+        mysql::Opts::from_url(&f.url).unwrap(),
+        table,
+        broker(),
+        settings,
+        BinlogSettings::default(),
+        "binlog-spill",
+    )
+    .unwrap()
+    .start()
+    .unwrap();
+    wait_until_following(pool, table);
+    pool.get_conn()
+        .unwrap()
+        .query_drop(format!(
+            "INSERT INTO `{table}` (message_id, topic, msg_key, headers, payload, created_on, \
+             available_on) VALUES (UNHEX(REPLACE(UUID(), '-', '')), '{topic}', 'k', '[]', \
+             REPEAT('x', 2000000), UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))"
+        ))
+        .unwrap();
+    for chunk in 0..6 {
+        let messages: Vec<outbox::Message> = (0..100)
+            .map(|i| outbox::Message::new(topic, format!("k:{}", chunk * 100 + i)).with_key("k"))
+            .collect();
+        commit(pool, &f.store, &messages);
+    }
+    assert!(
+        wait_for(Duration::from_secs(60), || count(pool, table, "state = 2")
+            == 1
+            && count(pool, table, "state = 1") == 600),
+        "dead after 4 attempts, then all 600 behind it: {} delivered",
+        count(pool, table, "state = 1")
+    );
+    let got = consume(topic, 600, Duration::from_secs(30), Duration::from_secs(1));
+    assert_eq!(
+        payloads(&got),
+        (0..600).map(|i| format!("k:{i}")).collect::<Vec<_>>(),
+        "each once, in order"
+    );
+    relay.stop().unwrap();
+}
+
 fn a_standby_takes_over_when_the_active_relay_dies(server: Server) {
     let f = fixture(server, "binlog_standby");
     let (url, pool, store, table, topic) = (
@@ -1617,6 +1753,8 @@ macro_rules! on_both_servers {
 }
 
 on_both_servers!(
+    a_long_wait_behind_a_failed_message_is_read_back_from_the_table_in_order,
+    a_message_the_broker_never_takes_holds_back_its_own_key_only,
     a_standby_takes_over_within_seconds_of_the_active_relay_cut_off,
     rows_a_session_logs_in_minimal_images_are_read_from_the_table,
     health_names_the_reader_sees_a_busy_relay_alive_and_the_reader_stops_with_it,

@@ -1,8 +1,10 @@
-//! Following the binary log: each row read is published in commit order, gathered into
-//! batches while a backlog is read, retried after a failure, and handed to the settler.
+//! Following the binary log: each row read is published in commit order ([`publish`]),
+//! gathered into batches while a backlog is read; a row of a key held behind a failed
+//! or a dead message waits.
+//!
+//! [`publish`]: super::publish
 
-use std::collections::HashSet;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{after, select, Receiver, RecvTimeoutError, TryRecvError};
 use mysql::prelude::Queryable;
@@ -11,16 +13,16 @@ use super::events::{self, Change, PartialKind};
 use super::worker::Settle;
 use super::worker::{Session, Tail};
 use crate::broker::Broker;
-use crate::dispatcher::backoff::backoff;
 use crate::error::{Error, Result, Worker};
 use crate::record::Record;
 use crate::store::codec::{decode_record, RECORD_COLUMNS};
-use crate::store::mysql::{padded, placeholders};
 use crate::store::mysql::{DISCARDED, PENDING};
 
+/// How long the tail waits for a change when nothing else is due.
+const IDLE: Duration = Duration::from_secs(3600);
 /// How long a position reached only through other tables' transactions waits before it
 /// is saved: saving it costs a write, and only shortens what a restart reads again.
-const SAVE_INTERVAL: Duration = Duration::from_secs(10);
+pub(super) const SAVE_INTERVAL: Duration = Duration::from_secs(10);
 /// A batch that gathered this many rows without a pause is reading a backlog, and waits
 /// up to [`GATHER_GAP`] for each next row before it is published.
 const BACKLOG_BATCH: usize = 64;
@@ -48,51 +50,58 @@ impl Tail {
                     if let Some(change) = self.gather(session, changes)? {
                         change
                     } else {
-                        if !self.flush(broker, session)? {
-                            return Ok(());
-                        }
+                        self.flush(broker, session, SAVE_INTERVAL)?;
+                        self.retry(broker, session)?;
                         self.signals.succeeded(Worker::Relay);
-                        let due = if session.foreign && session.commit.is_some() {
+                        let save = if session.foreign && session.commit.is_some() {
                             SAVE_INTERVAL.saturating_sub(session.last_save.elapsed())
                         } else {
-                            Duration::from_secs(3600)
+                            IDLE
                         };
+                        let retry = session
+                            .held
+                            .next_due()
+                            .map_or(IDLE, |due| due.saturating_duration_since(Instant::now()));
                         select! {
                             recv(changes) -> change => match change {
                                 Ok(change) => change?,
                                 Err(_) => return Err(gone()),
                             },
                             recv(self.signals.stop) -> _ => return Ok(()),
-                            recv(after(due)) -> _ => continue,
+                            recv(after(save.min(retry))) -> _ => continue,
                         }
                     }
                 }
             };
-            if !self.apply(broker, session, change)? {
+            self.apply(broker, session, change)?;
+            if self.signals.stopped() {
                 return Ok(());
             }
         }
     }
 
-    /// Acts on one change read from the binary log; false when the stop signal came
-    /// during a publish's retries.
-    fn apply(
-        &self,
-        broker: &mut impl Broker,
-        session: &mut Session,
-        change: Change,
-    ) -> Result<bool> {
+    /// Acts on one change read from the binary log.
+    fn apply(&self, broker: &mut impl Broker, session: &mut Session, change: Change) -> Result<()> {
         match change {
             Change::Inserted(record) => {
-                if self.held(session, &record) {
-                    return Ok(true);
+                if self.blocked(session, &record) {
+                    return Ok(());
+                }
+                if session.held.holds(&record) {
+                    session.held.queue(record);
+                    return Ok(());
+                }
+                if session.batch.is_empty() {
+                    session.batch_pin = Some(session.read_through.clone());
                 }
                 session.batch.push(record);
                 if session.batch.len() >= self.settings.batch_size {
-                    return self.flush(broker, session);
+                    self.flush(broker, session, SAVE_INTERVAL)?;
+                    self.retry(broker, session)?;
                 }
             }
             Change::Committed { at, gtid, foreign } => {
+                session.read_through = at.clone();
                 session.commit = Some((at, gtid));
                 session.foreign |= foreign;
             }
@@ -104,8 +113,8 @@ impl Tail {
                 self.hand_over(session, Settle::Bury(vec![(id, reason)]))?;
             }
             Change::Revived { id, key, replayed } => {
-                return Ok(self.flush(broker, session)?
-                    && self.revive(broker, session, id, key, replayed)?);
+                self.flush(broker, session, SAVE_INTERVAL)?;
+                self.revive(broker, session, id, key, replayed)?;
             }
             Change::Partial { id, kind } => {
                 if let Some(change) = self.read_back(id, kind)? {
@@ -113,7 +122,7 @@ impl Tail {
                 }
             }
         }
-        Ok(true)
+        Ok(())
     }
 
     /// The change a row the binary log gave only in part stands for, read from the table
@@ -184,7 +193,7 @@ impl Tail {
     }
 
     /// Whether `record` waits behind a dead message of its key.
-    pub(super) fn held(&self, session: &Session, record: &Record) -> bool {
+    pub(super) fn blocked(&self, session: &Session, record: &Record) -> bool {
         let Some(key) = record.message.key() else {
             return false;
         };
@@ -192,194 +201,5 @@ impl Tail {
             && session
                 .blocked
                 .contains(&(record.message.topic().to_string(), key.to_vec()))
-    }
-
-    /// Publishes the batch and hands its rows to the settler, with the position after it;
-    /// or hands over a position that only other tables' transactions moved once it is
-    /// [`SAVE_INTERVAL`] old. False when the stop signal came during retries (what was
-    /// acknowledged is still marked).
-    pub(super) fn flush(&self, broker: &mut impl Broker, session: &mut Session) -> Result<bool> {
-        let table = self.store.table();
-        if session.batch.is_empty() {
-            if session.foreign && session.last_save.elapsed() >= SAVE_INTERVAL {
-                if let Some((at, gtid)) = session.commit.take() {
-                    self.hand_over(session, Settle::Position(at, gtid))?;
-                }
-                session.foreign = false;
-                session.last_save = Instant::now();
-            }
-            return Ok(true);
-        }
-        let mut records = std::mem::take(&mut session.batch);
-        if records.iter().any(|r| r.id <= session.verify_below) {
-            let below: Vec<u64> = records
-                .iter()
-                .filter(|r| r.id <= session.verify_below)
-                .map(|r| r.id)
-                .collect();
-            // Padded to a few lengths, so that the connection reuses its prepared statements.
-            let ids = padded(&below);
-            // Any connection of the pool. The read locks the rows for a moment: a row whose
-            // commit the binary log holds may not be visible yet, and a plain read would
-            // conclude it is not pending and drop it for good; a locking read waits for it.
-            let pending: HashSet<u64> = self
-                .store
-                .pool()
-                .get_conn()?
-                .exec::<u64, _, _>(
-                    format!(
-                        "SELECT id FROM `{table}` WHERE state = 0 AND id IN ({}) \
-                         LOCK IN SHARE MODE",
-                        placeholders(ids.len())
-                    ),
-                    ids,
-                )?
-                .into_iter()
-                .collect();
-            records.retain(|r| r.id > session.verify_below || pending.contains(&r.id));
-        }
-        let started = Instant::now();
-        let (delivered, finished) = self.publish(broker, session, records)?;
-        let published = Instant::now();
-        self.signals.succeeded(Worker::Relay);
-        self.meter.stage("publish", published - started);
-        self.meter.settled(
-            delivered.iter(),
-            SystemTime::now(),
-            std::iter::empty(),
-            std::iter::empty(),
-        );
-        let commit = if finished {
-            session.commit.take()
-        } else {
-            None
-        };
-        if commit.is_some() {
-            session.foreign = false;
-            session.last_save = Instant::now();
-        }
-        let ids: Vec<u64> = delivered.iter().map(|r| r.id).collect();
-        let count = ids.len();
-        self.hand_over(session, Settle::Delivered { ids, commit })?;
-        log::debug!(
-            "published {count} in {:?}, handed over in {:?}",
-            published - started,
-            published.elapsed()
-        );
-        Ok(finished)
-    }
-
-    /// Publishes `records` until each is acknowledged or dead, retrying failures after a
-    /// backoff, a key's later records behind its failed one. Returns the acknowledged
-    /// records, and false if the stop signal cut the retries short.
-    fn publish(
-        &self,
-        broker: &mut impl Broker,
-        session: &mut Session,
-        mut pending: Vec<Record>,
-    ) -> Result<(Vec<Record>, bool)> {
-        let mut delivered = Vec::with_capacity(pending.len());
-        while !pending.is_empty() {
-            // Fencing by time: publish only while the lock is known to be held.
-            if !session.fence.holds() {
-                let fenced = || {
-                    Error::Refused(format!(
-                        "the binlog relay {} could not prove for {:?} that it still holds the \
-                         table's lock (its connection to the server is cut, or the server is \
-                         silent): it publishes nothing more before the server could let a \
-                         standby take over",
-                        self.owner,
-                        self.binlog.lock_timeout - self.binlog.lock_timeout / 4
-                    ))
-                };
-                // Said now: the session's end may be explained by the settler's error.
-                self.signals.report(fenced());
-                return Err(fenced());
-            }
-            let mut outcomes = broker.publish(&pending);
-            outcomes.resize_with(pending.len(), || {
-                Err(Error::Broker("the broker returned no outcome".into()))
-            });
-            let mut retry = Vec::new();
-            let mut failed_keys = HashSet::new();
-            let mut failures: Vec<(Record, String, bool)> = Vec::new();
-            let mut first_error = None;
-            for (mut record, outcome) in pending.into_iter().zip(outcomes) {
-                let key = record
-                    .message
-                    .order_key()
-                    .map(|(topic, key)| (topic.to_string(), key.to_vec()));
-                let behind = key.as_ref().is_some_and(|k| failed_keys.contains(k));
-                match outcome {
-                    Ok(()) => {
-                        if behind {
-                            log::error!(
-                                "message {} was acknowledged after an earlier message of its key \
-                                 failed: that key's order is broken in Kafka",
-                                record.message_id
-                            );
-                        }
-                        delivered.push(record);
-                    }
-                    Err(_) if behind => retry.push(record),
-                    Err(Error::NotSent(_)) => {
-                        failed_keys.extend(key);
-                        retry.push(record);
-                    }
-                    Err(e) => {
-                        failed_keys.extend(key);
-                        record.attempts = record.attempts.saturating_add(1);
-                        let dead = self
-                            .settings
-                            .max_attempts
-                            .is_some_and(|max| record.attempts >= max);
-                        failures.push((record.clone(), e.to_string(), dead));
-                        if dead {
-                            log::error!(
-                                "message {} (row {}) is dead after {} attempts: {e}",
-                                record.message_id,
-                                record.id,
-                                record.attempts
-                            );
-                            if self.settings.dead_blocks_key {
-                                if let Some(k) = record.message.key() {
-                                    session
-                                        .blocked
-                                        .insert((record.message.topic().to_string(), k.to_vec()));
-                                }
-                            }
-                        } else {
-                            retry.push(record);
-                        }
-                        first_error.get_or_insert(e);
-                    }
-                }
-            }
-            if let Some(e) = first_error {
-                self.signals.report(e);
-            }
-            if !failures.is_empty() {
-                let failed: Vec<&Record> = failures.iter().map(|(r, ..)| r).collect();
-                let dead: Vec<&Record> = failures.iter().filter(|f| f.2).map(|(r, ..)| r).collect();
-                self.meter
-                    .settled(std::iter::empty(), SystemTime::now(), failed, dead);
-                self.hand_over(session, Settle::Failed(failures))?;
-            }
-            // Behind a message that just died: later rows of its key stay pending.
-            retry.retain(|record| !self.held(session, record));
-            pending = retry;
-            if let Some(most) = pending.iter().map(|r| r.attempts).max() {
-                let wait = backoff(
-                    most.max(1),
-                    self.settings.backoff_min,
-                    self.settings.backoff_max,
-                );
-                self.signals.pause(wait);
-                if self.signals.stopped() {
-                    return Ok((delivered, false));
-                }
-            }
-        }
-        Ok((delivered, true))
     }
 }

@@ -27,10 +27,17 @@
 //! - **No position, or one the server purged:** the relay first publishes what is
 //!   pending with the polling relay's claim, then reads the binary log from a position
 //!   taken before that catch-up began, skipping the rows the catch-up delivered.
-//! - **Failures** back off and are retried before anything later is published; at
-//!   `max_attempts` the row is marked dead and the relay goes on (with `dead_blocks_key`
-//!   the key's later rows stay pending until an operator replays or discards the dead
-//!   one, which the relay sees in the binary log).
+//! - **Failures** hold back the failed message's own key only: its later messages wait
+//!   behind it (in memory, and past a bound in the table, read back in order), and
+//!   everything else goes on. It is tried again after its backoff; at `max_attempts` it
+//!   is marked dead and its key goes on (with `dead_blocks_key` the key's later rows stay
+//!   pending until an operator replays or discards the dead one, which the relay sees in
+//!   the binary log). While a row is held, the saved position stays before it, so that a
+//!   restart reads it again (and takes its attempts from the table).
+//! - **Failover.** The server keeps the lock for [`BinlogSettings::lock_timeout`] after
+//!   it last heard from the active relay, which pings it at a quarter of that; a relay
+//!   cut off from the server publishes nothing once it could have lost the lock, and a
+//!   standby takes over within about the timeout and [`BinlogSettings::lock_wait`].
 //!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -50,8 +57,10 @@
 mod events;
 mod fence;
 mod follow;
+mod hold;
 mod lock;
 mod position;
+mod publish;
 mod revive;
 mod server;
 mod settle;

@@ -3,6 +3,7 @@
 
 use mysql::prelude::Queryable;
 
+use super::follow::SAVE_INTERVAL;
 use super::worker::Settle;
 use super::worker::{Key, Session, Tail};
 use crate::broker::Broker;
@@ -21,7 +22,7 @@ impl Tail {
         id: u64,
         key: Option<Key>,
         replayed: Option<Record>,
-    ) -> Result<bool> {
+    ) -> Result<()> {
         let table = self.store.table();
         let mut records: Vec<Record> = replayed.into_iter().collect();
         if let Some(entry) = key.filter(|entry| session.blocked.contains(entry)) {
@@ -76,9 +77,10 @@ impl Tail {
         }
         records.sort_by_key(|r| r.id);
         if records.is_empty() {
-            return Ok(true);
+            return Ok(());
         }
         session.batch = records;
-        self.flush(broker, session)
+        session.batch_pin = Some(session.read_through.clone());
+        self.flush(broker, session, SAVE_INTERVAL)
     }
 }

@@ -12,11 +12,16 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::bounded;
 
 use super::events::{self, Columns, Source};
+use super::hold::Held;
 use super::settle::SETTLE_QUEUE;
 use super::start::dead_keys;
 use super::worker::{Session, Tail};
 use crate::broker::Broker;
 use crate::error::{Error, Result, Worker};
+
+/// Rows of keys held behind a failed publish kept in memory, in batches (at least as
+/// many rows): past it, they are read back from the table.
+const HELD_PER_BATCH: usize = 16;
 
 /// Longest pause between two sessions that failed.
 const SESSION_RETRY_MAX: Duration = Duration::from_secs(5);
@@ -66,6 +71,7 @@ impl Tail {
         // Set when the session ends: the reader stops at its next event, a heartbeat at
         // the latest, and the scope joins it, so that no reader outlives its session.
         let quit = AtomicBool::new(false);
+        let read_through = at.clone();
         thread::scope(|scope| {
             let reader = self.signals.clone();
             let quit = &quit;
@@ -105,6 +111,9 @@ impl Tail {
                 verify_below,
                 blocked,
                 fence,
+                held: Held::new(self.settings.batch_size.max(HELD_PER_BATCH) * HELD_PER_BATCH),
+                read_through,
+                batch_pin: None,
             };
             let followed = self.follow(broker, &mut session, &changes);
             quit.store(true, Ordering::SeqCst);

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::fence::Fence;
+use super::hold::Held;
 use super::position::Position;
 use super::server::Server;
 use super::BinlogSettings;
@@ -46,6 +47,12 @@ pub(super) struct Session {
     pub verify_below: u64,
     /// Keys held behind a dead message.
     pub blocked: HashSet<Key>,
+    /// Rows held behind a failed publish, until their backoff ends.
+    pub held: Held,
+    /// The end of the last transaction read: where the next one starts.
+    pub read_through: Position,
+    /// Where the transaction of the batch's first row starts.
+    pub batch_pin: Option<Position>,
     /// Until when the session may publish: it holds the table's lock until then.
     pub fence: Arc<Fence>,
 }
