@@ -58,6 +58,9 @@ pub const ROWS_CLAIMED: &str = "outbox_rows_claimed_total";
 pub const ROWS_EXPIRED: &str = "outbox_rows_expired_total";
 /// Rows deleted by retention.
 pub const ROWS_DELETED: &str = "outbox_rows_deleted_total";
+/// Rows the binlog relay's sweep published: left pending behind it, their event passed
+/// over.
+pub const ROWS_SWEPT: &str = "outbox_binlog_rows_swept_total";
 /// Seconds from a message's `created_on` to its acknowledgement.
 pub const DELIVERY_LATENCY: &str = "outbox_delivery_latency_seconds";
 /// Seconds each relay stage of a batch took, by `stage`.
@@ -210,6 +213,11 @@ impl Meter {
     /// Rows deleted by retention.
     pub fn deleted(&self, rows: u64) {
         counter!(ROWS_DELETED, "instance" => self.instance.clone()).increment(rows);
+    }
+
+    /// Rows the binlog relay's sweep found left behind and published.
+    pub fn swept(&self, rows: u64) {
+        counter!(ROWS_SWEPT, "instance" => self.instance.clone()).increment(rows);
     }
 
     /// The table's backlog, as the gauges show it; topics that had gauges before and are

@@ -1130,6 +1130,71 @@ fn a_long_wait_behind_a_failed_message_is_read_back_from_the_table_in_order(serv
     relay.stop().unwrap();
 }
 
+fn a_row_the_relay_never_read_is_published_by_the_sweep(server: Server) {
+    let kept = common::recorder::kept();
+    let f = fixture(server, "binlog_sweep");
+    let (pool, table, topic) = (&f.pool, f.table.as_str(), f.topic.as_str());
+    let binlog = BinlogSettings {
+        sweep_after: Duration::from_secs(2),
+        ..BinlogSettings::default()
+    };
+    // An instance of its own: its counters are its own.
+    let instance = unique("binlog_sweep");
+    let mut relay = BinlogRelay::new(
+        mysql::Opts::from_url(&f.url).unwrap(),
+        table,
+        broker(),
+        fast_settings(),
+        binlog,
+        &instance,
+    )
+    .unwrap()
+    .start()
+    .unwrap();
+    let swept = format!("outbox_binlog_rows_swept_total{{instance={instance}}}");
+    wait_until_following(pool, table);
+    // Held on purpose: a row the producer refuses, and its key's later rows. The sweep
+    // leaves them to the relay.
+    let mut conn = pool.get_conn().unwrap();
+    conn.query_drop(format!(
+        "INSERT INTO `{table}` (message_id, topic, msg_key, headers, payload, created_on, \
+         available_on) VALUES (UNHEX(REPLACE(UUID(), '-', '')), '{topic}', 'big', '[]', \
+         REPEAT('x', 2000000), UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))"
+    ))
+    .unwrap();
+    commit(
+        pool,
+        &f.store,
+        &[outbox::Message::new(topic, "big:1").with_key("big")],
+    );
+    // A row whose insert never reaches the binary log (as if its event were lost).
+    conn.query_drop("SET SESSION sql_log_bin = 0").unwrap();
+    let outbox = Outbox::new(&f.store);
+    let mut tx = conn.start_transaction(mysql::TxOpts::default()).unwrap();
+    let lost = outbox
+        .add(
+            &mut tx,
+            &outbox::Message::new(topic, "unseen").with_key("u"),
+        )
+        .unwrap();
+    tx.commit().unwrap();
+    conn.query_drop("SET SESSION sql_log_bin = 1").unwrap();
+
+    let got = consume(topic, 1, Duration::from_secs(20), Duration::from_secs(6));
+    assert_eq!(
+        got.iter().map(Consumed::message_id).collect::<Vec<_>>(),
+        [lost.hyphenated().to_string()],
+        "the unseen row, published by the sweep, and nothing held"
+    );
+    assert_eq!(kept.counter(&swept), 1);
+    assert_eq!(
+        count(pool, table, "msg_key = 'big' AND state = 0"),
+        2,
+        "the held rows wait for the relay"
+    );
+    relay.stop().unwrap();
+}
+
 fn a_standby_takes_over_when_the_active_relay_dies(server: Server) {
     let f = fixture(server, "binlog_standby");
     let (url, pool, store, table, topic) = (
@@ -1753,6 +1818,7 @@ macro_rules! on_both_servers {
 }
 
 on_both_servers!(
+    a_row_the_relay_never_read_is_published_by_the_sweep,
     a_long_wait_behind_a_failed_message_is_read_back_from_the_table_in_order,
     a_message_the_broker_never_takes_holds_back_its_own_key_only,
     a_standby_takes_over_within_seconds_of_the_active_relay_cut_off,

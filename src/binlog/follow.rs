@@ -52,16 +52,19 @@ impl Tail {
                     } else {
                         self.flush(broker, session, SAVE_INTERVAL)?;
                         self.retry(broker, session)?;
+                        self.sweep(broker, session)?;
                         self.signals.succeeded(Worker::Relay);
                         let save = if session.foreign && session.commit.is_some() {
                             SAVE_INTERVAL.saturating_sub(session.last_save.elapsed())
                         } else {
                             IDLE
                         };
+                        let now = Instant::now();
                         let retry = session
                             .held
                             .next_due()
-                            .map_or(IDLE, |due| due.saturating_duration_since(Instant::now()));
+                            .map_or(IDLE, |due| due.saturating_duration_since(now))
+                            .min(session.sweep.due_in(now, self.binlog.sweep_after));
                         select! {
                             recv(changes) -> change => match change {
                                 Ok(change) => change?,

@@ -79,6 +79,11 @@ impl Held {
         !self.queues.is_empty() && self.queues.contains_key(&Slot::of(record))
     }
 
+    /// Whether `slot` is held.
+    pub fn holds_slot(&self, slot: &Slot) -> bool {
+        self.queues.contains_key(slot)
+    }
+
     /// A row read after its slot came to be held waits behind the others: in memory
     /// while fewer than the limit are kept, else in the table.
     pub fn queue(&mut self, record: Record) {

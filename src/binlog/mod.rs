@@ -34,6 +34,10 @@
 //!   pending until an operator replays or discards the dead one, which the relay sees in
 //!   the binary log). While a row is held, the saved position stays before it, so that a
 //!   restart reads it again (and takes its attempts from the table).
+//! - **Safety net.** A row still pending [`BinlogSettings::sweep_after`] after it was
+//!   added, once the relay read the binary log past its commit, was passed over,
+//!   whatever the cause: a sweep of the table publishes it, warns naming it, and counts
+//!   it. Nothing stays pending for good because an event was missed.
 //! - **Failover.** The server keeps the lock for [`BinlogSettings::lock_timeout`] after
 //!   it last heard from the active relay, which pings it at a quarter of that; a relay
 //!   cut off from the server publishes nothing once it could have lost the lock, and a
@@ -65,6 +69,7 @@ mod revive;
 mod server;
 mod settle;
 mod start;
+mod sweep;
 mod tail;
 mod worker;
 
@@ -104,6 +109,12 @@ pub struct BinlogSettings {
     /// after; one begun before may finish later (within the broker's delivery timeout).
     /// 2 s to 1 h; defaults to 10 s.
     pub lock_timeout: Duration,
+    /// The safety net: a row still pending this long after it was added, and after the
+    /// relay read the binary log past its commit, was passed over (whatever the cause):
+    /// a sweep of the table, every this long while the relay is idle, publishes it with
+    /// a warning naming it, and counts it in `outbox_binlog_rows_swept_total`. 1 s to
+    /// 1 day; defaults to 30 s.
+    pub sweep_after: Duration,
 }
 
 impl Default for BinlogSettings {
@@ -114,6 +125,7 @@ impl Default for BinlogSettings {
             heartbeat: Duration::from_secs(1),
             lock_wait: Duration::from_secs(1),
             lock_timeout: Duration::from_secs(10),
+            sweep_after: Duration::from_secs(30),
         }
     }
 }
@@ -132,6 +144,11 @@ impl BinlogSettings {
             || self.lock_timeout > Duration::from_secs(3600)
         {
             return Err(Error::config("lock_timeout must be 2 s to 1 h"));
+        }
+        if self.sweep_after < Duration::from_secs(1)
+            || self.sweep_after > Duration::from_secs(24 * 3600)
+        {
+            return Err(Error::config("sweep_after must be 1 s to 1 day"));
         }
         Ok(())
     }

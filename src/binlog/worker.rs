@@ -9,6 +9,7 @@ use super::fence::Fence;
 use super::hold::Held;
 use super::position::Position;
 use super::server::Server;
+use super::sweep::Sweep;
 use super::BinlogSettings;
 use crate::dispatcher::signal::Signals;
 use crate::metrics::Meter;
@@ -53,6 +54,8 @@ pub(super) struct Session {
     pub read_through: Position,
     /// Where the transaction of the batch's first row starts.
     pub batch_pin: Option<Position>,
+    /// The safety net's last look.
+    pub sweep: Sweep,
     /// Until when the session may publish: it holds the table's lock until then.
     pub fence: Arc<Fence>,
 }
