@@ -34,10 +34,13 @@ pub struct DispatcherSettings {
     pub lock_check_interval: Duration,
     /// How often the cleaner deletes rows past their retention. Defaults to 60 s.
     pub cleanup_interval: Duration,
-    /// How long a claimed row stays locked before the lock checker releases it for
-    /// another dispatcher. The relay holds up to three claimed batches, each published in
-    /// turn, so this must be at least three times the broker's delivery timeout, plus
-    /// [`LEASE_MARGIN`](Self::LEASE_MARGIN). Defaults to 5 min.
+    /// How long a claimed row's lease lasts before the lock checker releases it for
+    /// another dispatcher: how soon the rows of a dispatcher that died or was cut off
+    /// from the database are taken over. The relay renews the leases of the batches it
+    /// holds four times per this long, and starts no publish of a batch whose lease it
+    /// could not renew for three quarters of it (a relay cut off from the database stops
+    /// publishing before its rows could be taken over; a publish begun before may still
+    /// finish). At least [`MIN_LEASE`](Self::MIN_LEASE). Defaults to 30 s.
     pub max_lock_duration: Duration,
     /// How long delivered rows are kept before the cleaner deletes them, and rows an
     /// operator discarded (counted from the discard). Pending rows are never deleted.
@@ -76,7 +79,7 @@ impl Default for DispatcherSettings {
             process_interval: Duration::from_secs(1),
             lock_check_interval: Duration::from_secs(30),
             cleanup_interval: Duration::from_secs(60),
-            max_lock_duration: Duration::from_secs(5 * 60),
+            max_lock_duration: Duration::from_secs(30),
             retention: Duration::from_secs(24 * 60 * 60),
             dead_retention: None,
             max_attempts: None,
@@ -91,19 +94,25 @@ impl Default for DispatcherSettings {
 }
 
 impl DispatcherSettings {
-    /// Least time between the broker's delivery timeout and `max_lock_duration`: room for
-    /// claiming and marking, so that a live lease never expires by design.
+    /// Room for claiming and marking that a lease once had to leave beyond the relay's
+    /// delivery timeouts. No longer required (leases in flight are renewed); kept for
+    /// the code that computes with it.
     pub const LEASE_MARGIN: Duration = Duration::from_secs(5);
 
     /// Longest duration accepted anywhere (100 years): the database computes with them.
     pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
-    /// Checks every field and the combinations, given the broker's delivery timeout.
+    /// The shortest `max_lock_duration`.
+    pub const MIN_LEASE: Duration = Duration::from_secs(2);
+
+    /// Checks every field and the combinations. The broker's delivery timeout no longer
+    /// bounds the lease (the relay renews the leases of what it is sending): it is taken
+    /// for the callers that pass it.
     ///
     /// # Errors
     ///
     /// [`Error::Config`] naming the first setting refused.
-    pub fn validate(&self, delivery_timeout: Duration) -> Result<()> {
+    pub fn validate(&self, _delivery_timeout: Duration) -> Result<()> {
         let durations = [
             ("process_interval", self.process_interval),
             ("lock_check_interval", self.lock_check_interval),
@@ -141,18 +150,12 @@ impl DispatcherSettings {
         if self.backoff_min > self.backoff_max {
             return Err(Error::config("backoff_min must not exceed backoff_max"));
         }
-        let held = delivery_timeout
-            .saturating_mul(PIPELINE_DEPTH)
-            .saturating_add(Self::LEASE_MARGIN);
-        if self.max_lock_duration < held {
+        if self.max_lock_duration < Self::MIN_LEASE {
             return Err(Error::config(format!(
-                "max_lock_duration ({:?}) must be at least {PIPELINE_DEPTH} times the broker's \
-                 delivery timeout ({:?}) plus {:?}: the relay holds up to {PIPELINE_DEPTH} \
-                 claimed batches, published one after the other, and a live lease must not \
-                 expire while its batch waits or is being sent",
+                "max_lock_duration ({:?}) must be at least {:?}: the relay renews the leases \
+                 of the batches it is sending four times per max_lock_duration",
                 self.max_lock_duration,
-                delivery_timeout,
-                Self::LEASE_MARGIN
+                Self::MIN_LEASE
             )));
         }
         Ok(())
@@ -182,9 +185,10 @@ mod tests {
     }
 
     #[test]
-    fn an_endless_delivery_timeout_is_refused_not_overflowed() {
-        assert!(refused_with(DispatcherSettings::default(), Duration::MAX)
-            .contains("max_lock_duration"));
+    fn an_endless_delivery_timeout_no_longer_bounds_the_lease() {
+        DispatcherSettings::default()
+            .validate(Duration::MAX)
+            .unwrap();
     }
 
     #[test]
@@ -237,23 +241,16 @@ mod tests {
         };
         assert!(refused(inverted).contains("backoff_min"));
         let short_lease = DispatcherSettings {
-            max_lock_duration: DELIVERY,
+            max_lock_duration: Duration::from_millis(1_999),
             ..d()
         };
         assert!(refused(short_lease).contains("max_lock_duration"));
-        let two_batches = DispatcherSettings {
-            max_lock_duration: DELIVERY * 2 + DispatcherSettings::LEASE_MARGIN,
+        // Shorter than the delivery timeout: the relay renews what it is sending.
+        let renewed = DispatcherSettings {
+            max_lock_duration: DispatcherSettings::MIN_LEASE,
             ..d()
         };
-        assert!(
-            refused(two_batches).contains("3 times"),
-            "a lease must outlast every batch the relay holds"
-        );
-        let three = DispatcherSettings {
-            max_lock_duration: DELIVERY * 3 + DispatcherSettings::LEASE_MARGIN,
-            ..d()
-        };
-        three.validate(DELIVERY).unwrap();
+        renewed.validate(DELIVERY).unwrap();
         let huge = DispatcherSettings {
             retention: Duration::from_secs(u64::MAX),
             ..d()

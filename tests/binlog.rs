@@ -10,6 +10,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use common::gate::SlowBroker;
 use common::logs::Logs;
 use common::private_db::{PrivateDatabase, Server};
 use common::proxy::{CloseOnDrop, Proxy};
@@ -640,24 +641,6 @@ fn binlog_readers(pool: &mysql::Pool) -> u64 {
     listed.unwrap().unwrap_or(0)
 }
 
-/// The tests' broker, taking `pause` more over each publish: a relay that always has
-/// more to read than it can send.
-struct SlowBroker {
-    inner: outbox::KafkaBroker,
-    pause: Duration,
-}
-
-impl outbox::Broker for SlowBroker {
-    fn publish(&mut self, records: &[outbox::Record]) -> Vec<outbox::Result<()>> {
-        std::thread::sleep(self.pause);
-        self.inner.publish(records)
-    }
-
-    fn delivery_timeout(&self) -> Duration {
-        self.inner.delivery_timeout()
-    }
-}
-
 fn health_names_the_reader_sees_a_busy_relay_alive_and_the_reader_stops_with_it(server: Server) {
     const N: usize = 3_000;
     let f = fixture(server, "binlog_health");
@@ -838,39 +821,6 @@ fn rows_a_session_logs_in_minimal_images_are_read_from_the_table(server: Server)
     assert_eq!(of("b:"), ["b:1"], "the discarded row released its key");
     assert!(delivered(pool, table, 23));
     relay.stop().unwrap();
-}
-
-/// Writes on `aggregates` from a thread of its own, a transaction every few
-/// milliseconds, until `stop` is set; the ids committed.
-fn keep_writing(
-    pool: &mysql::Pool,
-    store: &MySqlStore,
-    aggregates: &Arc<Aggregates>,
-    topic: &str,
-    keys: u64,
-    stop: &Arc<std::sync::atomic::AtomicBool>,
-) -> std::thread::JoinHandle<HashSet<String>> {
-    let (pool, store, aggregates, topic, stop) = (
-        pool.clone(),
-        store.clone(),
-        aggregates.clone(),
-        topic.to_string(),
-        stop.clone(),
-    );
-    std::thread::spawn(move || {
-        let outbox = Outbox::new(&store);
-        let mut rng = Rng::new(7);
-        let mut committed = HashSet::new();
-        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-            let key = format!("k{}", rng.below(keys));
-            let ids = aggregates
-                .write(&pool, &outbox, &topic, &key, 1 + rng.below(2) as u32, true)
-                .unwrap();
-            committed.extend(ids);
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        committed
-    })
 }
 
 fn a_standby_takes_over_within_seconds_of_the_active_relay_cut_off(server: Server) {

@@ -55,6 +55,10 @@ impl Store for FlakyStore {
         self.inner.release(lease, ids)
     }
 
+    fn renew(&self, lease: u64, ids: &[u64]) -> outbox::Result<u64> {
+        self.inner.renew(lease, ids)
+    }
+
     fn release_expired(&self, older_than: Duration) -> outbox::Result<u64> {
         self.inner.release_expired(older_than)
     }

@@ -69,7 +69,7 @@ fn a_second_signal_while_the_relay_settles_exits_at_once_and_loses_nothing() {
     let mut command = relay_command(&table.name, "twice", ",message.timeout.ms=60000", &[]);
     command
         .env("OUTBOX_KAFKA_BROKERS", "127.0.0.1:9")
-        .env("OUTBOX_MAX_LOCK_MS", "200000") // three delivery timeouts of 62 s, and the margin
+        .env("OUTBOX_MAX_LOCK_MS", "200000") // longer than the test: no lease expires
         // The refused connections are not logged; the start of each publish is.
         .env("RUST_LOG", "warn,outbox=debug,rdkafka=off,librdkafka=off")
         .stdin(Stdio::null())

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use crossbeam_channel::{bounded, select, tick, Receiver, Sender};
+use crossbeam_channel::{after, bounded, select, tick, Receiver, Sender};
 use parking_lot::Mutex;
 
 use super::backoff::backoff;
@@ -51,22 +51,29 @@ pub(crate) struct Batch {
 }
 
 impl Batch {
-    /// Publishes the records; one outcome per record, whatever the broker returned.
-    /// A batch whose lease could expire before the broker's delivery timeout is not
-    /// published (it is released when settled): another dispatcher might take it over
-    /// while it is still being sent.
-    fn publish(&mut self, broker: &mut impl Broker, max_lock_duration: Duration) {
-        let lease_ends = self.started + max_lock_duration;
-        let latest_end = Instant::now()
-            .checked_add(broker.delivery_timeout())
-            .and_then(|end| end.checked_add(DispatcherSettings::LEASE_MARGIN));
-        if latest_end.is_none_or(|end| end > lease_ends) {
-            log::warn!(
-                "a batch of {} messages waited too long to be published within its lease; \
-                 it is released untried",
-                self.records.len()
-            );
-            return;
+    /// Publishes the records; one outcome per record, whatever the broker returned. A
+    /// batch whose lease was last proven (claimed or renewed) at `proven` is published
+    /// only while the lease is sure to hold (fencing by time): a relay cut off from the
+    /// database stops publishing before another dispatcher could take its rows over. A
+    /// batch not published is released when settled.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Refused`] saying why, when the lease was not sure to hold.
+    fn publish(
+        &mut self,
+        broker: &mut impl Broker,
+        proven: Instant,
+        max_lock_duration: Duration,
+    ) -> Result<()> {
+        if !lease_holds(proven, max_lock_duration) {
+            return Err(Error::Refused(format!(
+                "a batch of {} messages was not published: its lease could not be renewed \
+                 for {:?} (the database is out of reach, or the lease was taken over), and \
+                 another dispatcher may take its rows over; it is released untried",
+                self.records.len(),
+                proven.elapsed()
+            )));
         }
         log::debug!(
             "publishing a batch of {} under lease {}",
@@ -86,7 +93,26 @@ impl Batch {
         }
         self.outcomes = outcomes;
         self.published = Some(Instant::now());
+        Ok(())
     }
+}
+
+/// Whether a lease last proven (claimed, or renewed) at `proven` is sure to hold now:
+/// the lock checkers take it over `max_lock_duration` after, by the database's clock;
+/// the last quarter is the margin.
+fn lease_holds(proven: Instant, max_lock_duration: Duration) -> bool {
+    Instant::now() < proven + max_lock_duration - max_lock_duration / RENEWALS
+}
+
+/// How many times per `max_lock_duration` the leases of batches in flight are renewed.
+const RENEWALS: u32 = 4;
+
+/// A lease the relay holds: its rows, and when it was last proven.
+pub(crate) struct Lease {
+    pub ids: Vec<u64>,
+    /// When the statement that claimed or last renewed it was sent; `None` once a
+    /// renewal found it no longer held (taken over).
+    pub proven: Option<Instant>,
 }
 
 /// The relay's database side; the broker is handed to [`Relay::run`] or [`Relay::round`].
@@ -95,9 +121,9 @@ pub(crate) struct Relay<S> {
     pub settings: DispatcherSettings,
     pub owner: String,
     pub signals: Signals,
-    /// The rows of every lease claimed and not yet settled, to release them if a worker
-    /// dies with them.
-    pub held: Mutex<HashMap<u64, Vec<u64>>>,
+    /// Every lease claimed and not yet settled: renewed while it is, released if a
+    /// worker dies with it.
+    pub held: Mutex<HashMap<u64, Lease>>,
     /// Where its counts and timings go.
     pub meter: Meter,
 }
@@ -129,16 +155,20 @@ impl<S: Store> Relay<S> {
                         // After the stop signal, batches still waiting go back untried:
                         // stopping waits for one publish at most, even with the broker down.
                         if !relay.signals.stopped() {
+                            let proven = relay.proven(batch.lease);
                             let published = catch_unwind(AssertUnwindSafe(|| {
-                                batch.publish(&mut broker, max_lock)
+                                batch.publish(&mut broker, proven, max_lock)
                             }));
-                            if let Err(panic) = published {
-                                relay
-                                    .signals
-                                    .panicked(Worker::Publisher, panic_text(&*panic));
-                                return;
+                            match published {
+                                Ok(Ok(())) => relay.signals.succeeded(Worker::Publisher),
+                                Ok(Err(fenced)) => relay.signals.report(fenced),
+                                Err(panic) => {
+                                    relay
+                                        .signals
+                                        .panicked(Worker::Publisher, panic_text(&*panic));
+                                    return;
+                                }
                             }
-                            relay.signals.succeeded(Worker::Publisher);
                         }
                         if to_settle.send(batch).is_err() {
                             return;
@@ -170,6 +200,22 @@ impl<S: Store> Relay<S> {
                 relay.signals.report(Error::Thread(e));
                 return;
             }
+            // Renews the leases in flight until the pipeline is done (a stop included:
+            // the publish in flight is then still settled).
+            let (done, pipeline_done) = bounded::<()>(0);
+            let renewer = thread::Builder::new()
+                .name("outbox-renewer".into())
+                .spawn_scoped(scope, move || {
+                    if let Err(panic) =
+                        catch_unwind(AssertUnwindSafe(|| relay.renew(&pipeline_done)))
+                    {
+                        relay.signals.panicked(Worker::Relay, panic_text(&*panic));
+                    }
+                });
+            if let Err(e) = renewer {
+                relay.signals.report(Error::Thread(e));
+                return;
+            }
             let mut in_flight = 0;
             loop {
                 relay.drain(&to_publish, &settled, &wake, &mut in_flight);
@@ -190,6 +236,7 @@ impl<S: Store> Relay<S> {
             while in_flight > 0 && settled.recv().is_ok() {
                 in_flight -= 1;
             }
+            drop(done);
         });
     }
 
@@ -250,7 +297,11 @@ impl<S: Store> Relay<S> {
     pub fn round(&mut self, broker: &mut impl Broker) -> Result<Round> {
         match self.claim()? {
             Some((mut batch, _)) => {
-                batch.publish(broker, self.settings.max_lock_duration);
+                let proven = self.proven(batch.lease);
+                if let Err(fenced) = batch.publish(broker, proven, self.settings.max_lock_duration)
+                {
+                    self.signals.report(fenced);
+                }
                 self.settle(batch)
             }
             None => Ok(Round::default()),
@@ -271,7 +322,11 @@ impl<S: Store> Relay<S> {
         }
         self.meter.claimed(claim.records.len(), started.elapsed());
         let ids = claim.records.iter().map(|r| r.id).collect();
-        self.held.lock().insert(claim.lease, ids);
+        let lease = Lease {
+            ids,
+            proven: Some(started),
+        };
+        self.held.lock().insert(claim.lease, lease);
         let batch = Batch {
             lease: claim.lease,
             records: claim.records,
@@ -285,7 +340,7 @@ impl<S: Store> Relay<S> {
 
     /// Marks every row of a published batch by its own outcome.
     fn settle(&self, batch: Batch) -> Result<Round> {
-        let lease_ends = batch.started + self.settings.max_lock_duration;
+        let lease_ends = self.proven(batch.lease) + self.settings.max_lock_duration;
         let records = &batch.records;
         if batch.published.is_none() {
             let ids: Vec<u64> = records.iter().map(|r| r.id).collect();
@@ -472,11 +527,58 @@ impl<S: Store> Relay<S> {
         }
     }
 
+    /// When `lease` was last proven: claimed or renewed. Long ago when a renewal found it
+    /// taken over, or when it is not held.
+    fn proven(&self, lease: u64) -> Instant {
+        let long_ago = || {
+            let now = Instant::now();
+            now.checked_sub(self.settings.max_lock_duration)
+                .unwrap_or(now)
+        };
+        match self.held.lock().get(&lease) {
+            Some(Lease {
+                proven: Some(at), ..
+            }) => *at,
+            _ => long_ago(),
+        }
+    }
+
+    /// Renews the leases in flight, [`RENEWALS`] times per `max_lock_duration`, until
+    /// `done` closes. A lease a renewal finds no longer held (its rows taken over) is
+    /// published no more.
+    fn renew(&self, done: &Receiver<()>) {
+        let every = self.settings.max_lock_duration / RENEWALS;
+        loop {
+            select! {
+                recv(done) -> _ => return,
+                recv(after(every)) -> _ => {},
+            }
+            let due: Vec<(u64, Vec<u64>)> = self
+                .held
+                .lock()
+                .iter()
+                .filter(|(_, lease)| lease.proven.is_some_and(|at| at.elapsed() >= every))
+                .map(|(lease, held)| (*lease, held.ids.clone()))
+                .collect();
+            for (lease, ids) in due {
+                let sent = Instant::now();
+                match self.store.renew(lease, &ids) {
+                    Ok(held) => {
+                        if let Some(entry) = self.held.lock().get_mut(&lease) {
+                            entry.proven = if held > 0 { Some(sent) } else { None };
+                        }
+                    }
+                    Err(e) => self.signals.report(e),
+                }
+            }
+        }
+    }
+
     /// Releases the rows of every lease still held: batches a dead worker dropped, or
     /// that were never settled. Each release is tried again as a mark is.
     fn release_held(&self) {
         let held = std::mem::take(&mut *self.held.lock());
-        for (lease, ids) in held {
+        for (lease, Lease { ids, .. }) in held {
             let lease_ends = Instant::now() + self.settings.max_lock_duration;
             match self.retry_until(lease_ends, |store, lease| store.release(lease, &ids), lease) {
                 Ok(n) => log::warn!("released {n} rows a stopped relay still held"),

@@ -163,6 +163,14 @@ impl Store for FakeStore {
         })
     }
 
+    fn renew(&self, lease: u64, ids: &[u64]) -> Result<u64> {
+        let rows = self.rows.lock();
+        Ok(rows
+            .iter()
+            .filter(|r| r.lease == lease && ids.contains(&r.record.id))
+            .count() as u64)
+    }
+
     fn mark_delivered(&self, lease: u64, ids: &[u64]) -> Result<u64> {
         self.update_leased(lease, ids, |row| {
             row.delivered = true;

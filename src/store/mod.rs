@@ -54,6 +54,11 @@ pub trait Store: Send + Sync + 'static {
     /// Returns how many.
     fn release(&self, lease: u64, ids: &[u64]) -> Result<u64>;
 
+    /// Renews the lease of rows still held under `lease`, from now by the store's clock,
+    /// as if they were claimed now: the relay renews the leases of batches it is still
+    /// sending. Returns how many rows it still holds.
+    fn renew(&self, lease: u64, ids: &[u64]) -> Result<u64>;
+
     /// Releases leases taken longer ago than `older_than`. Returns how many.
     fn release_expired(&self, older_than: Duration) -> Result<u64>;
 
@@ -122,6 +127,10 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 
     fn release(&self, lease: u64, ids: &[u64]) -> Result<u64> {
         (**self).release(lease, ids)
+    }
+
+    fn renew(&self, lease: u64, ids: &[u64]) -> Result<u64> {
+        (**self).renew(lease, ids)
     }
 
     fn release_expired(&self, older_than: Duration) -> Result<u64> {

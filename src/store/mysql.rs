@@ -508,6 +508,16 @@ impl Store for MySqlStore {
         self.update_ids(&sql, vec![Value::from(lease)], ids)
     }
 
+    fn renew(&self, lease: u64, ids: &[u64]) -> Result<u64> {
+        // Rows found by primary key, in id order, as the marks find them.
+        let sql = format!(
+            "UPDATE `{}` SET locked_on = UTC_TIMESTAMP(6) \
+             WHERE locked_by = ? AND state = {PENDING} AND id IN ({{ids}})",
+            self.table
+        );
+        self.update_ids(&sql, vec![Value::from(lease)], ids)
+    }
+
     fn release_expired(&self, older_than: Duration) -> Result<u64> {
         self.conns.with(|conn| {
             release_leased(

@@ -65,3 +65,21 @@ pub fn stop_signalled(probe: &HealthProbe) -> bool {
         .iter()
         .any(|w| w.worker == Worker::LockChecker && !w.alive)
 }
+
+/// The tests' broker, taking `pause` more over each publish: a relay that always has
+/// more to read than it can send.
+pub struct SlowBroker {
+    pub inner: outbox::KafkaBroker,
+    pub pause: Duration,
+}
+
+impl outbox::Broker for SlowBroker {
+    fn publish(&mut self, records: &[outbox::Record]) -> Vec<outbox::Result<()>> {
+        std::thread::sleep(self.pause);
+        self.inner.publish(records)
+    }
+
+    fn delivery_timeout(&self) -> Duration {
+        self.inner.delivery_timeout()
+    }
+}

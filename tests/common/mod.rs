@@ -13,7 +13,8 @@ pub mod proxy;
 pub mod recorder;
 pub mod tansu;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mysql::prelude::Queryable;
@@ -512,6 +513,39 @@ impl Aggregates {
             .get_conn()
             .map(|mut c| c.query_drop(format!("DROP TABLE IF EXISTS `{}`", self.table)));
     }
+}
+
+/// Writes on `aggregates` from a thread of its own, a transaction every few
+/// milliseconds, until `stop` is set; the ids committed.
+pub fn keep_writing(
+    pool: &mysql::Pool,
+    store: &MySqlStore,
+    aggregates: &Arc<Aggregates>,
+    topic: &str,
+    keys: u64,
+    stop: &Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<HashSet<String>> {
+    let (pool, store, aggregates, topic, stop) = (
+        pool.clone(),
+        store.clone(),
+        aggregates.clone(),
+        topic.to_string(),
+        stop.clone(),
+    );
+    std::thread::spawn(move || {
+        let outbox = outbox::Outbox::new(&store);
+        let mut rng = Rng::new(7);
+        let mut committed = HashSet::new();
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let key = format!("k{}", rng.below(keys));
+            let ids = aggregates
+                .write(&pool, &outbox, &topic, &key, 1 + rng.below(2) as u32, true)
+                .unwrap();
+            committed.extend(ids);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        committed
+    })
 }
 
 /// Versions per key in the order consumers read them, from `key:version` payloads.
