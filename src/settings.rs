@@ -40,7 +40,10 @@ pub struct DispatcherSettings {
     /// holds four times per this long, and starts no publish of a batch whose lease it
     /// could not renew for three quarters of it (a relay cut off from the database stops
     /// publishing before its rows could be taken over; a publish begun before may still
-    /// finish). At least [`MIN_LEASE`](Self::MIN_LEASE). Defaults to 30 s.
+    /// finish). The dispatcher's sessions are ended by the database once idle this long
+    /// ([`Store::end_idle_sessions_after`](crate::Store::end_idle_sessions_after)), so a
+    /// transaction a cut link left open holds its rows no longer. At least
+    /// [`MIN_LEASE`](Self::MIN_LEASE). Defaults to 30 s.
     pub max_lock_duration: Duration,
     /// How long delivered rows are kept before the cleaner deletes them, and rows an
     /// operator discarded (counted from the discard). Pending rows are never deleted.

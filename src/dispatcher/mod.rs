@@ -84,8 +84,9 @@ impl<S: Store, B: Broker> Dispatcher<S, B> {
         })
     }
 
-    /// Checks the store ([`Store::check`]), spawns the worker threads and returns their
-    /// handle.
+    /// Checks the store ([`Store::check`]), has it end sessions idle longer than a
+    /// lease ([`Store::end_idle_sessions_after`]), spawns the worker threads and returns
+    /// their handle.
     ///
     /// # Errors
     ///
@@ -101,6 +102,8 @@ impl<S: Store, B: Broker> Dispatcher<S, B> {
             }
             checked => checked?,
         }
+        self.store
+            .end_idle_sessions_after(self.settings.max_lock_duration);
         let (mut handle, signals, wake_rx) =
             DispatcherHandle::prepare("dispatcher", self.owner.clone());
         handle.relay_threads(&[Worker::Publisher, Worker::Settler]);

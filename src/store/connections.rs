@@ -5,8 +5,10 @@
 //! The dispatcher's workers run the same few statements all the time, so the store
 //! keeps its connections instead, with their statement caches.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
+use mysql::prelude::Queryable;
 use mysql::{Pool, PooledConn};
 use parking_lot::Mutex;
 
@@ -20,7 +22,9 @@ pub(crate) const POOL_WAIT: Duration = Duration::from_secs(2);
 
 pub(crate) struct Connections {
     pool: Pool,
-    idle: Mutex<Vec<PooledConn>>,
+    idle: Mutex<Vec<Kept>>,
+    /// The `wait_timeout` in seconds given to every connection taken (0: the server's).
+    idle_limit: AtomicU64,
 }
 
 impl Connections {
@@ -28,7 +32,20 @@ impl Connections {
         Connections {
             pool,
             idle: Mutex::new(Vec::new()),
+            idle_limit: AtomicU64::new(0),
         }
+    }
+
+    /// Has the server end every connection taken from now on once it has received
+    /// nothing for `limit` (at least a second; the shortest of all limits asked for), so
+    /// that a transaction left open by a cut link holds its locks no longer than that.
+    pub fn end_idle_after(&self, limit: Duration) {
+        let seconds = limit.as_secs_f64().ceil().max(1.0) as u64;
+        let _ = self
+            .idle_limit
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |now| {
+                (now == 0 || seconds < now).then_some(seconds)
+            });
     }
 
     pub fn pool(&self) -> &Pool {
@@ -41,22 +58,23 @@ impl Connections {
     /// `work` runs once more on a new one: every caller's work is a whole transaction or
     /// one statement, so running it again is safe.
     pub fn with<T>(&self, mut work: impl FnMut(&mut PooledConn) -> Result<T>) -> Result<T> {
-        let kept = self.idle.lock().pop();
+        let limit = self.idle_limit.load(Ordering::SeqCst);
+        let kept = self.idle.lock().pop().filter(|kept| kept.fits(limit));
         let was_kept = kept.is_some();
-        let mut conn = match kept {
-            Some(conn) => conn,
-            None => self.take()?,
+        let mut kept = match kept {
+            Some(kept) => kept,
+            None => self.take(limit)?,
         };
-        match work(&mut conn) {
+        match work(&mut kept.conn) {
             Ok(value) => {
-                self.keep(conn);
+                self.keep(kept);
                 Ok(value)
             }
             Err(e) if was_kept && is_connection_lost(&e) => {
-                drop(conn);
-                let mut conn = self.take()?;
-                let value = work(&mut conn)?;
-                self.keep(conn);
+                drop(kept);
+                let mut kept = self.take(limit)?;
+                let value = work(&mut kept.conn)?;
+                self.keep(kept);
                 Ok(value)
             }
             Err(e) => Err(e),
@@ -64,22 +82,51 @@ impl Connections {
     }
 
     /// A connection from the pool, waiting at most [`POOL_WAIT`]: a worker never blocks
-    /// for good on a pool the application has exhausted.
-    fn take(&self) -> Result<PooledConn> {
-        match self.pool.try_get_conn(POOL_WAIT) {
-            Ok(conn) => Ok(conn),
+    /// for good on a pool the application has exhausted. With an idle `limit`, the
+    /// connection carries it as its `wait_timeout`, and is reset when given back, so
+    /// that the application's connections keep the server's.
+    fn take(&self, limit: u64) -> Result<Kept> {
+        let mut conn = match self.pool.try_get_conn(POOL_WAIT) {
+            Ok(conn) => conn,
             Err(mysql::Error::DriverError(mysql::DriverError::Timeout)) => {
-                Err(Error::PoolExhausted { waited: POOL_WAIT })
+                return Err(Error::PoolExhausted { waited: POOL_WAIT })
             }
-            Err(e) => Err(e.into()),
+            Err(e) => return Err(e.into()),
+        };
+        if limit > 0 {
+            conn.reset_connection(true);
+            conn.query_drop(format!("SET SESSION wait_timeout = {limit}"))?;
         }
+        Ok(Kept {
+            conn,
+            limit,
+            since: Instant::now(),
+        })
     }
 
-    fn keep(&self, conn: PooledConn) {
+    fn keep(&self, mut kept: Kept) {
         let mut idle = self.idle.lock();
         if idle.len() < MAX_IDLE {
-            idle.push(conn);
+            kept.since = Instant::now();
+            idle.push(kept);
         }
+    }
+}
+
+/// A connection the store keeps, with the idle limit it carries.
+struct Kept {
+    conn: PooledConn,
+    /// Its `wait_timeout` as set by the store (0: the server's).
+    limit: u64,
+    /// When it was last given back.
+    since: Instant,
+}
+
+impl Kept {
+    /// True if it carries the idle `limit` asked for now, and has been idle for less
+    /// than half of it: well before the server would end it.
+    fn fits(&self, limit: u64) -> bool {
+        self.limit == limit && (limit == 0 || self.since.elapsed() < Duration::from_secs(limit) / 2)
     }
 }
 

@@ -33,6 +33,16 @@ pub trait Store: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Has the database end this store's sessions once they sit idle longer than `idle`,
+    /// so that a dispatcher cut off from it in the middle of a transaction (a dead host,
+    /// a cut link) keeps the rows that transaction locked from other dispatchers no
+    /// longer than that. The dispatcher calls it before its threads start, with its
+    /// [`max_lock_duration`](crate::DispatcherSettings::max_lock_duration). The default
+    /// does nothing.
+    fn end_idle_sessions_after(&self, idle: Duration) {
+        let _ = idle;
+    }
+
     /// Leases up to `limit` pending, unleased rows whose `available_on` has come to
     /// `owner`, and returns them in id order in a [`Claim`]. A row is taken only when every older row of
     /// its topic and key that is still pending (or dead, with `dead_blocks_key`) is taken
@@ -111,6 +121,10 @@ pub struct Failure {
 impl<S: Store + ?Sized> Store for Arc<S> {
     fn check(&self) -> Result<()> {
         (**self).check()
+    }
+
+    fn end_idle_sessions_after(&self, idle: Duration) {
+        (**self).end_idle_sessions_after(idle)
     }
 
     fn claim(&self, owner: &str, limit: usize, dead_blocks_key: bool) -> Result<Claim> {

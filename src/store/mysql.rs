@@ -441,6 +441,12 @@ impl Store for MySqlStore {
         Ok(())
     }
 
+    /// Sets `wait_timeout` on the connections the store takes from the pool from now
+    /// on; they are reset when given back.
+    fn end_idle_sessions_after(&self, idle: Duration) {
+        self.conns.end_idle_after(idle);
+    }
+
     fn claim(&self, owner: &str, limit: usize, dead_blocks_key: bool) -> Result<Claim> {
         self.conns.with(|conn| {
             self.release_orphans(conn)?;

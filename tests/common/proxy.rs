@@ -4,7 +4,7 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// How long a pump waits for bytes before it looks at the switch again.
@@ -17,7 +17,11 @@ pub struct Proxy {
     address: String,
     cut: Arc<AtomicBool>,
     closed: Arc<AtomicBool>,
+    trigger: Trigger,
 }
+
+/// Bytes that, once sent by a client, cut the link before they go through.
+type Trigger = Arc<Mutex<Option<Vec<u8>>>>;
 
 impl Proxy {
     /// A proxy on a free local port in front of `target` (`host:port`).
@@ -27,7 +31,9 @@ impl Proxy {
         let address = listener.local_addr().unwrap().to_string();
         let cut = Arc::new(AtomicBool::new(false));
         let closed = Arc::new(AtomicBool::new(false));
+        let trigger = Trigger::default();
         let (target, switch, done) = (target.to_string(), cut.clone(), closed.clone());
+        let armed = trigger.clone();
         std::thread::spawn(move || {
             while !done.load(Ordering::SeqCst) {
                 match listener.accept() {
@@ -39,12 +45,18 @@ impl Proxy {
                         let Ok(server) = TcpStream::connect(&target) else {
                             continue;
                         };
-                        for (from, to) in [
-                            (client.try_clone().unwrap(), server.try_clone().unwrap()),
-                            (server, client),
+                        for (from, to, trigger) in [
+                            (
+                                client.try_clone().unwrap(),
+                                server.try_clone().unwrap(),
+                                Some(armed.clone()),
+                            ),
+                            (server, client, None),
                         ] {
                             let (switch, done) = (switch.clone(), done.clone());
-                            std::thread::spawn(move || pump(from, to, &switch, &done));
+                            std::thread::spawn(move || {
+                                pump(from, to, &switch, &done, trigger.as_ref())
+                            });
                         }
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(TICK),
@@ -56,6 +68,7 @@ impl Proxy {
             address,
             cut,
             closed,
+            trigger,
         }
     }
 
@@ -67,6 +80,17 @@ impl Proxy {
     /// Stops every byte, both ways, on every connection; the sockets stay open.
     pub fn cut(&self) {
         self.cut.store(true, Ordering::SeqCst);
+    }
+
+    /// Cuts the link as a client sends `bytes` (in one read), before they go through:
+    /// `b"\x03COMMIT"` cuts a transaction off before its commit reaches the server.
+    pub fn cut_before(&self, bytes: &[u8]) {
+        *self.trigger.lock().unwrap() = Some(bytes.to_vec());
+    }
+
+    /// Whether the link is cut.
+    pub fn is_cut(&self) -> bool {
+        self.cut.load(Ordering::SeqCst)
     }
 
     /// Lets the bytes through again.
@@ -100,18 +124,41 @@ impl Drop for CloseOnDrop<'_> {
 }
 
 /// Copies `from` to `to` while the link is whole; holds still (reading nothing, so that
-/// the sender's buffers fill as over a dead link) while it is cut.
-fn pump(mut from: TcpStream, mut to: TcpStream, cut: &AtomicBool, closed: &AtomicBool) {
+/// the sender's buffers fill as over a dead link) while it is cut. Bytes holding the
+/// armed `trigger` cut the link, and go through once it is mended.
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    cut: &AtomicBool,
+    closed: &AtomicBool,
+    trigger: Option<&Trigger>,
+) {
     from.set_read_timeout(Some(TICK)).unwrap();
     let mut buffer = vec![0u8; 64 * 1024];
+    let mut held = Vec::new();
     while !closed.load(Ordering::SeqCst) {
         if cut.load(Ordering::SeqCst) {
             std::thread::sleep(TICK);
             continue;
         }
+        if !held.is_empty() && to.write_all(&std::mem::take(&mut held)).is_err() {
+            break;
+        }
         match from.read(&mut buffer) {
             Ok(0) => break,
             Ok(n) => {
+                if let Some(trigger) = trigger {
+                    let mut armed = trigger.lock().unwrap();
+                    let hit = armed
+                        .as_ref()
+                        .is_some_and(|bytes| buffer[..n].windows(bytes.len()).any(|w| w == bytes));
+                    if hit {
+                        *armed = None;
+                        cut.store(true, Ordering::SeqCst);
+                        held.extend_from_slice(&buffer[..n]);
+                        continue;
+                    }
+                }
                 if to.write_all(&buffer[..n]).is_err() {
                     break;
                 }
