@@ -1642,6 +1642,103 @@ fn a_dead_message_holds_its_key_until_an_operator_discards_it(server: Server) {
     relay.stop().unwrap();
 }
 
+/// Two dead messages of a key replayed in one statement, with a run of the key's messages
+/// waiting behind them: the first replay's event releases the key, and reads its pending
+/// rows (the second replayed one with them) a batch at a time; the second replay's event,
+/// which comes after, must not send its message again, after the later ones.
+fn dead_messages_replayed_together_go_once_each_before_the_rest_of_their_key(server: Server) {
+    const WAITING: usize = 10;
+    let f = fixture(server, "binlog_replay");
+    let (url, pool, store, table, topic) = (
+        f.url.as_str(),
+        &f.pool,
+        &f.store,
+        f.table.as_str(),
+        f.topic.as_str(),
+    );
+    // Batches of 4: the key's rows are read back in three of them.
+    let settings = outbox::DispatcherSettings {
+        batch_size: 4,
+        max_attempts: Some(1),
+        dead_blocks_key: true,
+        ..fast_settings()
+    };
+    let mut relay = BinlogRelay::new(
+        mysql::Opts::from_url(url).unwrap(),
+        table,
+        small_message_broker(),
+        settings,
+        BinlogSettings::default(),
+        "binlog-replay",
+    )
+    .unwrap()
+    .start()
+    .unwrap();
+    wait_until_following(pool, table);
+    // The first dies (too big for the broker) and holds its key; the second is made dead
+    // by hand while it waits.
+    commit(
+        pool,
+        store,
+        &[outbox::Message::new(topic, "x".repeat(20_000)).with_key("a")],
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || count(pool, table, "state = 2")
+            == 1),
+        "the big one dies"
+    );
+    let mut messages = vec![outbox::Message::new(topic, "a:dead-2").with_key("a")];
+    messages
+        .extend((1..=WAITING).map(|i| outbox::Message::new(topic, format!("a:{i}")).with_key("a")));
+    messages.push(outbox::Message::new(topic, "b:1").with_key("b"));
+    commit(pool, store, &messages);
+    assert!(delivered(pool, table, 1), "b:1 goes");
+    let mut conn = pool.get_conn().unwrap();
+    conn.query_drop(format!(
+        "UPDATE `{table}` SET state = 2, number_of_attempts = 1, \
+         processed_on = UTC_TIMESTAMP(6) WHERE state = 0 ORDER BY id LIMIT 1"
+    ))
+    .unwrap();
+    conn.query_drop(format!(
+        "UPDATE `{table}` SET payload = 'a:dead-1' WHERE state = 2 ORDER BY id LIMIT 1"
+    ))
+    .unwrap();
+    assert_eq!(
+        count(pool, table, "state = 0"),
+        WAITING as u64,
+        "a's messages wait behind its dead ones"
+    );
+
+    let admin = outbox::admin::Admin::new(store.clone()).unwrap();
+    let replayed = admin
+        .replay(
+            &outbox::admin::DeadFilter {
+                topic: Some(topic.to_string()),
+                ..Default::default()
+            },
+            false,
+        )
+        .unwrap();
+    assert_eq!(replayed.len(), 2, "both replayed in one statement");
+    let total = WAITING as u64 + 3;
+    assert!(delivered(pool, table, total), "every message goes");
+    // Everything, and a little time for a second send of dead-2 to arrive.
+    let got = consume(
+        topic,
+        total as usize,
+        Duration::from_secs(30),
+        Duration::from_secs(2),
+    );
+    let of_a: Vec<String> = payloads(&got)
+        .into_iter()
+        .filter(|p| p.starts_with("a:"))
+        .collect();
+    let mut expected = vec!["a:dead-1".to_string(), "a:dead-2".to_string()];
+    expected.extend((1..=WAITING).map(|i| format!("a:{i}")));
+    assert_eq!(of_a, expected, "each once, in the order they were added");
+    relay.stop().unwrap();
+}
+
 /// The peak resident memory of process `pid`, in KiB (`VmHWM`).
 fn peak_memory_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -1768,6 +1865,7 @@ macro_rules! on_both_servers {
 }
 
 on_both_servers!(
+    dead_messages_replayed_together_go_once_each_before_the_rest_of_their_key,
     a_row_the_relay_never_read_is_published_by_the_sweep,
     a_long_wait_behind_a_failed_message_is_read_back_from_the_table_in_order,
     a_message_the_broker_never_takes_holds_back_its_own_key_only,

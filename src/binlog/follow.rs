@@ -87,7 +87,9 @@ impl Tail {
     fn apply(&self, broker: &mut impl Broker, session: &mut Session, change: Change) -> Result<()> {
         match change {
             Change::Inserted(record) => {
-                if self.blocked(session, &record) {
+                if self.blocked(session, &record)
+                    || session.ahead.published(record.id, &session.read_through)
+                {
                     return Ok(());
                 }
                 if session.held.holds(&record) {
@@ -116,6 +118,8 @@ impl Tail {
                 self.hand_over(session, Settle::Bury(vec![(id, reason)]))?;
             }
             Change::Revived { id, key, replayed } => {
+                let replayed =
+                    replayed.filter(|_| !session.ahead.published(id, &session.read_through));
                 self.flush(broker, session, SAVE_INTERVAL)?;
                 self.revive(broker, session, id, key, replayed)?;
             }

@@ -58,6 +58,7 @@
 //! # Ok(()) }
 //! ```
 
+mod ahead;
 mod events;
 mod fence;
 mod follow;

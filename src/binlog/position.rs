@@ -18,6 +18,21 @@ pub struct Position {
     pub offset: u64,
 }
 
+impl Position {
+    /// Whether this position is at or after `other`: in a later file (numbered by its
+    /// extension, as the server names them), or in the same one at or after its offset.
+    pub(crate) fn reached(&self, other: &Position) -> bool {
+        let number = |file: &str| {
+            file.rsplit_once('.')
+                .and_then(|(_, n)| n.parse::<u64>().ok())
+        };
+        match (number(&self.file), number(&other.file)) {
+            (Some(mine), Some(theirs)) if mine != theirs => mine > theirs,
+            _ => self.file == other.file && self.offset >= other.offset,
+        }
+    }
+}
+
 impl std::fmt::Display for Position {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}:{}", self.file, self.offset)
@@ -79,4 +94,30 @@ pub(crate) fn save(
         (table, &at.file, at.offset, gtid, relay),
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Position;
+
+    fn at(file: &str, offset: u64) -> Position {
+        Position {
+            file: file.into(),
+            offset,
+        }
+    }
+
+    #[test]
+    fn a_position_is_reached_by_itself_later_offsets_and_later_files() {
+        let p = at("log.000009", 500);
+        assert!(p.reached(&p));
+        assert!(at("log.000009", 501).reached(&p));
+        assert!(!at("log.000009", 499).reached(&p));
+        assert!(
+            at("log.000010", 4).reached(&p),
+            "numbered, not compared as text"
+        );
+        assert!(at("log.1000000", 4).reached(&at("log.999999", 900)));
+        assert!(!at("log.000008", 9_999).reached(&p));
+    }
 }

@@ -4,6 +4,7 @@
 use mysql::prelude::Queryable;
 
 use super::follow::SAVE_INTERVAL;
+use super::server;
 use super::worker::Settle;
 use super::worker::{Key, Session, Tail};
 use crate::broker::Broker;
@@ -24,7 +25,7 @@ impl Tail {
         replayed: Option<Record>,
     ) -> Result<()> {
         let table = self.store.table();
-        let mut records: Vec<Record> = replayed.into_iter().collect();
+        let records: Vec<Record> = replayed.into_iter().collect();
         if let Some(entry) = key.filter(|entry| session.blocked.contains(entry)) {
             let (topic, key) = &entry;
             let mut conn = self.store.pool().get_conn()?;
@@ -45,42 +46,89 @@ impl Tail {
                 (topic, key),
             )?;
             if !dead_left.unwrap_or(true) {
-                let rows: Vec<mysql::Row> = conn.exec(
-                    format!(
-                        "SELECT {RECORD_COLUMNS} FROM `{table}` o WHERE o.topic = ? AND \
-                         o.msg_key = ? AND o.state = 0 AND o.locked_by = 0 AND o.id <> ? \
-                         ORDER BY o.id"
-                    ),
-                    (topic, key, id),
-                )?;
                 session.blocked.remove(&entry);
-                let mut corrupt = Vec::new();
-                for row in rows {
-                    match decode_record(row) {
-                        Ok(record) => records.push(record),
-                        Err(Error::CorruptRow { id, reason }) => corrupt.push((id, reason)),
-                        Err(e) => return Err(e),
-                    }
-                }
-                if !corrupt.is_empty() {
-                    // Dead again, and holding the key back again, at the first of them:
-                    // only the rows before it go.
-                    let first = corrupt.iter().map(|(id, _)| *id).min().unwrap_or(0);
-                    records.retain(|r| r.id < first);
-                    session.blocked.insert(entry.clone());
-                    self.hand_over(session, Settle::Bury(corrupt))?;
-                }
-                // Rows of this key the binary log brings later were read here already.
-                let newest = records.iter().map(|r| r.id).max().unwrap_or(0);
-                session.verify_below = session.verify_below.max(newest);
+                return self.release_key(broker, session, &mut conn, &entry, id, records);
             }
         }
-        records.sort_by_key(|r| r.id);
         if records.is_empty() {
             return Ok(());
         }
         session.batch = records;
         session.batch_pin = Some(session.read_through.clone());
         self.flush(broker, session, SAVE_INTERVAL)
+    }
+
+    /// Publishes the replayed row `records` (if any) and the pending rows of `key`, no
+    /// longer held behind a dead row, in id order, read a batch at a time. They are
+    /// remembered as published ahead of their events (see [`Ahead`]), which the binary
+    /// log may bring later.
+    ///
+    /// [`Ahead`]: super::ahead::Ahead
+    fn release_key(
+        &self,
+        broker: &mut impl Broker,
+        session: &mut Session,
+        conn: &mut mysql::PooledConn,
+        key: &Key,
+        replayed: u64,
+        mut records: Vec<Record>,
+    ) -> Result<()> {
+        let (topic, msg_key) = key;
+        let table = self.store.table();
+        let limit = self.settings.batch_size.max(1);
+        let mut after = 0;
+        let mut read = Vec::new();
+        loop {
+            let rows: Vec<mysql::Row> = conn.exec(
+                format!(
+                    "SELECT {RECORD_COLUMNS} FROM `{table}` o WHERE o.topic = ? AND \
+                     o.msg_key = ? AND o.state = 0 AND o.locked_by = 0 AND o.id <> ? \
+                     AND o.id > ? ORDER BY o.id LIMIT {limit}"
+                ),
+                (topic, msg_key, replayed, after),
+            )?;
+            let full = rows.len() == limit;
+            let mut corrupt = Vec::new();
+            for row in rows {
+                match decode_record(row) {
+                    Ok(record) => {
+                        after = record.id;
+                        records.push(record);
+                    }
+                    Err(Error::CorruptRow { id, reason }) => {
+                        after = id;
+                        corrupt.push((id, reason));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if let Some(first) = corrupt.iter().map(|(id, _)| *id).min() {
+                // Dead again, and holding the key back again, at the first of them: only
+                // the rows before it go.
+                records.retain(|r| r.id < first);
+                session.blocked.insert(key.clone());
+                self.hand_over(session, Settle::Bury(corrupt))?;
+            }
+            records.sort_by_key(|r| r.id);
+            read.extend(records.iter().map(|r| r.id).filter(|&id| id != replayed));
+            for record in records.drain(..) {
+                if session.held.holds(&record) {
+                    session.held.queue(record);
+                } else {
+                    session.batch.push(record);
+                }
+            }
+            if !session.batch.is_empty() {
+                session.batch_pin = Some(session.read_through.clone());
+                self.flush(broker, session, SAVE_INTERVAL)?;
+            }
+            if !full || session.blocked.contains(key) {
+                break;
+            }
+        }
+        // Every event of a row read here lies before the log's end now.
+        let end = server::current(conn)?;
+        session.ahead.add(read, end);
+        Ok(())
     }
 }

@@ -110,6 +110,7 @@ impl Tail {
                 last_save: Instant::now(),
                 verify_below,
                 blocked,
+                ahead: Default::default(),
                 fence,
                 held: Held::new(self.settings.batch_size.max(HELD_PER_BATCH) * HELD_PER_BATCH),
                 read_through,

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::ahead::Ahead;
 use super::fence::Fence;
 use super::hold::Held;
 use super::position::Position;
@@ -48,6 +49,8 @@ pub(super) struct Session {
     pub verify_below: u64,
     /// Keys held behind a dead message.
     pub blocked: HashSet<Key>,
+    /// Rows a revive published before the binary log brought their events.
+    pub ahead: Ahead,
     /// Rows held behind a failed publish, until their backoff ends.
     pub held: Held,
     /// The end of the last transaction read: where the next one starts.
