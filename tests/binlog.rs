@@ -7,6 +7,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -623,6 +624,72 @@ fn a_relay_killed_mid_stream_resumes_from_its_position_and_loses_nothing(server:
     );
     second.kill().unwrap();
     second.wait().unwrap();
+}
+
+/// The relay process killed (SIGKILL) 2 s after each start, 8 times, while 4 writers
+/// commit: everything committed is published, and each key's messages are first read in
+/// commit order (a kill may send again what was in flight, in order).
+fn a_relay_killed_every_two_seconds_while_writers_commit_loses_nothing(server: Server) {
+    const KEYS: usize = 10;
+    const KILLS: usize = 8;
+    let f = fixture(server, "binlog_kill_loop");
+    let (url, pool, store, table, topic) = (
+        f.url.as_str(),
+        &f.pool,
+        &f.store,
+        f.table.as_str(),
+        f.topic.as_str(),
+    );
+    let aggregates = Arc::new(Aggregates::new(pool, KEYS));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..4)
+        .map(|_| keep_writing(pool, store, &aggregates, topic, KEYS as u64, &stop))
+        .collect();
+    let mut delivered_at_kills = Vec::new();
+    for kill in 0..KILLS {
+        let (mut relay, _, _) = relay_process(url, table, &format!("binlog-kill-loop-{kill}"));
+        std::thread::sleep(Duration::from_secs(2));
+        relay.kill().unwrap();
+        relay.wait().unwrap();
+        delivered_at_kills.push(count(pool, table, "state = 1"));
+    }
+    stop.store(true, Ordering::SeqCst);
+    let committed: HashSet<String> = writers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    let pending_at_end = count(pool, table, "state = 0");
+    let (mut last, _, _) = relay_process(url, table, "binlog-kill-loop-last");
+    let got = consume_ids(
+        topic,
+        &committed,
+        Duration::from_secs(90),
+        Duration::from_secs(3),
+    );
+    let read: HashSet<String> = got.iter().map(Consumed::message_id).collect();
+    assert!(
+        committed.is_subset(&read),
+        "{} of {} committed messages missing",
+        committed.difference(&read).count(),
+        committed.len()
+    );
+    assert_commit_order(&versions_read(&got), &aggregates.versions(pool), true);
+    assert!(
+        delivered_at_kills
+            .windows(2)
+            .filter(|w| w[1] > w[0])
+            .count()
+            >= KILLS / 2,
+        "the relays published between kills: delivered at each kill {delivered_at_kills:?}"
+    );
+    eprintln!(
+        "kill loop: {} committed, {} read, {pending_at_end} left to the last relay; \
+         delivered at each kill {delivered_at_kills:?}",
+        committed.len(),
+        got.len()
+    );
+    last.kill().unwrap();
+    last.wait().unwrap();
 }
 
 /// Sessions reading the server's binary log (`Binlog Dump`, `Binlog Dump GTID`).
@@ -1865,6 +1932,7 @@ macro_rules! on_both_servers {
 }
 
 on_both_servers!(
+    a_relay_killed_every_two_seconds_while_writers_commit_loses_nothing,
     dead_messages_replayed_together_go_once_each_before_the_rest_of_their_key,
     a_row_the_relay_never_read_is_published_by_the_sweep,
     a_long_wait_behind_a_failed_message_is_read_back_from_the_table_in_order,
