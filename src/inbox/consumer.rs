@@ -11,6 +11,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Reb
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
+use super::revoked::Revoked;
 use super::{check_consumer, Delivery, Inbox, InboxSettings, Recorded};
 use crate::broker::{forward_log, redact, resolves, secret_values};
 use crate::dispatcher::backoff::backoff;
@@ -193,6 +194,7 @@ impl InboxConsumer {
         let context = Context {
             name: name.to_string(),
             secrets: secrets.clone(),
+            revoked: Revoked::default(),
         };
         config.set_log_level(RDKafkaLogLevel::Info);
         let consumer = config
@@ -366,7 +368,17 @@ impl Loop {
             batch.clear();
             let mut timeout = self.settings.poll_timeout;
             while batch.len() < self.settings.batch_size {
-                match consumer.poll(timeout) {
+                let polled = consumer.poll(timeout);
+                // A rebalance inside that poll may have taken partitions away: what was
+                // gathered of them is the next owner's.
+                let dropped = consumer.context().revoked.drop_from(&mut batch);
+                if dropped > 0 {
+                    log::info!(
+                        "inbox {}: {dropped} records of revoked partitions left to their next owner",
+                        self.name
+                    );
+                }
+                match polled {
                     Some(Ok(record)) => batch.push(Delivery::from_kafka(&record)),
                     Some(Err(e)) => {
                         self.signals.report(Error::Kafka(e));
@@ -858,6 +870,8 @@ fn commit_stored(consumer: &BaseConsumer<Context>, name: &str) {
 struct Context {
     name: String,
     secrets: Vec<String>,
+    /// Partitions revoked inside `poll`, whose gathered records the loop drops.
+    revoked: Revoked,
 }
 
 impl ClientContext for Context {
@@ -878,6 +892,12 @@ impl ConsumerContext for Context {
                     partitions.count()
                 );
                 commit_stored(consumer, &self.name);
+                self.revoked.note(
+                    partitions
+                        .elements()
+                        .iter()
+                        .map(|p| (p.topic().to_string(), p.partition())),
+                );
             }
             Rebalance::Assign(partitions) => log::info!(
                 "inbox {}: {} partitions assigned",

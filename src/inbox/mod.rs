@@ -42,6 +42,7 @@
 
 mod consumer;
 mod delivery;
+mod revoked;
 mod settings;
 
 use std::time::{Duration, SystemTime};
