@@ -82,7 +82,18 @@ fn start_relay(url: &str, table: &str, instance: &str) -> outbox::Result<Dispatc
 /// `outbox relay --source binlog` on the private server; what it logs (the outbox's
 /// lines from `info` up, unless `RUST_LOG` says otherwise).
 fn relay_process(url: &str, table: &str, instance: &str) -> (std::process::Child, String, Logs) {
-    let mut command = relay_command(table, instance, "", &[]);
+    relay_process_with(url, table, instance, "", &[])
+}
+
+/// As [`relay_process`], with further Kafka `properties` (`,name=value...`) and `env`.
+fn relay_process_with(
+    url: &str,
+    table: &str,
+    instance: &str,
+    properties: &str,
+    env: &[(&str, &str)],
+) -> (std::process::Child, String, Logs) {
+    let mut command = relay_command(table, instance, properties, &[]);
     command
         .env("OUTBOX_DATABASE_URL", url)
         .env("OUTBOX_SOURCE", "binlog")
@@ -90,6 +101,7 @@ fn relay_process(url: &str, table: &str, instance: &str) -> (std::process::Child
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,outbox=info".into()),
         )
+        .envs(env.iter().copied())
         .stdin(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
     let (mut child, owner) = common::start_relay(command);
@@ -1723,24 +1735,19 @@ fn dead_messages_replayed_together_go_once_each_before_the_rest_of_their_key(ser
         f.table.as_str(),
         f.topic.as_str(),
     );
-    // Batches of 4: the key's rows are read back in three of them.
-    let settings = outbox::DispatcherSettings {
-        batch_size: 4,
-        max_attempts: Some(1),
-        dead_blocks_key: true,
-        ..fast_settings()
-    };
-    let mut relay = BinlogRelay::new(
-        mysql::Opts::from_url(url).unwrap(),
+    // Batches of 4: the key's rows are read back in three reads.
+    let (mut relay, _, logs) = relay_process_with(
+        url,
         table,
-        small_message_broker(),
-        settings,
-        BinlogSettings::default(),
         "binlog-replay",
-    )
-    .unwrap()
-    .start()
-    .unwrap();
+        ",message.max.bytes=10000",
+        &[
+            ("OUTBOX_BATCH_SIZE", "4"),
+            ("OUTBOX_MAX_ATTEMPTS", "1"),
+            ("OUTBOX_DEAD_BLOCKS_KEY", "true"),
+            ("RUST_LOG", "warn,outbox=info,outbox::binlog::revive=debug"),
+        ],
+    );
     wait_until_following(pool, table);
     // The first dies (too big for the broker) and holds its key; the second is made dead
     // by hand while it waits.
@@ -1803,7 +1810,25 @@ fn dead_messages_replayed_together_go_once_each_before_the_rest_of_their_key(ser
     let mut expected = vec!["a:dead-1".to_string(), "a:dead-2".to_string()];
     expected.extend((1..=WAITING).map(|i| format!("a:{i}")));
     assert_eq!(of_a, expected, "each once, in the order they were added");
-    relay.stop().unwrap();
+    let reads: Vec<usize> = logs
+        .matching("rows of a released key")
+        .iter()
+        .map(|line| {
+            let (_, after) = line.split_once("read back ").unwrap();
+            after.split(' ').next().unwrap().parse().unwrap()
+        })
+        .collect();
+    assert!(
+        reads.len() > 1 && reads.iter().all(|&n| n <= 4),
+        "read a batch at a time: {reads:?}"
+    );
+    assert_eq!(
+        reads.iter().sum::<usize>(),
+        WAITING + 1,
+        "dead-2 and the waiting ones"
+    );
+    relay.kill().unwrap();
+    relay.wait().unwrap();
 }
 
 /// The peak resident memory of process `pid`, in KiB (`VmHWM`).

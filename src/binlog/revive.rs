@@ -88,6 +88,7 @@ impl Tail {
                 (topic, msg_key, replayed, after),
             )?;
             let full = rows.len() == limit;
+            log::debug!("read back {} rows of a released key", rows.len());
             let mut corrupt = Vec::new();
             for row in rows {
                 match decode_record(row) {
