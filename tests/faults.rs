@@ -483,21 +483,34 @@ fn lock_wait_timeouts_from_an_application_holding_outbox_rows_are_retried_never_
         batch_size: 20,
         ..fast_settings()
     };
+    let locked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let locking = LockAfterFirstPublish {
         inner: broker(),
         pool: pool.clone(),
         done: false,
+        locked: locked.clone(),
     };
-    let handles = vec![
-        outbox::Dispatcher::new(store.clone(), locking, settings.clone(), "lw0")
-            .unwrap()
-            .start()
-            .unwrap(),
+    let mut handles =
+        vec![
+            outbox::Dispatcher::new(store.clone(), locking, settings.clone(), "lw0")
+                .unwrap()
+                .start()
+                .unwrap(),
+        ];
+    // The second dispatcher starts once the first has published a batch and the
+    // application locked it: otherwise the second may take every row, and the first
+    // never publish.
+    assert!(
+        wait_for(Duration::from_secs(60), || locked
+            .load(std::sync::atomic::Ordering::SeqCst)),
+        "the application locked the first batch published"
+    );
+    handles.push(
         outbox::Dispatcher::new(store.clone(), broker(), settings.clone(), "lw1")
             .unwrap()
             .start()
             .unwrap(),
-    ];
+    );
 
     let ids: HashSet<String> = writers
         .into_iter()
@@ -540,12 +553,15 @@ fn lock_wait_timeouts_from_an_application_holding_outbox_rows_are_retried_never_
 }
 
 /// A Kafka broker after whose first successful publish an application locks the batch's
-/// rows (`FOR UPDATE`, for 1.5 s) before the publish returns: the dispatcher's mark of
-/// that batch then waits on the lock, past a 1 s lock wait timeout.
+/// rows (`FOR UPDATE`, for 4 s) before the publish returns: the dispatcher's mark of
+/// that batch then waits on the lock, past a 1 s lock wait timeout, even when it starts
+/// late (the settler still marking a batch the application held up before).
 struct LockAfterFirstPublish {
     inner: outbox::KafkaBroker,
     pool: mysql::Pool,
     done: bool,
+    /// Set once the batch is locked.
+    locked: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl outbox::Broker for LockAfterFirstPublish {
@@ -558,15 +574,33 @@ impl outbox::Broker for LockAfterFirstPublish {
         let ids: Vec<String> = records.iter().map(|r| r.id.to_string()).collect();
         let (locked_tx, locked_rx) = crossbeam_channel::bounded(1);
         let pool = self.pool.clone();
+        let locked = self.locked.clone();
         std::thread::spawn(move || {
-            let mut tx = pool.start_transaction(TxOpts::default()).unwrap();
-            tx.query_drop(format!(
-                "SELECT id FROM outbox WHERE id IN ({}) FOR UPDATE",
-                ids.join(", ")
-            ))
-            .unwrap();
+            // The application's other thread may hold some of these rows (up to 1.5 s):
+            // a lock wait that times out fails the statement, and is tried again until
+            // every row is locked. (`query_drop` would let such a failure pass unseen:
+            // the error comes in the middle of the rows.)
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            let tx = loop {
+                let mut tx = pool.start_transaction(TxOpts::default()).unwrap();
+                let rows: mysql::Result<Vec<u64>> = tx.query(format!(
+                    "SELECT id FROM outbox WHERE id IN ({}) FOR UPDATE",
+                    ids.join(", ")
+                ));
+                match rows {
+                    Ok(rows) if rows.len() == ids.len() => break tx,
+                    other => {
+                        assert!(
+                            std::time::Instant::now() < deadline,
+                            "the application locks the batch: {other:?}"
+                        );
+                        let _ = tx.rollback();
+                    }
+                }
+            };
+            locked.store(true, std::sync::atomic::Ordering::SeqCst);
             locked_tx.send(()).unwrap();
-            std::thread::sleep(Duration::from_millis(1_500));
+            std::thread::sleep(Duration::from_millis(4_000));
             tx.rollback().unwrap();
         });
         locked_rx.recv().unwrap();
