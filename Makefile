@@ -68,6 +68,7 @@ soak: services
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --all-targets $(FEATURES) -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc --no-deps $(FEATURES)
 
 services: mariadb broker faketime stunnel prometheus-client
 

@@ -1,12 +1,13 @@
 -- The outbox table, for MySQL 8.0+ and MariaDB 10.6+.
 -- MySqlStore::migrate() applies this file with the table name replaced by the configured one.
--- state: 0 pending, 1 delivered, 2 dead. All times are the database's clock in UTC
+-- state: 0 pending, 1 delivered, 2 dead, 3 discarded (dead, and given up by an operator).
+-- All times are the database's clock in UTC
 -- (UTC_TIMESTAMP(6)), whatever the session's time_zone: never NOW() or CURRENT_TIMESTAMP.
 -- The columns a dispatcher updates are fixed in width and NOT NULL, so that taking a
 -- lease and marking a row rewrite it in place: a row that grows in pages packed by
 -- inserts in id order moves or splits its page, at twice the cost (measured). "Never" is
 -- 1970-01-01 00:00:00; locked_by is 0 when no dispatcher holds the row, else the lease
--- owner's token (MySqlStore::lease_token).
+-- claim's lease: an owner's leases are MySqlStore::leases_of(owner).
 CREATE TABLE IF NOT EXISTS `outbox` (
   id                 BIGINT UNSIGNED NOT NULL AUTO_INCREMENT,
   message_id         BINARY(16)      NOT NULL,

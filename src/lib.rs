@@ -108,6 +108,25 @@
 //! - `debug`: each relay round and each failed attempt.
 //!
 //! librdkafka's own lines go to the target `librdkafka`.
+//!
+//! # Features
+//!
+//! | feature | default | what it adds |
+//! | --- | --- | --- |
+//! | `ssl-vendored` | yes | TLS and SASL for Kafka, with OpenSSL built from source |
+//! | `libz-static` | yes | gzip, with zlib built from source |
+//! | `zstd` | yes | zstd compression |
+//! | `ssl`, `libz` | no | the same against the system's OpenSSL or zlib |
+//! | `gssapi`, `gssapi-vendored` | no | Kerberos |
+//! | `cli` | no | the `outbox` command (relay, status, dead messages, replay, leases) |
+//!
+//! # Examples
+//!
+//! - `order_service` (`make demo`): an order service writing its events through the outbox;
+//! - `web_service` (`make web-service`): a thread-per-request HTTP service, its dispatcher
+//!   in the same process, woken by every commit;
+//! - `inbox_pipeline` (`make inbox-demo`): one service's outbox feeding another's inbox,
+//!   every order billed once though a third of the events are published twice.
 
 #![deny(missing_docs)]
 
@@ -121,8 +140,10 @@ mod message;
 pub mod metrics;
 mod outbox;
 mod record;
+mod runtime;
 mod settings;
 mod store;
+mod time;
 mod transaction;
 
 pub use crossbeam_channel;
@@ -133,9 +154,7 @@ pub use uuid;
 pub use crate::broker::{
     Broker, KafkaBroker, ALLOW_WEAK_DELIVERY, RECORD_TIMESTAMP, STRICT_KEY_ORDER,
 };
-pub use crate::dispatcher::{
-    Dispatcher, DispatcherHandle, Health, HealthProbe, Waker, WorkerHealth, MAX_INSTANCE_ID_LEN,
-};
+pub use crate::dispatcher::{Dispatcher, MAX_INSTANCE_ID_LEN};
 pub use crate::error::{Error, Result, Worker};
 pub use crate::message::{
     Message, MAX_HEADERS, MAX_HEADER_NAME_LEN, MAX_KEY_LEN, MAX_MESSAGE_SIZE, MAX_TOPIC_LEN,
@@ -143,6 +162,7 @@ pub use crate::message::{
 };
 pub use crate::outbox::Outbox;
 pub use crate::record::Record;
+pub use crate::runtime::{DispatcherHandle, Health, HealthProbe, Waker, WorkerHealth};
 pub use crate::settings::{DispatcherSettings, MAX_BATCH_SIZE};
 pub use crate::store::{Claim, Failure, MySqlStore, Store};
 pub use crate::transaction::OutboxTransaction;

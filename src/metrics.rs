@@ -43,8 +43,8 @@ use std::time::{Duration, SystemTime};
 
 use ::metrics::{counter, gauge, histogram, SharedString};
 
-use crate::admin::time::micros_since_epoch;
 use crate::record::Record;
+use crate::time::micros_since_epoch;
 
 /// Messages the broker acknowledged.
 pub const MESSAGES_PUBLISHED: &str = "outbox_messages_published_total";

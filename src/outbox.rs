@@ -3,9 +3,9 @@
 use mysql::prelude::Queryable;
 use uuid::Uuid;
 
-use crate::dispatcher::Waker;
 use crate::error::Result;
 use crate::message::{with_ids, Message};
+use crate::runtime::Waker;
 use crate::store::insert::Insert;
 use crate::store::MySqlStore;
 use crate::transaction::{Connection, OutboxTransaction};

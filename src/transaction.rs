@@ -6,9 +6,9 @@ use mysql::prelude::{AsStatement, Queryable};
 use mysql::{AccessMode, Binary, Conn, Params, PooledConn, QueryResult, Statement, Text, TxOpts};
 use uuid::Uuid;
 
-use crate::dispatcher::Waker;
 use crate::error::{Error, Result};
 use crate::message::{with_ids, Message};
+use crate::runtime::Waker;
 use crate::store::insert::Insert;
 
 /// A MySQL transaction whose messages are written in the same round trip as its COMMIT.

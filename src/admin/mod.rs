@@ -31,16 +31,17 @@
 //! ```
 
 mod dead;
+mod filter;
 pub(crate) mod status;
-pub(crate) mod time;
 
 use mysql::prelude::Queryable;
 
-pub use self::dead::{DeadFilter, DeadMessage, MessageRef, State, StoredMessage, TimeBound};
+pub use self::dead::{DeadMessage, State, StoredMessage};
+pub use self::filter::{DeadFilter, MessageRef, TimeBound};
 pub use self::status::{Counts, LeaseHolder, Owner, Status, TopicStatus};
-pub use self::time::rfc3339;
 use crate::error::{Error, Result};
 use crate::store::MySqlStore;
+pub use crate::time::rfc3339;
 
 /// The columns an outbox table has, whatever version made it.
 const COLUMNS: [&str; 15] = [

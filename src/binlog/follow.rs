@@ -9,14 +9,15 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{after, select, Receiver, RecvTimeoutError, TryRecvError};
 use mysql::prelude::Queryable;
 
-use super::events::{self, Change, PartialKind};
+use super::change::{Change, PartialKind};
+use super::events;
 use super::worker::Settle;
 use super::worker::{Session, Tail};
 use crate::broker::Broker;
 use crate::error::{Error, Result, Worker};
 use crate::record::Record;
 use crate::store::codec::{decode_record, RECORD_COLUMNS};
-use crate::store::mysql::{DISCARDED, PENDING};
+use crate::store::sql::{DISCARDED, PENDING};
 
 /// How long the tail waits for a change when nothing else is due.
 const IDLE: Duration = Duration::from_secs(3600);

@@ -12,8 +12,10 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 use super::position::Position;
-use super::worker::Key;
 use crate::record::Record;
+
+/// A topic and key whose later messages wait behind a failed or dead one.
+pub(super) type Key = (String, Vec<u8>);
 
 /// What a held row holds back: the later rows of its key, or nothing but itself when it
 /// has no key.

@@ -9,6 +9,7 @@ use mysql::{Conn, OptsBuilder};
 use super::fence::Fence;
 use super::worker::Tail;
 use crate::error::Result;
+use crate::store::sql::fnv1a;
 
 impl Tail {
     fn lock_name(&self) -> String {
@@ -20,10 +21,8 @@ impl Tail {
         if name.len() <= 64 {
             return name;
         }
-        // FNV-1a: the same name from every relay, whatever its build.
-        let digest = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
-            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-        });
+        // A hash that is the same from every relay, whatever its build.
+        let digest = fnv1a(name.as_bytes());
         format!("outbox-binlog:{digest:016x}")
     }
 

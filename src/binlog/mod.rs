@@ -59,10 +59,12 @@
 //! ```
 
 mod ahead;
+mod change;
 mod events;
 mod fence;
 mod follow;
 mod hold;
+mod image;
 mod lock;
 mod position;
 mod publish;
@@ -79,9 +81,10 @@ use std::time::Duration;
 
 pub use self::position::{Position, POSITION_TABLE};
 use crate::broker::Broker;
-use crate::dispatcher::{lease_owner, DispatcherHandle};
+use crate::dispatcher::lease_owner;
 use crate::error::{Error, Result, Worker};
 use crate::metrics::Meter;
+use crate::runtime::DispatcherHandle;
 use crate::settings::DispatcherSettings;
 use crate::store::MySqlStore;
 

@@ -13,11 +13,11 @@ use super::hold::{earlier, Slot};
 use super::position::Position;
 use super::worker::{Key, Session, Settle, Tail};
 use crate::broker::Broker;
-use crate::dispatcher::backoff::backoff;
 use crate::error::{Error, Result, Worker};
 use crate::record::Record;
+use crate::runtime::backoff::backoff;
 use crate::store::codec::{decode_record, RECORD_COLUMNS};
-use crate::store::mysql::{padded, placeholders};
+use crate::store::sql::{padded, placeholders};
 
 /// How a publish left one slot's records.
 struct Failed {

@@ -12,15 +12,15 @@ use super::fence::Fence;
 use super::lock::ping;
 use super::position::{self, Position};
 use super::worker::{Session, Settle, Tail};
-use crate::dispatcher::signal::Signals;
 use crate::error::{Error, Result, Worker};
 use crate::record::Record;
-use crate::store::mysql::{bury, padded, placeholders, truncate};
+use crate::runtime::signal::Signals;
+use crate::store::sql::{bury, padded, placeholders, truncate};
 
 /// Longest a position waits to be saved while the settler is busy marking.
 const POSITION_INTERVAL: Duration = Duration::from_secs(1);
 /// Most ids in one marking statement.
-const MARK_CHUNK: usize = crate::store::mysql::MAX_ID_LIST;
+const MARK_CHUNK: usize = crate::store::sql::MAX_ID_LIST;
 /// Most writes waiting for the settler: the tail publishes on while the settler marks
 /// what was published before, all of it at once.
 pub(super) const SETTLE_QUEUE: usize = 64;

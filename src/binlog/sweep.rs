@@ -14,41 +14,16 @@ use std::time::{Duration, Instant};
 use mysql::prelude::Queryable;
 
 use super::hold::Slot;
-use super::position::Position;
 use super::server;
 use super::worker::{Session, Tail};
 use crate::broker::Broker;
 use crate::error::{Error, Result};
 use crate::record::Record;
 use crate::store::codec::{decode_record, RECORD_COLUMNS};
-use crate::store::mysql::{padded, placeholders};
+use crate::store::sql::{padded, placeholders};
 
 /// Most rows one look notes.
 const SWEEP_ROWS: usize = 1_000;
-
-/// What the sweep noted at its last look, waiting for the relay to read past `end`.
-#[derive(Debug, Default)]
-pub(crate) struct Sweep {
-    /// When to look next.
-    next: Option<Instant>,
-    /// The rows noted, and where the binary log ended when they were.
-    noted: Option<(Vec<u64>, Position)>,
-}
-
-impl Sweep {
-    /// How long until the next look is due, from `now`.
-    pub fn due_in(&self, now: Instant, every: Duration) -> Duration {
-        match self.next {
-            Some(next) => next.saturating_duration_since(now),
-            None => every,
-        }
-    }
-}
-
-/// Whether the relay, having read through `read`, has passed `end`.
-fn passed(read: &Position, end: &Position) -> bool {
-    (&read.file, read.offset) >= (&end.file, end.offset)
-}
 
 impl Tail {
     /// Looks at the table if a look is due: publishes the rows noted at the last look that
@@ -65,7 +40,7 @@ impl Tail {
             Some(_) => session.sweep.next = Some(now + every),
         }
         if let Some((ids, end)) = session.sweep.noted.take() {
-            if !passed(&session.read_through, &end) {
+            if !session.read_through.reached(&end) {
                 // Still reading what was committed before: not behind it yet.
                 session.sweep.noted = Some((ids, end));
                 return Ok(());
@@ -156,22 +131,5 @@ impl Tail {
             return true;
         }
         matches!(&slot, Slot::Key(key) if session.blocked.contains(key))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_position_is_passed_once_read_through_reaches_it_in_the_same_or_a_later_file() {
-        let at = |file: &str, offset| Position {
-            file: file.into(),
-            offset,
-        };
-        assert!(passed(&at("b.000001", 500), &at("b.000001", 500)));
-        assert!(!passed(&at("b.000001", 499), &at("b.000001", 500)));
-        assert!(passed(&at("b.000002", 4), &at("b.000001", 500)));
-        assert!(!passed(&at("b.000001", 9_000), &at("b.000002", 4)));
     }
 }

@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::bounded;
 
-use super::events::{self, Columns, Source};
+use super::events::{self, Source};
 use super::hold::Held;
+use super::image::Columns;
 use super::settle::SETTLE_QUEUE;
 use super::start::dead_keys;
 use super::worker::{Session, Tail};
@@ -84,7 +85,7 @@ impl Tail {
                     if let Err(panic) = outcome {
                         reader.panicked(
                             Worker::BinlogReader,
-                            crate::dispatcher::signal::panic_text(&*panic),
+                            crate::runtime::signal::panic_text(&*panic),
                         );
                     }
                 })

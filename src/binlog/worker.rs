@@ -3,23 +3,21 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::ahead::Ahead;
 use super::fence::Fence;
 use super::hold::Held;
 use super::position::Position;
 use super::server::Server;
-use super::sweep::Sweep;
 use super::BinlogSettings;
-use crate::dispatcher::signal::Signals;
 use crate::metrics::Meter;
 use crate::record::Record;
+use crate::runtime::signal::Signals;
 use crate::settings::DispatcherSettings;
 use crate::store::MySqlStore;
 
-/// A topic and key whose later messages wait behind a dead one (`dead_blocks_key`).
-pub(super) type Key = (String, Vec<u8>);
+pub(super) use super::hold::Key;
 
 /// The binlog relay's worker, on the thread that publishes: what every session needs.
 pub(crate) struct Tail {
@@ -78,4 +76,23 @@ pub(super) enum Settle {
     Position(Position, Option<String>),
     /// Rows that are no message, to make dead with the reason.
     Bury(Vec<(u64, String)>),
+}
+
+/// What the sweep noted at its last look, waiting for the relay to read past `end`.
+#[derive(Debug, Default)]
+pub(super) struct Sweep {
+    /// When to look next.
+    pub next: Option<Instant>,
+    /// The rows noted, and where the binary log ended when they were.
+    pub noted: Option<(Vec<u64>, Position)>,
+}
+
+impl Sweep {
+    /// How long until the next look is due, from `now`.
+    pub fn due_in(&self, now: Instant, every: Duration) -> Duration {
+        match self.next {
+            Some(next) => next.saturating_duration_since(now),
+            None => every,
+        }
+    }
 }

@@ -2,13 +2,14 @@
 
 mod kafka;
 mod properties;
+mod reports;
 
 use std::time::Duration;
 
 pub use self::kafka::KafkaBroker;
-pub(crate) use self::kafka::{forward_log, redact};
 pub(crate) use self::properties::{resolves, secret_values};
 pub use self::properties::{ALLOW_WEAK_DELIVERY, RECORD_TIMESTAMP, STRICT_KEY_ORDER};
+pub(crate) use self::reports::{forward_log, redact};
 use crate::error::Result;
 use crate::record::Record;
 

@@ -6,9 +6,11 @@ use crossbeam_channel::{select, tick};
 
 use std::time::Duration;
 
-use super::signal::Signals;
 use crate::error::{Result, Worker};
 use crate::metrics::Meter;
+use crate::runtime::purge::purge_all;
+use crate::runtime::signal::Signals;
+use crate::runtime::DispatcherHandle;
 use crate::settings::DispatcherSettings;
 use crate::store::Store;
 
@@ -120,47 +122,40 @@ pub(crate) fn run_gauges<S: Store>(
     }
 }
 
-/// Runs `purge` until a chunk comes back short or the stop signal comes; returns the
-/// total deleted.
-pub(crate) fn purge_all(
-    signals: &Signals,
-    chunk: usize,
-    mut purge: impl FnMut(usize) -> Result<u64>,
-) -> Result<u64> {
-    let mut total = 0;
-    loop {
-        let n = purge(chunk)?;
-        total += n;
-        if n < chunk as u64 || signals.stopped() {
-            return Ok(total);
+impl DispatcherHandle {
+    /// Spawns the workers that keep the table: the lock checker, the cleaner and, when
+    /// `gauge_interval` is set, the gauges.
+    pub(crate) fn spawn_maintenance<S: Store>(
+        &mut self,
+        store: Arc<S>,
+        settings: &DispatcherSettings,
+        signals: &Signals,
+        meter: &Meter,
+    ) -> Result<()> {
+        let (s, settings_, sig, m) = (
+            store.clone(),
+            settings.clone(),
+            signals.clone(),
+            meter.clone(),
+        );
+        self.spawn(Worker::LockChecker, signals, move || {
+            run_lock_checker(s, settings_, sig, m)
+        })?;
+        let (s, settings_, sig, m) = (
+            store.clone(),
+            settings.clone(),
+            signals.clone(),
+            meter.clone(),
+        );
+        self.spawn(Worker::Cleaner, signals, move || {
+            run_cleaner(s, settings_, sig, m)
+        })?;
+        if let Some(interval) = settings.gauge_interval {
+            let (sig, m) = (signals.clone(), meter.clone());
+            self.spawn(Worker::Gauges, signals, move || {
+                run_gauges(store, interval, sig, m)
+            })?;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn purges_in_chunks_until_a_short_one() {
-        let (signals, _errors, _stop) = Signals::for_test();
-        let left = std::cell::Cell::new(25u64);
-        let calls = std::cell::Cell::new(0);
-        let total = purge_all(&signals, 10, |limit| {
-            calls.set(calls.get() + 1);
-            let n = left.get().min(limit as u64);
-            left.set(left.get() - n);
-            Ok(n)
-        })
-        .unwrap();
-        assert_eq!((total, calls.get()), (25, 3));
-    }
-
-    #[test]
-    fn stops_purging_on_the_stop_signal() {
-        let (signals, _errors, stop) = Signals::for_test();
-        drop(stop);
-        let total = purge_all(&signals, 10, |limit| Ok(limit as u64)).unwrap();
-        assert_eq!(total, 10, "one chunk, then the stop signal is seen");
+        Ok(())
     }
 }

@@ -5,26 +5,23 @@
 //! the rows by their outcomes, batch after batch in the order they were claimed. At most
 //! [`IN_FLIGHT`] batches are claimed and not yet settled at any time.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Instant;
 
-use crossbeam_channel::{after, bounded, select, tick, Receiver, Sender};
+use crossbeam_channel::{bounded, select, tick, Receiver, Sender};
 use parking_lot::Mutex;
 
-use super::backoff::backoff;
-use super::signal::{panic_text, Signals};
+use super::batch::{Batch, Lease};
 use crate::broker::Broker;
 use crate::error::{Error, Result, Worker};
 use crate::metrics::Meter;
-use crate::record::Record;
+use crate::runtime::signal::{panic_text, Signals};
 use crate::settings::{DispatcherSettings, PIPELINE_DEPTH};
-use crate::store::{Failure, Store};
+use crate::store::Store;
 
-/// Longest pause between two tries of a mark that failed on a database error.
-const MARK_RETRY_MAX: Duration = Duration::from_secs(1);
 /// Most batches claimed and not yet settled: one being claimed ahead, one publishing,
 /// one being marked. Leases are validated against it.
 pub(crate) const IN_FLIGHT: usize = PIPELINE_DEPTH as usize;
@@ -37,82 +34,6 @@ pub(crate) struct Round {
     pub failed: usize,
     /// Not tried: an earlier message of their key failed in the same round.
     pub released: usize,
-}
-
-/// A claimed batch on its way through publishing.
-pub(crate) struct Batch {
-    records: Vec<Record>,
-    /// The claim's lease.
-    lease: u64,
-    started: Instant,
-    claimed: Instant,
-    published: Option<Instant>,
-    outcomes: Vec<Result<()>>,
-}
-
-impl Batch {
-    /// Publishes the records; one outcome per record, whatever the broker returned. A
-    /// batch whose lease was last proven (claimed or renewed) at `proven` is published
-    /// only while the lease is sure to hold (fencing by time): a relay cut off from the
-    /// database stops publishing before another dispatcher could take its rows over. A
-    /// batch not published is released when settled.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Refused`] saying why, when the lease was not sure to hold.
-    fn publish(
-        &mut self,
-        broker: &mut impl Broker,
-        proven: Instant,
-        max_lock_duration: Duration,
-    ) -> Result<()> {
-        if !lease_holds(proven, max_lock_duration) {
-            return Err(Error::Refused(format!(
-                "a batch of {} messages was not published: its lease could not be renewed \
-                 for {:?} (the database is out of reach, or the lease was taken over), and \
-                 another dispatcher may take its rows over; it is released untried",
-                self.records.len(),
-                proven.elapsed()
-            )));
-        }
-        log::debug!(
-            "publishing a batch of {} under lease {}",
-            self.records.len(),
-            self.lease
-        );
-        let mut outcomes = broker.publish(&self.records);
-        if outcomes.len() != self.records.len() {
-            log::error!(
-                "broker returned {} outcomes for {} records",
-                outcomes.len(),
-                self.records.len()
-            );
-            outcomes.resize_with(self.records.len(), || {
-                Err(Error::Broker("the broker returned no outcome".into()))
-            });
-        }
-        self.outcomes = outcomes;
-        self.published = Some(Instant::now());
-        Ok(())
-    }
-}
-
-/// Whether a lease last proven (claimed, or renewed) at `proven` is sure to hold now:
-/// the lock checkers take it over `max_lock_duration` after, by the database's clock;
-/// the last quarter is the margin.
-fn lease_holds(proven: Instant, max_lock_duration: Duration) -> bool {
-    Instant::now() < proven + max_lock_duration - max_lock_duration / RENEWALS
-}
-
-/// How many times per `max_lock_duration` the leases of batches in flight are renewed.
-const RENEWALS: u32 = 4;
-
-/// A lease the relay holds: its rows, and when it was last proven.
-pub(crate) struct Lease {
-    pub ids: Vec<u64>,
-    /// When the statement that claimed or last renewed it was sent; `None` once a
-    /// renewal found it no longer held (taken over).
-    pub proven: Option<Instant>,
 }
 
 /// The relay's database side; the broker is handed to [`Relay::run`] or [`Relay::round`].
@@ -337,259 +258,12 @@ impl<S: Store> Relay<S> {
         };
         Ok(Some((batch, claim.more)))
     }
-
-    /// Marks every row of a published batch by its own outcome.
-    fn settle(&self, batch: Batch) -> Result<Round> {
-        let lease_ends = self.proven(batch.lease) + self.settings.max_lock_duration;
-        let records = &batch.records;
-        if batch.published.is_none() {
-            let ids: Vec<u64> = records.iter().map(|r| r.id).collect();
-            let released = self.retry_until(
-                lease_ends,
-                |store, lease| store.release(lease, &ids),
-                batch.lease,
-            )?;
-            log::debug!("{released} rows released unpublished at stop");
-            return Ok(Round {
-                claimed: records.len(),
-                released: records.len(),
-                ..Round::default()
-            });
-        }
-        let published = batch.published.unwrap_or(batch.claimed);
-        // Settle each key's run in order: after a message fails, the later ones of its key
-        // wait behind it. Those the broker did not send are released without an attempt;
-        // one it acknowledged anyway is in Kafka already and is marked delivered.
-        let mut delivered = Vec::with_capacity(records.len());
-        let mut delivered_records = Vec::with_capacity(records.len());
-        let mut failed_records = Vec::new();
-        let mut failures = Vec::new();
-        let mut released = Vec::new();
-        let mut failed_keys = HashSet::new();
-        let mut first_error = None;
-        for (record, outcome) in records.iter().zip(batch.outcomes) {
-            let key = record.message.order_key();
-            let behind_failure = key.is_some_and(|k| failed_keys.contains(&k));
-            match outcome {
-                Ok(()) => {
-                    if behind_failure {
-                        log::error!(
-                            "message {} was acknowledged after an earlier message of its key failed: \
-                             that key's order is broken in Kafka",
-                            record.message_id
-                        );
-                    }
-                    delivered.push(record.id);
-                    delivered_records.push(record);
-                }
-                Err(_) if behind_failure => released.push(record.id),
-                Err(Error::NotSent(_)) => {
-                    released.push(record.id);
-                    failed_keys.extend(key);
-                }
-                Err(e) => {
-                    failures.push(self.failure(record, &e));
-                    failed_records.push(record);
-                    failed_keys.extend(key);
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-
-        let round = Round {
-            claimed: records.len(),
-            delivered: delivered.len(),
-            failed: failures.len(),
-            released: released.len(),
-        };
-        if let Some(e) = first_error {
-            log::warn!(
-                "{} of {} messages failed to publish; first error: {e}",
-                round.failed,
-                round.claimed
-            );
-            self.signals.report(e);
-        }
-        let lease = batch.lease;
-        let marking = Instant::now();
-        let marked = self.retry_until(
-            lease_ends,
-            |store, lease| store.mark_delivered(lease, &delivered),
-            lease,
-        )?;
-        let failed = self.retry_until(
-            lease_ends,
-            |store, lease| store.mark_failed(lease, &failures),
-            lease,
-        )?;
-        let unlocked = self.retry_until(
-            lease_ends,
-            |store, lease| store.release(lease, &released),
-            lease,
-        )?;
-        self.meter.stage("publish", published - batch.claimed);
-        self.meter.stage("mark", marking.elapsed());
-        let acknowledged = SystemTime::now()
-            .checked_sub(published.elapsed())
-            .unwrap_or_else(SystemTime::now);
-        let dead_records = failed_records
-            .iter()
-            .zip(&failures)
-            .filter(|(_, failure)| failure.dead)
-            .map(|(record, _)| *record);
-        self.meter.settled(
-            delivered_records.iter().copied(),
-            acknowledged,
-            failed_records.iter().copied(),
-            dead_records,
-        );
-        let settled = marked + failed + unlocked;
-        let lost = round.claimed as u64 - settled.min(round.claimed as u64);
-        if lost > 0 {
-            log::warn!(
-                "{lost} rows were no longer held by {}'s lease {lease} when marked (it expired and \
-                 they were taken over); they may be published twice",
-                self.owner
-            );
-        }
-        log::debug!(
-            "round: {} claimed in {:?}, published in {:?} ({} delivered, {} failed, {} released), \
-             marked in {:?}",
-            round.claimed,
-            batch.claimed - batch.started,
-            published - batch.claimed,
-            round.delivered,
-            round.failed,
-            round.released,
-            published.elapsed()
-        );
-        Ok(round)
-    }
-
-    /// The failed attempt of `record`: one more attempt, a backoff, dead at `max_attempts`.
-    fn failure(&self, record: &Record, error: &Error) -> Failure {
-        let attempts = record.attempts.saturating_add(1);
-        let dead = self
-            .settings
-            .max_attempts
-            .is_some_and(|max| attempts >= max);
-        let retry_in = backoff(
-            attempts,
-            self.settings.backoff_min,
-            self.settings.backoff_max,
-        );
-        if dead {
-            log::error!(
-                "message {} (row {}) is dead after {attempts} attempts: {error}",
-                record.message_id,
-                record.id
-            );
-        } else {
-            log::debug!(
-                "message {} (row {}) failed, attempt {attempts}, retry in {retry_in:?}: {error}",
-                record.message_id,
-                record.id
-            );
-        }
-        Failure {
-            id: record.id,
-            error: error.to_string(),
-            retry_in,
-            dead,
-        }
-    }
-
-    /// Runs a mark of the rows under `lease` until it succeeds. A database error is
-    /// reported and the mark tried again, with growing pauses, until the lease would have
-    /// expired anyway, or, once the stop signal came, until the stop's deadline: giving up
-    /// earlier would only leave the rows to be published twice.
-    fn retry_until(
-        &self,
-        lease_ends: Instant,
-        mark: impl Fn(&S, u64) -> Result<u64>,
-        lease: u64,
-    ) -> Result<u64> {
-        let mut pause = Duration::from_millis(50);
-        loop {
-            match mark(&self.store, lease) {
-                Ok(n) => return Ok(n),
-                Err(e) if Instant::now() + pause < self.signals.retry_until(lease_ends) => {
-                    self.signals.report(e);
-                    if self.signals.stopped() {
-                        Signals::wait(pause);
-                    } else {
-                        self.signals.pause(pause);
-                    }
-                    pause = (pause * 2).min(MARK_RETRY_MAX);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// When `lease` was last proven: claimed or renewed. Long ago when a renewal found it
-    /// taken over, or when it is not held.
-    fn proven(&self, lease: u64) -> Instant {
-        let long_ago = || {
-            let now = Instant::now();
-            now.checked_sub(self.settings.max_lock_duration)
-                .unwrap_or(now)
-        };
-        match self.held.lock().get(&lease) {
-            Some(Lease {
-                proven: Some(at), ..
-            }) => *at,
-            _ => long_ago(),
-        }
-    }
-
-    /// Renews the leases in flight, [`RENEWALS`] times per `max_lock_duration`, until
-    /// `done` closes. A lease a renewal finds no longer held (its rows taken over) is
-    /// published no more.
-    fn renew(&self, done: &Receiver<()>) {
-        let every = self.settings.max_lock_duration / RENEWALS;
-        loop {
-            select! {
-                recv(done) -> _ => return,
-                recv(after(every)) -> _ => {},
-            }
-            let due: Vec<(u64, Vec<u64>)> = self
-                .held
-                .lock()
-                .iter()
-                .filter(|(_, lease)| lease.proven.is_some_and(|at| at.elapsed() >= every))
-                .map(|(lease, held)| (*lease, held.ids.clone()))
-                .collect();
-            for (lease, ids) in due {
-                let sent = Instant::now();
-                match self.store.renew(lease, &ids) {
-                    Ok(held) => {
-                        if let Some(entry) = self.held.lock().get_mut(&lease) {
-                            entry.proven = if held > 0 { Some(sent) } else { None };
-                        }
-                    }
-                    Err(e) => self.signals.report(e),
-                }
-            }
-        }
-    }
-
-    /// Releases the rows of every lease still held: batches a dead worker dropped, or
-    /// that were never settled. Each release is tried again as a mark is.
-    fn release_held(&self) {
-        let held = std::mem::take(&mut *self.held.lock());
-        for (lease, Lease { ids, .. }) in held {
-            let lease_ends = Instant::now() + self.settings.max_lock_duration;
-            match self.retry_until(lease_ends, |store, lease| store.release(lease, &ids), lease) {
-                Ok(n) => log::warn!("released {n} rows a stopped relay still held"),
-                Err(e) => self.signals.report(e),
-            }
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::dispatcher::testing::{FakeBroker, FakeStore};
     use crate::message::Message;

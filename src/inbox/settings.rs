@@ -151,3 +151,22 @@ mod tests {
         }
     }
 }
+
+/// Which partitions a consumer reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Assignment {
+    /// Every partition of these topics, shared with the other members of the Kafka
+    /// consumer group named after the consumer. Offsets are committed to Kafka, only for
+    /// records whose transaction committed, and when a partition is taken away, for
+    /// everything handled before.
+    Group(Vec<String>),
+    /// These partitions (topic and partition number), with no consumer group: for
+    /// brokers or deployments without group coordination. The next offset of each is kept
+    /// in MySQL (`inbox_offsets`), written in the transaction of the record before it; a
+    /// partition with none saved is read from its beginning.
+    Partitions(Vec<(String, i32)>),
+    /// Every partition of these topics, as [`Partitions`](Assignment::Partitions): found in
+    /// the cluster's metadata when the consumer starts (a partition added later is read
+    /// after a restart).
+    Topics(Vec<String>),
+}

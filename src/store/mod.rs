@@ -1,10 +1,12 @@
 //! What the dispatcher needs from a database, and the MySQL implementation.
 
+pub(crate) mod backlog;
 pub(crate) mod claim;
 pub(crate) mod codec;
 pub(crate) mod connections;
 pub(crate) mod insert;
 pub(crate) mod mysql;
+pub(crate) mod sql;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -13,23 +13,21 @@ use parking_lot::Mutex;
 use super::claim::{keep_unbroken, pick, retry_cap, Candidate};
 use super::codec::{decode_record, RECORD_COLUMNS};
 use super::connections::Connections;
+use super::sql::{
+    bury, fnv1a, micros, padded, placeholders, release_leased, truncate, validate_table_name, DEAD,
+    DELIVERED, DISCARDED, MAX_ID_LIST, MAX_TABLE_NAME_LEN, PENDING,
+};
 use super::{Claim, Failure, Store};
 use crate::error::{Error, Result};
 use crate::metrics::Backlog;
 
 /// The schema, with `outbox` as the table name.
 const SCHEMA: &str = include_str!("../../sql/outbox.sql");
-/// Longest table name MySQL accepts.
-pub(crate) const MAX_TABLE_NAME_LEN: usize = 64;
-/// Longest error text kept in a row (the `error` column's width).
-const MAX_ERROR_LEN: usize = 1000;
 
 /// How recent a lease must be for the claim to count its row as being published. A
 /// dispatcher settles its batches within the broker's delivery timeout, usually within
 /// milliseconds; a lease older than this may belong to a dispatcher that died.
 const FRESH_LEASE: Duration = Duration::from_secs(10);
-/// Most ids in one `IN (...)` list.
-pub(crate) const MAX_ID_LIST: usize = 1024;
 /// A row as the claim's scan reads it: id, topic, key, ready to take, not in flight
 /// (unleased, or leased longer than [`FRESH_LEASE`] ago), and tried before. A row neither
 /// ready nor in flight holds its key back for longer than a delivery.
@@ -37,13 +35,6 @@ type ScanRow = (u64, String, Option<Vec<u8>>, bool, bool, bool);
 
 /// The low bits of a lease that number an owner's claims.
 const CLAIM_BITS: u64 = 0xffff_ffff;
-
-pub(crate) const PENDING: u8 = 0;
-pub(crate) const DELIVERED: u8 = 1;
-pub(crate) const DEAD: u8 = 2;
-/// A dead message an operator decided never to send: it holds back nothing, counts as
-/// no work, and retention deletes it with the delivered rows.
-pub(crate) const DISCARDED: u8 = 3;
 
 /// An outbox table in MySQL or MariaDB. Cheap to clone: clones share the pool.
 ///
@@ -109,11 +100,7 @@ impl MySqlStore {
     /// every claim fences its own rows. A number rather than a name keeps the column fixed
     /// in width, so that taking and ending a lease rewrite the row in place.
     pub fn leases_of(owner: &str) -> RangeInclusive<u64> {
-        const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-        const PRIME: u64 = 0x0000_0100_0000_01b3;
-        let hash = owner.bytes().fold(OFFSET, |hash, byte| {
-            (hash ^ u64::from(byte)).wrapping_mul(PRIME)
-        });
+        let hash = fnv1a(owner.as_bytes());
         let high = (hash & !CLAIM_BITS).max(CLAIM_BITS + 1);
         high..=high | CLAIM_BITS
     }
@@ -547,114 +534,9 @@ impl Store for MySqlStore {
 
     fn backlog(&self) -> Result<Option<Backlog>> {
         self.conns
-            .with(|conn| crate::admin::status::backlog(conn, &self.table))
+            .with(|conn| super::backlog::backlog(conn, &self.table))
             .map(Some)
     }
-}
-
-/// Checks that `table` is a plain identifier of at most `max_len` characters.
-pub(crate) fn validate_table_name(table: &str, max_len: usize) -> Result<()> {
-    let mut chars = table.chars();
-    let first_ok = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
-    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
-    if !first_ok || !rest_ok || table.len() > max_len {
-        return Err(Error::config(format!(
-            "table name {table:?} is not a plain identifier (1 to {max_len} of A-Z a-z 0-9 _, \
-             not starting with a digit)"
-        )));
-    }
-    Ok(())
-}
-
-/// Releases the pending rows of `table` whose lease matches `condition` (SQL on the row,
-/// with its `params`), without counting an attempt; returns how many. They are found by a
-/// plain read and released by primary key, the condition checked again under each row's
-/// lock. A locking scan of `state_id` would lock each index entry before its row, the
-/// opposite of a mark (the row, then the entry it moves), and deadlock with a mark of
-/// those rows; it would also wait on every pending row not yet committed.
-pub(crate) fn release_leased(
-    conn: &mut PooledConn,
-    table: &str,
-    condition: &str,
-    params: &[Value],
-) -> Result<u64> {
-    let leased = format!("state = {PENDING} AND locked_by <> 0 AND {condition}");
-    let find = format!("SELECT id FROM `{table}` WHERE {leased} ORDER BY id LIMIT {MAX_ID_LIST}");
-    let mut released = 0;
-    loop {
-        let ids: Vec<u64> = conn.exec(&find, params.to_vec())?;
-        if ids.is_empty() {
-            return Ok(released);
-        }
-        let ids_params = padded(&ids);
-        let release = format!(
-            "UPDATE `{table}` FORCE INDEX (PRIMARY) SET locked_by = 0 \
-             WHERE {leased} AND id IN ({})",
-            placeholders(ids_params.len())
-        );
-        let mut all = params.to_vec();
-        all.extend(ids_params);
-        conn.exec_drop(release, all)?;
-        let changed = conn.affected_rows();
-        released += changed;
-        // Fewer than a full list: none left. None changed: they changed under us, and
-        // a later round takes them up.
-        if ids.len() < MAX_ID_LIST || changed == 0 {
-            return Ok(released);
-        }
-    }
-}
-
-/// `ids` as parameters, padded to a power of two (up to [`MAX_ID_LIST`]) by repeating the
-/// last: `IN` lists of a few fixed lengths let the connection reuse its prepared
-/// statements, and a repeated id changes nothing.
-pub(crate) fn padded(ids: &[u64]) -> Vec<Value> {
-    let Some(&last) = ids.last() else {
-        return Vec::new();
-    };
-    let len = if ids.len() <= MAX_ID_LIST {
-        ids.len().next_power_of_two()
-    } else {
-        ids.len()
-    };
-    (0..len)
-        .map(|i| Value::from(ids.get(i).copied().unwrap_or(last)))
-        .collect()
-}
-
-/// Makes corrupt pending rows of `table` dead, with the reason as their error, so that
-/// they hold back nothing (unless `dead_blocks_key`).
-pub(crate) fn bury(
-    conn: &mut impl Queryable,
-    table: &str,
-    corrupt: &[(u64, String)],
-) -> Result<()> {
-    for (id, reason) in corrupt {
-        log::error!("outbox row {id} in `{table}` is corrupt and now dead: {reason}");
-        conn.exec_drop(
-            format!(
-                "UPDATE `{table}` SET state = {DEAD}, error = ?, processed_on = UTC_TIMESTAMP(6), \
-                 last_attempted_on = UTC_TIMESTAMP(6) WHERE id = ? AND state = {PENDING} \
-                 AND locked_by = 0"
-            ),
-            (truncate(&format!("corrupt row: {reason}")), id),
-        )?;
-    }
-    Ok(())
-}
-
-pub(crate) fn placeholders(n: usize) -> String {
-    vec!["?"; n].join(", ")
-}
-
-pub(crate) fn micros(duration: Duration) -> u64 {
-    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
-}
-
-pub(crate) fn truncate(error: &str) -> String {
-    error.chars().take(MAX_ERROR_LEN).collect()
 }
 
 fn candidate((id, topic, key, ready, _, retry): ScanRow) -> Candidate {
@@ -669,42 +551,6 @@ fn candidate((id, topic, key, ready, _, retry): ScanRow) -> Candidate {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn table_names_are_plain_identifiers() {
-        for ok in ["outbox", "_t", "Billing_Outbox_2", &"t".repeat(64)] {
-            assert!(validate_table_name(ok, MAX_TABLE_NAME_LEN).is_ok(), "{ok}");
-        }
-        for bad in [
-            "",
-            "1t",
-            "a-b",
-            "a b",
-            "t`; DROP TABLE x; --",
-            "db.t",
-            "tä",
-            &"t".repeat(65),
-        ] {
-            assert!(
-                matches!(
-                    validate_table_name(bad, MAX_TABLE_NAME_LEN),
-                    Err(Error::Config(_))
-                ),
-                "{bad}"
-            );
-        }
-    }
-
-    #[test]
-    fn id_lists_are_padded_to_a_few_lengths_with_the_last_id() {
-        assert!(padded(&[]).is_empty());
-        assert_eq!(padded(&[7]), vec![Value::from(7u64)]);
-        assert_eq!(
-            padded(&[1, 2, 3]),
-            [1u64, 2, 3, 3].map(Value::from).to_vec()
-        );
-        assert_eq!(padded(&vec![5; MAX_ID_LIST + 1]).len(), MAX_ID_LIST + 1);
-    }
 
     #[test]
     fn leases_carry_the_owner_in_their_high_bits_and_are_never_zero() {
@@ -729,11 +575,6 @@ mod tests {
         assert_ne!(first, second, "each claim its own lease");
         assert!(MySqlStore::leases_of("a").contains(&second));
         assert!(*MySqlStore::leases_of("").start() > 0);
-    }
-
-    #[test]
-    fn errors_are_truncated_to_the_column() {
-        assert_eq!(truncate(&"é".repeat(2000)).chars().count(), MAX_ERROR_LEN);
     }
 
     #[test]
