@@ -12,7 +12,7 @@ use super::filter::{DeadFilter, MessageRef};
 use super::Admin;
 use crate::error::{Error, Result};
 use crate::store::codec::take;
-use crate::store::sql::{padded, placeholders, DEAD, DELIVERED, DISCARDED, MAX_ID_LIST, PENDING};
+use crate::store::sql::{padded, placeholders, RowState, DEAD, DISCARDED, MAX_ID_LIST, PENDING};
 use crate::time::{micros_of, rfc3339, time, time_or_never};
 
 /// Where a message is in its life.
@@ -33,12 +33,12 @@ pub enum State {
 
 impl State {
     fn of(value: u8) -> State {
-        match value {
-            PENDING => State::Pending,
-            DELIVERED => State::Delivered,
-            DEAD => State::Dead,
-            DISCARDED => State::Discarded,
-            other => State::Unknown(other),
+        match RowState::of(value) {
+            Some(RowState::Pending) => State::Pending,
+            Some(RowState::Delivered) => State::Delivered,
+            Some(RowState::Dead) => State::Dead,
+            Some(RowState::Discarded) => State::Discarded,
+            None => State::Unknown(value),
         }
     }
 }

@@ -16,6 +16,7 @@ use super::image::{corrupt_event, readable, Columns, Image};
 use super::position::{Position, POSITION_TABLE};
 use crate::error::{Error, Result, Worker};
 use crate::runtime::signal::Signals;
+use crate::store::sql::RowState;
 
 /// MariaDB's own event types, which the `mysql` crate does not name.
 const MARIADB_GTID_EVENT: u8 = 162;
@@ -25,9 +26,10 @@ const MYSQL_TRANSACTION_PAYLOAD_EVENT: u8 = 40;
 const MARIADB_COMPRESSED_ROWS: std::ops::RangeInclusive<u8> = 166..=171;
 /// What a MariaDB replica says it understands: GTID events and annotations (4, "mine").
 const MARIADB_CAPABILITY: u8 = 4;
-const PENDING: i64 = 0;
-const DEAD: i64 = 2;
-const DISCARDED: i64 = 3;
+/// The row states, as the binary log gives the `state` column.
+const PENDING: i64 = RowState::Pending as i64;
+const DEAD: i64 = RowState::Dead as i64;
+const DISCARDED: i64 = RowState::Discarded as i64;
 /// How often the reader records its success while events keep coming.
 const SUCCESS_EVERY: Duration = Duration::from_millis(500);
 

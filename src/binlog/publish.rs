@@ -17,7 +17,7 @@ use crate::error::{Error, Result, Worker};
 use crate::record::Record;
 use crate::runtime::backoff::backoff;
 use crate::store::codec::{decode_record, RECORD_COLUMNS};
-use crate::store::sql::{padded, placeholders};
+use crate::store::sql::{padded, placeholders, PENDING};
 
 /// How a publish left one slot's records.
 struct Failed {
@@ -118,7 +118,7 @@ impl Tail {
             .get_conn()?
             .exec::<(u64, u32), _, _>(
                 format!(
-                    "SELECT id, number_of_attempts FROM `{}` WHERE state = 0 AND id IN ({}) \
+                    "SELECT id, number_of_attempts FROM `{}` WHERE state = {PENDING} AND id IN ({}) \
                      LOCK IN SHARE MODE",
                     self.store.table(),
                     placeholders(ids.len())
@@ -284,7 +284,7 @@ impl Tail {
         let rows: Vec<mysql::Row> = self.store.pool().get_conn()?.exec(
             format!(
                 "SELECT {RECORD_COLUMNS} FROM `{}` o WHERE o.topic = ? AND o.msg_key = ? \
-                 AND o.state = 0 AND o.id BETWEEN ? AND ? ORDER BY o.id LIMIT {limit} \
+                 AND o.state = {PENDING} AND o.id BETWEEN ? AND ? ORDER BY o.id LIMIT {limit} \
                  LOCK IN SHARE MODE",
                 self.store.table()
             ),

@@ -11,6 +11,7 @@ use crate::broker::Broker;
 use crate::error::{Error, Result};
 use crate::record::Record;
 use crate::store::codec::{decode_record, RECORD_COLUMNS};
+use crate::store::sql::{DEAD, PENDING};
 
 impl Tail {
     /// A dead row `id` an operator replayed (`replayed`, its record) or discarded:
@@ -41,7 +42,7 @@ impl Tail {
             let dead_left: Option<bool> = conn.exec_first(
                 format!(
                     "SELECT EXISTS (SELECT 1 FROM `{table}` WHERE topic = ? AND msg_key = ? \
-                     AND state = 2)"
+                     AND state = {DEAD})"
                 ),
                 (topic, key),
             )?;
@@ -82,7 +83,7 @@ impl Tail {
             let rows: Vec<mysql::Row> = conn.exec(
                 format!(
                     "SELECT {RECORD_COLUMNS} FROM `{table}` o WHERE o.topic = ? AND \
-                     o.msg_key = ? AND o.state = 0 AND o.locked_by = 0 AND o.id <> ? \
+                     o.msg_key = ? AND o.state = {PENDING} AND o.locked_by = 0 AND o.id <> ? \
                      AND o.id > ? ORDER BY o.id LIMIT {limit}"
                 ),
                 (topic, msg_key, replayed, after),

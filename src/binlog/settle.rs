@@ -15,7 +15,7 @@ use super::worker::{Session, Settle, Tail};
 use crate::error::{Error, Result, Worker};
 use crate::record::Record;
 use crate::runtime::signal::Signals;
-use crate::store::sql::{bury, padded, placeholders, truncate};
+use crate::store::sql::{bury, padded, placeholders, truncate, DELIVERED, PENDING};
 
 /// Longest a position waits to be saved while the settler is busy marking.
 const POSITION_INTERVAL: Duration = Duration::from_secs(1);
@@ -167,9 +167,9 @@ fn mark(lock: &mut Conn, table: &str, ids: &[u64]) -> Result<()> {
         let params = padded(chunk);
         lock.exec_drop(
             format!(
-                "UPDATE `{table}` FORCE INDEX (PRIMARY) SET state = 1, \
+                "UPDATE `{table}` FORCE INDEX (PRIMARY) SET state = {DELIVERED}, \
                  processed_on = UTC_TIMESTAMP(6), last_attempted_on = UTC_TIMESTAMP(6), number_of_attempts = number_of_attempts + 1 \
-                 WHERE state = 0 AND locked_by = 0 AND id IN ({})",
+                 WHERE state = {PENDING} AND locked_by = 0 AND id IN ({})",
                 placeholders(params.len())
             ),
             params,
@@ -192,7 +192,7 @@ fn record_failures(
                 "UPDATE `{table}` SET number_of_attempts = ?, error = ?, \
                  last_attempted_on = UTC_TIMESTAMP(6), state = ?, \
                  processed_on = IF(? = 2, UTC_TIMESTAMP(6), processed_on) \
-                 WHERE id = ? AND state = 0 AND locked_by = 0"
+                 WHERE id = ? AND state = {PENDING} AND locked_by = 0"
             ),
             (record.attempts, truncate(error), state, state, record.id),
         )?;

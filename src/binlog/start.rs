@@ -16,6 +16,7 @@ use super::worker::{Key, Tail};
 use crate::broker::Broker;
 use crate::dispatcher::relay::Relay;
 use crate::error::Result;
+use crate::store::sql::{DEAD, PENDING};
 
 impl Tail {
     /// Where this session reads the binary log from, and the newest id below which the
@@ -101,13 +102,13 @@ impl Tail {
         let blocked_rule = if self.settings.dead_blocks_key {
             format!(
                 "AND (o.msg_key IS NULL OR NOT EXISTS (SELECT 1 FROM `{table}` p WHERE \
-                 p.topic = o.topic AND p.msg_key = o.msg_key AND p.state = 2 AND p.id < o.id))"
+                 p.topic = o.topic AND p.msg_key = o.msg_key AND p.state = {DEAD} AND p.id < o.id))"
             )
         } else {
             String::new()
         };
         let left = format!(
-            "SELECT EXISTS (SELECT 1 FROM `{table}` o WHERE o.state = 0 AND o.id <= ? {blocked_rule})"
+            "SELECT EXISTS (SELECT 1 FROM `{table}` o WHERE o.state = {PENDING} AND o.id <= ? {blocked_rule})"
         );
         let mut caught = 0;
         loop {
@@ -142,7 +143,7 @@ impl Tail {
 /// The keys of the table's dead rows.
 pub(super) fn dead_keys(conn: &mut Conn, table: &str) -> Result<HashSet<Key>> {
     let rows: Vec<(String, Vec<u8>)> = conn.query(format!(
-        "SELECT DISTINCT topic, msg_key FROM `{table}` WHERE state = 2 AND msg_key IS NOT NULL"
+        "SELECT DISTINCT topic, msg_key FROM `{table}` WHERE state = {DEAD} AND msg_key IS NOT NULL"
     ))?;
     Ok(rows.into_iter().collect())
 }

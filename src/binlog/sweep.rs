@@ -20,7 +20,7 @@ use crate::broker::Broker;
 use crate::error::{Error, Result};
 use crate::record::Record;
 use crate::store::codec::{decode_record, RECORD_COLUMNS};
-use crate::store::sql::{padded, placeholders};
+use crate::store::sql::{padded, placeholders, PENDING};
 
 /// Most rows one look notes.
 const SWEEP_ROWS: usize = 1_000;
@@ -78,7 +78,7 @@ impl Tail {
     fn note(&self, session: &Session, age: Duration) -> Result<Vec<u64>> {
         let rows: Vec<(u64, String, Option<Vec<u8>>)> = self.store.pool().get_conn()?.exec(
             format!(
-                "SELECT id, topic, msg_key FROM `{}` WHERE state = 0 AND locked_by = 0 AND \
+                "SELECT id, topic, msg_key FROM `{}` WHERE state = {PENDING} AND locked_by = 0 AND \
                  created_on < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND ORDER BY id LIMIT {SWEEP_ROWS}",
                 self.store.table()
             ),
@@ -96,7 +96,7 @@ impl Tail {
         let params = padded(ids);
         let rows: Vec<mysql::Row> = self.store.pool().get_conn()?.exec(
             format!(
-                "SELECT {RECORD_COLUMNS} FROM `{}` o WHERE o.state = 0 AND o.locked_by = 0 \
+                "SELECT {RECORD_COLUMNS} FROM `{}` o WHERE o.state = {PENDING} AND o.locked_by = 0 \
                  AND o.id IN ({}) ORDER BY o.id",
                 self.store.table(),
                 placeholders(params.len())

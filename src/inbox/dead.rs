@@ -8,7 +8,7 @@ use mysql::Transaction;
 
 use super::{Delivery, Inbox, MAX_ERROR_LEN};
 use crate::error::{Error, Result};
-use crate::store::sql::placeholders;
+use crate::store::sql::{first_chars, placeholders};
 use crate::time::{micros_of, time, time_or_never};
 
 /// A record whose handler failed `max_attempts` times, kept in the dead table.
@@ -108,7 +108,7 @@ impl Inbox {
             .iter()
             .map(|(name, value)| (name.as_str(), hex(value)))
             .collect();
-        let error: String = error.chars().take(MAX_ERROR_LEN).collect();
+        let error = first_chars(error, MAX_ERROR_LEN);
         tx.exec_drop(
             format!(
                 "INSERT INTO `{}_dead` (consumer, message_id, topic, kafka_partition, \
@@ -175,7 +175,7 @@ impl Inbox {
                      replay_requested_on = NULL WHERE id = ?",
                     self.table
                 ),
-                (error.chars().take(MAX_ERROR_LEN).collect::<String>(), id),
+                (first_chars(error, MAX_ERROR_LEN), id),
             )?,
         }
         Ok(())

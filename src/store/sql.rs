@@ -16,12 +16,40 @@ const MAX_ERROR_LEN: usize = 1000;
 /// Most ids in one `IN (...)` list.
 pub(crate) const MAX_ID_LIST: usize = 1024;
 
-pub(crate) const PENDING: u8 = 0;
-pub(crate) const DELIVERED: u8 = 1;
-pub(crate) const DEAD: u8 = 2;
-/// A dead message an operator decided never to send: it holds back nothing, counts as
-/// no work, and retention deletes it with the delivered rows.
-pub(crate) const DISCARDED: u8 = 3;
+/// The states of a row, as its `state` column holds them. The constants below are these
+/// values, for SQL text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum RowState {
+    /// Waiting to be published, or being published.
+    Pending = 0,
+    /// Published.
+    Delivered = 1,
+    /// Out of attempts, or no message at all: left to an operator.
+    Dead = 2,
+    /// A dead message an operator decided never to send: it holds back nothing, counts as
+    /// no work, and retention deletes it with the delivered rows.
+    Discarded = 3,
+}
+
+impl RowState {
+    /// The state stored as `code`, if it is one this version knows.
+    pub(crate) fn of(code: u8) -> Option<RowState> {
+        [
+            RowState::Pending,
+            RowState::Delivered,
+            RowState::Dead,
+            RowState::Discarded,
+        ]
+        .into_iter()
+        .find(|state| *state as u8 == code)
+    }
+}
+
+pub(crate) const PENDING: u8 = RowState::Pending as u8;
+pub(crate) const DELIVERED: u8 = RowState::Delivered as u8;
+pub(crate) const DEAD: u8 = RowState::Dead as u8;
+pub(crate) const DISCARDED: u8 = RowState::Discarded as u8;
 
 /// Checks that `table` is a plain identifier of at most `max_len` characters.
 pub(crate) fn validate_table_name(table: &str, max_len: usize) -> Result<()> {
@@ -134,7 +162,12 @@ pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
 
 /// `error` cut to the `error` column's width.
 pub(crate) fn truncate(error: &str) -> String {
-    error.chars().take(MAX_ERROR_LEN).collect()
+    first_chars(error, MAX_ERROR_LEN)
+}
+
+/// The first `max` characters of `text`, for a column that holds that many.
+pub(crate) fn first_chars(text: &str, max: usize) -> String {
+    text.chars().take(max).collect()
 }
 
 #[cfg(test)]
@@ -175,6 +208,20 @@ mod tests {
             [1u64, 2, 3, 3].map(Value::from).to_vec()
         );
         assert_eq!(padded(&vec![5; MAX_ID_LIST + 1]).len(), MAX_ID_LIST + 1);
+    }
+
+    #[test]
+    fn each_state_is_read_back_from_its_code_and_no_other_code_is_one() {
+        for state in [
+            RowState::Pending,
+            RowState::Delivered,
+            RowState::Dead,
+            RowState::Discarded,
+        ] {
+            assert_eq!(RowState::of(state as u8), Some(state));
+        }
+        assert_eq!(RowState::of(4), None);
+        assert_eq!((PENDING, DELIVERED, DEAD, DISCARDED), (0, 1, 2, 3));
     }
 
     #[test]
