@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -169,13 +168,7 @@ fn a_dispatcher_cut_off_stops_publishing_and_another_takes_its_rows_over_within_
         Duration::from_secs(60),
         Duration::from_secs(2),
     );
-    let read: HashSet<String> = got.iter().map(Consumed::message_id).collect();
-    assert!(
-        committed.is_subset(&read),
-        "{} of {} committed messages missing",
-        committed.difference(&read).count(),
-        committed.len()
-    );
+    assert_all_read(&committed, &got);
     assert_first_reads_in_order(&versions_read(&got), &aggregates.versions(&table.pool));
     eprintln!(
         "cut off: a claim holding {held} rows; what was committed 15 s into the cut was \

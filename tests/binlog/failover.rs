@@ -105,13 +105,7 @@ fn a_standby_takes_over_within_seconds_of_the_active_relay_cut_off(server: Serve
         Duration::from_secs(60),
         Duration::from_secs(2),
     );
-    let read: HashSet<String> = got.iter().map(Consumed::message_id).collect();
-    assert!(
-        committed.is_subset(&read),
-        "{} of {} committed messages missing",
-        committed.difference(&read).count(),
-        committed.len()
-    );
+    assert_all_read(&committed, &got);
     assert_first_reads_in_order(&versions_read(&got), &aggregates.versions(pool));
     eprintln!(
         "cut off: the standby took over {taken_over:?} after the cut; what was committed \

@@ -53,13 +53,7 @@ fn a_relay_killed_mid_stream_resumes_from_its_position_and_loses_nothing(server:
         Duration::from_secs(60),
         Duration::from_secs(3),
     );
-    let read: HashSet<String> = got.iter().map(Consumed::message_id).collect();
-    assert!(
-        committed.is_subset(&read),
-        "{} of {} committed messages missing",
-        committed.difference(&read).count(),
-        committed.len()
-    );
+    let read = assert_all_read(&committed, &got);
     assert_eq!(
         read.len(),
         committed.len(),
@@ -133,13 +127,7 @@ fn a_relay_killed_every_two_seconds_while_writers_commit_loses_nothing(server: S
         Duration::from_secs(90),
         Duration::from_secs(3),
     );
-    let read: HashSet<String> = got.iter().map(Consumed::message_id).collect();
-    assert!(
-        committed.is_subset(&read),
-        "{} of {} committed messages missing",
-        committed.difference(&read).count(),
-        committed.len()
-    );
+    assert_all_read(&committed, &got);
     assert_commit_order(&versions_read(&got), &aggregates.versions(pool), true);
     assert!(
         delivered_at_kills

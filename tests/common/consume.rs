@@ -2,7 +2,7 @@
 
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use outbox::rdkafka::consumer::{BaseConsumer, Consumer};
@@ -185,4 +185,16 @@ pub fn partition_count(topic: &str) -> usize {
         .ok()
         .and_then(|m| m.topics().first().map(|t| t.partitions().len()))
         .unwrap_or(0)
+}
+
+/// Checks that every message id in `committed` was read in `got`; returns the ids read.
+pub fn assert_all_read(committed: &HashSet<String>, got: &[Consumed]) -> HashSet<String> {
+    let read: HashSet<String> = got.iter().map(Consumed::message_id).collect();
+    assert!(
+        committed.is_subset(&read),
+        "{} of {} committed messages missing",
+        committed.difference(&read).count(),
+        committed.len()
+    );
+    read
 }
