@@ -155,23 +155,23 @@ impl Admin {
             counts.discarded = discarded;
         }
         let mut leases: BTreeMap<u32, LeaseHolder> = BTreeMap::new();
-        for (topic, owner, rows, backing_off, oldest_row, oldest_lease, newest_lease) in groups {
-            let counts = topics.entry(topic).or_default();
-            counts.pending += rows;
-            counts.backing_off += backing_off;
-            let lag = age(oldest_row);
+        for group in groups {
+            let counts = topics.entry(group.topic).or_default();
+            counts.pending += group.rows;
+            counts.backing_off += group.backing_off;
+            let lag = age(group.oldest_row);
             counts.lag = Some(counts.lag.map_or(lag, |other| other.max(lag)));
-            if owner != 0 {
-                counts.leased += rows;
-                let holder = leases.entry(owner).or_insert(LeaseHolder {
-                    owner: Owner(owner),
+            if group.owner != 0 {
+                counts.leased += group.rows;
+                let holder = leases.entry(group.owner).or_insert(LeaseHolder {
+                    owner: Owner(group.owner),
                     rows: 0,
                     oldest: Duration::ZERO,
                     newest: Duration::MAX,
                 });
-                holder.rows += rows;
-                holder.oldest = holder.oldest.max(age(oldest_lease));
-                holder.newest = holder.newest.min(age(newest_lease));
+                holder.rows += group.rows;
+                holder.oldest = holder.oldest.max(age(group.oldest_lease));
+                holder.newest = holder.newest.min(age(group.newest_lease));
             }
         }
         let mut total = Counts::default();

@@ -16,7 +16,7 @@ use super::worker::{Key, Tail};
 use crate::broker::Broker;
 use crate::dispatcher::relay::Relay;
 use crate::error::Result;
-use crate::store::sql::{DEAD, PENDING};
+use crate::store::sql::{behind_dead, DEAD, PENDING};
 
 impl Tail {
     /// Where this session reads the binary log from, and the newest id below which the
@@ -100,10 +100,7 @@ impl Tail {
         };
         let table = self.store.table();
         let blocked_rule = if self.settings.dead_blocks_key {
-            format!(
-                "AND (o.msg_key IS NULL OR NOT EXISTS (SELECT 1 FROM `{table}` p WHERE \
-                 p.topic = o.topic AND p.msg_key = o.msg_key AND p.state = {DEAD} AND p.id < o.id))"
-            )
+            format!("AND (o.msg_key IS NULL OR NOT {})", behind_dead(table))
         } else {
             String::new()
         };

@@ -61,7 +61,7 @@ pub use self::dead::DeadDelivery;
 pub use self::delivery::{Delivery, FALLBACK_ID_NAMESPACE};
 pub use self::settings::{Assignment, InboxSettings, MAX_INBOX_BATCH};
 use crate::error::{Error, Result};
-use crate::store::sql::{placeholders, validate_table_name};
+use crate::store::sql::{padded_with_last, placeholders, validate_table_name};
 
 const SCHEMA: &str = include_str!("../../sql/inbox.sql");
 /// Longest inbox table name: its dead records' and offsets' tables add a suffix.
@@ -365,28 +365,9 @@ pub(crate) fn check_consumer(consumer: &str) -> Result<()> {
     Ok(())
 }
 
-/// `items` padded to a power of two by repeating the last, so that statements of a few
-/// lengths are prepared once per connection; a repeated row or id changes nothing.
-fn padded_with_last<T: Copy>(items: &[T]) -> Vec<T> {
-    let Some(&last) = items.last() else {
-        return Vec::new();
-    };
-    let mut padded = items.to_vec();
-    padded.resize(items.len().next_power_of_two(), last);
-    padded
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lists_are_padded_to_a_power_of_two_with_their_last() {
-        assert_eq!(padded_with_last::<u8>(&[]), Vec::<u8>::new());
-        assert_eq!(padded_with_last(&[1]), vec![1]);
-        assert_eq!(padded_with_last(&[1, 2, 3]), vec![1, 2, 3, 3]);
-        assert_eq!(padded_with_last(&[1, 2, 3, 4, 5]).len(), 8);
-    }
 
     #[test]
     fn consumer_names_are_checked() {

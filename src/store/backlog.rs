@@ -4,16 +4,43 @@
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
-use mysql::prelude::Queryable;
+use mysql::prelude::{FromRow, Queryable};
+use mysql::{FromRowError, Row};
 
 use super::sql::{DEAD, PENDING};
 use crate::error::Result;
 use crate::metrics::{Backlog, TopicBacklog};
 use crate::time::{age, age_of, micros_of, time};
 
-/// A group of pending rows: topic, lease owner (0: none), rows, backing off, age of the
-/// oldest row, age of the oldest and newest lease.
-pub(crate) type PendingGroup = (String, u32, u64, u64, i64, i64, i64);
+/// The pending rows of one topic under one lease owner, as [`pending_sql`] reads them.
+/// Ages are in microseconds of the database's clock.
+pub(crate) struct PendingGroup {
+    pub topic: String,
+    /// The owner part of the lease (0: not leased).
+    pub owner: u32,
+    pub rows: u64,
+    /// Unleased rows waiting out a retry back-off.
+    pub backing_off: u64,
+    pub oldest_row: i64,
+    pub oldest_lease: i64,
+    pub newest_lease: i64,
+}
+
+impl FromRow for PendingGroup {
+    fn from_row_opt(row: Row) -> std::result::Result<Self, FromRowError> {
+        let (topic, owner, rows, backing_off, oldest_row, oldest_lease, newest_lease) =
+            mysql::from_row_opt(row)?;
+        Ok(PendingGroup {
+            topic,
+            owner,
+            rows,
+            backing_off,
+            oldest_row,
+            oldest_lease,
+            newest_lease,
+        })
+    }
+}
 
 /// Pending rows by topic and lease owner, through the `(state, id)` index: without the
 /// hint, the optimizer may prefer reading the whole per-key index in topic order (measured:
@@ -44,16 +71,18 @@ pub(crate) fn backlog(conn: &mut mysql::PooledConn, table: &str) -> Result<Backl
     ))?;
     let mut topics: BTreeMap<String, TopicBacklog> = BTreeMap::new();
     let mut leased = 0;
-    for (topic, owner, rows, _, oldest_row, _, _) in groups {
-        let entry = topics.entry(topic.clone()).or_insert_with(|| TopicBacklog {
-            topic,
-            ..Default::default()
-        });
-        entry.pending += rows;
-        let lag = age(oldest_row);
+    for group in groups {
+        let entry = topics
+            .entry(group.topic.clone())
+            .or_insert_with(|| TopicBacklog {
+                topic: group.topic,
+                ..Default::default()
+            });
+        entry.pending += group.rows;
+        let lag = age(group.oldest_row);
         entry.lag = Some(entry.lag.map_or(lag, |other| other.max(lag)));
-        if owner != 0 {
-            leased += rows;
+        if group.owner != 0 {
+            leased += group.rows;
         }
     }
     for (topic, rows) in dead {

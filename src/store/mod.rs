@@ -6,6 +6,7 @@ pub(crate) mod codec;
 pub(crate) mod connections;
 pub(crate) mod insert;
 pub(crate) mod mysql;
+mod scan;
 pub(crate) mod sql;
 
 use std::sync::Arc;

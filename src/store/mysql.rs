@@ -7,12 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mysql::prelude::Queryable;
-use mysql::{IsolationLevel, Params, Pool, PooledConn, Row, Transaction, TxOpts, Value};
+use mysql::{IsolationLevel, Params, Pool, PooledConn, Row, TxOpts, Value};
 use parking_lot::Mutex;
 
-use super::claim::{keep_unbroken, pick, retry_cap, Candidate};
+use super::claim::{keep_unbroken, Candidate};
 use super::codec::{decode_record, RECORD_COLUMNS};
 use super::connections::Connections;
+use super::scan::choose;
 use super::sql::{
     bury, fnv1a, micros, padded, placeholders, release_leased, truncate, validate_table_name, DEAD,
     DELIVERED, DISCARDED, MAX_ID_LIST, MAX_TABLE_NAME_LEN, PENDING,
@@ -23,15 +24,6 @@ use crate::metrics::Backlog;
 
 /// The schema, with `outbox` as the table name.
 const SCHEMA: &str = include_str!("../../sql/outbox.sql");
-
-/// How recent a lease must be for the claim to count its row as being published. A
-/// dispatcher settles its batches within the broker's delivery timeout, usually within
-/// milliseconds; a lease older than this may belong to a dispatcher that died.
-const FRESH_LEASE: Duration = Duration::from_secs(10);
-/// A row as the claim's scan reads it: id, topic, key, ready to take, not in flight
-/// (unleased, or leased longer than [`FRESH_LEASE`] ago), and tried before. A row neither
-/// ready nor in flight holds its key back for longer than a delivery.
-type ScanRow = (u64, String, Option<Vec<u8>>, bool, bool, bool);
 
 /// The low bits of a lease that number an owner's claims.
 const CLAIM_BITS: u64 = 0xffff_ffff;
@@ -191,110 +183,6 @@ impl MySqlStore {
         })
     }
 
-    /// Chooses the rows to claim, without locking anything yet.
-    ///
-    /// The first read takes the oldest `window` pending rows in id order, in one snapshot,
-    /// and [`pick`] applies the order rule to them: every older pending row of a key is in
-    /// that read, so runs of one key can be taken whole. When that does not fill the
-    /// batch and some of those rows hold their keys back without being in flight (backing
-    /// off after a failure, behind a dead message, or leased more than [`FRESH_LEASE`] ago
-    /// by a dispatcher that may have died), the claim also reads two more windows past
-    /// them: the next one of a sweep through the rest of the backlog, and the newest
-    /// pending rows. So a backlog of failing messages, however long, delays the others by
-    /// a bounded amount of work per claim, not by its length.
-    fn choose(
-        &self,
-        tx: &mut Transaction<'_>,
-        limit: usize,
-        dead_blocks_key: bool,
-    ) -> Result<(Vec<Candidate>, bool)> {
-        let window = (limit as u64).saturating_mul(2).max(1_000);
-        let dead_before = if dead_blocks_key {
-            format!(
-                "AND NOT EXISTS (SELECT 1 FROM `{}` p WHERE p.topic = o.topic AND p.msg_key = o.msg_key \
-                 AND p.state = {DEAD} AND p.id < o.id)",
-                self.table
-            )
-        } else {
-            String::new()
-        };
-        let head: Vec<ScanRow> = tx.exec(
-            format!(
-                "SELECT o.id, o.topic, o.msg_key, \
-                   (o.locked_by = 0 AND o.available_on <= UTC_TIMESTAMP(6) {dead_before}), \
-                   (o.locked_by = 0 OR o.locked_on <= UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND), \
-                   o.number_of_attempts > 0 \
-                 FROM `{}` o WHERE o.state = {PENDING} ORDER BY o.id LIMIT ?",
-                self.table
-            ),
-            (micros(FRESH_LEASE), window),
-        )?;
-        // Not ready, and not leased in the last FRESH_LEASE either.
-        let stuck = head.iter().any(|row| !row.3 && row.4);
-        let after_head = head.last().map_or(0, |row| row.0 + 1);
-        let scanned_all = (head.len() as u64) < window;
-        let candidates: Vec<Candidate> = head.into_iter().map(candidate).collect();
-        let mut retries = retry_cap(limit);
-        let (picked, mut more) = pick(&candidates, limit, &mut retries);
-        let mut chosen: Vec<Candidate> = picked.into_iter().cloned().collect();
-        // Rows in flight elsewhere are about to free their keys: only rows that hold their
-        // keys back for longer, or failed rows left by the cap, are a reason to read on.
-        let capped = retries == 0 && more;
-        if chosen.len() == limit || scanned_all || !(stuck || capped) {
-            return Ok((chosen, more));
-        }
-
-        let newest: Option<u64> = tx.exec_first(
-            format!(
-                "SELECT MIN(id) FROM (SELECT id FROM `{}` WHERE state = {PENDING} \
-                 ORDER BY id DESC LIMIT ?) newest",
-                self.table
-            ),
-            (window,),
-        )?;
-        let tail_start = newest.unwrap_or(after_head).max(after_head);
-        let sweep_start = {
-            let sweep = *self.sweep.lock();
-            if (after_head..tail_start).contains(&sweep) {
-                sweep
-            } else {
-                after_head
-            }
-        };
-        let blocking = if dead_blocks_key { "(0, 2)" } else { "(0)" };
-        let past_head_sql = format!(
-            "SELECT o.id, o.topic, o.msg_key, \
-               (o.locked_by = 0 AND o.available_on <= UTC_TIMESTAMP(6) {dead_before} \
-                AND (o.msg_key IS NULL OR NOT EXISTS ( \
-                  SELECT 1 FROM `{t}` p WHERE p.topic = o.topic AND p.msg_key = o.msg_key \
-                    AND p.state IN {blocking} AND p.id < ?))), \
-               FALSE, o.number_of_attempts > 0 \
-             FROM `{t}` o WHERE o.state = {PENDING} AND o.id >= ? AND o.id < ? \
-             ORDER BY o.id LIMIT ?",
-            t = self.table
-        );
-        for (start, end) in [(sweep_start, tail_start), (tail_start, u64::MAX)] {
-            if start >= end || chosen.len() == limit {
-                continue;
-            }
-            // A row is ready here only if no older row of its key, before this window,
-            // holds it back; the rows of a key inside the window follow the run rule.
-            let rows: Vec<ScanRow> = tx.exec(&past_head_sql, (start, start, end, window))?;
-            if end == tail_start {
-                let next = match rows.last() {
-                    Some(last) if rows.len() as u64 == window => last.0 + 1,
-                    _ => 0,
-                };
-                *self.sweep.lock() = next;
-            }
-            let candidates: Vec<Candidate> = rows.into_iter().map(candidate).collect();
-            let (picked, more_here) = pick(&candidates, limit - chosen.len(), &mut retries);
-            chosen.extend(picked.into_iter().cloned());
-            more |= more_here;
-        }
-        Ok((chosen, more))
-    }
-
     /// Claims under `lease` on `conn`; sets `leasing` once the lease is being written,
     /// after which a failure may hide a committed claim.
     fn claim_on(
@@ -307,7 +195,7 @@ impl MySqlStore {
     ) -> Result<Claim> {
         let opts = TxOpts::default().set_isolation_level(Some(IsolationLevel::ReadCommitted));
         let mut tx = conn.start_transaction(opts)?;
-        let (chosen, more) = self.choose(&mut tx, limit, dead_blocks_key)?;
+        let (chosen, more) = choose(&mut tx, &self.table, &self.sweep, limit, dead_blocks_key)?;
         if chosen.is_empty() {
             return Ok(Claim::default());
         }
@@ -536,15 +424,6 @@ impl Store for MySqlStore {
         self.conns
             .with(|conn| super::backlog::backlog(conn, &self.table))
             .map(Some)
-    }
-}
-
-fn candidate((id, topic, key, ready, _, retry): ScanRow) -> Candidate {
-    Candidate {
-        id,
-        key: key.map(|k| (topic, k)),
-        ready,
-        retry,
     }
 }
 

@@ -106,21 +106,32 @@ pub(crate) fn release_leased(
     }
 }
 
-/// `ids` as parameters, padded to a power of two (up to [`MAX_ID_LIST`]) by repeating the
-/// last: `IN` lists of a few fixed lengths let the connection reuse its prepared
-/// statements, and a repeated id changes nothing.
-pub(crate) fn padded(ids: &[u64]) -> Vec<Value> {
-    let Some(&last) = ids.last() else {
+/// `items` padded to a power of two (up to [`MAX_ID_LIST`]) by repeating the last: `IN`
+/// lists and multi-row statements of a few fixed lengths let the connection reuse its
+/// prepared statements, and a repeated id or row changes nothing.
+pub(crate) fn padded_with_last<T: Clone>(items: &[T]) -> Vec<T> {
+    let Some(last) = items.last() else {
         return Vec::new();
     };
-    let len = if ids.len() <= MAX_ID_LIST {
-        ids.len().next_power_of_two()
-    } else {
-        ids.len()
-    };
-    (0..len)
-        .map(|i| Value::from(ids.get(i).copied().unwrap_or(last)))
-        .collect()
+    let mut padded = items.to_vec();
+    if items.len() <= MAX_ID_LIST {
+        padded.resize(items.len().next_power_of_two(), last.clone());
+    }
+    padded
+}
+
+/// `ids` as parameters, padded as [`padded_with_last`] pads.
+pub(crate) fn padded(ids: &[u64]) -> Vec<Value> {
+    padded_with_last(ids).into_iter().map(Value::from).collect()
+}
+
+/// SQL true when the row `o` of `table` has an older dead row of its key: the rule that
+/// holds a key behind its dead message when `dead_blocks_key` is set.
+pub(crate) fn behind_dead(table: &str) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM `{table}` p WHERE p.topic = o.topic AND p.msg_key = o.msg_key \
+         AND p.state = {DEAD} AND p.id < o.id)"
+    )
 }
 
 /// Makes corrupt pending rows of `table` dead, with the reason as their error, so that
@@ -173,6 +184,14 @@ pub(crate) fn first_chars(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lists_of_any_type_are_padded_to_a_power_of_two_with_their_last() {
+        assert_eq!(padded_with_last::<u8>(&[]), Vec::<u8>::new());
+        assert_eq!(padded_with_last(&[1]), vec![1]);
+        assert_eq!(padded_with_last(&[1, 2, 3]), vec![1, 2, 3, 3]);
+        assert_eq!(padded_with_last(&[1, 2, 3, 4, 5]).len(), 8);
+    }
 
     #[test]
     fn table_names_are_plain_identifiers() {
