@@ -54,16 +54,16 @@ web-service: services
 
 # Release-mode benchmark; BENCH_RUNS, BENCH_BACKLOG and BENCH_HOT_BACKLOG scale it down.
 bench: services binlog-mariadb
-	cargo build --release $(FEATURES) --bin outbox --example bench --example web_service
+	cargo build --release $(FEATURES) --bin outbox --example web_service
 	BENCH_OUTBOX=target/release/outbox BENCH_BINLOG_DATABASE_URL=$(BINLOG_DATABASE_URL) \
 	  BENCH_BINLOG_PID_FILE=$(BINLOG_DIR)/pid BENCH_BROKER_PID_FILE=$(SERVICES)/tansu.pid \
-	  target/release/examples/bench
+	  cargo bench $(FEATURES) --bench bench
 
 # A bounded soak (SOAK_SECONDS, default 600): writers, two dispatchers, and a broker of
 # its own restarted every 30 s. Not part of the tests: it takes minutes.
 soak: services
-	cargo build --release $(FEATURES) --bin outbox --example soak
-	target/release/examples/soak
+	cargo build --release $(FEATURES) --bin outbox
+	cargo bench $(FEATURES) --bench soak
 
 lint:
 	cargo fmt --all -- --check
