@@ -65,10 +65,17 @@ soak: services
 	cargo build --release $(FEATURES) --bin outbox
 	cargo bench $(FEATURES) --bench soak
 
+# The declared minimum Rust (Cargo.toml's rust-version), as a rustup toolchain name.
+MSRV := $(shell sed -n 's/^rust-version = "\([0-9]*\.[0-9]*\)"$$/\1.0/p' Cargo.toml)
+
+# Format, lints and docs with warnings denied, then a build of every target with the
+# toolchain of the declared minimum Rust (cargo also refuses a dependency that needs
+# a newer one).
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --all-targets $(FEATURES) -- -D warnings
 	RUSTDOCFLAGS="-D warnings" cargo doc --no-deps $(FEATURES)
+	cargo +$(MSRV) check --all-targets $(FEATURES)
 
 services: mariadb broker faketime stunnel prometheus-client
 
