@@ -114,7 +114,7 @@ fn parse_message(text: &str) -> Result<MessageRef, String> {
 
 fn parse_hex(text: &str) -> Result<Vec<u8>, String> {
     let digits = text.strip_prefix("0x").unwrap_or(text);
-    if digits.len() % 2 != 0 {
+    if !digits.len().is_multiple_of(2) {
         return Err(format!("{text:?} is not hexadecimal bytes"));
     }
     (0..digits.len())
