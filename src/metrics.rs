@@ -20,6 +20,8 @@
 //! | `outbox_dead_messages` | gauge | dead messages in the table |
 //! | `outbox_lag_seconds` | gauge | age of the oldest pending message, on the database's clock |
 //! | `outbox_leased_rows` | gauge | pending rows leased by any dispatcher (no `topic`) |
+//! | `outbox_table_pending_messages` | gauge | pending messages of every topic (no `topic`); 0, not absent, on an empty table |
+//! | `outbox_table_lag_seconds` | gauge | age of the oldest pending message of any topic (no `topic`); 0 when none is pending |
 //!
 //! An [`InboxConsumer`](crate::inbox::InboxConsumer) reports under the label `consumer`
 //! (its name), and `topic`:
@@ -73,6 +75,11 @@ pub const DEAD_MESSAGES: &str = "outbox_dead_messages";
 pub const LAG_SECONDS: &str = "outbox_lag_seconds";
 /// Pending rows leased by any dispatcher.
 pub const LEASED_ROWS: &str = "outbox_leased_rows";
+/// Pending messages of every topic: set from the first read, even on an empty table,
+/// when no topic has a gauge yet.
+pub const TABLE_PENDING_MESSAGES: &str = "outbox_table_pending_messages";
+/// Age of the oldest pending message of any topic; 0 when none is pending.
+pub const TABLE_LAG_SECONDS: &str = "outbox_table_lag_seconds";
 
 /// Records an inbox consumer settled, by `outcome`.
 pub const INBOX_RECORDS: &str = "outbox_inbox_records_total";
@@ -237,6 +244,11 @@ impl Meter {
             gauge!(LAG_SECONDS, &labels).set(topic.lag.map_or(0.0, |lag| lag.as_secs_f64()));
         }
         gauge!(LEASED_ROWS, "instance" => self.instance.clone()).set(backlog.leased as f64);
+        let pending: u64 = backlog.topics.iter().map(|topic| topic.pending).sum();
+        let lag = backlog.topics.iter().filter_map(|topic| topic.lag).max();
+        gauge!(TABLE_PENDING_MESSAGES, "instance" => self.instance.clone()).set(pending as f64);
+        gauge!(TABLE_LAG_SECONDS, "instance" => self.instance.clone())
+            .set(lag.map_or(0.0, |lag| lag.as_secs_f64()));
         topics.sort();
         *shown = topics;
         let offset = micros_since_epoch(backlog.database_now) - micros_since_epoch(backlog.read_at);

@@ -175,6 +175,68 @@ fn counters_histograms_and_gauges_agree_with_the_table_after_a_drain_with_failur
 }
 
 #[test]
+fn the_table_wide_gauges_are_set_at_start_not_after_the_first_gauge_interval() {
+    let kept = kept();
+    let settings = DispatcherSettings {
+        // Far longer than the test: only the read at start can set the gauges.
+        gauge_interval: Some(Duration::from_secs(3600)),
+        ..fast_settings()
+    };
+
+    // An empty table: no topic has a gauge, the table-wide ones read 0.
+    let empty = TestTable::new("gauges_empty");
+    let instance = unique("gauges_empty");
+    let mut handle = empty.dispatch(broker(), settings.clone(), &instance);
+    let pending = format!("outbox_table_pending_messages{{instance={instance}}}");
+    let lag = format!("outbox_table_lag_seconds{{instance={instance}}}");
+    assert!(
+        wait_for(Duration::from_secs(10), || kept.gauge(&pending)
+            == Some(0.0)
+            && kept.gauge(&lag) == Some(0.0)),
+        "pending {:?}, lag {:?}",
+        kept.gauge(&pending),
+        kept.gauge(&lag)
+    );
+    handle.stop().unwrap();
+
+    // Rows of two topics backing off for an hour, two seconds old: the first read sums
+    // them and gives the oldest's age.
+    let table = TestTable::new("gauges_start");
+    let (a, b) = (unique("gauges_a"), unique("gauges_b"));
+    table.commit(&[
+        Message::new(&a, "1"),
+        Message::new(&a, "2"),
+        Message::new(&a, "3"),
+        Message::new(&b, "4"),
+        Message::new(&b, "5"),
+    ]);
+    table.exec(
+        "UPDATE {t} SET available_on = UTC_TIMESTAMP(6) + INTERVAL 1 HOUR, \
+         number_of_attempts = 1",
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let instance = unique("gauges_start");
+    let mut handle = table.dispatch(broker(), settings, &instance);
+    let pending = format!("outbox_table_pending_messages{{instance={instance}}}");
+    let lag = format!("outbox_table_lag_seconds{{instance={instance}}}");
+    assert!(
+        wait_for(Duration::from_secs(10), || kept.gauge(&pending)
+            == Some(5.0)),
+        "pending {:?}",
+        kept.gauge(&pending)
+    );
+    let lag = kept.gauge(&lag).unwrap();
+    assert!((2.0..60.0).contains(&lag), "lag {lag}");
+    assert_eq!(
+        kept.gauge(&format!(
+            "outbox_pending_messages{{instance={instance},topic={a}}}"
+        )),
+        Some(3.0)
+    );
+    handle.stop().unwrap();
+}
+
+#[test]
 fn an_inbox_consumer_counts_what_it_applied_skipped_and_buried() {
     use outbox::inbox::{Assignment, Delivery, HandlerError, Inbox, InboxConsumer, InboxSettings};
 
