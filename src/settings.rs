@@ -27,8 +27,9 @@ pub(crate) const PIPELINE_DEPTH: u32 = 3;
 /// combinations with [`Error::Config`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DispatcherSettings {
-    /// How often the relay polls for new messages when it has not been woken.
-    /// Defaults to 1 s.
+    /// How often the relay polls for new messages while it finds none and is not woken.
+    /// After a poll that found rows it polls again within a millisecond, then doubles the
+    /// wait after each poll that finds none, up to this. Defaults to 1 s.
     pub process_interval: Duration,
     /// How often the lock checker looks for expired leases. Defaults to 30 s.
     pub lock_check_interval: Duration,

@@ -9,9 +9,9 @@ use std::collections::HashMap;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, select, tick, Receiver, Sender};
+use crossbeam_channel::{after, bounded, select, Receiver, Sender};
 use parking_lot::Mutex;
 
 use super::batch::{Batch, Lease};
@@ -50,8 +50,8 @@ pub(crate) struct Relay<S> {
 }
 
 impl<S: Store> Relay<S> {
-    /// Drains at once, then again on every wake-up and every `process_interval`, until
-    /// the stop signal, or until the publisher or the settler died. Then releases every
+    /// Drains at once, then again on every wake-up and at the [`Pace`] of its polls,
+    /// until the stop signal, or until the publisher or the settler died. Then releases every
     /// lease still held. A panic of the relay's own thread goes on up, after that.
     pub fn run(self, broker: impl Broker, wake: Receiver<()>) {
         let outcome = catch_unwind(AssertUnwindSafe(|| self.pipeline(broker, wake)));
@@ -62,7 +62,7 @@ impl<S: Store> Relay<S> {
     }
 
     fn pipeline(&self, mut broker: impl Broker, wake: Receiver<()>) {
-        let ticks = tick(self.settings.process_interval);
+        let mut pace = Pace::new(self.settings.process_interval);
         let (to_publish, batches) = bounded::<Batch>(IN_FLIGHT);
         let (to_settle, published) = bounded::<Batch>(IN_FLIGHT);
         let (to_relay, settled) = bounded::<()>(IN_FLIGHT);
@@ -139,14 +139,14 @@ impl<S: Store> Relay<S> {
             }
             let mut in_flight = 0;
             loop {
-                relay.drain(&to_publish, &settled, &wake, &mut in_flight);
+                let found = relay.drain(&to_publish, &settled, &wake, &mut in_flight);
                 if relay.signals.failed() {
                     break;
                 }
                 select! {
                     recv(relay.signals.stop) -> _ => break,
                     recv(wake) -> _ => {},
-                    recv(ticks) -> _ => {},
+                    recv(after(pace.next(found))) -> _ => {},
                 }
                 if relay.signals.stopped() || relay.signals.failed() {
                     break;
@@ -164,14 +164,16 @@ impl<S: Store> Relay<S> {
     /// Claims batches back to back while they find work, up to [`IN_FLIGHT`] ahead of
     /// their settling, and claims again as each is settled (its deliveries may let the
     /// next messages of their keys through) or on a wake-up (new messages). Returns when a
-    /// claim finds nothing and nothing is in flight, or on the stop signal.
+    /// claim finds nothing and nothing is in flight, or on the stop signal; true if some
+    /// claim found rows.
     fn drain(
         &self,
         to_publish: &Sender<Batch>,
         settled: &Receiver<()>,
         wake: &Receiver<()>,
         in_flight: &mut usize,
-    ) {
+    ) -> bool {
+        let mut found = false;
         // False after a claim that left nothing it could take: the next one waits until a
         // batch is settled, or the application says it committed more.
         let mut claim_now = true;
@@ -181,15 +183,16 @@ impl<S: Store> Relay<S> {
                 claim_now = true;
             }
             if self.signals.stopped() || self.signals.failed() {
-                return;
+                return found;
             }
             if *in_flight < IN_FLIGHT && claim_now {
                 match self.claim() {
                     Ok(Some((batch, more))) => {
                         if to_publish.send(batch).is_err() {
-                            return;
+                            return found;
                         }
                         *in_flight += 1;
+                        found = true;
                         claim_now = more;
                         continue;
                     }
@@ -198,7 +201,7 @@ impl<S: Store> Relay<S> {
                 }
             }
             if *in_flight == 0 {
-                return;
+                return found;
             }
             select! {
                 recv(settled) -> done => match done {
@@ -206,10 +209,10 @@ impl<S: Store> Relay<S> {
                         *in_flight -= 1;
                         claim_now = true;
                     }
-                    Err(_) => return,
+                    Err(_) => return found,
                 },
                 recv(wake) -> _ => claim_now = true,
-                recv(self.signals.stop) -> _ => return,
+                recv(self.signals.stop) -> _ => return found,
             }
         }
     }
@@ -260,6 +263,39 @@ impl<S: Store> Relay<S> {
     }
 }
 
+/// The first wait after polls that found rows.
+const FIRST_GAP: Duration = Duration::from_millis(1);
+
+/// How long the relay waits for new rows between polls when it is not woken: at once
+/// after a poll that found rows (a millisecond, to let a few commits gather), then twice
+/// as long after each poll that found none, up to `process_interval`. So a steady stream
+/// is relayed within milliseconds without wake-ups, and an idle table is polled once per
+/// `process_interval` after a few quick polls.
+pub(crate) struct Pace {
+    gap: Duration,
+    longest: Duration,
+}
+
+impl Pace {
+    pub fn new(process_interval: Duration) -> Pace {
+        Pace {
+            gap: process_interval,
+            longest: process_interval,
+        }
+    }
+
+    /// The wait before the next poll, given whether the last found rows.
+    pub fn next(&mut self, found: bool) -> Duration {
+        self.gap = if found {
+            FIRST_GAP
+        } else {
+            self.gap.saturating_mul(2)
+        }
+        .min(self.longest);
+        self.gap
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -304,6 +340,23 @@ mod tests {
             backoff_max: Duration::from_millis(10),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn polls_come_at_once_after_rows_then_twice_as_late_up_to_process_interval() {
+        let mut pace = Pace::new(Duration::from_millis(100));
+        let ms = |d: Duration| d.as_millis();
+        assert_eq!(ms(pace.next(false)), 100, "idle from the start");
+        assert_eq!(ms(pace.next(true)), 1);
+        let idle: Vec<u128> = (0..9).map(|_| ms(pace.next(false))).collect();
+        assert_eq!(idle, [2, 4, 8, 16, 32, 64, 100, 100, 100]);
+        assert_eq!(ms(pace.next(true)), 1, "rows again: at once again");
+        let mut short = Pace::new(Duration::ZERO);
+        assert_eq!(
+            short.next(true),
+            Duration::ZERO,
+            "never past process_interval"
+        );
     }
 
     #[test]

@@ -79,7 +79,7 @@ impl FakeStore {
         self.rows.lock().iter_mut().for_each(|r| r.available = true);
     }
 
-    /// How many claims found nothing to take.
+    /// How many claims found nothing to take while some row was still to be sent.
     pub fn empty_claims(&self) -> u32 {
         *self.empty_claims.lock()
     }
@@ -153,7 +153,7 @@ impl Store for FakeStore {
             record.attempts = row.attempts;
             claimed.push(record);
         }
-        if claimed.is_empty() {
+        if claimed.is_empty() && !candidates.is_empty() {
             *self.empty_claims.lock() += 1;
         }
         Ok(Claim {

@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ops::RangeInclusive;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use super::claim::{keep_unbroken, Candidate};
 use super::codec::{decode_record, RECORD_COLUMNS};
 use super::connections::Connections;
-use super::scan::choose;
+use super::scan::{choose, Chosen};
 use super::sql::{
     bury, fnv1a, micros, padded, placeholders, release_leased, truncate, validate_table_name, DEAD,
     DELIVERED, DISCARDED, MAX_ID_LIST, MAX_TABLE_NAME_LEN, PENDING,
@@ -50,6 +50,10 @@ pub struct MySqlStore {
     /// Where the claims' sweep past the oldest pending rows goes on from (0: from the
     /// start).
     sweep: Arc<Mutex<u64>>,
+    /// The last claim or probe found no pending row: the next claim first asks, in one
+    /// statement, whether any row is pending, so that an idle relay costs the database a
+    /// statement per poll instead of a transaction.
+    none_pending: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for MySqlStore {
@@ -69,6 +73,7 @@ impl MySqlStore {
             claims: Arc::default(),
             orphans: Arc::default(),
             sweep: Arc::default(),
+            none_pending: Arc::default(),
         }
     }
 
@@ -120,6 +125,18 @@ impl MySqlStore {
         }
         self.orphans.lock().retain(|lease| !orphans.contains(lease));
         Ok(())
+    }
+
+    /// Whether any row is pending, read through the `(state, id)` index in one statement
+    /// (its first entry at most); remembered for the next claim.
+    fn any_pending(&self, conn: &mut PooledConn) -> Result<bool> {
+        let any: Option<bool> = conn.query_first(format!(
+            "SELECT EXISTS (SELECT 1 FROM `{}` FORCE INDEX (state_id) WHERE state = {PENDING})",
+            self.table
+        ))?;
+        let any = any.unwrap_or(true);
+        self.none_pending.store(!any, Ordering::Relaxed);
+        Ok(any)
     }
 
     /// The table's name.
@@ -195,7 +212,12 @@ impl MySqlStore {
     ) -> Result<Claim> {
         let opts = TxOpts::default().set_isolation_level(Some(IsolationLevel::ReadCommitted));
         let mut tx = conn.start_transaction(opts)?;
-        let (chosen, more) = choose(&mut tx, &self.table, &self.sweep, limit, dead_blocks_key)?;
+        let Chosen {
+            rows: chosen,
+            more,
+            none_pending,
+        } = choose(&mut tx, &self.table, &self.sweep, limit, dead_blocks_key)?;
+        self.none_pending.store(none_pending, Ordering::Relaxed);
         if chosen.is_empty() {
             return Ok(Claim::default());
         }
@@ -325,6 +347,9 @@ impl Store for MySqlStore {
     fn claim(&self, owner: &str, limit: usize, dead_blocks_key: bool) -> Result<Claim> {
         self.conns.with(|conn| {
             self.release_orphans(conn)?;
+            if self.none_pending.load(Ordering::Relaxed) && !self.any_pending(conn)? {
+                return Ok(Claim::default());
+            }
             let lease = self.next_lease(owner);
             let mut leasing = false;
             let claimed = self.claim_on(conn, lease, limit, dead_blocks_key, &mut leasing);

@@ -11,6 +11,16 @@ use super::claim::{pick, retry_cap, Candidate};
 use super::sql::{behind_dead, micros, DEAD, PENDING};
 use crate::error::Result;
 
+/// What [`choose`] found.
+pub(super) struct Chosen {
+    /// The rows to claim, in id order.
+    pub rows: Vec<Candidate>,
+    /// Whether claiming again at once would find more.
+    pub more: bool,
+    /// No row of the table was pending at all when it was read.
+    pub none_pending: bool,
+}
+
 /// How recent a lease must be for the claim to count its row as being published. A
 /// dispatcher settles its batches within the broker's delivery timeout, usually within
 /// milliseconds; a lease older than this may belong to a dispatcher that died.
@@ -71,7 +81,7 @@ pub(super) fn choose(
     sweep: &Mutex<u64>,
     limit: usize,
     dead_blocks_key: bool,
-) -> Result<(Vec<Candidate>, bool)> {
+) -> Result<Chosen> {
     let window = (limit as u64).saturating_mul(2).max(1_000);
     let dead_before = if dead_blocks_key {
         format!("AND NOT {}", behind_dead(table))
@@ -92,7 +102,8 @@ pub(super) fn choose(
     // Not ready, and not leased in the last FRESH_LEASE either.
     let stuck = head.iter().any(|row| !row.ready && row.idle);
     let after_head = head.last().map_or(0, |row| row.id + 1);
-    let scanned_all = (head.len() as u64) < window;
+    let head_len = head.len();
+    let scanned_all = (head_len as u64) < window;
     let candidates: Vec<Candidate> = head.into_iter().map(ScanRow::candidate).collect();
     let mut retries = retry_cap(limit);
     let (picked, mut more) = pick(&candidates, limit, &mut retries);
@@ -101,7 +112,11 @@ pub(super) fn choose(
     // keys back for longer, or failed rows left by the cap, are a reason to read on.
     let capped = retries == 0 && more;
     if chosen.len() == limit || scanned_all || !(stuck || capped) {
-        return Ok((chosen, more));
+        return Ok(Chosen {
+            none_pending: head_len == 0,
+            rows: chosen,
+            more,
+        });
     }
 
     let newest: Option<u64> = tx.exec_first(
@@ -156,5 +171,9 @@ pub(super) fn choose(
         chosen.extend(picked.into_iter().cloned());
         more |= more_here;
     }
-    Ok((chosen, more))
+    Ok(Chosen {
+        rows: chosen,
+        more,
+        none_pending: false,
+    })
 }
