@@ -20,7 +20,11 @@
 //! `WEB_ORDERS_TABLE` (default `web_orders`) and `WEB_ADDR` (default `127.0.0.1:8080`)
 //! point it elsewhere. `WEB_WITHOUT_EVENTS=1` takes the event writes out of the handlers
 //! (the baseline `make bench` compares with); `WEB_WAKE=0` leaves the dispatcher to its
-//! polls instead of waking it at every commit. Needs the `cli` feature (tiny_http, the Prometheus exporter).
+//! polls instead of waking it at every commit; `OUTBOX_LINGER_MS` sets its `linger`.
+//! `WEB_RELAY=external` runs no dispatcher: the
+//! service only writes, and an `outbox relay` process of its own relays the table, as a
+//! service that keeps its threads for its requests would deploy. Needs the `cli` feature
+//! (tiny_http, the Prometheus exporter).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,7 +47,8 @@ struct App {
     topic: String,
     /// False to take the event writes out (a benchmark's baseline).
     events: bool,
-    health: HealthProbe,
+    /// The dispatcher's health; `None` when the relay runs in a process of its own.
+    health: Option<HealthProbe>,
     metrics: PrometheusHandle,
 }
 
@@ -70,21 +75,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let store = MySqlStore::with_table(pool.clone(), &env("OUTBOX_TABLE", "outbox"))?;
     store.migrate()?;
     let broker = KafkaBroker::new(&env("OUTBOX_KAFKA_BROKERS", "127.0.0.1:9092"))?;
-    let settings = DispatcherSettings {
+    let mut settings = DispatcherSettings {
         gauge_interval: Some(Duration::from_secs(15)),
         ..Default::default()
     };
-    let mut handle = Dispatcher::new(store.clone(), broker, settings, "web-service")?.start()?;
+    if let Ok(ms) = env("OUTBOX_LINGER_MS", "").parse() {
+        settings.linger = Duration::from_millis(ms);
+    }
+    let mut handle = if env("WEB_RELAY", "in-process") == "external" {
+        None
+    } else {
+        Some(Dispatcher::new(store.clone(), broker, settings, "web-service")?.start()?)
+    };
     let app = Arc::new(App {
-        outbox: if env("WEB_WAKE", "1") == "1" {
-            Outbox::new(&store).with_waker(handle.waker())
-        } else {
-            Outbox::new(&store)
+        outbox: match &handle {
+            Some(handle) if env("WEB_WAKE", "1") == "1" => {
+                Outbox::new(&store).with_waker(handle.waker())
+            }
+            _ => Outbox::new(&store),
         },
         orders,
         topic: env("WEB_TOPIC", "web.orders"),
         events: env("WEB_WITHOUT_EVENTS", "0") != "1",
-        health: handle.health_probe(),
+        health: handle.as_ref().map(|handle| handle.health_probe()),
         metrics,
     });
 
@@ -110,7 +123,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for worker in workers {
         let _ = worker.join();
     }
-    handle.stop()?;
+    if let Some(handle) = &mut handle {
+        handle.stop()?;
+    }
     Ok(())
 }
 
@@ -224,7 +239,10 @@ fn event_message(app: &App, id: u64, kind: &str, event: &Value) -> Message {
 
 /// `GET /health`: each worker of the dispatcher, 503 unless all run.
 fn health(app: &App) -> (u16, Value) {
-    let health = app.health.health();
+    let Some(probe) = &app.health else {
+        return (200, json!({ "alive": true, "relay": "external" }));
+    };
+    let health = probe.health();
     let workers: Vec<Value> = health
         .workers
         .iter()

@@ -31,6 +31,12 @@ pub struct DispatcherSettings {
     /// After a poll that found rows it polls again within a millisecond, then doubles the
     /// wait after each poll that finds none, up to this. Defaults to 1 s.
     pub process_interval: Duration,
+    /// How long new messages may gather before the relay claims again after a claim that
+    /// did not fill its batch (and after a poll that found rows): under a stream of
+    /// commits, woken at each or not, the relay claims at most once per `linger`, each
+    /// claim taking what gathered, instead of a message or two per claim. Zero claims at
+    /// once. At most [`MAX_LINGER`](Self::MAX_LINGER). Defaults to 10 ms.
+    pub linger: Duration,
     /// How often the lock checker looks for expired leases. Defaults to 30 s.
     pub lock_check_interval: Duration,
     /// How often the cleaner deletes rows past their retention. Defaults to 60 s.
@@ -81,6 +87,7 @@ impl Default for DispatcherSettings {
     fn default() -> Self {
         DispatcherSettings {
             process_interval: Duration::from_secs(1),
+            linger: Duration::from_millis(10),
             lock_check_interval: Duration::from_secs(30),
             cleanup_interval: Duration::from_secs(60),
             max_lock_duration: Duration::from_secs(30),
@@ -105,6 +112,9 @@ impl DispatcherSettings {
 
     /// Longest duration accepted anywhere (100 years): the database computes with them.
     pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+    /// The longest `linger`.
+    pub const MAX_LINGER: Duration = Duration::from_secs(1);
 
     /// The shortest `max_lock_duration`.
     pub const MIN_LEASE: Duration = Duration::from_secs(2);
@@ -149,6 +159,13 @@ impl DispatcherSettings {
         if !(1..=MAX_BATCH_SIZE).contains(&self.cleanup_batch_size) {
             return Err(Error::config(format!(
                 "cleanup_batch_size must be 1 to {MAX_BATCH_SIZE}"
+            )));
+        }
+        if self.linger > Self::MAX_LINGER {
+            return Err(Error::config(format!(
+                "linger ({:?}) must be at most {:?}: it delays every message of a stream",
+                self.linger,
+                Self::MAX_LINGER
             )));
         }
         if self.backoff_min > self.backoff_max {
@@ -249,6 +266,17 @@ mod tests {
             ..d()
         };
         assert!(refused(short_lease).contains("max_lock_duration"));
+        let long_linger = DispatcherSettings {
+            linger: DispatcherSettings::MAX_LINGER + Duration::from_millis(1),
+            ..d()
+        };
+        assert!(refused(long_linger).contains("linger"));
+        DispatcherSettings {
+            linger: Duration::ZERO,
+            ..d()
+        }
+        .validate(DELIVERY)
+        .unwrap();
         // Shorter than the delivery timeout: the relay renews what it is sending.
         let renewed = DispatcherSettings {
             max_lock_duration: DispatcherSettings::MIN_LEASE,

@@ -320,8 +320,11 @@ fn retention_deletes_old_delivered_rows_and_never_pending_ones() {
 #[test]
 fn an_outbox_with_a_waker_wakes_the_relay_when_its_transaction_commits() {
     let table = TestTable::new("waker");
+    // After rows, the relay polls again a linger later, then twice as late at each poll
+    // that finds nothing, up to two minutes.
     let settings = DispatcherSettings {
         process_interval: Duration::from_secs(120),
+        linger: Duration::from_secs(1),
         ..fast_settings()
     };
     // The first message is there at start; once it is delivered the relay sleeps.
@@ -339,7 +342,9 @@ fn an_outbox_with_a_waker_wakes_the_relay_when_its_transaction_commits() {
         handle.wake();
         table.count("state = 1") == 1
     }));
-    thread::sleep(Duration::from_millis(500));
+    // The claim after the delivery comes a linger later (1 s), then the polls at 2 and
+    // 4 s find nothing: past the one at 4 s, the next is at 8 s.
+    thread::sleep(Duration::from_millis(4_500));
 
     commit(&plain, "no waker");
     assert!(

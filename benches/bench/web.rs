@@ -6,14 +6,13 @@ use super::*;
 pub(crate) const WEB_REQUESTS: usize = 500;
 
 impl Bench {
-    /// Peak resident memory, in MiB, of an `outbox relay` process draining a backlog of
-    /// `n` messages with `batch_size`.
     /// One run of the web service: its requests per second, and (with `events`) the
     /// milliseconds from each 2xx answer to its event's arrival at a consumer.
     pub(crate) fn web_run(
         &self,
-        events: bool,
+        mode: WebMode,
     ) -> Result<(f64, Vec<f64>), Box<dyn std::error::Error>> {
+        let events = mode != WebMode::Without;
         use std::io::{BufRead, Read, Write};
         let (outbox_table, orders, topic) = (
             self.name("web_outbox"),
@@ -30,6 +29,14 @@ impl Bench {
             .env("WEB_TOPIC", &topic)
             .env("WEB_ADDR", "127.0.0.1:0")
             .env("WEB_WITHOUT_EVENTS", if events { "0" } else { "1" })
+            .env(
+                "WEB_RELAY",
+                if mode == WebMode::External {
+                    "external"
+                } else {
+                    "in-process"
+                },
+            )
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::piped())
             .spawn()?;
@@ -40,6 +47,11 @@ impl Bench {
             .strip_prefix("listening on http://")
             .ok_or("the service did not say where it listens")?
             .to_string();
+        // The service made the table; the relay of its own starts on it now.
+        let relay = match mode {
+            WebMode::External => Some(self.relay_process(&outbox_table, Source::Polling)?),
+            _ => None,
+        };
         let post = |path: &str, body: &str| -> Result<(u16, String), std::io::Error> {
             let mut stream = std::net::TcpStream::connect(&address)?;
             write!(
@@ -112,6 +124,9 @@ impl Bench {
                 latencies.push(at.saturating_duration_since(*answer).as_secs_f64() * 1e3);
             }
         }
+        if let Some(relay) = relay {
+            Bench::stop_relay(relay)?;
+        }
         // SAFETY: kill with the pid of a child still running.
         unsafe { libc::kill(service.id() as libc::pid_t, libc::SIGTERM) };
         service.wait()?;
@@ -125,38 +140,75 @@ impl Bench {
 /// Concurrent clients of the web service.
 pub(crate) const WEB_CLIENTS: usize = 8;
 
-/// The web service example under load, with its events and without.
+/// How the web service runs in one measurement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum WebMode {
+    /// Its event writes taken out: the baseline.
+    Without,
+    /// Events, relayed by the dispatcher in its process, woken at every commit.
+    InProcess,
+    /// Events, relayed by an `outbox relay` process (polling) of their own.
+    External,
+}
+
+/// The web service example under load: with its events relayed in its process, with them
+/// relayed by a process of their own, and without them, in turn.
 pub(crate) fn web(
     bench: &Bench,
     runs: usize,
     table: &mut Table,
 ) -> Result<(), Box<dyn std::error::Error>> {
     eprintln!("web service, {WEB_CLIENTS} clients x {WEB_REQUESTS} requests ({runs} runs)");
-    let (mut with, mut without, mut p50, mut p99) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let modes = [WebMode::InProcess, WebMode::External, WebMode::Without];
+    let mut rates: HashMap<WebMode, Vec<f64>> = HashMap::new();
+    let mut p50: HashMap<WebMode, Vec<f64>> = HashMap::new();
+    let mut p99: HashMap<WebMode, Vec<f64>> = HashMap::new();
     for run in 0..runs {
-        let order: [bool; 2] = if run % 2 == 0 {
-            [true, false]
-        } else {
-            [false, true]
-        };
-        for events in order {
-            let (rate, mut latencies) = bench.web_run(events)?;
-            if events {
-                with.push(rate);
+        // A different mode first in each run.
+        for i in 0..modes.len() {
+            let mode = modes[(run + i) % modes.len()];
+            let (rate, mut latencies) = bench.web_run(mode)?;
+            rates.entry(mode).or_default().push(rate);
+            if mode != WebMode::Without {
                 latencies.sort_by(f64::total_cmp);
-                p50.push(percentile(&latencies, 0.50));
-                p99.push(percentile(&latencies, 0.99));
-            } else {
-                without.push(rate);
+                p50.entry(mode)
+                    .or_default()
+                    .push(percentile(&latencies, 0.50));
+                p99.entry(mode)
+                    .or_default()
+                    .push(percentile(&latencies, 0.99));
             }
         }
     }
-    table.rate("web service with events (req/s)", &with);
-    table.rate("web service, event writes taken out (req/s)", &without);
-    table.ratio("  with / without", &with, &without);
-    table.millis("web service, 2xx answer to event consumed, p50 (ms)", &p50);
-    table.millis("web service, 2xx answer to event consumed, p99 (ms)", &p99);
+    let without = &rates[&WebMode::Without];
+    table.rate(
+        "web service with events (req/s)",
+        &rates[&WebMode::InProcess],
+    );
+    table.rate(
+        "web service with events, relay in a process of its own (req/s)",
+        &rates[&WebMode::External],
+    );
+    table.rate("web service, event writes taken out (req/s)", without);
+    table.ratio("  with / without", &rates[&WebMode::InProcess], without);
+    table.ratio(
+        "  relay in its own process / without",
+        &rates[&WebMode::External],
+        without,
+    );
+    for (mode, name) in [
+        (WebMode::InProcess, "web service"),
+        (WebMode::External, "web service, relay apart"),
+    ] {
+        table.millis(
+            &format!("{name}, 2xx answer to event consumed, p50 (ms)"),
+            &p50[&mode],
+        );
+        table.millis(
+            &format!("{name}, 2xx answer to event consumed, p99 (ms)"),
+            &p99[&mode],
+        );
+    }
     Ok(())
 }
 
@@ -174,6 +226,9 @@ pub(crate) fn arrivals(
         .set("bootstrap.servers", brokers)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
+        // A consumer that waits for records: the broker answers a fetch as soon as
+        // there is one, or after 10 ms (librdkafka's default is 500 ms).
+        .set("fetch.wait.max.ms", "10")
         .create()
         .map_err(|e| e.to_string())?;
     let deadline = Instant::now() + Duration::from_secs(120);

@@ -274,6 +274,54 @@ mod tests {
     }
 
     #[test]
+    fn woken_at_every_commit_the_relay_claims_at_most_once_per_linger() {
+        let store = Arc::new(FakeStore::with([]));
+        let linger = Duration::from_millis(100);
+        let settings = DispatcherSettings {
+            process_interval: Duration::from_secs(10),
+            linger,
+            ..Default::default()
+        };
+        let dispatcher = Dispatcher::new(
+            store.clone(),
+            FakeBroker::failing_payloads([]),
+            settings,
+            "t",
+        )
+        .unwrap();
+        let mut handle = dispatcher.start().unwrap();
+        let waker = handle.waker();
+        thread::sleep(Duration::from_millis(50));
+        let before = store.claims();
+        let started = std::time::Instant::now();
+        let messages = 100;
+        for i in 0..messages {
+            store.add(Message::new("t", format!("{i}")));
+            waker.wake();
+            thread::sleep(Duration::from_millis(5));
+        }
+        let streamed = started.elapsed();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while store.delivered_ids().len() < messages && std::time::Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        let delivered = store.delivered_ids().len();
+        let claims = store.claims() - before;
+        handle.stop().unwrap();
+        assert_eq!(delivered, messages);
+        // One claim per linger while the stream lasts, and the last ones after it.
+        let most = (streamed.as_millis() / linger.as_millis()) as u64 + 3;
+        assert!(
+            claims <= most,
+            "{claims} claims for {messages} wake-ups in {streamed:?}: more than one per {linger:?}"
+        );
+        assert!(
+            claims >= 3,
+            "{claims} claims: the stream was not relayed as it came"
+        );
+    }
+
+    #[test]
     fn a_claim_that_left_nothing_to_take_waits_for_a_settle_not_a_rescan() {
         // One key, one message a batch: each claim leaves the next message behind the one
         // in flight, so claiming again before it is settled would find nothing.

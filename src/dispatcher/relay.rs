@@ -62,7 +62,8 @@ impl<S: Store> Relay<S> {
     }
 
     fn pipeline(&self, mut broker: impl Broker, wake: Receiver<()>) {
-        let mut pace = Pace::new(self.settings.process_interval);
+        let mut pace = Pace::new(self.settings.process_interval, self.settings.linger);
+        let mut spacing = Spacing::default();
         let (to_publish, batches) = bounded::<Batch>(IN_FLIGHT);
         let (to_settle, published) = bounded::<Batch>(IN_FLIGHT);
         let (to_relay, settled) = bounded::<()>(IN_FLIGHT);
@@ -139,7 +140,7 @@ impl<S: Store> Relay<S> {
             }
             let mut in_flight = 0;
             loop {
-                let found = relay.drain(&to_publish, &settled, &wake, &mut in_flight);
+                let found = relay.drain(&to_publish, &settled, &wake, &mut in_flight, &mut spacing);
                 if relay.signals.failed() {
                     break;
                 }
@@ -165,13 +166,15 @@ impl<S: Store> Relay<S> {
     /// their settling, and claims again as each is settled (its deliveries may let the
     /// next messages of their keys through) or on a wake-up (new messages). Returns when a
     /// claim finds nothing and nothing is in flight, or on the stop signal; true if some
-    /// claim found rows.
+    /// claim found rows. A claim after one that did not fill its batch waits for
+    /// `linger` after it, so that a stream of commits is taken a few at a time.
     fn drain(
         &self,
         to_publish: &Sender<Batch>,
         settled: &Receiver<()>,
         wake: &Receiver<()>,
         in_flight: &mut usize,
+        spacing: &mut Spacing,
     ) -> bool {
         let mut found = false;
         // False after a claim that left nothing it could take: the next one waits until a
@@ -186,6 +189,21 @@ impl<S: Store> Relay<S> {
                 return found;
             }
             if *in_flight < IN_FLIGHT && claim_now {
+                let wait = spacing.wait(self.settings.linger);
+                if !wait.is_zero() {
+                    select! {
+                        recv(settled) -> done => match done {
+                            Ok(()) => *in_flight -= 1,
+                            Err(_) => return found,
+                        },
+                        recv(wake) -> _ => {},
+                        recv(self.signals.stop) -> _ => return found,
+                        recv(after(wait)) -> _ => {},
+                    }
+                    continue;
+                }
+                spacing.last = Some(Instant::now());
+                spacing.filled = false;
                 match self.claim() {
                     Ok(Some((batch, more))) => {
                         if to_publish.send(batch).is_err() {
@@ -194,6 +212,7 @@ impl<S: Store> Relay<S> {
                         *in_flight += 1;
                         found = true;
                         claim_now = more;
+                        spacing.filled = more;
                         continue;
                     }
                     Ok(None) => {}
@@ -263,23 +282,25 @@ impl<S: Store> Relay<S> {
     }
 }
 
-/// The first wait after polls that found rows.
-const FIRST_GAP: Duration = Duration::from_millis(1);
+/// The shortest wait between polls.
+const SHORTEST_GAP: Duration = Duration::from_millis(1);
 
-/// How long the relay waits for new rows between polls when it is not woken: at once
-/// after a poll that found rows (a millisecond, to let a few commits gather), then twice
-/// as long after each poll that found none, up to `process_interval`. So a steady stream
-/// is relayed within milliseconds without wake-ups, and an idle table is polled once per
-/// `process_interval` after a few quick polls.
+/// How long the relay waits for new rows between polls when it is not woken: `linger`
+/// (at least a millisecond) after a poll that found rows, then twice as long after each
+/// poll that found none, up to `process_interval`. So a steady stream is relayed within
+/// milliseconds without wake-ups, and an idle table is polled once per `process_interval`
+/// after a few quick polls.
 pub(crate) struct Pace {
     gap: Duration,
+    first: Duration,
     longest: Duration,
 }
 
 impl Pace {
-    pub fn new(process_interval: Duration) -> Pace {
+    pub fn new(process_interval: Duration, linger: Duration) -> Pace {
         Pace {
             gap: process_interval,
+            first: linger.max(SHORTEST_GAP),
             longest: process_interval,
         }
     }
@@ -287,12 +308,30 @@ impl Pace {
     /// The wait before the next poll, given whether the last found rows.
     pub fn next(&mut self, found: bool) -> Duration {
         self.gap = if found {
-            FIRST_GAP
+            self.first
         } else {
             self.gap.saturating_mul(2)
         }
         .min(self.longest);
         self.gap
+    }
+}
+
+/// When the relay last claimed, and whether that claim filled its batch: the next claim
+/// after one that did not waits for `linger` after it.
+#[derive(Default)]
+pub(crate) struct Spacing {
+    last: Option<Instant>,
+    filled: bool,
+}
+
+impl Spacing {
+    /// How long the next claim must still wait.
+    fn wait(&self, linger: Duration) -> Duration {
+        match self.last {
+            Some(at) if !self.filled => (at + linger).saturating_duration_since(Instant::now()),
+            _ => Duration::ZERO,
+        }
     }
 }
 
@@ -343,20 +382,23 @@ mod tests {
     }
 
     #[test]
-    fn polls_come_at_once_after_rows_then_twice_as_late_up_to_process_interval() {
-        let mut pace = Pace::new(Duration::from_millis(100));
+    fn polls_come_a_linger_after_rows_then_twice_as_late_up_to_process_interval() {
+        let mut pace = Pace::new(Duration::from_millis(100), Duration::ZERO);
         let ms = |d: Duration| d.as_millis();
         assert_eq!(ms(pace.next(false)), 100, "idle from the start");
         assert_eq!(ms(pace.next(true)), 1);
         let idle: Vec<u128> = (0..9).map(|_| ms(pace.next(false))).collect();
         assert_eq!(idle, [2, 4, 8, 16, 32, 64, 100, 100, 100]);
         assert_eq!(ms(pace.next(true)), 1, "rows again: at once again");
-        let mut short = Pace::new(Duration::ZERO);
+        let mut short = Pace::new(Duration::ZERO, Duration::ZERO);
         assert_eq!(
             short.next(true),
             Duration::ZERO,
             "never past process_interval"
         );
+        let mut lingering = Pace::new(Duration::from_millis(100), Duration::from_millis(5));
+        assert_eq!(ms(lingering.next(true)), 5, "after rows, the linger");
+        assert_eq!(ms(lingering.next(false)), 10);
     }
 
     #[test]

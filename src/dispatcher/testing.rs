@@ -61,6 +61,32 @@ impl FakeStore {
         }
     }
 
+    /// Adds a pending row, as a commit would.
+    pub fn add(&self, message: Message) {
+        let mut rows = self.rows.lock();
+        let id = rows.len() as u64 + 1;
+        rows.push(FakeRow {
+            record: Record {
+                id,
+                message_id: Uuid::now_v7(),
+                attempts: 0,
+                created: std::time::SystemTime::now(),
+                message,
+            },
+            delivered: false,
+            dead: false,
+            lease: 0,
+            available: true,
+            attempts: 0,
+            error: String::new(),
+        });
+    }
+
+    /// How many claims were asked for, found rows or not.
+    pub fn claims(&self) -> u64 {
+        *self.claims.lock()
+    }
+
     pub fn row(&self, id: u64) -> FakeRow {
         self.rows.lock()[id as usize - 1].clone()
     }

@@ -14,7 +14,7 @@
 //! | `OUTBOX_KAFKA_CONFIG_FILE` | none; a Java `.properties` file (Kafka's `client.properties`), also `--kafka-config FILE` |
 //! | `OUTBOX_KAFKA_PROPERTIES` | none; `name=value` pairs separated by commas, `\,` for a comma in a value; they override the file's |
 //! | `OUTBOX_BATCH_SIZE`, `OUTBOX_MAX_ATTEMPTS`, `OUTBOX_DEAD_BLOCKS_KEY` | as `DispatcherSettings` |
-//! | `OUTBOX_PROCESS_INTERVAL_MS`, `OUTBOX_LOCK_CHECK_INTERVAL_MS`, `OUTBOX_MAX_LOCK_MS` | as `DispatcherSettings` |
+//! | `OUTBOX_PROCESS_INTERVAL_MS`, `OUTBOX_LINGER_MS`, `OUTBOX_LOCK_CHECK_INTERVAL_MS`, `OUTBOX_MAX_LOCK_MS` | as `DispatcherSettings` |
 //! | `OUTBOX_BACKOFF_MIN_MS`, `OUTBOX_BACKOFF_MAX_MS` | as `DispatcherSettings` |
 //! | `OUTBOX_METRICS_ADDR` | none; serve /metrics, /healthz, /readyz there (a port alone: 127.0.0.1) |
 //! | `OUTBOX_GAUGE_INTERVAL_MS` | 15,000, when serving metrics |
@@ -88,9 +88,13 @@ pub struct Args {
     /// discarded (true), or lets them go on (false, the default).
     #[arg(long, value_name = "BOOL", env = "OUTBOX_DEAD_BLOCKS_KEY", default_value_t = false, action = clap::ArgAction::Set)]
     dead_blocks_key: bool,
-    /// Milliseconds between polls when not woken.
+    /// Longest wait in milliseconds between polls, while they find nothing.
     #[arg(long, value_name = "MS", env = "OUTBOX_PROCESS_INTERVAL_MS")]
     process_interval_ms: Option<u64>,
+    /// Milliseconds new messages may gather before the next claim, after a claim that
+    /// did not fill its batch (default 10).
+    #[arg(long, value_name = "MS", env = "OUTBOX_LINGER_MS")]
+    linger_ms: Option<u64>,
     /// Milliseconds between looks for expired leases.
     #[arg(long, value_name = "MS", env = "OUTBOX_LOCK_CHECK_INTERVAL_MS")]
     lock_check_interval_ms: Option<u64>,
@@ -140,6 +144,9 @@ impl Args {
         settings.dead_blocks_key = self.dead_blocks_key;
         if let Some(n) = self.process_interval_ms {
             settings.process_interval = ms(n);
+        }
+        if let Some(n) = self.linger_ms {
+            settings.linger = ms(n);
         }
         if let Some(n) = self.lock_check_interval_ms {
             settings.lock_check_interval = ms(n);
