@@ -77,7 +77,13 @@ fn client(address: &str, seed: u64) -> (Vec<(u64, &'static str)>, usize) {
 }
 
 fn start(table: &str, orders: &str, topic: &str) -> (Child, String) {
+    start_with(table, orders, topic, "in-process")
+}
+
+/// The example, its relay `in-process` or `external`.
+fn start_with(table: &str, orders: &str, topic: &str, relay: &str) -> (Child, String) {
     let mut child = Command::new(example())
+        .env("WEB_RELAY", relay)
         .env("OUTBOX_DATABASE_URL", small_pool_url())
         .env("OUTBOX_KAFKA_BROKERS", brokers())
         .env("OUTBOX_TABLE", table)
@@ -174,6 +180,61 @@ fn concurrent_clients_get_every_event_once_in_order_and_none_for_refusals() {
     let status = wait_exit(&mut service, Duration::from_secs(30));
     assert_eq!(status.and_then(|s| s.code()), Some(0));
     assert_eq!(table.count("state <> 1"), 0);
+    let mut conn = table.conn();
+    mysql::prelude::Queryable::query_drop(&mut conn, format!("DROP TABLE `{orders}`")).unwrap();
+}
+
+#[test]
+fn with_the_relay_in_a_process_of_its_own_the_service_only_writes_and_the_relay_sends() {
+    let table = TestTable::new("web_apart");
+    let orders = unique("web_apart_orders");
+    let topic = unique("web_apart");
+    let (service, address) = start_with(&table.name, &orders, &topic, "external");
+    let mut service = Reaped(service);
+    let (status, health) = request(&address, "GET", "/health", "");
+    assert_eq!((status, health["relay"].as_str()), (200, Some("external")));
+    let mut created = HashSet::new();
+    for _ in 0..20 {
+        let (status, body) = request(
+            &address,
+            "POST",
+            "/orders",
+            r#"{"customer":"c","total_cents":1}"#,
+        );
+        assert_eq!(status, 201, "{body}");
+        created.insert(body["id"].as_u64().unwrap());
+    }
+    // No dispatcher in the service: its events stay pending.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(table.count("state = 0"), 20);
+
+    let (relay, _) = spawn_relay(&table.name, &unique("web_relay"), "", &[]);
+    let mut relay = Reaped(relay);
+    let got = consume(
+        &topic,
+        20,
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+    );
+    let ids: HashSet<u64> = got
+        .iter()
+        .map(|record| {
+            let event: Json = serde_json::from_slice(&record.payload).unwrap();
+            assert_eq!(event["type"], "OrderCreated");
+            event["id"].as_u64().unwrap()
+        })
+        .collect();
+    assert_eq!((got.len(), ids), (20, created), "each order's event, once");
+    assert!(wait_for(Duration::from_secs(30), || table
+        .count("state = 1")
+        == 20));
+
+    drop(relay.0.stdin.take());
+    assert!(wait_exit(&mut relay.0, Duration::from_secs(30)).is_some_and(|s| s.success()));
+    // SAFETY: kill with a live child's pid.
+    unsafe { libc::kill(service.0.id() as libc::pid_t, libc::SIGTERM) };
+    let status = wait_exit(&mut service.0, Duration::from_secs(30));
+    assert_eq!(status.and_then(|s| s.code()), Some(0));
     let mut conn = table.conn();
     mysql::prelude::Queryable::query_drop(&mut conn, format!("DROP TABLE `{orders}`")).unwrap();
 }
