@@ -197,19 +197,25 @@ mod tests {
 
     /// A started dispatcher on `store` and a broker that takes everything, once `n` rows
     /// are delivered (or 5 s have passed).
-    fn run_until_delivered(
-        store: &Arc<FakeStore>,
-        settings: DispatcherSettings,
-        n: usize,
-    ) -> DispatcherHandle {
-        let dispatcher = Dispatcher::new(
+    /// A dispatcher on `store` with a broker that takes everything.
+    fn start(store: &Arc<FakeStore>, settings: DispatcherSettings) -> DispatcherHandle {
+        Dispatcher::new(
             store.clone(),
             FakeBroker::failing_payloads([]),
             settings,
             "t",
         )
-        .unwrap();
-        let handle = dispatcher.start().unwrap();
+        .unwrap()
+        .start()
+        .unwrap()
+    }
+
+    fn run_until_delivered(
+        store: &Arc<FakeStore>,
+        settings: DispatcherSettings,
+        n: usize,
+    ) -> DispatcherHandle {
+        let handle = start(store, settings);
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while store.delivered_ids().len() < n && std::time::Instant::now() < deadline {
             thread::sleep(Duration::from_millis(5));
@@ -282,14 +288,7 @@ mod tests {
             linger,
             ..Default::default()
         };
-        let dispatcher = Dispatcher::new(
-            store.clone(),
-            FakeBroker::failing_payloads([]),
-            settings,
-            "t",
-        )
-        .unwrap();
-        let mut handle = dispatcher.start().unwrap();
+        let mut handle = start(&store, settings);
         let waker = handle.waker();
         thread::sleep(Duration::from_millis(50));
         let before = store.claims();

@@ -24,6 +24,27 @@ pub(crate) struct FakeRow {
     pub error: String,
 }
 
+impl FakeRow {
+    /// A row as the add writes it.
+    fn pending(id: u64, message: Message) -> FakeRow {
+        FakeRow {
+            record: Record {
+                id,
+                message_id: Uuid::now_v7(),
+                attempts: 0,
+                created: std::time::SystemTime::now(),
+                message,
+            },
+            delivered: false,
+            dead: false,
+            lease: 0,
+            available: true,
+            attempts: 0,
+            error: String::new(),
+        }
+    }
+}
+
 /// Rows in memory; claims follow the same rules as the SQL store.
 #[derive(Default)]
 pub(crate) struct FakeStore {
@@ -39,21 +60,7 @@ impl FakeStore {
         let rows = messages
             .into_iter()
             .enumerate()
-            .map(|(i, message)| FakeRow {
-                record: Record {
-                    id: i as u64 + 1,
-                    message_id: Uuid::now_v7(),
-                    attempts: 0,
-                    created: std::time::SystemTime::now(),
-                    message,
-                },
-                delivered: false,
-                dead: false,
-                lease: 0,
-                available: true,
-                attempts: 0,
-                error: String::new(),
-            })
+            .map(|(i, message)| FakeRow::pending(i as u64 + 1, message))
             .collect();
         FakeStore {
             rows: Mutex::new(rows),
@@ -65,21 +72,7 @@ impl FakeStore {
     pub fn add(&self, message: Message) {
         let mut rows = self.rows.lock();
         let id = rows.len() as u64 + 1;
-        rows.push(FakeRow {
-            record: Record {
-                id,
-                message_id: Uuid::now_v7(),
-                attempts: 0,
-                created: std::time::SystemTime::now(),
-                message,
-            },
-            delivered: false,
-            dead: false,
-            lease: 0,
-            available: true,
-            attempts: 0,
-            error: String::new(),
-        });
+        rows.push(FakeRow::pending(id, message));
     }
 
     /// How many claims were asked for, found rows or not.
