@@ -20,6 +20,7 @@
 //! | `outbox_dead_messages` | gauge | dead messages in the table |
 //! | `outbox_lag_seconds` | gauge | age of the oldest pending message, on the database's clock |
 //! | `outbox_leased_rows` | gauge | pending rows leased by any dispatcher (no `topic`) |
+//! | `outbox_blocked_keys` | gauge | keys whose oldest dead message has pending messages after it: held back while the relays run with `dead_blocks_key` |
 //! | `outbox_table_pending_messages` | gauge | pending messages of every topic (no `topic`); 0, not absent, on an empty table |
 //! | `outbox_table_lag_seconds` | gauge | age of the oldest pending message of any topic (no `topic`); 0 when none is pending |
 //!
@@ -75,6 +76,8 @@ pub const DEAD_MESSAGES: &str = "outbox_dead_messages";
 pub const LAG_SECONDS: &str = "outbox_lag_seconds";
 /// Pending rows leased by any dispatcher.
 pub const LEASED_ROWS: &str = "outbox_leased_rows";
+/// Keys whose oldest dead message has pending messages after it, by topic.
+pub const BLOCKED_KEYS: &str = "outbox_blocked_keys";
 /// Pending messages of every topic: set from the first read, even on an empty table,
 /// when no topic has a gauge yet.
 pub const TABLE_PENDING_MESSAGES: &str = "outbox_table_pending_messages";
@@ -236,12 +239,14 @@ impl Meter {
             gauge!(PENDING_MESSAGES, &labels).set(0.0);
             gauge!(DEAD_MESSAGES, &labels).set(0.0);
             gauge!(LAG_SECONDS, &labels).set(0.0);
+            gauge!(BLOCKED_KEYS, &labels).set(0.0);
         }
         for topic in &backlog.topics {
             let labels = self.labels(&topic.topic);
             gauge!(PENDING_MESSAGES, &labels).set(topic.pending as f64);
             gauge!(DEAD_MESSAGES, &labels).set(topic.dead as f64);
             gauge!(LAG_SECONDS, &labels).set(topic.lag.map_or(0.0, |lag| lag.as_secs_f64()));
+            gauge!(BLOCKED_KEYS, &labels).set(topic.blocked_keys as f64);
         }
         gauge!(LEASED_ROWS, "instance" => self.instance.clone()).set(backlog.leased as f64);
         let pending: u64 = backlog.topics.iter().map(|topic| topic.pending).sum();
@@ -299,4 +304,7 @@ pub struct TopicBacklog {
     pub dead: u64,
     /// Age of the oldest pending message, on the database's clock.
     pub lag: Option<Duration>,
+    /// Keys whose oldest dead message has pending messages after it (held back while
+    /// the relays run with `dead_blocks_key`).
+    pub blocked_keys: u64,
 }

@@ -199,8 +199,9 @@ fn the_table_wide_gauges_are_set_at_start_not_after_the_first_gauge_interval() {
     );
     handle.stop().unwrap();
 
-    // Rows of two topics backing off for an hour, two seconds old: the first read sums
-    // them and gives the oldest's age.
+    // Rows of two topics backing off for an hour, two seconds old, one of them behind a
+    // dead message of its key: the first read sums them, gives the oldest's age, and
+    // counts the key held back.
     let table = TestTable::new("gauges_start");
     let (a, b) = (unique("gauges_a"), unique("gauges_b"));
     table.commit(&[
@@ -209,11 +210,14 @@ fn the_table_wide_gauges_are_set_at_start_not_after_the_first_gauge_interval() {
         Message::new(&a, "3"),
         Message::new(&b, "4"),
         Message::new(&b, "5"),
+        Message::new(&a, "dead").with_key("kd"),
+        Message::new(&a, "behind the dead").with_key("kd"),
     ]);
     table.exec(
         "UPDATE {t} SET available_on = UTC_TIMESTAMP(6) + INTERVAL 1 HOUR, \
          number_of_attempts = 1",
     );
+    table.exec("UPDATE {t} SET state = 2, processed_on = UTC_TIMESTAMP(6) WHERE payload = 'dead'");
     std::thread::sleep(Duration::from_secs(2));
     let instance = unique("gauges_start");
     let mut handle = table.dispatch(broker(), settings, &instance);
@@ -221,18 +225,19 @@ fn the_table_wide_gauges_are_set_at_start_not_after_the_first_gauge_interval() {
     let lag = format!("outbox_table_lag_seconds{{instance={instance}}}");
     assert!(
         wait_for(Duration::from_secs(10), || kept.gauge(&pending)
-            == Some(5.0)),
+            == Some(6.0)),
         "pending {:?}",
         kept.gauge(&pending)
     );
     let lag = kept.gauge(&lag).unwrap();
     assert!((2.0..60.0).contains(&lag), "lag {lag}");
-    assert_eq!(
-        kept.gauge(&format!(
-            "outbox_pending_messages{{instance={instance},topic={a}}}"
-        )),
-        Some(3.0)
-    );
+    let by_topic = |name: &str, topic: &str| {
+        kept.gauge(&format!("{name}{{instance={instance},topic={topic}}}"))
+    };
+    assert_eq!(by_topic("outbox_pending_messages", &a), Some(4.0));
+    // One key of a held back by its dead message; none of b.
+    assert_eq!(by_topic("outbox_blocked_keys", &a), Some(1.0));
+    assert_eq!(by_topic("outbox_blocked_keys", &b), Some(0.0));
     handle.stop().unwrap();
 }
 

@@ -12,7 +12,9 @@ use super::filter::{DeadFilter, MessageRef};
 use super::Admin;
 use crate::error::{Error, Result};
 use crate::store::codec::take;
-use crate::store::sql::{padded, placeholders, RowState, DEAD, DISCARDED, MAX_ID_LIST, PENDING};
+use crate::store::sql::{
+    padded, pending_after, placeholders, RowState, DEAD, DISCARDED, MAX_ID_LIST, PENDING,
+};
 use crate::time::{micros_of, rfc3339, time, time_or_never};
 
 /// Where a message is in its life.
@@ -76,6 +78,9 @@ pub struct DeadMessage {
     pub died: SystemTime,
     /// Its payload's size in bytes.
     pub payload_len: u64,
+    /// Pending messages of its topic and key after it: the messages it holds back while
+    /// the relays run with `dead_blocks_key`.
+    pub holds_back: u64,
 }
 
 /// A message whole, every column of its row ([`Admin::message`]).
@@ -114,13 +119,14 @@ pub struct StoredMessage {
     pub error: Option<String>,
 }
 
-/// Columns of a [`DeadMessage`], of the row `o`.
-fn dead_columns() -> String {
+/// Columns of a [`DeadMessage`], of the row `o` of `table`.
+fn dead_columns(table: &str) -> String {
     format!(
         "o.id, o.message_id, o.topic, o.msg_key, o.number_of_attempts, o.error, {}, {}, \
-         LENGTH(o.payload)",
+         LENGTH(o.payload), {}",
         micros_of("o.created_on"),
-        micros_of("o.processed_on")
+        micros_of("o.processed_on"),
+        pending_after(table)
     )
 }
 
@@ -134,10 +140,11 @@ type DeadRow = (
     i64,
     i64,
     u64,
+    u64,
 );
 
 fn dead_message(row: DeadRow) -> Result<DeadMessage> {
-    let (id, message_id, topic, key, attempts, error, created, died, payload_len) = row;
+    let (id, message_id, topic, key, attempts, error, created, died, payload_len, holds_back) = row;
     Ok(DeadMessage {
         id,
         message_id: uuid(id, &message_id)?,
@@ -148,6 +155,7 @@ fn dead_message(row: DeadRow) -> Result<DeadMessage> {
         created: time(created),
         died: time(died),
         payload_len,
+        holds_back,
     })
 }
 
@@ -323,7 +331,7 @@ impl Admin {
         filter: &DeadFilter,
         lock: &str,
     ) -> Result<Vec<DeadMessage>> {
-        let (conditions, mut params) = filter.conditions();
+        let (conditions, mut params) = filter.conditions(self.table());
         let limit = match filter.limit {
             Some(limit) => {
                 params.push(Value::from(limit as u64));
@@ -334,7 +342,7 @@ impl Admin {
         let rows: Vec<DeadRow> = tx.exec(
             format!(
                 "SELECT {} FROM `{}` o WHERE o.state = {DEAD}{conditions} ORDER BY o.id{limit}{lock}",
-                dead_columns(),
+                dead_columns(self.table()),
                 self.table()
             ),
             Params::Positional(params),
@@ -351,7 +359,7 @@ impl Admin {
             messages: named.to_vec(),
             ..Default::default()
         };
-        let (conditions, params) = filter.conditions();
+        let (conditions, params) = filter.conditions(self.table());
         let found: Vec<(u64, Vec<u8>, u8)> = tx.exec(
             format!(
                 "SELECT o.id, o.message_id, o.state FROM `{}` o WHERE TRUE{conditions}",
@@ -430,7 +438,7 @@ fn bytes_json(bytes: Option<&[u8]>) -> (Json, Json) {
 impl DeadMessage {
     /// As JSON: `{"id", "message_id", "topic", "key" (text, or null when none or not
     /// UTF-8), "key_hex" (null when none), "attempts", "error", "created", "died" (RFC
-    /// 3339), "payload_bytes"}`.
+    /// 3339), "payload_bytes", "holds_back"}`.
     pub fn to_json(&self) -> Json {
         let identity = identity_json(self.id, self.message_id, &self.topic, self.key.as_deref());
         let more = json!({
@@ -439,6 +447,7 @@ impl DeadMessage {
             "created": rfc3339(self.created),
             "died": rfc3339(self.died),
             "payload_bytes": self.payload_len,
+            "holds_back": self.holds_back,
         });
         with_fields(identity, more)
     }

@@ -9,7 +9,7 @@ use mysql::Value;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::store::sql::{micros, placeholders};
+use crate::store::sql::{micros, pending_after, placeholders};
 use crate::time::{micros_since_epoch, AT_MICROS};
 
 /// A message named by its row id (`id`, the order it was added in) or by its message id
@@ -91,6 +91,9 @@ pub struct DeadFilter {
     pub died_before: Option<TimeBound>,
     /// With a row id above this one: the next page after a list that ended there.
     pub after_id: Option<u64>,
+    /// That hold back at least one pending message: a later pending message of their
+    /// topic and key (held back while the relays run with `dead_blocks_key`).
+    pub blocking: bool,
     /// At most this many, the oldest first.
     pub limit: Option<usize>,
 }
@@ -104,8 +107,9 @@ impl DeadFilter {
         } == DeadFilter::default()
     }
 
-    /// `WHERE` conditions on the row `o` and their parameters, `state` left to the caller.
-    pub(super) fn conditions(&self) -> (String, Vec<Value>) {
+    /// `WHERE` conditions on the row `o` of `table` and their parameters, `state` left to
+    /// the caller.
+    pub(super) fn conditions(&self, table: &str) -> (String, Vec<Value>) {
         let mut sql = String::new();
         let mut params = Vec::new();
         let ids: Vec<u64> = self.messages.iter().filter_map(row_id).collect();
@@ -144,6 +148,9 @@ impl DeadFilter {
         if let Some(after) = self.after_id {
             sql.push_str(" AND o.id > ?");
             params.push(Value::from(after));
+        }
+        if self.blocking {
+            sql.push_str(&format!(" AND {} > 0", pending_after(table)));
         }
         (sql, params)
     }
@@ -195,7 +202,7 @@ mod tests {
         }
         .selects_all());
         assert_eq!(
-            DeadFilter::default().conditions(),
+            DeadFilter::default().conditions("t"),
             (String::new(), Vec::new())
         );
         let uuid = Uuid::from_u128(7);
@@ -207,16 +214,19 @@ mod tests {
             died_after: Some(TimeBound::Ago(Duration::from_secs(2))),
             died_before: Some(TimeBound::At(time(5))),
             after_id: Some(9),
+            blocking: true,
             limit: Some(1),
         };
         assert!(!filter.selects_all());
-        let (sql, params) = filter.conditions();
+        let (sql, params) = filter.conditions("t");
         assert_eq!(
             sql,
             " AND (o.id IN (?) OR o.message_id IN (?)) AND o.topic = ? AND o.msg_key = ? \
              AND LOCATE(?, o.error) > 0 \
              AND o.processed_on >= UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND \
-             AND o.processed_on < TIMESTAMPADD(MICROSECOND, ?, '1970-01-01 00:00:00') AND o.id > ?"
+             AND o.processed_on < TIMESTAMPADD(MICROSECOND, ?, '1970-01-01 00:00:00') AND o.id > ? \
+             AND (SELECT COUNT(*) FROM `t` p WHERE p.topic = o.topic AND p.msg_key = o.msg_key \
+             AND p.state = 0 AND p.id > o.id) > 0"
         );
         assert_eq!(
             params,

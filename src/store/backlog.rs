@@ -8,6 +8,7 @@ use mysql::prelude::{FromRow, Queryable};
 use mysql::{FromRowError, Row};
 
 use super::sql::{DEAD, PENDING};
+
 use crate::error::Result;
 use crate::metrics::{Backlog, TopicBacklog};
 use crate::time::{age, age_of, micros_of, time};
@@ -59,8 +60,8 @@ pub(crate) fn pending_sql(table: &str) -> String {
 }
 
 /// The table's backlog for the dispatcher's gauges: the pending rows' groups (through
-/// `(state, id)`) and the dead rows by topic (through `(state, processed_on)`), never the
-/// delivered rows.
+/// `(state, id)`), the dead rows by topic (through `(state, processed_on)`) and the keys
+/// they hold back ([`blocked_sql`]), never the delivered rows.
 pub(crate) fn backlog(conn: &mut mysql::PooledConn, table: &str) -> Result<Backlog> {
     let before = SystemTime::now();
     let (database_now, groups) = pending_groups(conn, table)?;
@@ -69,6 +70,7 @@ pub(crate) fn backlog(conn: &mut mysql::PooledConn, table: &str) -> Result<Backl
         "SELECT topic, COUNT(*) FROM `{table}` FORCE INDEX (state_processed) \
          WHERE state = {DEAD} GROUP BY topic"
     ))?;
+    let blocked = blocked_keys(conn, table)?;
     let mut topics: BTreeMap<String, TopicBacklog> = BTreeMap::new();
     let mut leased = 0;
     for group in groups {
@@ -94,6 +96,15 @@ pub(crate) fn backlog(conn: &mut mysql::PooledConn, table: &str) -> Result<Backl
             })
             .dead = rows;
     }
+    for held in blocked {
+        topics
+            .entry(held.topic.clone())
+            .or_insert_with(|| TopicBacklog {
+                topic: held.topic,
+                ..Default::default()
+            })
+            .blocked_keys = held.keys;
+    }
     let read_at = before + after.duration_since(before).unwrap_or_default() / 2;
     Ok(Backlog {
         topics: topics.into_values().collect(),
@@ -111,4 +122,42 @@ pub(crate) fn pending_groups(
     let now: Option<i64> = conn.query_first(format!("SELECT {}", micros_of("UTC_TIMESTAMP(6)")))?;
     let groups = conn.query(pending_sql(table))?;
     Ok((time(now.unwrap_or_default()), groups))
+}
+
+/// The keys of one topic held back by a dead message, as [`blocked_sql`] reads them.
+pub(crate) struct BlockedKeys {
+    pub topic: String,
+    /// Keys whose oldest dead message has pending messages after it.
+    pub keys: u64,
+    /// Those pending messages.
+    pub pending: u64,
+}
+
+/// Keys held back by a dead message, by topic: the keys whose oldest dead row has
+/// pending rows after it, and how many. The dead rows are read through
+/// `(state, processed_on)`, and each one's key through `(topic, msg_key, state, id)`: the
+/// work grows with the dead rows, not the table. Such keys are held back while the relays
+/// run with `dead_blocks_key`; without it, their later messages go on.
+pub(crate) fn blocked_sql(table: &str) -> String {
+    format!(
+        "SELECT b.topic, COUNT(*), CAST(SUM(b.waiting) AS UNSIGNED) FROM ( \
+           SELECT d.topic, (SELECT COUNT(*) FROM `{table}` p FORCE INDEX (key_order) \
+               WHERE p.topic = d.topic AND p.msg_key = d.msg_key AND p.state = {PENDING} \
+                 AND p.id > d.first) AS waiting \
+           FROM (SELECT topic, msg_key, MIN(id) AS first FROM `{table}` \
+                 FORCE INDEX (state_processed) WHERE state = {DEAD} AND msg_key IS NOT NULL \
+                 GROUP BY topic, msg_key) d \
+         ) b WHERE b.waiting > 0 GROUP BY b.topic"
+    )
+}
+
+/// The keys held back by a dead message, by topic ([`blocked_sql`]).
+pub(crate) fn blocked_keys(conn: &mut mysql::PooledConn, table: &str) -> Result<Vec<BlockedKeys>> {
+    Ok(
+        conn.query_map(blocked_sql(table), |(topic, keys, pending)| BlockedKeys {
+            topic,
+            keys,
+            pending,
+        })?,
+    )
 }

@@ -134,6 +134,15 @@ pub(crate) fn behind_dead(table: &str) -> String {
     )
 }
 
+/// SQL counting the pending rows of `table` after the row `o` in its key: the messages a
+/// dead `o` holds back when `dead_blocks_key` is set (0 for a row with no key).
+pub(crate) fn pending_after(table: &str) -> String {
+    format!(
+        "(SELECT COUNT(*) FROM `{table}` p WHERE p.topic = o.topic AND p.msg_key = o.msg_key \
+         AND p.state = {PENDING} AND p.id > o.id)"
+    )
+}
+
 /// Makes corrupt pending rows of `table` dead, with the reason as their error, so that
 /// they hold back nothing (unless `dead_blocks_key`).
 pub(crate) fn bury(

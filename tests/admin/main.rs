@@ -1,6 +1,7 @@
 //! The `outbox` command an operator runs, built and run against the real MariaDB and the
 //! real broker: status, dead messages, replay, discard, leases, and bad input.
 
+mod blocked;
 #[path = "../common/mod.rs"]
 mod common;
 mod dead;

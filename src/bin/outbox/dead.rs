@@ -44,6 +44,11 @@ pub struct FilterArgs {
     /// That died before this time: 2026-12-02T09:00:00Z, or a while ago (30m).
     #[arg(long, value_name = "TIME", value_parser = parse_time)]
     died_before: Option<TimeBound>,
+    /// That hold back at least one pending message of their key (with
+    /// dead_blocks_key, the relays send none of those until this one is replayed or
+    /// discarded).
+    #[arg(long)]
+    blocking: bool,
 }
 
 impl FilterArgs {
@@ -60,6 +65,7 @@ impl FilterArgs {
             died_after: self.died_after,
             died_before: self.died_before,
             after_id,
+            blocking: self.blocking,
             limit,
         }
     }
@@ -242,6 +248,7 @@ fn table(messages: &[DeadMessage]) -> String {
         "topic",
         "key",
         "attempts>",
+        "holds back>",
         "died",
         "error",
     ]);
@@ -254,6 +261,7 @@ fn table(messages: &[DeadMessage]) -> String {
                 .as_deref()
                 .map_or("-".into(), |k| shorten(&bytes(k), 24)),
             m.attempts.to_string(),
+            m.holds_back.to_string(),
             time(m.died),
             shorten(m.error.as_deref().unwrap_or("-"), 60),
         ]);

@@ -99,6 +99,8 @@ fn render(status: &Status, delivered: Option<&BTreeMap<String, u64>>) -> String 
         "dead>",
         "discarded>",
         "lag",
+        "blocked keys>",
+        "behind them>",
     ];
     if delivered.is_some() {
         columns.insert(5, "delivered/s>");
@@ -114,6 +116,8 @@ fn render(status: &Status, delivered: Option<&BTreeMap<String, u64>>) -> String 
             counts.dead.to_string(),
             counts.discarded.to_string(),
             counts.lag.map_or("-".into(), duration),
+            counts.blocked_keys.to_string(),
+            counts.blocked_pending.to_string(),
         ];
         if let Some(rate) = rate {
             cells.insert(5, rate.to_string());
