@@ -33,6 +33,10 @@ pub(crate) fn status(
         if status.total.delivered + status.total.pending + status.total.dead != rows as u64 {
             return Err(format!("status counted {:?} of {rows} rows", status.total).into());
         }
+        // Each dead row has pending rows of its key after it: the blocked keys are read.
+        if status.total.blocked_keys == 0 {
+            return Err(format!("status found no blocked key: {:?}", status.total).into());
+        }
         // The read behind a dispatcher's gauges (gauge_interval).
         let start = Instant::now();
         let backlog = store.backlog()?.ok_or("MySqlStore reports a backlog")?;

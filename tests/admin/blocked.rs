@@ -135,4 +135,15 @@ fn status_and_dead_list_show_the_keys_dead_messages_hold_back_and_what_waits_beh
         (status.total.blocked_keys, status.total.blocked_pending),
         (2, 2)
     );
+
+    // A replay of the blocking ones takes exactly those (k2 and k4 now), not k3's.
+    let dry = outbox_json(&table.name, &["replay", "--blocking", "--dry-run"]);
+    assert_eq!(dry["count"], 2, "{dry}");
+    let keys: Vec<&str> = dry["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["k2", "k4"]);
 }
