@@ -128,7 +128,11 @@ impl Bench {
         drop(handle);
         let committed = committed.lock();
         let acked = acked.lock();
-        let first = committed.values().min().copied().unwrap_or_else(Instant::now);
+        let first = committed
+            .values()
+            .min()
+            .copied()
+            .unwrap_or_else(Instant::now);
         let latencies = committed
             .iter()
             .filter_map(|(id, at)| {
