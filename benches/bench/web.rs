@@ -31,10 +31,9 @@ impl Bench {
             .env("WEB_WITHOUT_EVENTS", if events { "0" } else { "1" })
             .env(
                 "WEB_RELAY",
-                if mode == WebMode::External {
-                    "external"
-                } else {
-                    "in-process"
+                match mode {
+                    WebMode::External | WebMode::ExternalBinlog => "external",
+                    _ => "in-process",
                 },
             )
             .env("RUST_LOG", "warn")
@@ -50,6 +49,11 @@ impl Bench {
         // The service made the table; the relay of its own starts on it now.
         let relay = match mode {
             WebMode::External => Some(self.relay_process(&outbox_table, Source::Polling)?),
+            WebMode::ExternalBinlog => {
+                let relay = self.relay_process(&outbox_table, Source::Binlog)?;
+                self.following(&outbox_table)?;
+                Some(relay)
+            }
             _ => None,
         };
         let post = |path: &str, body: &str| -> Result<(u16, String), std::io::Error> {
@@ -149,10 +153,14 @@ pub(crate) enum WebMode {
     InProcess,
     /// Events, relayed by an `outbox relay` process (polling) of their own.
     External,
+    /// Events, relayed by an `outbox relay --source binlog` process of their own (on a
+    /// server with the binary log on).
+    ExternalBinlog,
 }
 
 /// The web service example under load: with its events relayed in its process, with them
-/// relayed by a process of their own, and without them, in turn.
+/// relayed by a process of their own, and without them, in turn; then, on the bench's
+/// server with the binary log on, with them relayed by a binlog relay and without them.
 pub(crate) fn web(
     bench: &Bench,
     runs: usize,
@@ -180,6 +188,32 @@ pub(crate) fn web(
             }
         }
     }
+    // The binlog relay needs a server with the binary log on: the benchmark's own, where
+    // the service runs without events too, for a ratio on the same server.
+    let url = std::env::var("BENCH_BINLOG_DATABASE_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3307/test".into());
+    let logged = Bench::at(url)?;
+    let mut binlog_rates: HashMap<WebMode, Vec<f64>> = HashMap::new();
+    for run in 0..runs {
+        let order = if run % 2 == 0 {
+            [WebMode::ExternalBinlog, WebMode::Without]
+        } else {
+            [WebMode::Without, WebMode::ExternalBinlog]
+        };
+        for mode in order {
+            let (rate, mut latencies) = logged.web_run(mode)?;
+            binlog_rates.entry(mode).or_default().push(rate);
+            if mode != WebMode::Without {
+                latencies.sort_by(f64::total_cmp);
+                p50.entry(mode)
+                    .or_default()
+                    .push(percentile(&latencies, 0.50));
+                p99.entry(mode)
+                    .or_default()
+                    .push(percentile(&latencies, 0.99));
+            }
+        }
+    }
     let without = &rates[&WebMode::Without];
     table.rate(
         "web service with events (req/s)",
@@ -196,9 +230,24 @@ pub(crate) fn web(
         &rates[&WebMode::External],
         without,
     );
+    let logged_without = &binlog_rates[&WebMode::Without];
+    table.rate(
+        "web service with events, binlog relay apart, binlog on (req/s)",
+        &binlog_rates[&WebMode::ExternalBinlog],
+    );
+    table.rate(
+        "web service, event writes taken out, binlog on (req/s)",
+        logged_without,
+    );
+    table.ratio(
+        "  binlog relay apart / without, binlog on",
+        &binlog_rates[&WebMode::ExternalBinlog],
+        logged_without,
+    );
     for (mode, name) in [
         (WebMode::InProcess, "web service"),
         (WebMode::External, "web service, relay apart"),
+        (WebMode::ExternalBinlog, "web service, binlog relay apart"),
     ] {
         table.millis(
             &format!("{name}, 2xx answer to event consumed, p50 (ms)"),
