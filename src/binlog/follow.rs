@@ -99,6 +99,7 @@ impl Tail {
                 }
                 if session.batch.is_empty() {
                     session.batch_pin = Some(session.read_through.clone());
+                    session.batch_since = Instant::now();
                 }
                 session.batch.push(record);
                 if session.batch.len() >= self.settings.batch_size {
@@ -181,19 +182,28 @@ impl Tail {
     }
 
     /// The next change, if it comes within [`GATHER_GAP`] while a backlog is read (the
-    /// batch holds [`BACKLOG_BATCH`] rows or more and is not full): fuller batches are
-    /// fewer produce requests, which cost the broker less. A batch of a few rows, the
-    /// steady trickle of commits, does not wait.
+    /// batch holds [`BACKLOG_BATCH`] rows or more and is not full), or, for a batch of a
+    /// few rows, before `linger` has passed since its first: fuller batches are fewer
+    /// produce requests and marks, which cost the broker and the database less. With no
+    /// linger (the default), the steady trickle of commits does not wait.
     fn gather(
         &self,
         session: &Session,
         changes: &Receiver<Result<Change>>,
     ) -> Result<Option<Change>> {
         let gathered = session.batch.len();
-        if gathered < BACKLOG_BATCH || gathered >= self.settings.batch_size {
+        if gathered == 0 || gathered >= self.settings.batch_size {
             return Ok(None);
         }
-        match changes.recv_timeout(GATHER_GAP) {
+        let wait = if gathered >= BACKLOG_BATCH {
+            GATHER_GAP
+        } else {
+            (session.batch_since + self.binlog.linger).saturating_duration_since(Instant::now())
+        };
+        if wait.is_zero() {
+            return Ok(None);
+        }
+        match changes.recv_timeout(wait) {
             Ok(change) => change.map(Some),
             Err(RecvTimeoutError::Timeout) => Ok(None),
             Err(RecvTimeoutError::Disconnected) => Err(events::stream_ended()),

@@ -116,6 +116,7 @@ impl Tail {
                 held: Held::new(self.settings.batch_size.max(HELD_PER_BATCH) * HELD_PER_BATCH),
                 read_through,
                 batch_pin: None,
+                batch_since: Instant::now(),
                 sweep: Default::default(),
             };
             let followed = self.follow(broker, &mut session, &changes);

@@ -55,6 +55,8 @@ pub(super) struct Session {
     pub read_through: Position,
     /// Where the transaction of the batch's first row starts.
     pub batch_pin: Option<Position>,
+    /// When the batch's first row was read from the log.
+    pub batch_since: Instant,
     /// The safety net's last look.
     pub sweep: Sweep,
     /// Until when the session may publish: it holds the table's lock until then.

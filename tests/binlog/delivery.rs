@@ -365,6 +365,84 @@ fn a_row_the_relay_never_read_is_published_by_the_sweep(server: Server) {
     relay.stop().unwrap();
 }
 
+/// A broker that counts its publish calls: each is one produce request or more.
+struct CountingBroker {
+    inner: outbox::KafkaBroker,
+    calls: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl outbox::Broker for CountingBroker {
+    fn publish(&mut self, records: &[outbox::Record]) -> Vec<outbox::Result<()>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.publish(records)
+    }
+
+    fn delivery_timeout(&self) -> Duration {
+        self.inner.delivery_timeout()
+    }
+}
+
+/// Commits 20 messages one per transaction, 20 ms apart, while a relay with `linger` follows, and
+/// returns in how many publish calls they went out, and how long the commits took.
+fn publishes_of_a_stream(server: Server, linger: Duration) -> (usize, Duration) {
+    const N: usize = 20;
+    let f = fixture(server, "binlog_linger");
+    let binlog = BinlogSettings {
+        linger,
+        ..BinlogSettings::default()
+    };
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counting = CountingBroker {
+        inner: broker(),
+        calls: calls.clone(),
+    };
+    let mut relay = BinlogRelay::new(
+        mysql::Opts::from_url(&f.url).unwrap(),
+        &f.table,
+        counting,
+        fast_settings(),
+        binlog,
+        "binlog-linger",
+    )
+    .unwrap()
+    .start()
+    .unwrap();
+    wait_until_following(&f.pool, &f.table);
+    let mut conn = f.pool.get_conn().unwrap();
+    let before = calls.load(Ordering::SeqCst);
+    let started = Instant::now();
+    // A commit every 20 ms: slower than a publish, so that without a linger each one
+    // goes out on its own.
+    for message in keyed(&f.topic, 0, N) {
+        commit_each_on(&mut conn, &f.store, &[message]);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = started.elapsed();
+    assert!(delivered(&f.pool, &f.table, N as u64), "all delivered");
+    let publishes = calls.load(Ordering::SeqCst) - before;
+    let got = consume(&f.topic, N, Duration::from_secs(30), Duration::ZERO);
+    assert_eq!(got.len(), N, "each once");
+    assert_key_order(&got, false);
+    relay.stop().unwrap();
+    (publishes, took)
+}
+
+fn with_a_linger_a_stream_of_commits_goes_out_in_a_few_batches(server: Server) {
+    let linger = Duration::from_millis(200);
+    let (lingered, took) = publishes_of_a_stream(server, linger);
+    let most = (took.as_millis() / linger.as_millis()) as usize + 2;
+    assert!(
+        lingered <= most,
+        "{lingered} publishes for 20 commits in {took:?} with a linger of {linger:?}"
+    );
+    // Without a linger, each commit goes out as it is read.
+    let (each, took) = publishes_of_a_stream(server, Duration::ZERO);
+    assert!(
+        each >= 10,
+        "{each} publishes without a linger for 20 commits in {took:?}, {lingered} with one"
+    );
+}
+
 on_both_servers!(
     every_committed_message_is_published_in_key_order_and_none_rolled_back,
     the_relays_marks_log_no_payload,
@@ -372,4 +450,5 @@ on_both_servers!(
     rows_a_session_logs_in_minimal_images_are_read_from_the_table,
     a_transaction_of_100_000_messages_goes_through_in_bounded_memory,
     a_row_the_relay_never_read_is_published_by_the_sweep,
+    with_a_linger_a_stream_of_commits_goes_out_in_a_few_batches,
 );

@@ -11,6 +11,7 @@
 //! | `OUTBOX_SOURCE`, `OUTBOX_SERVER_ID` | `polling`; `binlog` reads the binary log (under a random server id) |
 //! | `OUTBOX_BINLOG_LOCK_TIMEOUT_MS` | 10,000: how soon a standby binlog relay replaces one cut off |
 //! | `OUTBOX_BINLOG_SWEEP_AFTER_MS` | 30,000: a row still pending behind the binlog relay this long is swept |
+//! | `OUTBOX_BINLOG_LINGER_MS` | 0: how long the binlog relay lets a batch of a few rows wait for more |
 //! | `OUTBOX_KAFKA_CONFIG_FILE` | none; a Java `.properties` file (Kafka's `client.properties`), also `--kafka-config FILE` |
 //! | `OUTBOX_KAFKA_PROPERTIES` | none; `name=value` pairs separated by commas, `\,` for a comma in a value; they override the file's |
 //! | `OUTBOX_BATCH_SIZE`, `OUTBOX_MAX_ATTEMPTS`, `OUTBOX_DEAD_BLOCKS_KEY` | as `DispatcherSettings` |
@@ -60,6 +61,10 @@ pub struct Args {
     /// relay is published by its sweep, with a warning. Default 30,000.
     #[arg(long, value_name = "MS", env = "OUTBOX_BINLOG_SWEEP_AFTER_MS")]
     sweep_after_ms: Option<u64>,
+    /// With --source binlog: milliseconds a batch of a few rows waits for more before it
+    /// is published (fewer, larger produce requests under a stream). Default 0.
+    #[arg(long, value_name = "MS", env = "OUTBOX_BINLOG_LINGER_MS")]
+    binlog_linger_ms: Option<u64>,
     /// Kafka's bootstrap servers.
     #[arg(long, env = "OUTBOX_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
     brokers: String,
@@ -212,6 +217,9 @@ pub fn main(database_url: &str, table: &str, args: Args) -> Result<ExitCode, Fai
             }
             if let Some(ms) = args.sweep_after_ms {
                 binlog.sweep_after = Duration::from_millis(ms);
+            }
+            if let Some(ms) = args.binlog_linger_ms {
+                binlog.linger = Duration::from_millis(ms);
             }
             BinlogRelay::new(opts, table, broker, args.settings(), binlog, &instance)?.start()?
         }
