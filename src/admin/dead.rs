@@ -130,32 +130,22 @@ fn dead_columns(table: &str) -> String {
     )
 }
 
-type DeadRow = (
-    u64,
-    Vec<u8>,
-    String,
-    Option<Vec<u8>>,
-    u32,
-    Option<String>,
-    i64,
-    i64,
-    u64,
-    u64,
-);
-
-fn dead_message(row: DeadRow) -> Result<DeadMessage> {
-    let (id, message_id, topic, key, attempts, error, created, died, payload_len, holds_back) = row;
+/// A row read as [`dead_columns`] lists them, as a [`DeadMessage`]; [`Error::CorruptRow`]
+/// when a column is not what the table holds.
+fn dead_message(mut row: Row) -> Result<DeadMessage> {
+    let id: u64 = take(&mut row, 0, 0)?;
+    let message_id: Vec<u8> = take(&mut row, 1, id)?;
     Ok(DeadMessage {
         id,
         message_id: uuid(id, &message_id)?,
-        topic,
-        key,
-        attempts,
-        error,
-        created: time(created),
-        died: time(died),
-        payload_len,
-        holds_back,
+        topic: take(&mut row, 2, id)?,
+        key: take(&mut row, 3, id)?,
+        attempts: take(&mut row, 4, id)?,
+        error: take(&mut row, 5, id)?,
+        created: time(take(&mut row, 6, id)?),
+        died: time(take(&mut row, 7, id)?),
+        payload_len: take(&mut row, 8, id)?,
+        holds_back: take(&mut row, 9, id)?,
     })
 }
 
@@ -339,7 +329,7 @@ impl Admin {
             }
             None => "",
         };
-        let rows: Vec<DeadRow> = tx.exec(
+        let rows: Vec<Row> = tx.exec(
             format!(
                 "SELECT {} FROM `{}` o WHERE o.state = {DEAD}{conditions} ORDER BY o.id{limit}{lock}",
                 dead_columns(self.table()),
