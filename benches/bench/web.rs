@@ -169,23 +169,14 @@ pub(crate) fn web(
     eprintln!("web service, {WEB_CLIENTS} clients x {WEB_REQUESTS} requests ({runs} runs)");
     let modes = [WebMode::InProcess, WebMode::External, WebMode::Without];
     let mut rates: HashMap<WebMode, Vec<f64>> = HashMap::new();
-    let mut p50: HashMap<WebMode, Vec<f64>> = HashMap::new();
-    let mut p99: HashMap<WebMode, Vec<f64>> = HashMap::new();
+    let mut latencies = Percentiles::default();
     for run in 0..runs {
         // A different mode first in each run.
         for i in 0..modes.len() {
             let mode = modes[(run + i) % modes.len()];
-            let (rate, mut latencies) = bench.web_run(mode)?;
+            let (rate, latencies_of_run) = bench.web_run(mode)?;
             rates.entry(mode).or_default().push(rate);
-            if mode != WebMode::Without {
-                latencies.sort_by(f64::total_cmp);
-                p50.entry(mode)
-                    .or_default()
-                    .push(percentile(&latencies, 0.50));
-                p99.entry(mode)
-                    .or_default()
-                    .push(percentile(&latencies, 0.99));
-            }
+            latencies.record(mode, latencies_of_run);
         }
     }
     // The binlog relay needs a server with the binary log on: the benchmark's own, where
@@ -201,17 +192,9 @@ pub(crate) fn web(
             [WebMode::Without, WebMode::ExternalBinlog]
         };
         for mode in order {
-            let (rate, mut latencies) = logged.web_run(mode)?;
+            let (rate, latencies_of_run) = logged.web_run(mode)?;
             binlog_rates.entry(mode).or_default().push(rate);
-            if mode != WebMode::Without {
-                latencies.sort_by(f64::total_cmp);
-                p50.entry(mode)
-                    .or_default()
-                    .push(percentile(&latencies, 0.50));
-                p99.entry(mode)
-                    .or_default()
-                    .push(percentile(&latencies, 0.99));
-            }
+            latencies.record(mode, latencies_of_run);
         }
     }
     let without = &rates[&WebMode::Without];
@@ -251,14 +234,39 @@ pub(crate) fn web(
     ] {
         table.millis(
             &format!("{name}, 2xx answer to event consumed, p50 (ms)"),
-            &p50[&mode],
+            &latencies.p50[&mode],
         );
         table.millis(
             &format!("{name}, 2xx answer to event consumed, p99 (ms)"),
-            &p99[&mode],
+            &latencies.p99[&mode],
         );
     }
     Ok(())
+}
+
+/// The p50 and p99 of each run's answer-to-event latencies, by mode.
+#[derive(Default)]
+pub(crate) struct Percentiles {
+    pub(crate) p50: HashMap<WebMode, Vec<f64>>,
+    pub(crate) p99: HashMap<WebMode, Vec<f64>>,
+}
+
+impl Percentiles {
+    /// Adds one run's figures; a run without events has none.
+    fn record(&mut self, mode: WebMode, mut latencies: Vec<f64>) {
+        if mode == WebMode::Without {
+            return;
+        }
+        latencies.sort_by(f64::total_cmp);
+        self.p50
+            .entry(mode)
+            .or_default()
+            .push(percentile(&latencies, 0.50));
+        self.p99
+            .entry(mode)
+            .or_default()
+            .push(percentile(&latencies, 0.99));
+    }
 }
 
 /// Reads `topic` from its creation until `expected` events arrived (or two minutes

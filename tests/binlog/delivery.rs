@@ -5,13 +5,7 @@ use super::*;
 fn every_committed_message_is_published_in_key_order_and_none_rolled_back(server: Server) {
     const KEYS: usize = 20;
     let f = fixture(server, "binlog");
-    let (url, pool, store, table, topic) = (
-        f.url.as_str(),
-        &f.pool,
-        &f.store,
-        f.table.as_str(),
-        f.topic.as_str(),
-    );
+    let (url, pool, store, table, topic) = f.parts();
     let aggregates = Arc::new(Aggregates::new(pool, KEYS));
     let mut relay = start_relay(url, table, "binlog-order").unwrap();
     wait_until_following(pool, table);
@@ -255,13 +249,7 @@ fn a_transaction_of_100_000_messages_goes_through_in_bounded_memory(server: Serv
     const ROWS: usize = 100_000;
     const PAYLOAD: usize = 2_000;
     let f = fixture(server, "binlog_big");
-    let (url, pool, store, table, topic) = (
-        f.url.as_str(),
-        &f.pool,
-        &f.store,
-        f.table.as_str(),
-        f.topic.as_str(),
-    );
+    let (url, pool, store, table, topic) = f.parts();
     let mut command = relay_command(table, "binlog-big", "", &[]);
     command
         .env("OUTBOX_DATABASE_URL", url)

@@ -119,13 +119,7 @@ fn a_standby_takes_over_within_seconds_of_the_active_relay_cut_off(server: Serve
 
 fn a_standby_takes_over_when_the_active_relay_dies(server: Server) {
     let f = fixture(server, "binlog_standby");
-    let (url, pool, store, table, topic) = (
-        f.url.as_str(),
-        &f.pool,
-        &f.store,
-        f.table.as_str(),
-        f.topic.as_str(),
-    );
+    let (url, pool, store, table, topic) = f.parts();
     let outbox = Outbox::new(store);
     let add = |n: usize, from: usize| -> Vec<String> {
         let mut tx = pool.start_transaction(mysql::TxOpts::default()).unwrap();

@@ -239,13 +239,7 @@ fn a_long_wait_behind_a_failed_message_is_read_back_from_the_table_in_order(serv
 
 fn the_broker_down_and_back_loses_nothing_and_keeps_key_order(server: Server) {
     let f = fixture(server, "binlog_broker");
-    let (url, pool, store, table, topic) = (
-        f.url.as_str(),
-        &f.pool,
-        &f.store,
-        f.table.as_str(),
-        f.topic.as_str(),
-    );
+    let (url, pool, store, table, topic) = f.parts();
     let mut kafka = common::tansu::Tansu::on_free_port().unwrap();
     kafka.start().unwrap();
     let mut relay = BinlogRelay::new(
@@ -310,13 +304,7 @@ fn the_broker_down_and_back_loses_nothing_and_keeps_key_order(server: Server) {
 
 fn a_dead_message_holds_its_key_until_an_operator_discards_it(server: Server) {
     let f = fixture(server, "binlog_dead");
-    let (url, pool, store, table, topic) = (
-        f.url.as_str(),
-        &f.pool,
-        &f.store,
-        f.table.as_str(),
-        f.topic.as_str(),
-    );
+    let (url, pool, store, table, topic) = f.parts();
     let settings = outbox::DispatcherSettings {
         max_attempts: Some(2),
         dead_blocks_key: true,
@@ -401,13 +389,7 @@ fn a_dead_message_holds_its_key_until_an_operator_discards_it(server: Server) {
 fn dead_messages_replayed_together_go_once_each_before_the_rest_of_their_key(server: Server) {
     const WAITING: usize = 10;
     let f = fixture(server, "binlog_replay");
-    let (url, pool, store, table, topic) = (
-        f.url.as_str(),
-        &f.pool,
-        &f.store,
-        f.table.as_str(),
-        f.topic.as_str(),
-    );
+    let (url, pool, store, table, topic) = f.parts();
     // Batches of 4: the key's rows are read back in three reads.
     let (mut relay, _, logs) = relay_process_with(
         url,

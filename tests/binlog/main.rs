@@ -70,6 +70,13 @@ struct Fixture {
     topic: String,
 }
 
+impl Fixture {
+    /// The server's URL, pool, store, table and topic, as most tests use them.
+    fn parts(&self) -> (&str, &mysql::Pool, &MySqlStore, &str, &str) {
+        (&self.url, &self.pool, &self.store, &self.table, &self.topic)
+    }
+}
+
 fn fixture(server: Server, prefix: &str) -> Fixture {
     let db = binlog_database(server);
     let url = db.url();

@@ -5,13 +5,7 @@ use super::*;
 fn a_relay_killed_mid_stream_resumes_from_its_position_and_loses_nothing(server: Server) {
     const KEYS: usize = 10;
     let f = fixture(server, "binlog_kill");
-    let (url, pool, store, table, topic) = (
-        f.url.as_str(),
-        &f.pool,
-        &f.store,
-        f.table.as_str(),
-        f.topic.as_str(),
-    );
+    let (url, pool, store, table, topic) = f.parts();
     let aggregates = Arc::new(Aggregates::new(pool, KEYS));
 
     let (mut first, _, _) = relay_process(url, table, "binlog-killed");
@@ -94,13 +88,7 @@ fn a_relay_killed_every_two_seconds_while_writers_commit_loses_nothing(server: S
     const KEYS: usize = 10;
     const KILLS: usize = 8;
     let f = fixture(server, "binlog_kill_loop");
-    let (url, pool, store, table, topic) = (
-        f.url.as_str(),
-        &f.pool,
-        &f.store,
-        f.table.as_str(),
-        f.topic.as_str(),
-    );
+    let (url, pool, store, table, topic) = f.parts();
     let aggregates = Arc::new(Aggregates::new(pool, KEYS));
     let stop = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..4)
@@ -210,13 +198,7 @@ fn the_database_restarted_mid_stream_loses_nothing(server: Server) {
 
 fn a_rotated_then_purged_binary_log_is_caught_up_from_the_table(server: Server) {
     let f = fixture(server, "binlog_purge");
-    let (url, pool, store, table, topic) = (
-        f.url.as_str(),
-        &f.pool,
-        &f.store,
-        f.table.as_str(),
-        f.topic.as_str(),
-    );
+    let (url, pool, store, table, topic) = f.parts();
     let outbox = Outbox::new(store);
     let add = |from: usize, n: usize| -> Vec<String> {
         (from..from + n)
@@ -296,13 +278,7 @@ fn a_rotated_then_purged_binary_log_is_caught_up_from_the_table(server: Server) 
 
 fn a_position_saved_on_another_server_is_not_resumed_but_caught_up(server: Server) {
     let f = fixture(server, "binlog_failover");
-    let (url, pool, store, table, topic) = (
-        f.url.as_str(),
-        &f.pool,
-        &f.store,
-        f.table.as_str(),
-        f.topic.as_str(),
-    );
+    let (url, pool, store, table, topic) = f.parts();
     let mut relay = start_relay(url, table, "binlog-before").unwrap();
     wait_until_following(pool, table);
     relay.stop().unwrap();
