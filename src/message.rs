@@ -1,5 +1,7 @@
 //! The message a service hands to the outbox, and the rules it must follow.
 
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
@@ -22,6 +24,10 @@ pub const MAX_MESSAGE_SIZE: usize = 1_000_000;
 /// published. Consumers drop duplicates by it. User headers may not use this name.
 pub const MESSAGE_ID_HEADER: &str = "outbox-message-id";
 
+/// Farthest a message may be scheduled, ahead or behind: ten years (3,653 days).
+/// A time farther away is more likely a unit mistaken than a plan.
+pub const MAX_SCHEDULE: Duration = Duration::from_secs(3_653 * 86_400);
+
 /// A message for one Kafka topic: optional key, ordered headers and a payload.
 ///
 /// Build it with [`Message::new`] or [`Message::json`] and the `with_*` methods; it is
@@ -41,6 +47,18 @@ pub struct Message {
     key: Option<Vec<u8>>,
     headers: Vec<(String, Vec<u8>)>,
     payload: Vec<u8>,
+    due: Due,
+}
+
+/// When a message may be published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Due {
+    /// As soon as its transaction commits.
+    Now,
+    /// This long after the add, by the database's clock.
+    After(Duration),
+    /// Not before this time (the database's clock, which runs in UTC).
+    At(SystemTime),
 }
 
 impl Message {
@@ -51,6 +69,7 @@ impl Message {
             key: None,
             headers: Vec::new(),
             payload: payload.into(),
+            due: Due::Now,
         }
     }
 
@@ -80,6 +99,42 @@ impl Message {
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<Vec<u8>>) -> Message {
         self.headers.push((name.into(), value.into()));
         self
+    }
+
+    /// Publishes the message no sooner than `delay` after the add, counted on the
+    /// database's clock from the moment the INSERT runs (so every relay agrees on it,
+    /// whatever the application's clock says). Later messages of the same topic and key
+    /// wait for it: per-key order holds, so a delayed message delays its key. A delay of
+    /// more than [`MAX_SCHEDULE`] is refused at the add.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let reminder = outbox::Message::new("reminders", "cart 42 is waiting")
+    ///     .with_key("cart-42")
+    ///     .deliver_after(Duration::from_secs(3600));
+    /// assert!(reminder.validate().is_ok());
+    /// ```
+    pub fn deliver_after(mut self, delay: Duration) -> Message {
+        self.due = if delay.is_zero() {
+            Due::Now
+        } else {
+            Due::After(delay)
+        };
+        self
+    }
+
+    /// Publishes the message no sooner than `time`, read on the database's clock; a time
+    /// already past means at once. As with [`deliver_after`](Message::deliver_after), the
+    /// later messages of its key wait for it. A time more than [`MAX_SCHEDULE`] away, in
+    /// either direction, is refused at the add.
+    pub fn deliver_at(mut self, time: SystemTime) -> Message {
+        self.due = Due::At(time);
+        self
+    }
+
+    /// When the message may be published.
+    pub(crate) fn due(&self) -> Due {
+        self.due
     }
 
     /// The topic.
@@ -119,7 +174,8 @@ impl Message {
     /// - key: at most [`MAX_KEY_LEN`] bytes, any bytes;
     /// - headers: at most [`MAX_HEADERS`]; names of 1 to [`MAX_HEADER_NAME_LEN`] bytes
     ///   with no control characters, not [`MESSAGE_ID_HEADER`]; values any bytes;
-    /// - payload, key and headers together: at most [`MAX_MESSAGE_SIZE`] bytes.
+    /// - payload, key and headers together: at most [`MAX_MESSAGE_SIZE`] bytes;
+    /// - a delivery time at most [`MAX_SCHEDULE`] away.
     ///
     /// # Errors
     ///
@@ -149,7 +205,7 @@ impl Message {
                 "message is {size} bytes (payload, key and headers), the limit is {MAX_MESSAGE_SIZE}"
             )));
         }
-        Ok(())
+        validate_due(self.due)
     }
 
     /// Payload, key, header names and header values added up, in bytes.
@@ -190,6 +246,33 @@ fn validate_topic(topic: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+fn validate_due(due: Due) -> Result<()> {
+    let years = |d: Duration| d.as_secs_f64() / (365.25 * 86_400.0);
+    match due {
+        Due::Now => Ok(()),
+        Due::After(delay) if delay > MAX_SCHEDULE => Err(Error::invalid(format!(
+            "deliver_after is {:.1} years away, the limit is 10",
+            years(delay)
+        ))),
+        Due::After(_) => Ok(()),
+        Due::At(time) => {
+            let now = SystemTime::now();
+            let away = match time.duration_since(now) {
+                Ok(ahead) => ahead,
+                Err(behind) => behind.duration(),
+            };
+            if away > MAX_SCHEDULE || time < UNIX_EPOCH {
+                return Err(Error::invalid(format!(
+                    "deliver_at is {:.1} years {}, the limit is 10",
+                    years(away),
+                    if time > now { "ahead" } else { "ago" }
+                )));
+            }
+            Ok(())
+        }
+    }
 }
 
 fn validate_header_name(name: &str) -> Result<()> {
@@ -288,6 +371,35 @@ mod tests {
         assert!(at_limit.validate().is_ok());
         let over = at_limit.with_header("h", "");
         assert!(refused(over).contains("1000001"));
+    }
+
+    #[test]
+    fn a_delivery_time_more_than_ten_years_away_is_refused() {
+        let year = Duration::from_secs(365 * 86_400);
+        let ok = Message::new("t", "p").deliver_after(9 * year);
+        assert!(ok.validate().is_ok());
+        assert_eq!(ok.due(), Due::After(9 * year));
+        assert_eq!(
+            Message::new("t", "p").deliver_after(Duration::ZERO).due(),
+            Due::Now
+        );
+        assert!(
+            refused(Message::new("t", "p").deliver_after(11 * year)).contains("the limit is 10")
+        );
+        assert!(refused(Message::new("t", "p").deliver_after(Duration::MAX)).contains("years"));
+
+        let now = SystemTime::now();
+        assert!(Message::new("t", "p")
+            .deliver_at(now + 9 * year)
+            .validate()
+            .is_ok());
+        assert!(Message::new("t", "p")
+            .deliver_at(now - year)
+            .validate()
+            .is_ok());
+        assert!(refused(Message::new("t", "p").deliver_at(now + 11 * year)).contains("ahead"));
+        assert!(refused(Message::new("t", "p").deliver_at(now - 11 * year)).contains("ago"));
+        assert!(refused(Message::new("t", "p").deliver_at(UNIX_EPOCH)).contains("ago"));
     }
 
     #[test]

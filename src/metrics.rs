@@ -18,11 +18,12 @@
 //! | `outbox_stage_seconds` | histogram | each relay stage of a batch, label `stage`: `claim`, `publish`, `mark` |
 //! | `outbox_pending_messages` | gauge | pending messages in the table |
 //! | `outbox_dead_messages` | gauge | dead messages in the table |
-//! | `outbox_lag_seconds` | gauge | age of the oldest pending message, on the database's clock |
+//! | `outbox_lag_seconds` | gauge | how late the oldest pending message is, on the database's clock: from its add, or from the time a delayed message was due; scheduled messages are not late |
+//! | `outbox_scheduled_messages` | gauge | pending messages delayed to a time not come yet (in `outbox_pending_messages` too) |
 //! | `outbox_leased_rows` | gauge | pending rows leased by any dispatcher (no `topic`) |
 //! | `outbox_blocked_keys` | gauge | keys whose oldest dead message has pending messages after it: held back while the relays run with `dead_blocks_key` |
 //! | `outbox_table_pending_messages` | gauge | pending messages of every topic (no `topic`); 0, not absent, on an empty table |
-//! | `outbox_table_lag_seconds` | gauge | age of the oldest pending message of any topic (no `topic`); 0 when none is pending |
+//! | `outbox_table_lag_seconds` | gauge | the largest `outbox_lag_seconds` of any topic (no `topic`); 0 when no message is due |
 //!
 //! An [`InboxConsumer`](crate::inbox::InboxConsumer) reports under the label `consumer`
 //! (its name), and `topic`:
@@ -72,8 +73,10 @@ pub const STAGE_SECONDS: &str = "outbox_stage_seconds";
 pub const PENDING_MESSAGES: &str = "outbox_pending_messages";
 /// Dead messages in the table, by topic.
 pub const DEAD_MESSAGES: &str = "outbox_dead_messages";
-/// Age of the oldest pending message, by topic.
+/// How late the oldest pending message that is due is, by topic.
 pub const LAG_SECONDS: &str = "outbox_lag_seconds";
+/// Pending messages delayed to a time not come yet, by topic.
+pub const SCHEDULED_MESSAGES: &str = "outbox_scheduled_messages";
 /// Pending rows leased by any dispatcher.
 pub const LEASED_ROWS: &str = "outbox_leased_rows";
 /// Keys whose oldest dead message has pending messages after it, by topic.
@@ -81,7 +84,7 @@ pub const BLOCKED_KEYS: &str = "outbox_blocked_keys";
 /// Pending messages of every topic: set from the first read, even on an empty table,
 /// when no topic has a gauge yet.
 pub const TABLE_PENDING_MESSAGES: &str = "outbox_table_pending_messages";
-/// Age of the oldest pending message of any topic; 0 when none is pending.
+/// How late the oldest pending message of any topic is; 0 when none is due.
 pub const TABLE_LAG_SECONDS: &str = "outbox_table_lag_seconds";
 
 /// Records an inbox consumer settled, by `outcome`.
@@ -239,6 +242,7 @@ impl Meter {
             gauge!(PENDING_MESSAGES, &labels).set(0.0);
             gauge!(DEAD_MESSAGES, &labels).set(0.0);
             gauge!(LAG_SECONDS, &labels).set(0.0);
+            gauge!(SCHEDULED_MESSAGES, &labels).set(0.0);
             gauge!(BLOCKED_KEYS, &labels).set(0.0);
         }
         for topic in &backlog.topics {
@@ -246,6 +250,7 @@ impl Meter {
             gauge!(PENDING_MESSAGES, &labels).set(topic.pending as f64);
             gauge!(DEAD_MESSAGES, &labels).set(topic.dead as f64);
             gauge!(LAG_SECONDS, &labels).set(topic.lag.map_or(0.0, |lag| lag.as_secs_f64()));
+            gauge!(SCHEDULED_MESSAGES, &labels).set(topic.scheduled as f64);
             gauge!(BLOCKED_KEYS, &labels).set(topic.blocked_keys as f64);
         }
         gauge!(LEASED_ROWS, "instance" => self.instance.clone()).set(backlog.leased as f64);
@@ -302,8 +307,11 @@ pub struct TopicBacklog {
     pub pending: u64,
     /// Dead messages.
     pub dead: u64,
-    /// Age of the oldest pending message, on the database's clock.
+    /// How late the oldest pending message that is due is, on the database's clock;
+    /// `None` when no message is due.
     pub lag: Option<Duration>,
+    /// Pending messages delayed to a time not come yet (counted in `pending` too).
+    pub scheduled: u64,
     /// Keys whose oldest dead message has pending messages after it (held back while
     /// the relays run with `dead_blocks_key`).
     pub blocked_keys: u64,

@@ -22,6 +22,9 @@ pub struct Counts {
     pub pending: u64,
     /// Of the pending: unleased and waiting out the backoff after a failed send.
     pub backing_off: u64,
+    /// Of the pending: delayed messages whose time has not come
+    /// ([`Message::deliver_after`](crate::Message::deliver_after)).
+    pub scheduled: u64,
     /// Of the pending: leased by a dispatcher, being published.
     pub leased: u64,
     /// Delivered and not yet deleted by retention.
@@ -30,8 +33,10 @@ pub struct Counts {
     pub dead: u64,
     /// Dead messages an operator discarded; no work, deleted by retention.
     pub discarded: u64,
-    /// How long ago the oldest pending message was added, by the database's clock: the
-    /// relay's lag. `None` when nothing is pending.
+    /// How late the oldest pending message is, by the database's clock: the relay's lag.
+    /// A message is late from its add, or from the time a delayed message was due (one
+    /// tried and failed, from its add); a scheduled message is not late. `None` when no
+    /// pending message is due.
     pub lag: Option<Duration>,
     /// Keys whose oldest dead message has pending messages after it: held back while the
     /// relays run with `dead_blocks_key` (without it, those messages go on).
@@ -174,8 +179,11 @@ impl Admin {
             let counts = topics.entry(group.topic).or_default();
             counts.pending += group.rows;
             counts.backing_off += group.backing_off;
-            let lag = age(group.oldest_row);
-            counts.lag = Some(counts.lag.map_or(lag, |other| other.max(lag)));
+            counts.scheduled += group.scheduled;
+            if let Some(oldest) = group.oldest_row {
+                let lag = age(oldest);
+                counts.lag = Some(counts.lag.map_or(lag, |other| other.max(lag)));
+            }
             if group.owner != 0 {
                 counts.leased += group.rows;
                 let holder = leases.entry(group.owner).or_insert(LeaseHolder {
@@ -193,6 +201,7 @@ impl Admin {
         for counts in topics.values() {
             total.pending += counts.pending;
             total.backing_off += counts.backing_off;
+            total.scheduled += counts.scheduled;
             total.leased += counts.leased;
             total.delivered += counts.delivered;
             total.dead += counts.dead;
@@ -357,12 +366,14 @@ fn settled_counts(
 }
 
 impl Counts {
-    /// As JSON: `{"pending": n, "backing_off": n, "leased": n, "delivered": n, "dead": n,
-    /// "discarded": n, "lag_seconds": x or null, "blocked_keys": n, "blocked_pending": n}`.
+    /// As JSON: `{"pending": n, "backing_off": n, "scheduled": n, "leased": n,
+    /// "delivered": n, "dead": n, "discarded": n, "lag_seconds": x or null,
+    /// "blocked_keys": n, "blocked_pending": n}`.
     pub fn to_json(&self) -> Json {
         json!({
             "pending": self.pending,
             "backing_off": self.backing_off,
+            "scheduled": self.scheduled,
             "leased": self.leased,
             "delivered": self.delivered,
             "dead": self.dead,

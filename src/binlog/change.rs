@@ -1,6 +1,8 @@
 //! What the binlog reader hands the relay: one change after another, in the order of the
 //! binary log.
 
+use std::time::SystemTime;
+
 use super::position::Position;
 use crate::record::Record;
 
@@ -9,6 +11,13 @@ use crate::record::Record;
 pub(crate) enum Change {
     /// A pending row inserted into the outbox table.
     Inserted(Record),
+    /// A pending row inserted as a delayed message, due at `due` (the database's clock):
+    /// published from the table then, and its key (`key`, if it has one) waits for it.
+    Scheduled {
+        id: u64,
+        key: Option<(String, Vec<u8>)>,
+        due: SystemTime,
+    },
     /// A dead row an operator replayed (`replayed`: its record, pending again) or
     /// discarded (`None`); `key` is its topic and key, if it has a key.
     Revived {

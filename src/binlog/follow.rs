@@ -11,6 +11,7 @@ use mysql::prelude::Queryable;
 
 use super::change::{Change, PartialKind};
 use super::events;
+use super::hold::Slot;
 use super::worker::Settle;
 use super::worker::{Session, Tail};
 use crate::broker::Broker;
@@ -18,6 +19,7 @@ use crate::error::{Error, Result, Worker};
 use crate::record::Record;
 use crate::store::codec::{decode_record, RECORD_COLUMNS};
 use crate::store::sql::{DISCARDED, PENDING};
+use crate::time::{micros_of, time};
 
 /// How long the tail waits for a change when nothing else is due.
 const IDLE: Duration = Duration::from_secs(3600);
@@ -53,6 +55,7 @@ impl Tail {
                     } else {
                         self.flush(broker, session, SAVE_INTERVAL)?;
                         self.retry(broker, session)?;
+                        self.release_scheduled(broker, session)?;
                         self.sweep(broker, session)?;
                         self.signals.succeeded(Worker::Relay);
                         let save = if session.foreign && session.commit.is_some() {
@@ -65,6 +68,7 @@ impl Tail {
                             .held
                             .next_due()
                             .map_or(IDLE, |due| due.saturating_duration_since(now))
+                            .min(self.next_scheduled(session).unwrap_or(IDLE))
                             .min(session.sweep.due_in(now, self.binlog.sweep_after));
                         select! {
                             recv(changes) -> change => match change {
@@ -105,7 +109,15 @@ impl Tail {
                 if session.batch.len() >= self.settings.batch_size {
                     self.flush(broker, session, SAVE_INTERVAL)?;
                     self.retry(broker, session)?;
+                    self.release_scheduled(broker, session)?;
                 }
+            }
+            Change::Scheduled { id, key, due } => {
+                let slot = match key {
+                    Some(key) => Slot::Key(key),
+                    None => Slot::Row(id),
+                };
+                session.schedule.add(id, slot, due);
             }
             Change::Committed { at, gtid, foreign } => {
                 session.read_through = at.clone();
@@ -143,8 +155,10 @@ impl Tail {
         let table = self.store.table();
         let row: Option<mysql::Row> = self.store.pool().get_conn()?.exec_first(
             format!(
-                "SELECT {RECORD_COLUMNS}, o.state, o.topic, o.msg_key FROM `{table}` o \
-                 WHERE o.id = ? LOCK IN SHARE MODE"
+                "SELECT {RECORD_COLUMNS}, o.state, o.topic, o.msg_key, \
+                   o.number_of_attempts = 0 AND o.available_on > o.created_on, {} \
+                 FROM `{table}` o WHERE o.id = ? LOCK IN SHARE MODE",
+                micros_of("o.available_on")
             ),
             (id,),
         )?;
@@ -155,12 +169,21 @@ impl Tail {
         let topic: Option<String> = row.take(9);
         let key: Option<Option<Vec<u8>>> = row.take(10);
         let key = topic.zip(key.flatten());
+        let delayed: Option<bool> = row.take(11);
+        let due: Option<i64> = row.take(12);
         let wanted = match kind {
             PartialKind::Inserted | PartialKind::Replayed => PENDING,
             PartialKind::Discarded => DISCARDED,
         };
         if state != Some(wanted) {
             return Ok(None);
+        }
+        if let (PartialKind::Inserted, Some(true), Some(due)) = (kind, delayed, due) {
+            return Ok(Some(Change::Scheduled {
+                id,
+                key,
+                due: time(due),
+            }));
         }
         if kind == PartialKind::Discarded {
             return Ok(Some(Change::Revived {
@@ -210,14 +233,15 @@ impl Tail {
         }
     }
 
-    /// Whether `record` waits behind a dead message of its key.
+    /// Whether `record` waits behind a dead or a delayed message of its key.
     pub(super) fn blocked(&self, session: &Session, record: &Record) -> bool {
         let Some(key) = record.message.key() else {
             return false;
         };
-        !session.blocked.is_empty()
-            && session
-                .blocked
-                .contains(&(record.message.topic().to_string(), key.to_vec()))
+        if session.blocked.is_empty() && session.schedule.is_empty() {
+            return false;
+        }
+        let key = (record.message.topic().to_string(), key.to_vec());
+        session.blocked.contains(&key) || session.schedule.holds(&key)
     }
 }

@@ -1,6 +1,8 @@
 //! A row as the binary log gives it: the outbox table's columns by position, a row image
 //! (whole, or only some columns), and the record or change it stands for.
 
+use std::time::SystemTime;
+
 use mysql::binlog::row::BinlogRow;
 use mysql::binlog::value::BinlogValue;
 use mysql::prelude::Queryable;
@@ -10,6 +12,7 @@ use super::change::{Change, PartialKind};
 use crate::error::{Error, Result};
 use crate::record::Record;
 use crate::store::codec::assemble;
+use crate::time::time;
 
 /// Where the outbox table's columns are in its rows, by name.
 #[derive(Debug, Clone)]
@@ -24,6 +27,7 @@ pub(crate) struct Columns {
     pub payload: usize,
     pub state: usize,
     pub created_on: usize,
+    pub available_on: usize,
     pub attempts: usize,
 }
 
@@ -52,6 +56,7 @@ impl Columns {
             payload: at("payload")?,
             state: at("state")?,
             created_on: at("created_on")?,
+            available_on: at("available_on")?,
             attempts: at("number_of_attempts")?,
             names,
         })
@@ -125,6 +130,29 @@ impl Image {
         }
     }
 
+    /// A `DATETIME` column's value as microseconds since 1970, if the image holds it.
+    fn time(&self, column: usize) -> Option<i64> {
+        match self.peek(column)? {
+            BinlogValue::Value(Value::Date(y, mo, d, h, mi, s, us)) => {
+                micros_since_epoch(*y, *mo, *d, *h, *mi, *s, *us)
+            }
+            _ => None,
+        }
+    }
+
+    /// When an inserted row is due, if it is a delayed message (never tried, and
+    /// available later than it was created): the time on the database's clock.
+    pub(super) fn delayed_until(&self, columns: &Columns) -> Option<SystemTime> {
+        if self.number(columns.attempts)? != 0 {
+            return None;
+        }
+        let (created, available) = (
+            self.time(columns.created_on)?,
+            self.time(columns.available_on)?,
+        );
+        (available > created).then(|| time(available))
+    }
+
     /// The topic and key, where both are what they should be.
     pub(super) fn topic_and_key(&self, columns: &Columns) -> Option<(String, Vec<u8>)> {
         let read = |column| match self.peek(column) {
@@ -153,6 +181,12 @@ pub(super) fn readable(mut image: Image, id: u64, columns: &Columns, kind: Parti
             },
             None => Change::Partial { id, kind },
         };
+    }
+    if kind == PartialKind::Inserted {
+        if let Some(due) = image.delayed_until(columns) {
+            // Read from the table when it is due; its key waits for it meanwhile.
+            return Change::Scheduled { id, key, due };
+        }
     }
     match record(&mut image, id, columns) {
         Ok(Some(record)) => match kind {

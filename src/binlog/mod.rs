@@ -60,6 +60,7 @@
 
 mod ahead;
 mod change;
+mod delayed;
 mod events;
 mod fence;
 mod follow;
@@ -69,6 +70,7 @@ mod lock;
 mod position;
 mod publish;
 mod revive;
+mod schedule;
 mod server;
 mod settle;
 mod start;

@@ -16,8 +16,9 @@ use crate::broker::Broker;
 use crate::error::{Error, Result, Worker};
 use crate::record::Record;
 use crate::runtime::backoff::backoff;
-use crate::store::codec::{decode_record, RECORD_COLUMNS};
-use crate::store::sql::{padded, placeholders, PENDING};
+use crate::store::codec::{decode_record, RECORD_COLUMNS, RECORD_WIDTH};
+use crate::store::sql::{padded, placeholders, scheduled, PENDING};
+use crate::time::{micros_of, time};
 
 /// How a publish left one slot's records.
 struct Failed {
@@ -278,14 +279,17 @@ impl Tail {
 
     /// Reads back up to a batch of `key`'s rows left in the table, from `first` to `last`,
     /// in id order, with a locking read (every one of them was read from the binary log:
-    /// committed, if perhaps not visible yet).
+    /// committed, if perhaps not visible yet). A delayed row ends the read: it and the
+    /// rows after it are the schedule's, which publishes them in order when it is due.
     fn read_spilled(&self, session: &mut Session, key: &Key, first: u64, last: u64) -> Result<()> {
         let limit = self.settings.batch_size;
         let rows: Vec<mysql::Row> = self.store.pool().get_conn()?.exec(
             format!(
-                "SELECT {RECORD_COLUMNS} FROM `{}` o WHERE o.topic = ? AND o.msg_key = ? \
+                "SELECT {RECORD_COLUMNS}, {}, {} FROM `{}` o WHERE o.topic = ? AND o.msg_key = ? \
                  AND o.state = {PENDING} AND o.id BETWEEN ? AND ? ORDER BY o.id LIMIT {limit} \
                  LOCK IN SHARE MODE",
+                scheduled("o"),
+                micros_of("o.available_on"),
                 self.store.table()
             ),
             (&key.0, &key.1, first, last),
@@ -293,7 +297,17 @@ impl Tail {
         let exhausted = rows.len() < limit;
         let mut records = Vec::with_capacity(rows.len());
         let mut read_to = first;
-        for row in rows {
+        for mut row in rows {
+            let not_due: Option<bool> = row.take(RECORD_WIDTH);
+            let due: Option<i64> = row.take(RECORD_WIDTH + 1);
+            let id: u64 = row.get(0).unwrap_or_default();
+            if session.schedule.has(id) || not_due == Some(true) {
+                if let (Some(true), Some(due)) = (not_due, due) {
+                    session.schedule.add(id, Slot::Key(key.clone()), time(due));
+                }
+                session.held.refill(key, records, id, true);
+                return Ok(());
+            }
             match decode_record(row) {
                 Ok(record) => {
                     read_to = record.id;

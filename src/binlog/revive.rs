@@ -1,17 +1,21 @@
 //! Dead rows an operator replayed or discarded: the replayed row is published, and the
 //! key it held back goes on.
 
+use std::time::Instant;
+
 use mysql::prelude::Queryable;
 
 use super::follow::SAVE_INTERVAL;
+use super::hold::Slot;
 use super::server;
 use super::worker::Settle;
 use super::worker::{Key, Session, Tail};
 use crate::broker::Broker;
 use crate::error::{Error, Result};
 use crate::record::Record;
-use crate::store::codec::{decode_record, RECORD_COLUMNS};
-use crate::store::sql::{DEAD, PENDING};
+use crate::store::codec::{decode_record, RECORD_COLUMNS, RECORD_WIDTH};
+use crate::store::sql::{scheduled, DEAD, PENDING};
+use crate::time::{micros_of, time};
 
 impl Tail {
     /// A dead row `id` an operator replayed (`replayed`, its record) or discarded:
@@ -48,7 +52,7 @@ impl Tail {
             )?;
             if !dead_left.unwrap_or(true) {
                 session.blocked.remove(&entry);
-                return self.release_key(broker, session, &mut conn, &entry, id, records);
+                return self.release_key(broker, session, &mut conn, &entry, (0, id), records);
             }
         }
         if records.is_empty() {
@@ -65,33 +69,51 @@ impl Tail {
     /// log may bring later.
     ///
     /// [`Ahead`]: super::ahead::Ahead
-    fn release_key(
+    ///
+    /// Only rows from id `from` on are read. A delayed row not due yet stops the read:
+    /// it is scheduled, and the rows after it wait for it.
+    pub(super) fn release_key(
         &self,
         broker: &mut impl Broker,
         session: &mut Session,
         conn: &mut mysql::PooledConn,
         key: &Key,
-        replayed: u64,
+        (from, replayed): (u64, u64),
         mut records: Vec<Record>,
     ) -> Result<()> {
         let (topic, msg_key) = key;
         let table = self.store.table();
         let limit = self.settings.batch_size.max(1);
-        let mut after = 0;
+        let mut after = from.saturating_sub(1);
         let mut read = Vec::new();
+        let mut waits = false;
         loop {
             let rows: Vec<mysql::Row> = conn.exec(
                 format!(
-                    "SELECT {RECORD_COLUMNS} FROM `{table}` o WHERE o.topic = ? AND \
+                    "SELECT {RECORD_COLUMNS}, {}, {} FROM `{table}` o WHERE o.topic = ? AND \
                      o.msg_key = ? AND o.state = {PENDING} AND o.locked_by = 0 AND o.id <> ? \
-                     AND o.id > ? ORDER BY o.id LIMIT {limit}"
+                     AND o.id > ? ORDER BY o.id LIMIT {limit}",
+                    scheduled("o"),
+                    micros_of("o.available_on"),
                 ),
                 (topic, msg_key, replayed, after),
             )?;
             let full = rows.len() == limit;
             log::debug!("read back {} rows of a released key", rows.len());
             let mut corrupt = Vec::new();
-            for row in rows {
+            for mut row in rows {
+                let not_due: Option<bool> = row.take(RECORD_WIDTH);
+                let due: Option<i64> = row.take(RECORD_WIDTH + 1);
+                let id: u64 = row.get(0).unwrap_or_default();
+                if let (Some(true), Some(due)) = (not_due, due) {
+                    session.schedule.add(id, Slot::Key(key.clone()), time(due));
+                    waits = true;
+                    break;
+                }
+                if session.schedule.published(id) {
+                    after = id;
+                    continue;
+                }
                 match decode_record(row) {
                     Ok(record) => {
                         after = record.id;
@@ -124,12 +146,15 @@ impl Tail {
                 session.batch_pin = Some(session.read_through.clone());
                 self.flush(broker, session, SAVE_INTERVAL)?;
             }
-            if !full || session.blocked.contains(key) {
+            if !full || waits || session.blocked.contains(key) {
                 break;
             }
         }
         // Every event of a row read here lies before the log's end now.
         let end = server::current(conn)?;
+        session
+            .schedule
+            .released(read.iter().copied(), Instant::now());
         session.ahead.add(read, end);
         Ok(())
     }

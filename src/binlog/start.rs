@@ -16,7 +16,7 @@ use super::worker::{Key, Tail};
 use crate::broker::Broker;
 use crate::dispatcher::relay::Relay;
 use crate::error::Result;
-use crate::store::sql::{behind_dead, DEAD, PENDING};
+use crate::store::sql::{behind_dead, behind_scheduled, scheduled, DEAD, PENDING};
 
 impl Tail {
     /// Where this session reads the binary log from, and the newest id below which the
@@ -104,8 +104,13 @@ impl Tail {
         } else {
             String::new()
         };
+        // Delayed rows not due, and the rows of their keys after them, are the schedule's
+        // (`delayed`), read back when the session starts.
         let left = format!(
-            "SELECT EXISTS (SELECT 1 FROM `{table}` o WHERE o.state = {PENDING} AND o.id <= ? {blocked_rule})"
+            "SELECT EXISTS (SELECT 1 FROM `{table}` o WHERE o.state = {PENDING} AND o.id <= ? \
+             {blocked_rule} AND NOT {} AND (o.msg_key IS NULL OR NOT {}))",
+            scheduled("o"),
+            behind_scheduled(table)
         );
         let mut caught = 0;
         loop {

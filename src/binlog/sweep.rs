@@ -20,7 +20,7 @@ use crate::broker::Broker;
 use crate::error::{Error, Result};
 use crate::record::Record;
 use crate::store::codec::{decode_record, RECORD_COLUMNS};
-use crate::store::sql::{padded, placeholders, PENDING};
+use crate::store::sql::{padded, placeholders, scheduled, PENDING};
 
 /// Most rows one look notes.
 const SWEEP_ROWS: usize = 1_000;
@@ -79,8 +79,10 @@ impl Tail {
         let rows: Vec<(u64, String, Option<Vec<u8>>)> = self.store.pool().get_conn()?.exec(
             format!(
                 "SELECT id, topic, msg_key FROM `{}` WHERE state = {PENDING} AND locked_by = 0 AND \
-                 created_on < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND ORDER BY id LIMIT {SWEEP_ROWS}",
-                self.store.table()
+                 created_on < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND AND NOT {} \
+                 ORDER BY id LIMIT {SWEEP_ROWS}",
+                self.store.table(),
+                scheduled("")
             ),
             (u64::try_from(age.as_micros()).unwrap_or(u64::MAX),),
         )?;
@@ -120,9 +122,13 @@ impl Tail {
         Ok(records)
     }
 
-    /// Whether the relay keeps row `id` pending on purpose: behind a failure, or behind
-    /// a dead row of its key.
+    /// Whether the relay keeps row `id` pending on purpose: behind a failure, behind a
+    /// dead row of its key, or delayed (or behind a delayed row of its key); or whether a
+    /// delayed row's release published it a moment ago.
     fn holds_back(&self, session: &Session, id: u64, topic: &str, key: Option<&[u8]>) -> bool {
+        if session.schedule.has(id) || session.schedule.published(id) {
+            return true;
+        }
         let slot = match key {
             Some(key) => Slot::Key((topic.to_string(), key.to_vec())),
             None => Slot::Row(id),
@@ -130,6 +136,6 @@ impl Tail {
         if session.held.holds_slot(&slot) {
             return true;
         }
-        matches!(&slot, Slot::Key(key) if session.blocked.contains(key))
+        matches!(&slot, Slot::Key(key) if session.blocked.contains(key) || session.schedule.holds(key))
     }
 }

@@ -59,6 +59,7 @@ impl Tail {
         let Some((at, verify_below)) = self.start(broker, &mut lock, &fence, &table)? else {
             return Ok(());
         };
+        let (schedule, clock_offset) = self.scheduled_rows(&mut lock, &table)?;
         let source = Source {
             opts: self.opts.clone(),
             server_id: self.binlog.server_id,
@@ -113,6 +114,8 @@ impl Tail {
                 blocked,
                 ahead: Default::default(),
                 fence,
+                schedule,
+                clock_offset,
                 held: Held::new(self.settings.batch_size.max(HELD_PER_BATCH) * HELD_PER_BATCH),
                 read_through,
                 batch_pin: None,

@@ -9,6 +9,7 @@ use super::ahead::Ahead;
 use super::fence::Fence;
 use super::hold::Held;
 use super::position::Position;
+use super::schedule::Schedule;
 use super::server::Server;
 use super::BinlogSettings;
 use crate::metrics::Meter;
@@ -51,6 +52,10 @@ pub(super) struct Session {
     pub ahead: Ahead,
     /// Rows held behind a failed publish, until their backoff ends.
     pub held: Held,
+    /// Delayed rows not published yet, and the keys they hold back.
+    pub schedule: Schedule,
+    /// The database's clock ahead of this host's, in microseconds, read at the start.
+    pub clock_offset: i64,
     /// The end of the last transaction read: where the next one starts.
     pub read_through: Position,
     /// Where the transaction of the batch's first row starts.

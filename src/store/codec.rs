@@ -8,7 +8,7 @@ use serde_json::Value as Json;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::message::Message;
+use crate::message::{Due, Message};
 use crate::record::Record;
 
 /// Headers as stored: a JSON array of `[name, value]` pairs, in order, where the value is
@@ -69,7 +69,8 @@ pub(crate) fn decode_headers(text: &str) -> std::result::Result<Vec<(String, Vec
 /// `sql`. Every value is a hexadecimal literal: nothing in a message can end the literal
 /// or change the statement, whatever the server's SQL mode. The topic and headers carry
 /// their character set so that MySQL 8 takes them as text (its JSON type refuses binary
-/// strings). Both times are the database's clock in UTC, whatever the session's zone.
+/// strings). Both times are the database's clock in UTC, whatever the session's zone:
+/// `available_on` is the add's time, or later for a delayed message ([`Due`]).
 pub(crate) fn push_row(sql: &mut String, id: Uuid, message: &Message) {
     sql.push('(');
     push_hex(sql, "", id.as_bytes());
@@ -87,7 +88,27 @@ pub(crate) fn push_row(sql: &mut String, id: Uuid, message: &Message) {
     }
     sql.push_str(", ");
     push_hex(sql, "", message.payload());
-    sql.push_str(", UTC_TIMESTAMP(6), UTC_TIMESTAMP(6))");
+    sql.push_str(", UTC_TIMESTAMP(6), ");
+    push_due(sql, message.due());
+    sql.push(')');
+}
+
+/// Appends the SQL of the time a message is due. Validation keeps it within ten years,
+/// so the microseconds fit.
+fn push_due(sql: &mut String, due: Due) {
+    let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    match due {
+        Due::Now => sql.push_str("UTC_TIMESTAMP(6)"),
+        Due::After(delay) => sql.push_str(&format!(
+            "UTC_TIMESTAMP(6) + INTERVAL {} MICROSECOND",
+            micros(delay)
+        )),
+        // A time already past is the add's.
+        Due::At(time) => sql.push_str(&format!(
+            "GREATEST(UTC_TIMESTAMP(6), TIMESTAMP'1970-01-01 00:00:00' + INTERVAL {} MICROSECOND)",
+            micros(time.duration_since(UNIX_EPOCH).unwrap_or_default())
+        )),
+    }
 }
 
 /// Appends `X'<bytes in hex>'` after `introducer` (a character set such as `_ascii `, or
@@ -110,6 +131,9 @@ fn push_hex(sql: &mut String, introducer: &str, bytes: &[u8]) {
 pub(crate) const RECORD_COLUMNS: &str =
     "o.id, o.message_id, o.topic, o.msg_key, o.headers, o.payload, o.number_of_attempts, \
      TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', o.created_on)";
+
+/// How many columns [`RECORD_COLUMNS`] reads: a query may read more after them.
+pub(crate) const RECORD_WIDTH: usize = 8;
 
 /// A claimed row, read as [`RECORD_COLUMNS`], back into a record; [`Error::CorruptRow`]
 /// when it cannot be.

@@ -134,6 +134,30 @@ pub(crate) fn behind_dead(table: &str) -> String {
     )
 }
 
+/// SQL true when the pending row aliased `o` (or unaliased, with `o` empty) is scheduled:
+/// a delayed message, never tried, whose time has not come. What a backoff after a failure
+/// holds is not scheduled: that row has been tried.
+pub(crate) fn scheduled(o: &str) -> String {
+    let o = if o.is_empty() {
+        String::new()
+    } else {
+        format!("{o}.")
+    };
+    format!(
+        "({o}locked_by = 0 AND {o}number_of_attempts = 0 AND {o}available_on > UTC_TIMESTAMP(6))"
+    )
+}
+
+/// SQL true when the row `o` of `table` has an older scheduled row of its key, which
+/// holds it back until that one is due and gone.
+pub(crate) fn behind_scheduled(table: &str) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM `{table}` p WHERE p.topic = o.topic AND p.msg_key = o.msg_key \
+         AND p.state = {PENDING} AND p.id < o.id AND {})",
+        scheduled("p")
+    )
+}
+
 /// SQL counting the pending rows of `table` after the row `o` in its key: the messages a
 /// dead `o` holds back when `dead_blocks_key` is set (0 for a row with no key).
 pub(crate) fn pending_after(table: &str) -> String {

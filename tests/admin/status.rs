@@ -34,6 +34,8 @@ fn status_counts_match_the_table_after_a_drain_with_failures_and_dead_rows() {
         "state = 0 AND number_of_attempts = 1 AND locked_by = 0"
     ) == 1));
     drop(handle);
+    // A reminder due in an hour: pending and scheduled, and not late.
+    table.commit(&[Message::new(&b, "reminder").deliver_after(Duration::from_secs(3_600))]);
     table.commit(
         &(0..6)
             .map(|i| Message::new(&a, format!("later{i}")))
@@ -57,7 +59,14 @@ fn status_counts_match_the_table_after_a_drain_with_failures_and_dead_rows() {
         assert_eq!(entry["pending"], of("state = 0"), "{topic}");
         assert_eq!(
             entry["backing_off"],
-            of("state = 0 AND locked_by = 0 AND available_on > UTC_TIMESTAMP(6)"),
+            of("state = 0 AND locked_by = 0 AND number_of_attempts > 0 \
+                AND available_on > UTC_TIMESTAMP(6)"),
+            "{topic}"
+        );
+        assert_eq!(
+            entry["scheduled"],
+            of("state = 0 AND locked_by = 0 AND number_of_attempts = 0 \
+                AND available_on > UTC_TIMESTAMP(6)"),
             "{topic}"
         );
         assert_eq!(
@@ -72,7 +81,7 @@ fn status_counts_match_the_table_after_a_drain_with_failures_and_dead_rows() {
             .conn()
             .query_first(format!(
                 "SELECT TIMESTAMPDIFF(MICROSECOND, MIN(created_on), UTC_TIMESTAMP(6)) FROM `{}` \
-                 WHERE topic = '{topic}' AND state = 0",
+                 WHERE topic = '{topic}' AND state = 0 AND payload <> 'reminder'",
                 table.name
             ))
             .unwrap()
@@ -85,8 +94,12 @@ fn status_counts_match_the_table_after_a_drain_with_failures_and_dead_rows() {
         );
     }
     let total = &status["total"];
-    assert_eq!(total["pending"], 7, "6 later, 1 retrying: {status}");
+    assert_eq!(
+        total["pending"], 8,
+        "6 later, 1 retrying, 1 reminder: {status}"
+    );
     assert_eq!(total["backing_off"], 1);
+    assert_eq!(total["scheduled"], 1);
     assert_eq!(total["leased"], 4);
     assert_eq!(total["delivered"], 30);
     assert_eq!(total["dead"], 3);
@@ -102,14 +115,17 @@ fn status_counts_match_the_table_after_a_drain_with_failures_and_dead_rows() {
     let text = String::from_utf8_lossy(&text.stdout).into_owned();
     let line = text.lines().find(|l| l.starts_with(&a)).unwrap();
     let cells: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!(cells[1..7], ["6", "0", "4", "20", "3", "0"], "{text}");
+    assert_eq!(cells[1..8], ["6", "0", "0", "4", "20", "3", "0"], "{text}");
     assert!(
         text.contains(&Owner::of("gone#00000001").to_string()),
         "{text}"
     );
 
     // --max-lag: exit 1 above it, 0 below it.
-    table.exec("UPDATE {t} SET created_on = created_on - INTERVAL 1 HOUR WHERE state = 0");
+    table.exec(
+        "UPDATE {t} SET created_on = created_on - INTERVAL 1 HOUR, \
+         available_on = available_on - INTERVAL 1 HOUR WHERE state = 0 AND payload <> 'reminder'",
+    );
     let over = outbox(&table.name, &["status", "--max-lag", "30m"]);
     assert_eq!(over.status.code(), Some(1), "{}", printed(&over));
     assert!(

@@ -40,6 +40,7 @@ macro_rules! on_both_servers {
     };
 }
 
+mod delayed;
 mod delivery;
 mod failover;
 mod failures;

@@ -94,6 +94,7 @@ fn render(status: &Status, delivered: Option<&BTreeMap<String, u64>>) -> String 
         "topic",
         "pending>",
         "backing off>",
+        "scheduled>",
         "leased>",
         "delivered>",
         "dead>",
@@ -103,7 +104,7 @@ fn render(status: &Status, delivered: Option<&BTreeMap<String, u64>>) -> String 
         "behind them>",
     ];
     if delivered.is_some() {
-        columns.insert(5, "delivered/s>");
+        columns.insert(6, "delivered/s>");
     }
     let mut table = Table::new(&columns);
     let row = |name: &str, counts: &Counts, rate: Option<u64>| {
@@ -111,6 +112,7 @@ fn render(status: &Status, delivered: Option<&BTreeMap<String, u64>>) -> String 
             name.to_string(),
             counts.pending.to_string(),
             counts.backing_off.to_string(),
+            counts.scheduled.to_string(),
             counts.leased.to_string(),
             counts.delivered.to_string(),
             counts.dead.to_string(),
@@ -120,7 +122,7 @@ fn render(status: &Status, delivered: Option<&BTreeMap<String, u64>>) -> String 
             counts.blocked_pending.to_string(),
         ];
         if let Some(rate) = rate {
-            cells.insert(5, rate.to_string());
+            cells.insert(6, rate.to_string());
         }
         cells
     };
