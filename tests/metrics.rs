@@ -217,6 +217,8 @@ fn the_table_wide_gauges_are_set_at_start_not_after_the_first_gauge_interval() {
         "UPDATE {t} SET available_on = UTC_TIMESTAMP(6) + INTERVAL 1 HOUR, \
          number_of_attempts = 1",
     );
+    // And one of b delayed by an hour: pending, scheduled, and not late.
+    table.commit(&[Message::new(&b, "reminder").deliver_after(Duration::from_secs(3_600))]);
     table.exec("UPDATE {t} SET state = 2, processed_on = UTC_TIMESTAMP(6) WHERE payload = 'dead'");
     std::thread::sleep(Duration::from_secs(2));
     let instance = unique("gauges_start");
@@ -225,7 +227,7 @@ fn the_table_wide_gauges_are_set_at_start_not_after_the_first_gauge_interval() {
     let lag = format!("outbox_table_lag_seconds{{instance={instance}}}");
     assert!(
         wait_for(Duration::from_secs(10), || kept.gauge(&pending)
-            == Some(6.0)),
+            == Some(7.0)),
         "pending {:?}",
         kept.gauge(&pending)
     );
@@ -235,6 +237,9 @@ fn the_table_wide_gauges_are_set_at_start_not_after_the_first_gauge_interval() {
         kept.gauge(&format!("{name}{{instance={instance},topic={topic}}}"))
     };
     assert_eq!(by_topic("outbox_pending_messages", &a), Some(4.0));
+    assert_eq!(by_topic("outbox_pending_messages", &b), Some(3.0));
+    assert_eq!(by_topic("outbox_scheduled_messages", &b), Some(1.0));
+    assert_eq!(by_topic("outbox_scheduled_messages", &a), Some(0.0));
     // One key of a held back by its dead message; none of b.
     assert_eq!(by_topic("outbox_blocked_keys", &a), Some(1.0));
     assert_eq!(by_topic("outbox_blocked_keys", &b), Some(0.0));
