@@ -157,8 +157,8 @@ pub use crate::broker::{
 pub use crate::dispatcher::{Dispatcher, MAX_INSTANCE_ID_LEN};
 pub use crate::error::{Error, Result, Worker};
 pub use crate::message::{
-    Message, MAX_HEADERS, MAX_HEADER_NAME_LEN, MAX_KEY_LEN, MAX_MESSAGE_SIZE, MAX_TOPIC_LEN,
-    MESSAGE_ID_HEADER,
+    Message, MAX_HEADERS, MAX_HEADER_NAME_LEN, MAX_KEY_LEN, MAX_MESSAGE_SIZE, MAX_SCHEDULE,
+    MAX_TOPIC_LEN, MESSAGE_ID_HEADER,
 };
 pub use crate::outbox::Outbox;
 pub use crate::record::Record;
