@@ -106,7 +106,70 @@ fn a_delayed_message_waits_while_the_relay_follows(server: Server) {
     relay.stop().unwrap();
 }
 
+fn a_first_catch_up_leaves_delayed_messages_to_their_time_and_finishes(server: Server) {
+    let f = fixture(server, "binlog_delayed_catch_up");
+    let (url, pool, store, table, topic) = f.parts();
+    // Written before any relay ran: the first session catches up from the table.
+    let delay = Duration::from_secs(5);
+    let added = Instant::now();
+    commit(
+        pool,
+        store,
+        &[
+            outbox::Message::new(topic, "late")
+                .with_key("k")
+                .deliver_after(delay),
+            outbox::Message::new(topic, "after").with_key("k"),
+            outbox::Message::new(topic, "other").with_key("o"),
+        ],
+    );
+    let mut relay = start_relay(url, table, "binlog-delayed-catch-up").unwrap();
+    // The catch-up publishes what may go and ends: the relay follows the log while the
+    // delayed row and the row behind it wait.
+    wait_until_following(pool, table);
+    // (A position of server 0 is one written before a first catch-up finished.)
+    assert!(
+        wait_for(Duration::from_secs(20), || count(
+            pool,
+            POSITION_TABLE,
+            &format!("outbox_table = '{table}' AND server_id <> 0")
+        ) == 1),
+        "the catch-up finishes"
+    );
+    assert!(
+        added.elapsed() < delay,
+        "the catch-up finished before the delayed row was due"
+    );
+    assert!(delivered(pool, table, 1), "the other key's message");
+    assert_eq!(count(pool, table, "state = 1 AND payload = 'other'"), 1);
+    assert!(
+        wait_for(delay + Duration::from_secs(10), || count(
+            pool,
+            table,
+            "state = 1"
+        ) == 3),
+        "the delayed row and the row behind it, when due"
+    );
+    assert_eq!(
+        count(
+            pool,
+            table,
+            "payload = 'late' AND processed_on < created_on + INTERVAL 5 SECOND"
+        ),
+        0,
+        "not before its time"
+    );
+    let got = consume(topic, 3, Duration::from_secs(30), Duration::from_secs(1));
+    let of_k: Vec<String> = payloads(&got)
+        .into_iter()
+        .filter(|p| p != "other")
+        .collect();
+    assert_eq!(of_k, ["late", "after"], "k's order holds");
+    relay.stop().unwrap();
+}
+
 on_both_servers!(
     a_delayed_message_goes_when_due_after_a_restart_too_and_its_key_waits,
     a_delayed_message_waits_while_the_relay_follows,
+    a_first_catch_up_leaves_delayed_messages_to_their_time_and_finishes,
 );
