@@ -57,9 +57,11 @@ impl Bench {
 
     /// Whether any row is still pending: one index dive, so that watching a drain costs
     /// the server little (a `COUNT(*)` every 20 ms would take CPU from the drain itself).
+    /// Whether any row of `table` is pending and due.
     pub(crate) fn any_pending(&self, table: &str) -> Result<bool, mysql::Error> {
         let found: Option<u8> = self.pool.get_conn()?.query_first(format!(
-            "SELECT EXISTS (SELECT 1 FROM `{table}` WHERE state = 0)"
+            "SELECT EXISTS (SELECT 1 FROM `{table}` WHERE state = 0 \
+             AND available_on <= UTC_TIMESTAMP(6))"
         ))?;
         Ok(found == Some(1))
     }
@@ -71,12 +73,35 @@ impl Bench {
         keys: usize,
         topic: &str,
     ) -> Result<MySqlStore, Box<dyn std::error::Error>> {
+        self.backlog_behind(0, n, keys, topic)
+    }
+
+    /// As [`backlog`](Bench::backlog), behind `delayed` older messages due in an hour,
+    /// each with a key of its own: rows every claim passes over.
+    pub(crate) fn backlog_behind(
+        &self,
+        delayed: usize,
+        n: usize,
+        keys: usize,
+        topic: &str,
+    ) -> Result<MySqlStore, Box<dyn std::error::Error>> {
         let store = self.store("drain")?;
         let outbox = Outbox::new(&store);
-        for chunk in (0..n).collect::<Vec<_>>().chunks(2_000) {
+        let later = |i: usize| {
+            sample_message(topic, i, keys)
+                .with_key(format!("reminder-{i}"))
+                .deliver_after(Duration::from_secs(3_600))
+        };
+        for chunk in (0..delayed + n).collect::<Vec<_>>().chunks(2_000) {
             let messages: Vec<Message> = chunk
                 .iter()
-                .map(|&i| sample_message(topic, i, keys))
+                .map(|&i| {
+                    if i < delayed {
+                        later(i)
+                    } else {
+                        sample_message(topic, i - delayed, keys)
+                    }
+                })
                 .collect();
             let mut tx = self.pool.start_transaction(TxOpts::default())?;
             outbox.add_all(&mut tx, &messages)?;

@@ -13,11 +13,12 @@ pub(crate) fn drain(
     eprintln!("drain, {backlog} messages ({runs} runs)");
     let (mut raw_broker, mut raw_db, mut one, mut four, mut hot) =
         (vec![], vec![], vec![], vec![], vec![]);
-    let (mut one_strict, mut hot_strict) = (vec![], vec![]);
+    let (mut one_strict, mut hot_strict, mut behind) = (vec![], vec![], vec![]);
     for _ in 0..runs {
         raw_broker.push(bench.raw_broker(backlog)?);
         raw_db.push(bench.raw_claim_and_mark(backlog)?);
         one.push(bench.drain(backlog, KEYS, 1, false)?);
+        behind.push(bench.drain_behind(DELAYED_AHEAD, backlog, KEYS, 1, false)?);
         one_strict.push(bench.drain(backlog, KEYS, 1, true)?);
         four.push(bench.drain(backlog, KEYS, 4, false)?);
         hot.push(bench.drain(hot_backlog, 1, 1, false)?);
@@ -32,6 +33,11 @@ pub(crate) fn drain(
         .map(|(b, d)| b.min(*d))
         .collect();
     table.ratio("  1 dispatcher / slower raw limit", &one, &limit);
+    table.rate(
+        &format!("drain, 1 dispatcher, behind {DELAYED_AHEAD} delayed messages (msg/s)"),
+        &behind,
+    );
+    table.ratio("  behind delayed / 1 dispatcher", &behind, &one);
     table.rate("drain, 1 dispatcher, strict key order (msg/s)", &one_strict);
     table.ratio("  strict / pipelined", &one_strict, &one);
     table.rate("drain, 4 dispatchers (msg/s)", &four);
@@ -50,6 +56,9 @@ pub(crate) fn drain(
     Ok(())
 }
 
+/// Delayed messages ahead of the backlog in the drain that measures what they cost.
+const DELAYED_AHEAD: usize = 10_000;
+
 impl Bench {
     /// Drains a backlog of `n` messages over `keys` keys with `dispatchers` dispatchers
     /// (sending one message of a key at a time when `strict`); messages per second from
@@ -62,8 +71,21 @@ impl Bench {
         dispatchers: usize,
         strict: bool,
     ) -> Result<f64, Box<dyn std::error::Error>> {
+        self.drain_behind(0, n, keys, dispatchers, strict)
+    }
+
+    /// As [`drain`](Bench::drain), with `delayed` messages due in an hour ahead of the
+    /// backlog, which every claim passes over.
+    pub(crate) fn drain_behind(
+        &self,
+        delayed: usize,
+        n: usize,
+        keys: usize,
+        dispatchers: usize,
+        strict: bool,
+    ) -> Result<f64, Box<dyn std::error::Error>> {
         let topic = self.name("topic");
-        let store = self.backlog(n, keys, &topic)?;
+        let store = self.backlog_behind(delayed, n, keys, &topic)?;
         let settings = DispatcherSettings {
             process_interval: Duration::from_millis(100),
             ..Default::default()

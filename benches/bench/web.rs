@@ -32,7 +32,7 @@ impl Bench {
             .env(
                 "WEB_RELAY",
                 match mode {
-                    WebMode::External | WebMode::ExternalBinlog => "external",
+                    WebMode::External | WebMode::ExternalBinlog | WebMode::Unrelayed => "external",
                     _ => "in-process",
                 },
             )
@@ -76,7 +76,7 @@ impl Bench {
         // by (order id, event).
         let answered: Mutex<HashMap<(u64, bool), Instant>> = Mutex::new(HashMap::new());
         // The consumer reads while the clients run, from the topic's creation on.
-        let consumer = events.then(|| {
+        let consumer = (events && mode != WebMode::Unrelayed).then(|| {
             let (brokers, topic, group) = (self.brokers.clone(), topic.clone(), self.name("group"));
             std::thread::spawn(move || {
                 arrivals(&brokers, &topic, &group, WEB_CLIENTS * WEB_REQUESTS)
@@ -156,6 +156,9 @@ pub(crate) enum WebMode {
     /// Events, relayed by an `outbox relay --source binlog` process of their own (on a
     /// server with the binary log on).
     ExternalBinlog,
+    /// Events written and relayed by nobody: what the add alone costs, the most a
+    /// service with a relay anywhere on the same machine could keep.
+    Unrelayed,
 }
 
 /// The web service example under load: with its events relayed in its process, with them
@@ -167,7 +170,12 @@ pub(crate) fn web(
     table: &mut Table,
 ) -> Result<(), Box<dyn std::error::Error>> {
     eprintln!("web service, {WEB_CLIENTS} clients x {WEB_REQUESTS} requests ({runs} runs)");
-    let modes = [WebMode::InProcess, WebMode::External, WebMode::Without];
+    let modes = [
+        WebMode::InProcess,
+        WebMode::External,
+        WebMode::Unrelayed,
+        WebMode::Without,
+    ];
     let mut rates: HashMap<WebMode, Vec<f64>> = HashMap::new();
     let mut latencies = Percentiles::default();
     for run in 0..runs {
@@ -213,6 +221,11 @@ pub(crate) fn web(
         &rates[&WebMode::External],
         without,
     );
+    table.ratio(
+        "  events written, relayed by nobody / without (the add alone)",
+        &rates[&WebMode::Unrelayed],
+        without,
+    );
     let logged_without = &binlog_rates[&WebMode::Without];
     table.rate(
         "web service with events, binlog relay apart, binlog on (req/s)",
@@ -254,7 +267,7 @@ pub(crate) struct Percentiles {
 impl Percentiles {
     /// Adds one run's figures; a run without events has none.
     fn record(&mut self, mode: WebMode, mut latencies: Vec<f64>) {
-        if mode == WebMode::Without {
+        if matches!(mode, WebMode::Without | WebMode::Unrelayed) {
             return;
         }
         latencies.sort_by(f64::total_cmp);
