@@ -145,3 +145,36 @@ fn a_delayed_message_is_late_from_its_time_not_its_add_and_not_late_before_it() 
         "late by about 2 s (due 2 s after an add 4 s ago): {lag:?}"
     );
 }
+
+#[test]
+fn a_backlog_behind_many_delayed_messages_is_claimed_batch_after_batch() {
+    use outbox::Store;
+    // More delayed rows than a claim's first read takes (1,000), then a backlog of three
+    // keys: every claim must find the backlog's next rows, as it would with no delayed
+    // row ahead, and none of the delayed ones.
+    let table = TestTable::new("delayed_ahead");
+    let later: Vec<Message> = (0..1_500)
+        .map(|i| {
+            Message::new("t", "later")
+                .with_key(format!("r{i}"))
+                .deliver_after(Duration::from_secs(3_600))
+        })
+        .collect();
+    table.commit(&later);
+    let now: Vec<Message> = (0..3_000)
+        .map(|i| Message::new("t", format!("now{i}")).with_key(format!("k{}", i % 3)))
+        .collect();
+    table.commit(&now);
+    for round in 0..10 {
+        let claim = table.store.claim("ahead#1", 100, false).unwrap();
+        assert_eq!(claim.records.len(), 100, "round {round}");
+        assert!(claim
+            .records
+            .iter()
+            .all(|r| r.message.payload().starts_with(b"now")));
+        let ids: Vec<u64> = claim.records.iter().map(|r| r.id).collect();
+        table.store.mark_delivered(claim.lease, &ids).unwrap();
+    }
+    assert_eq!(table.count("state = 1"), 1_000);
+    assert_eq!(table.count("state = 0 AND payload = 'later'"), 1_500);
+}

@@ -1,6 +1,7 @@
 //! Which pending rows a claim chooses: the scan queries, read in one snapshot, whose rows
 //! [`pick`] sorts by the per-key order rule. Nothing is locked here.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use mysql::prelude::{FromRow, Queryable};
@@ -8,7 +9,7 @@ use mysql::{FromRowError, Row, Transaction};
 use parking_lot::Mutex;
 
 use super::claim::{pick, retry_cap, Candidate};
-use super::sql::{behind_dead, micros, DEAD, PENDING};
+use super::sql::{behind_dead, micros, scheduled, DEAD, PENDING};
 use crate::error::Result;
 
 /// What [`choose`] found.
@@ -64,11 +65,60 @@ impl ScanRow {
     }
 }
 
+/// Marks not ready the rows of `head` that have an older delayed row of their key, not
+/// due, which the head's read left out. Counting the pending rows up to the head's last
+/// reads the `(state, id)` index alone; only when that finds rows the head left out are
+/// they read, with their keys.
+fn hold_behind_scheduled(
+    tx: &mut Transaction<'_>,
+    table: &str,
+    head: &mut [ScanRow],
+) -> Result<()> {
+    let Some(last) = head.last().map(|row| row.id) else {
+        return Ok(());
+    };
+    let pending: Option<u64> = tx.exec_first(
+        format!("SELECT COUNT(*) FROM `{table}` WHERE state = {PENDING} AND id <= ?"),
+        (last,),
+    )?;
+    if pending.unwrap_or(0) <= head.len() as u64 {
+        return Ok(());
+    }
+    let first_scheduled: HashMap<(String, Vec<u8>), u64> = tx
+        .exec::<(String, Vec<u8>, u64), _, _>(
+            format!(
+                "SELECT o.topic, o.msg_key, MIN(o.id) FROM `{table}` o WHERE o.state = {PENDING} \
+                 AND o.id < ? AND o.msg_key IS NOT NULL AND {} GROUP BY o.topic, o.msg_key",
+                scheduled("o")
+            ),
+            (last,),
+        )?
+        .into_iter()
+        .map(|(topic, key, id)| ((topic, key), id))
+        .collect();
+    if first_scheduled.is_empty() {
+        return Ok(());
+    }
+    for row in head.iter_mut() {
+        if let Some(key) = &row.key {
+            let entry = (row.topic.clone(), key.clone());
+            if first_scheduled
+                .get(&entry)
+                .is_some_and(|&first| first < row.id)
+            {
+                row.ready = false;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Chooses the rows to claim, without locking anything yet.
 ///
 /// The first read takes the oldest `window` pending rows in id order, in one snapshot,
 /// and [`pick`] applies the order rule to them: every older pending row of a key is in
-/// that read, so runs of one key can be taken whole. When that does not fill the
+/// that read, so runs of one key can be taken whole. Delayed rows not due yet are left
+/// out of it, and the rows of their keys after them are not ready. When that does not fill the
 /// batch and some of those rows hold their keys back without being in flight (backing
 /// off after a failure, behind a dead message, or leased more than [`FRESH_LEASE`] ago
 /// by a dispatcher that may have died), the claim also reads two more windows past
@@ -88,17 +138,21 @@ pub(super) fn choose(
     } else {
         String::new()
     };
-    let head: Vec<ScanRow> = tx.exec(
+    // Delayed rows not due are left out of the head: a backlog of them ahead of the rest
+    // would otherwise fill it for as long as they wait.
+    let mut head: Vec<ScanRow> = tx.exec(
         format!(
             "SELECT o.id, o.topic, o.msg_key, \
                (o.locked_by = 0 AND o.available_on <= UTC_TIMESTAMP(6) {dead_before}), \
                (o.locked_by = 0 OR o.locked_on <= UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND), \
                o.number_of_attempts > 0 \
-             FROM `{}` o WHERE o.state = {PENDING} ORDER BY o.id LIMIT ?",
-            table
+             FROM `{}` o WHERE o.state = {PENDING} AND NOT {} ORDER BY o.id LIMIT ?",
+            table,
+            scheduled("o")
         ),
         (micros(FRESH_LEASE), window),
     )?;
+    hold_behind_scheduled(tx, table, &mut head)?;
     // Not ready, and not leased in the last FRESH_LEASE either.
     let stuck = head.iter().any(|row| !row.ready && row.idle);
     let after_head = head.last().map_or(0, |row| row.id + 1);
