@@ -1,7 +1,6 @@
 //! Which pending rows a claim chooses: the scan queries, read in one snapshot, whose rows
 //! [`pick`] sorts by the per-key order rule. Nothing is locked here.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use mysql::prelude::{FromRow, Queryable};
@@ -26,6 +25,8 @@ pub(super) struct Chosen {
 /// dispatcher settles its batches within the broker's delivery timeout, usually within
 /// milliseconds; a lease older than this may belong to a dispatcher that died.
 const FRESH_LEASE: Duration = Duration::from_secs(10);
+/// Most windows the head reads past delayed rows not due (see [`choose`]).
+const HEAD_WINDOWS: usize = 16;
 /// A row as the claim's scan reads it, in the order of its query's columns. A row neither
 /// ready nor in flight holds its key back for longer than a delivery.
 struct ScanRow {
@@ -38,11 +39,14 @@ struct ScanRow {
     idle: bool,
     /// Tried before.
     retry: bool,
+    /// A delayed message not due yet: it waits on purpose, and is no reason to sweep.
+    /// Read by the head's query; false in the windows past it.
+    scheduled: bool,
 }
 
 impl FromRow for ScanRow {
     fn from_row_opt(row: Row) -> std::result::Result<Self, FromRowError> {
-        let (id, topic, key, ready, idle, retry) = mysql::from_row_opt(row)?;
+        let (id, topic, key, ready, idle, retry, scheduled) = mysql::from_row_opt(row)?;
         Ok(ScanRow {
             id,
             topic,
@@ -50,6 +54,7 @@ impl FromRow for ScanRow {
             ready,
             idle,
             retry,
+            scheduled,
         })
     }
 }
@@ -65,60 +70,12 @@ impl ScanRow {
     }
 }
 
-/// Marks not ready the rows of `head` that have an older delayed row of their key, not
-/// due, which the head's read left out. Counting the pending rows up to the head's last
-/// reads the `(state, id)` index alone; only when that finds rows the head left out are
-/// they read, with their keys.
-fn hold_behind_scheduled(
-    tx: &mut Transaction<'_>,
-    table: &str,
-    head: &mut [ScanRow],
-) -> Result<()> {
-    let Some(last) = head.last().map(|row| row.id) else {
-        return Ok(());
-    };
-    let pending: Option<u64> = tx.exec_first(
-        format!("SELECT COUNT(*) FROM `{table}` WHERE state = {PENDING} AND id <= ?"),
-        (last,),
-    )?;
-    if pending.unwrap_or(0) <= head.len() as u64 {
-        return Ok(());
-    }
-    let first_scheduled: HashMap<(String, Vec<u8>), u64> = tx
-        .exec::<(String, Vec<u8>, u64), _, _>(
-            format!(
-                "SELECT o.topic, o.msg_key, MIN(o.id) FROM `{table}` o WHERE o.state = {PENDING} \
-                 AND o.id < ? AND o.msg_key IS NOT NULL AND {} GROUP BY o.topic, o.msg_key",
-                scheduled("o")
-            ),
-            (last,),
-        )?
-        .into_iter()
-        .map(|(topic, key, id)| ((topic, key), id))
-        .collect();
-    if first_scheduled.is_empty() {
-        return Ok(());
-    }
-    for row in head.iter_mut() {
-        if let Some(key) = &row.key {
-            let entry = (row.topic.clone(), key.clone());
-            if first_scheduled
-                .get(&entry)
-                .is_some_and(|&first| first < row.id)
-            {
-                row.ready = false;
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Chooses the rows to claim, without locking anything yet.
 ///
 /// The first read takes the oldest `window` pending rows in id order, in one snapshot,
 /// and [`pick`] applies the order rule to them: every older pending row of a key is in
-/// that read, so runs of one key can be taken whole. Delayed rows not due yet are left
-/// out of it, and the rows of their keys after them are not ready. When that does not fill the
+/// that read, so runs of one key can be taken whole. Delayed rows not due yet are read
+/// too (they hold their keys), but do not count toward the window. When that does not fill the
 /// batch and some of those rows hold their keys back without being in flight (backing
 /// off after a failure, behind a dead message, or leased more than [`FRESH_LEASE`] ago
 /// by a dispatcher that may have died), the claim also reads two more windows past
@@ -138,26 +95,45 @@ pub(super) fn choose(
     } else {
         String::new()
     };
-    // Delayed rows not due are left out of the head: a backlog of them ahead of the rest
-    // would otherwise fill it for as long as they wait.
-    let mut head: Vec<ScanRow> = tx.exec(
-        format!(
-            "SELECT o.id, o.topic, o.msg_key, \
-               (o.locked_by = 0 AND o.available_on <= UTC_TIMESTAMP(6) {dead_before}), \
-               (o.locked_by = 0 OR o.locked_on <= UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND), \
-               o.number_of_attempts > 0 \
-             FROM `{}` o WHERE o.state = {PENDING} AND NOT {} ORDER BY o.id LIMIT ?",
-            table,
-            scheduled("o")
-        ),
-        (micros(FRESH_LEASE), window),
-    )?;
-    hold_behind_scheduled(tx, table, &mut head)?;
-    // Not ready, and not leased in the last FRESH_LEASE either.
-    let stuck = head.iter().any(|row| !row.ready && row.idle);
+    let head_sql = format!(
+        "SELECT o.id, o.topic, o.msg_key, \
+           (o.locked_by = 0 AND o.available_on <= UTC_TIMESTAMP(6) {dead_before}), \
+           (o.locked_by = 0 OR o.locked_on <= UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND), \
+           o.number_of_attempts > 0, {} \
+         FROM `{}` o WHERE o.state = {PENDING} AND o.id > ? ORDER BY o.id LIMIT ?",
+        scheduled("o"),
+        table
+    );
+    // The head holds every pending row up to its last, so that the order rule sees each
+    // key's older rows. Delayed rows not due take no part of it: past a window partly
+    // theirs it reads on, window after window, until it holds `window` other rows (or
+    // the table's end, or HEAD_WINDOWS windows).
+    let mut head: Vec<ScanRow> = Vec::new();
+    let (mut delayed, mut reads) = (0, 0);
+    let mut scanned_all;
+    loop {
+        let from = head.last().map_or(0, |row| row.id);
+        let rows: Vec<ScanRow> = tx.exec(&head_sql, (micros(FRESH_LEASE), from, window))?;
+        reads += 1;
+        scanned_all = (rows.len() as u64) < window;
+        delayed += rows.iter().filter(|row| row.scheduled).count();
+        head.extend(rows);
+        if scanned_all || delayed == 0 || head.len() - delayed >= window as usize {
+            break;
+        }
+        if reads == HEAD_WINDOWS {
+            // So many delayed rows ahead: the sweep reads on from here.
+            delayed = 0;
+            break;
+        }
+    }
+    // Not ready, and not leased in the last FRESH_LEASE either; a delayed row only when
+    // the head stopped short of reading past all of them.
+    let stuck = head
+        .iter()
+        .any(|row| !row.ready && row.idle && !(row.scheduled && delayed > 0));
     let after_head = head.last().map_or(0, |row| row.id + 1);
     let head_len = head.len();
-    let scanned_all = (head_len as u64) < window;
     let candidates: Vec<Candidate> = head.into_iter().map(ScanRow::candidate).collect();
     let mut retries = retry_cap(limit);
     let (picked, mut more) = pick(&candidates, limit, &mut retries);
@@ -201,7 +177,7 @@ pub(super) fn choose(
             AND (o.msg_key IS NULL OR NOT EXISTS ( \
               SELECT 1 FROM `{t}` p WHERE p.topic = o.topic AND p.msg_key = o.msg_key \
                 AND p.state IN {blocking} AND p.id < ?))), \
-           FALSE, o.number_of_attempts > 0 \
+           FALSE, o.number_of_attempts > 0, FALSE \
          FROM `{t}` o WHERE o.state = {PENDING} AND o.id >= ? AND o.id < ? \
          ORDER BY o.id LIMIT ?",
         t = table
