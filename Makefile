@@ -19,7 +19,7 @@ LOCAL_BROKER := $(filter 127.0.0.1:9092,$(OUTBOX_KAFKA_BROKERS))
 all: build
 
 # `cli` builds the `outbox` command, which several tests run.
-FEATURES := --features cli
+FEATURES := --features cli,opentelemetry
 
 build:
 	cargo build --all-targets $(FEATURES)
@@ -75,7 +75,7 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --all-targets $(FEATURES) -- -D warnings
 	RUSTDOCFLAGS="-D warnings" cargo doc --no-deps $(FEATURES)
-	cargo +$(MSRV) check --all-targets $(FEATURES)
+	cargo +$(MSRV) check --all-targets --features cli  # and so without opentelemetry
 
 services: mariadb broker faketime stunnel prometheus-client
 

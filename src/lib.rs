@@ -119,6 +119,7 @@
 //! | `ssl`, `libz` | no | the same against the system's OpenSSL or zlib |
 //! | `gssapi`, `gssapi-vendored` | no | Kerberos |
 //! | `cli` | no | the `outbox` command (relay, status, dead messages, replay, leases) |
+//! | `opentelemetry` | no | the add stores the current span's W3C trace context with its message (module `trace`) |
 //!
 //! # Examples
 //!
@@ -144,6 +145,8 @@ mod runtime;
 mod settings;
 mod store;
 mod time;
+#[cfg(feature = "opentelemetry")]
+pub mod trace;
 mod transaction;
 
 pub use crossbeam_channel;

@@ -1,5 +1,6 @@
 //! The message a service hands to the outbox, and the rules it must follow.
 
+use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use uuid::Uuid;
@@ -216,12 +217,27 @@ impl Message {
 }
 
 /// Validates every message, then gives each its message id (a UUIDv7), in order: the
-/// first step of every add. Nothing is returned if any message is invalid.
-pub(crate) fn with_ids(messages: &[Message]) -> Result<Vec<(Uuid, &Message)>> {
+/// first step of every add. Nothing is returned if any message is invalid. With the
+/// feature `opentelemetry`, a message added while a span is current carries its trace
+/// context ([`trace`](crate::trace)).
+pub(crate) fn with_ids(messages: &[Message]) -> Result<Vec<(Uuid, Cow<'_, Message>)>> {
     for message in messages {
         message.validate()?;
     }
-    Ok(messages.iter().map(|m| (Uuid::now_v7(), m)).collect())
+    Ok(messages
+        .iter()
+        .map(|m| (Uuid::now_v7(), traced(m)))
+        .collect())
+}
+
+#[cfg(feature = "opentelemetry")]
+fn traced(message: &Message) -> Cow<'_, Message> {
+    crate::trace::with_current_context(message)
+}
+
+#[cfg(not(feature = "opentelemetry"))]
+fn traced(message: &Message) -> Cow<'_, Message> {
+    Cow::Borrowed(message)
 }
 
 fn validate_topic(topic: &str) -> Result<()> {

@@ -121,6 +121,7 @@ impl Outbox {
         messages: &[Message],
     ) -> Result<Vec<Uuid>> {
         let rows = with_ids(messages)?;
+        let rows: Vec<(Uuid, &Message)> = rows.iter().map(|(id, m)| (*id, m.as_ref())).collect();
         for statement in Insert::statements(self.store.table(), &rows) {
             tx.query_drop(statement)?;
         }

@@ -125,7 +125,7 @@ impl<'a> OutboxTransaction<'a> {
     pub fn add_all(&mut self, messages: &[Message]) -> Result<Vec<Uuid>> {
         let rows = with_ids(messages)?;
         for (id, message) in &rows {
-            self.keep(*id, message)?;
+            self.keep(*id, message.as_ref())?;
         }
         Ok(rows.into_iter().map(|(id, _)| id).collect())
     }
