@@ -1,15 +1,20 @@
 //! Trace context that travels with a message (feature `opentelemetry`): the add stores
-//! the current span's W3C context in the message's headers, so that the relay and the
-//! consumer can continue the trace the add was part of.
+//! the current span's W3C context in the message's headers, and the relay publishes each
+//! record in a span `{topic} publish` (kind PRODUCER) that is a child of it, the record
+//! carrying that span's context, so that a consumer continues one trace from the add.
 
 use std::borrow::Cow;
+use std::time::SystemTime;
 
 use opentelemetry::baggage::BaggageExt;
-use opentelemetry::propagation::Injector;
-use opentelemetry::trace::TraceContextExt;
-use opentelemetry::{global, Context};
+use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::{
+    SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId, TraceState, Tracer,
+};
+use opentelemetry::{global, Context, KeyValue};
 
 use crate::message::{Message, MAX_HEADERS, MAX_MESSAGE_SIZE};
+use crate::record::Record;
 
 /// The W3C trace context headers.
 pub const TRACEPARENT: &str = "traceparent";
@@ -28,13 +33,7 @@ pub(crate) fn with_current_context(message: &Message) -> Cow<'_, Message> {
     if !cx.span().span_context().is_valid() {
         return Cow::Borrowed(message);
     }
-    let mut fields = Fields(Vec::new());
-    global::get_text_map_propagator(|propagator| propagator.inject_context(&cx, &mut fields));
-    if fields.0.is_empty() {
-        fields.0 = w3c(&cx);
-    }
-    let fields: Vec<(String, String)> = fields
-        .0
+    let fields: Vec<(String, String)> = fields_of(&cx)
         .into_iter()
         .filter(|(name, _)| {
             !message
@@ -55,6 +54,145 @@ pub(crate) fn with_current_context(message: &Message) -> Cow<'_, Message> {
         message = message.with_header(name, value);
     }
     Cow::Owned(message)
+}
+
+/// The headers that carry `cx`: what the global text-map propagator writes, or, when
+/// none is set, W3C trace context and baggage.
+fn fields_of(cx: &Context) -> Vec<(String, String)> {
+    let mut fields = Fields(Vec::new());
+    global::get_text_map_propagator(|propagator| propagator.inject_context(cx, &mut fields));
+    if fields.0.is_empty() && cx.span().span_context().is_valid() {
+        fields.0 = w3c(cx);
+    }
+    fields.0
+}
+
+/// The context stored in `headers`: through the global text-map propagator, or, when it
+/// finds none (none is set, say), a W3C `traceparent` and `tracestate`.
+fn stored_context(headers: &[(String, Vec<u8>)]) -> Context {
+    let stored = Stored(headers);
+    let cx = global::get_text_map_propagator(|propagator| {
+        propagator.extract_with_context(&Context::new(), &stored)
+    });
+    if cx.span().span_context().is_valid() {
+        return cx;
+    }
+    match stored
+        .get(TRACEPARENT)
+        .and_then(|value| parse_traceparent(value, stored.get(TRACESTATE)))
+    {
+        Some(context) => Context::new().with_remote_span_context(context),
+        None => cx,
+    }
+}
+
+/// A W3C `traceparent` (version 00) and its `tracestate`, if they are well formed.
+fn parse_traceparent(value: &str, state: Option<&str>) -> Option<SpanContext> {
+    let mut parts = value.trim().split('-');
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if version != "00" || trace.len() != 32 || span.len() != 16 || flags.len() != 2 {
+        return None;
+    }
+    let trace = TraceId::from_hex(trace).ok()?;
+    let span = SpanId::from_hex(span).ok()?;
+    let flags = TraceFlags::new(u8::from_str_radix(flags, 16).ok()?);
+    let state = state
+        .and_then(|state| state.parse::<TraceState>().ok())
+        .unwrap_or_default();
+    let context = SpanContext::new(trace, span, flags, true, state);
+    context.is_valid().then_some(context)
+}
+
+/// Headers read as a propagator's carrier (names compared without case).
+struct Stored<'a>(&'a [(String, Vec<u8>)]);
+
+impl Extractor for Stored<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(key))
+            .and_then(|(_, value)| std::str::from_utf8(value).ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(name, _)| name.as_str()).collect()
+    }
+}
+
+/// The publish span of each record of a batch: a child of the context stored with its
+/// message, of kind PRODUCER, named `{topic} publish`, with the OpenTelemetry messaging
+/// attributes, started through the global tracer provider before the record is sent and
+/// ended with its outcome.
+pub(crate) struct PublishSpans {
+    contexts: Vec<Context>,
+}
+
+impl PublishSpans {
+    /// Starts a span for each of `records`.
+    pub fn begin(records: &[Record]) -> PublishSpans {
+        let tracer = global::tracer("outbox");
+        let now = SystemTime::now();
+        let contexts = records
+            .iter()
+            .map(|record| {
+                let topic = record.message.topic().to_string();
+                let parent = stored_context(record.message.headers());
+                let waited = now.duration_since(record.created).unwrap_or_default();
+                let span = tracer
+                    .span_builder(format!("{topic} publish"))
+                    .with_kind(SpanKind::Producer)
+                    .with_attributes([
+                        KeyValue::new("messaging.system", "kafka"),
+                        KeyValue::new("messaging.operation.type", "send"),
+                        KeyValue::new("messaging.destination.name", topic),
+                        KeyValue::new(
+                            "messaging.message.id",
+                            record.message_id.hyphenated().to_string(),
+                        ),
+                        KeyValue::new("outbox.wait_seconds", waited.as_secs_f64()),
+                    ])
+                    .start_with_context(&tracer, &parent);
+                parent.with_span(span)
+            })
+            .collect();
+        PublishSpans { contexts }
+    }
+
+    /// The trace headers the record at `index` is sent with: its publish span's, in
+    /// place of those stored with it.
+    pub fn fields(&self, index: usize) -> Vec<(String, String)> {
+        self.contexts.get(index).map(fields_of).unwrap_or_default()
+    }
+
+    /// Ends each span with its record's outcome and, when it was acknowledged, its
+    /// partition and offset.
+    pub fn end(self, outcomes: &[std::result::Result<(), String>], placed: &[Option<(i32, i64)>]) {
+        for (index, cx) in self.contexts.into_iter().enumerate() {
+            let span = cx.span();
+            match outcomes.get(index) {
+                Some(Ok(())) => {
+                    if let Some(Some((partition, offset))) = placed.get(index) {
+                        span.set_attribute(KeyValue::new(
+                            "messaging.destination.partition.id",
+                            partition.to_string(),
+                        ));
+                        span.set_attribute(KeyValue::new(
+                            "messaging.kafka.destination.partition",
+                            i64::from(*partition),
+                        ));
+                        span.set_attribute(KeyValue::new(
+                            "messaging.kafka.message.offset",
+                            *offset,
+                        ));
+                    }
+                }
+                Some(Err(error)) => span.set_status(Status::error(error.clone())),
+                None => span.set_status(Status::error("no outcome")),
+            }
+            span.end();
+        }
+    }
 }
 
 /// What a propagator writes, in order.
@@ -110,9 +248,6 @@ fn percent_encoded(value: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
-    use opentelemetry::KeyValue;
-
     use super::*;
 
     fn remote(state: TraceState) -> Context {
@@ -151,6 +286,35 @@ mod tests {
                 (BAGGAGE.to_string(), b"tenant=a%20b".to_vec()),
             ]
         );
+    }
+
+    #[test]
+    fn a_stored_w3c_context_is_read_back_and_a_malformed_one_is_none() {
+        let headers = vec![
+            (
+                "TraceParent".to_string(),
+                b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_vec(),
+            ),
+            ("tracestate".to_string(), b"vendor=x".to_vec()),
+        ];
+        let cx = stored_context(&headers);
+        let span = cx.span();
+        let context = span.span_context();
+        assert!(context.is_valid() && context.is_remote());
+        assert_eq!(
+            context.trace_id(),
+            TraceId::from(0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c)
+        );
+        assert_eq!(context.span_id(), SpanId::from(0xb7ad_6b71_6920_3331));
+        assert_eq!(context.trace_state().get("vendor"), Some("x"));
+        for bad in [
+            "",
+            "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-xyz-b7ad6b7169203331-01",
+        ] {
+            assert!(parse_traceparent(bad, None).is_none(), "{bad:?}");
+        }
     }
 
     #[test]

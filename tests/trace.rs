@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::*;
 use mysql::prelude::Queryable;
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
@@ -68,4 +70,120 @@ fn a_message_added_in_a_span_carries_its_w3c_context_and_one_added_outside_does_
         serde_json::json!([["traceparent", "mine"]]),
         "the caller's header is kept"
     );
+}
+
+/// Spans the SDK ended, as the tests read them.
+#[derive(Debug, Clone, Default)]
+struct Collected(std::sync::Arc<std::sync::Mutex<Vec<opentelemetry_sdk::trace::SpanData>>>);
+
+impl opentelemetry_sdk::trace::SpanExporter for Collected {
+    fn export(
+        &self,
+        batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> impl std::future::Future<Output = opentelemetry_sdk::error::OTelSdkResult> + Send {
+        self.0.lock().unwrap().extend(batch);
+        std::future::ready(Ok(()))
+    }
+}
+
+#[test]
+fn the_relay_publishes_each_message_in_a_child_span_and_the_record_carries_it() {
+    use opentelemetry::trace::{Span, SpanKind, Tracer, TracerProvider};
+    use opentelemetry::Value;
+
+    let collected = Collected::default();
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_simple_exporter(collected.clone())
+        .build();
+    opentelemetry::global::set_tracer_provider(provider.clone());
+    let table = TestTable::new("trace_publish");
+    let topic = unique("trace_publish");
+    let outbox = Outbox::new(&table.store);
+
+    // The service's span around the add.
+    let tracer = provider.tracer("service");
+    let request = tracer.start("POST /orders");
+    let request_context = request.span_context().clone();
+    let cx = Context::current_with_span(request);
+    {
+        let _guard = cx.clone().attach();
+        let mut tx = table
+            .pool
+            .start_transaction(mysql::TxOpts::default())
+            .unwrap();
+        outbox
+            .add(&mut tx, &Message::new(&topic, "traced").with_key("k"))
+            .unwrap();
+        tx.commit().unwrap();
+    }
+    table.commit(&[Message::new(&topic, "untraced")]);
+    cx.span().end();
+
+    let handle = table.dispatch(broker(), fast_settings(), "trace-publish");
+    let got = consume(
+        &topic,
+        2,
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+    );
+    drop(handle);
+    assert_eq!(got.len(), 2);
+    let publish_name = format!("{topic} publish");
+    let spans = collected.0.lock().unwrap().clone();
+    let publishes: Vec<_> = spans.iter().filter(|s| s.name == publish_name).collect();
+    assert_eq!(
+        publishes.len(),
+        2,
+        "one publish span per message: {spans:?}"
+    );
+    let child = publishes
+        .iter()
+        .find(|s| s.span_context.trace_id() == request_context.trace_id())
+        .expect("the traced message's publish span is in the request's trace");
+    assert_eq!(child.parent_span_id, request_context.span_id());
+    assert_eq!(child.span_kind, SpanKind::Producer);
+    let attribute = |name: &str| {
+        child
+            .attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == name)
+            .map(|kv| kv.value.clone())
+    };
+    assert_eq!(attribute("messaging.system"), Some(Value::from("kafka")));
+    assert_eq!(
+        attribute("messaging.destination.name"),
+        Some(Value::from(topic.clone()))
+    );
+    let traced = got
+        .iter()
+        .find(|c| c.payload == b"traced")
+        .expect("the traced record");
+    assert_eq!(
+        attribute("messaging.message.id"),
+        Some(Value::from(traced.message_id()))
+    );
+    assert_eq!(
+        attribute("messaging.kafka.message.offset"),
+        Some(Value::from(traced.offset))
+    );
+    assert!(attribute("outbox.wait_seconds").is_some());
+    // The record read by a plain Kafka client names the publish span, in W3C form.
+    let header = std::str::from_utf8(traced.header("traceparent").expect("a traceparent"))
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        header,
+        format!(
+            "00-{:032x}-{:016x}-01",
+            child.span_context.trace_id(),
+            child.span_context.span_id()
+        )
+    );
+    // The message added outside any span is published in a span of a trace of its own.
+    let root = publishes.iter().find(|s| {
+        s.name == publish_name && s.parent_span_id == opentelemetry::trace::SpanId::INVALID
+    });
+    assert!(root.is_some(), "{publishes:?}");
+    let untraced = got.iter().find(|c| c.payload == b"untraced").unwrap();
+    assert!(untraced.header("traceparent").is_some());
 }

@@ -177,11 +177,29 @@ impl KafkaBroker {
             .map_err(Error::Kafka)
     }
 
-    fn send(&self, index: usize, record: &Record, deadline: Instant) -> Result<(), KafkaError> {
+    /// Queues `record`, with the trace headers `trace` in place of any stored under
+    /// their names.
+    fn send(
+        &self,
+        index: usize,
+        record: &Record,
+        trace: &[(String, String)],
+        deadline: Instant,
+    ) -> Result<(), KafkaError> {
         let message = &record.message;
         let message_id = record.message_id.hyphenated().to_string();
-        let mut headers = OwnedHeaders::new_with_capacity(message.headers().len() + 1);
+        let mut headers =
+            OwnedHeaders::new_with_capacity(message.headers().len() + trace.len() + 1);
+        let replaced = |name: &str| trace.iter().any(|(t, _)| t.eq_ignore_ascii_case(name));
         for (name, value) in message.headers() {
+            if !replaced(name) {
+                headers = headers.insert(Header {
+                    key: name,
+                    value: Some(value),
+                });
+            }
+        }
+        for (name, value) in trace {
             headers = headers.insert(Header {
                 key: name,
                 value: Some(value),
@@ -307,6 +325,17 @@ impl Broker for KafkaBroker {
             .checked_add(self.delivery_timeout.saturating_add(REPORT_GRACE))
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(24 * 60 * 60));
         *self.producer.context().pending.lock() = Pending::new(self.batch, records.len());
+        #[cfg(feature = "opentelemetry")]
+        let spans = crate::trace::PublishSpans::begin(records);
+        let trace = |index: usize| -> Vec<(String, String)> {
+            #[cfg(feature = "opentelemetry")]
+            return spans.fields(index);
+            #[cfg(not(feature = "opentelemetry"))]
+            {
+                let _ = index;
+                Vec::new()
+            }
+        };
         let waves = if self.strict_key_order {
             waves_by_key(records)
         } else {
@@ -321,7 +350,7 @@ impl Broker for KafkaBroker {
                 let sent = match &key {
                     Some(k) if failed_keys.contains(k) => Err(KafkaError::Canceled),
                     _ if Instant::now() >= deadline => Err(KafkaError::Canceled),
-                    _ => self.send(index, &records[index], deadline),
+                    _ => self.send(index, &records[index], &trace(index), deadline),
                 };
                 if let Err(e) = sent {
                     failed_keys.extend(key);
@@ -350,6 +379,14 @@ impl Broker for KafkaBroker {
                 )))
             })
             .collect();
+        #[cfg(feature = "opentelemetry")]
+        spans.end(
+            &outcomes
+                .iter()
+                .map(|o| o.clone().map_err(|e| e.to_string()))
+                .collect::<Vec<_>>(),
+            &pending.placed,
+        );
         self.renew_if_stuck(&outcomes);
         outcomes
             .into_iter()

@@ -6,6 +6,7 @@ use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{DeliveryResult, ProducerContext};
 use rdkafka::ClientContext;
+use rdkafka::Message as _;
 
 use super::properties::{is_secret, REDACTED};
 
@@ -14,6 +15,8 @@ use super::properties::{is_secret, REDACTED};
 pub(super) struct Pending {
     pub batch: u64,
     pub outcomes: Vec<Option<Result<(), KafkaError>>>,
+    /// Where each acknowledged message went: its partition and offset.
+    pub placed: Vec<Option<(i32, i64)>>,
     pub waiting: usize,
 }
 
@@ -22,6 +25,7 @@ impl Pending {
         Pending {
             batch,
             outcomes: vec![None; len],
+            placed: vec![None; len],
             waiting: len,
         }
     }
@@ -115,11 +119,19 @@ impl ProducerContext for Reports {
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
         let (batch, index) = *opaque;
+        let mut pending = self.pending.lock();
         let outcome = match result {
-            Ok(_) => Ok(()),
+            Ok(message) => {
+                if batch == pending.batch {
+                    if let Some(slot) = pending.placed.get_mut(index) {
+                        *slot = Some((message.partition(), message.offset()));
+                    }
+                }
+                Ok(())
+            }
             Err((e, _)) => Err(e.clone()),
         };
-        self.pending.lock().settle(batch, index, outcome);
+        pending.settle(batch, index, outcome);
     }
 }
 
