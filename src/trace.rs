@@ -1,7 +1,9 @@
 //! Trace context that travels with a message (feature `opentelemetry`): the add stores
 //! the current span's W3C context in the message's headers, and the relay publishes each
 //! record in a span `{topic} publish` (kind PRODUCER) that is a child of it, the record
-//! carrying that span's context, so that a consumer continues one trace from the add.
+//! carrying that span's context; the inbox runs its handler in a span `{topic} process`
+//! (kind CONSUMER), a child of the record's, so one trace goes from the add to the
+//! handler. [`Delivery::context`] gives the record's context to a loop of one's own.
 
 use std::borrow::Cow;
 use std::time::SystemTime;
@@ -13,6 +15,7 @@ use opentelemetry::trace::{
 };
 use opentelemetry::{global, Context, KeyValue};
 
+use crate::inbox::Delivery;
 use crate::message::{Message, MAX_HEADERS, MAX_MESSAGE_SIZE};
 use crate::record::Record;
 
@@ -60,21 +63,29 @@ pub(crate) fn with_current_context(message: &Message) -> Cow<'_, Message> {
 /// none is set, W3C trace context and baggage.
 fn fields_of(cx: &Context) -> Vec<(String, String)> {
     let mut fields = Fields(Vec::new());
-    global::get_text_map_propagator(|propagator| propagator.inject_context(cx, &mut fields));
-    if fields.0.is_empty() && cx.span().span_context().is_valid() {
+    let set = global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(cx, &mut fields);
+        propagator.fields().next().is_some()
+    });
+    if !set && cx.span().span_context().is_valid() {
         fields.0 = w3c(cx);
     }
     fields.0
 }
 
-/// The context stored in `headers`: through the global text-map propagator, or, when it
-/// finds none (none is set, say), a W3C `traceparent` and `tracestate`.
+/// The context stored in `headers`: through the global text-map propagator, or, when
+/// none is set (the no-op one answers the current context, whatever the headers say), a
+/// W3C `traceparent` and `tracestate`. Empty when they carry none.
 fn stored_context(headers: &[(String, Vec<u8>)]) -> Context {
     let stored = Stored(headers);
-    let cx = global::get_text_map_propagator(|propagator| {
-        propagator.extract_with_context(&Context::new(), &stored)
+    let extracted = global::get_text_map_propagator(|propagator| {
+        propagator
+            .fields()
+            .next()
+            .is_some()
+            .then(|| propagator.extract_with_context(&Context::new(), &stored))
     });
-    if cx.span().span_context().is_valid() {
+    if let Some(cx) = extracted {
         return cx;
     }
     match stored
@@ -82,7 +93,7 @@ fn stored_context(headers: &[(String, Vec<u8>)]) -> Context {
         .and_then(|value| parse_traceparent(value, stored.get(TRACESTATE)))
     {
         Some(context) => Context::new().with_remote_span_context(context),
-        None => cx,
+        None => Context::new(),
     }
 }
 
@@ -192,6 +203,56 @@ impl PublishSpans {
             }
             span.end();
         }
+    }
+}
+
+/// Runs `handle` in a span `{topic} process` of kind CONSUMER, a child of the context
+/// `delivery`'s record carries, current while it runs (so the handler's own spans are its
+/// children); `failure` reads from the result whether, and why, it failed.
+pub(crate) fn in_process_span<T>(
+    delivery: &Delivery,
+    handle: impl FnOnce() -> T,
+    failure: impl Fn(&T) -> Option<String>,
+) -> T {
+    let tracer = global::tracer("outbox");
+    let parent = delivery.context();
+    let span = tracer
+        .span_builder(format!("{} process", delivery.topic()))
+        .with_kind(SpanKind::Consumer)
+        .with_attributes([
+            KeyValue::new("messaging.system", "kafka"),
+            KeyValue::new("messaging.operation.type", "process"),
+            KeyValue::new("messaging.destination.name", delivery.topic().to_string()),
+            KeyValue::new(
+                "messaging.message.id",
+                delivery.message_id().hyphenated().to_string(),
+            ),
+            KeyValue::new(
+                "messaging.kafka.destination.partition",
+                i64::from(delivery.partition()),
+            ),
+            KeyValue::new("messaging.kafka.message.offset", delivery.offset()),
+        ])
+        .start_with_context(&tracer, &parent);
+    let cx = parent.with_span(span);
+    let outcome = {
+        let _current = cx.clone().attach();
+        handle()
+    };
+    let span = cx.span();
+    if let Some(reason) = failure(&outcome) {
+        span.set_status(Status::error(reason));
+    }
+    span.end();
+    outcome
+}
+
+impl Delivery {
+    /// The trace context the record carries (feature `opentelemetry`): for applications
+    /// that run their own loop and start their own span as its child. An empty context
+    /// when the record carries none.
+    pub fn context(&self) -> Context {
+        stored_context(self.headers())
     }
 }
 

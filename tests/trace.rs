@@ -1,6 +1,8 @@
 //! Trace context (feature `opentelemetry`): a message added while a span is current is
 //! stored with that span's W3C context, by `Outbox::add`, `add_all` and
-//! `OutboxTransaction` alike; without a current span nothing is added.
+//! `OutboxTransaction` alike, without a current span nothing is added; the relay publishes
+//! it in a child span whose context the record carries, and the inbox runs its handler in
+//! a child of that.
 #![cfg(feature = "opentelemetry")]
 
 mod common;
@@ -87,7 +89,7 @@ impl opentelemetry_sdk::trace::SpanExporter for Collected {
 }
 
 #[test]
-fn the_relay_publishes_each_message_in_a_child_span_and_the_record_carries_it() {
+fn one_trace_goes_from_a_span_around_the_add_through_the_publish_span_to_the_handler() {
     use opentelemetry::trace::{Span, SpanKind, Tracer, TracerProvider};
     use opentelemetry::Value;
 
@@ -179,6 +181,72 @@ fn the_relay_publishes_each_message_in_a_child_span_and_the_record_carries_it() 
             child.span_context.span_id()
         )
     );
+    // The inbox runs its handler in a span `{topic} process`, a child of the publish
+    // span, current while the handler runs.
+    use outbox::inbox::{Assignment, Delivery, HandlerError, Inbox, InboxConsumer, InboxSettings};
+    let inbox = Inbox::with_table(table.pool.clone(), &unique("trace_inbox")).unwrap();
+    inbox.migrate().unwrap();
+    type Seen = std::sync::Mutex<Vec<(Vec<u8>, opentelemetry::trace::SpanContext)>>;
+    let seen: std::sync::Arc<Seen> = Default::default();
+    let publish_span = child.span_context.span_id();
+    let handler = {
+        let seen = seen.clone();
+        move |_: &mut mysql::Transaction<'_>, d: &Delivery| -> Result<(), HandlerError> {
+            let current = Context::current().span().span_context().clone();
+            eprintln!(
+                "DEBUG {:?} {:?} current {:?}",
+                String::from_utf8_lossy(d.payload()),
+                d.headers()
+                    .iter()
+                    .map(|(n, v)| (n.clone(), String::from_utf8_lossy(v).into_owned()))
+                    .collect::<Vec<_>>(),
+                current.span_id()
+            );
+            assert_eq!(
+                d.context().span().span_context().span_id(),
+                if d.payload() == b"traced" {
+                    publish_span
+                } else {
+                    d.context().span().span_context().span_id()
+                }
+            );
+            seen.lock().unwrap().push((d.payload().to_vec(), current));
+            Ok(())
+        }
+    };
+    let mut consumer = InboxConsumer::new(
+        inbox,
+        &unique("trace_consumer"),
+        &brokers(),
+        Assignment::Topics(vec![topic.clone()]),
+        InboxSettings::default(),
+    )
+    .unwrap()
+    .start(handler)
+    .unwrap();
+    assert!(wait_for(Duration::from_secs(60), || seen
+        .lock()
+        .unwrap()
+        .len()
+        == 2));
+    consumer.stop().unwrap();
+    let handled = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(payload, _)| payload == b"traced")
+        .map(|(_, cx)| cx.clone())
+        .unwrap();
+    assert_eq!(handled.trace_id(), request_context.trace_id(), "one trace");
+    let ended = collected.0.lock().unwrap().clone();
+    let process = ended
+        .iter()
+        .find(|s| s.span_context.span_id() == handled.span_id())
+        .expect("the handler ran in a span the SDK ended");
+    assert_eq!(process.name, format!("{topic} process"));
+    assert_eq!(process.span_kind, SpanKind::Consumer);
+    assert_eq!(process.parent_span_id, child.span_context.span_id());
+
     // The message added outside any span is published in a span of a trace of its own.
     let root = publishes.iter().find(|s| {
         s.name == publish_name && s.parent_span_id == opentelemetry::trace::SpanId::INVALID

@@ -463,7 +463,19 @@ fn call(
     tx: &mut Transaction<'_>,
     delivery: &Delivery,
 ) -> Result<(), Failure> {
-    match catch_unwind(AssertUnwindSafe(|| handler(tx, delivery))) {
+    #[cfg(feature = "opentelemetry")]
+    let outcome = crate::trace::in_process_span(
+        delivery,
+        || catch_unwind(AssertUnwindSafe(|| handler(tx, delivery))),
+        |outcome| match outcome {
+            Ok(Ok(())) => None,
+            Ok(Err(error)) => Some(error.to_string()),
+            Err(_) => Some("handler panicked".to_string()),
+        },
+    );
+    #[cfg(not(feature = "opentelemetry"))]
+    let outcome = catch_unwind(AssertUnwindSafe(|| handler(tx, delivery)));
+    match outcome {
         Ok(Ok(())) => Ok(()),
         Ok(Err(error)) => {
             let transient = is_transient(&*error);
