@@ -55,7 +55,10 @@ web-service: services
 # Release-mode benchmark; BENCH_RUNS, BENCH_BACKLOG and BENCH_HOT_BACKLOG scale it down.
 bench: services binlog-mariadb
 	cargo build --release $(FEATURES) --bin outbox --example web_service
-	BENCH_OUTBOX=target/release/outbox BENCH_BINLOG_DATABASE_URL=$(BINLOG_DATABASE_URL) \
+	# The bench built without the feature opentelemetry, for the trace section's ratio.
+	cargo bench --features cli --bench bench --no-run 2>&1 | tee $(SERVICES)/bench-peer.log
+	BENCH_PEER=$$(sed -n 's/.*Executable .*(\(.*\))$$/\1/p' $(SERVICES)/bench-peer.log | tail -1) \
+	  BENCH_OUTBOX=target/release/outbox BENCH_BINLOG_DATABASE_URL=$(BINLOG_DATABASE_URL) \
 	  BENCH_BINLOG_PID_FILE=$(BINLOG_DIR)/pid BENCH_BROKER_PID_FILE=$(SERVICES)/tansu.pid \
 	  cargo bench $(FEATURES) --bench bench
 

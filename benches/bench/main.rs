@@ -44,8 +44,13 @@
 //!   the same loop written out without the inbox's record (row and offset in one
 //!   transaction); and by the raw consumer alone (no database), interleaved.
 //!
+//! - trace: adds (3,000 transactions of one each) with no span current and with one, in
+//!   a build with the feature `opentelemetry`, interleaved; and, when `BENCH_PEER` names
+//!   the bench built without it (`make bench` builds and names it), that build's adds,
+//!   run in turn with this one's.
+//!
 //! `BENCH_ONLY=drain,latency` runs only the sections named (add, drain, latency, memory,
-//! metrics, status, web, binlog, inbox).
+//! metrics, status, web, binlog, inbox, trace).
 
 mod add;
 mod binlog;
@@ -54,6 +59,7 @@ mod drain;
 mod inbox;
 mod latency;
 mod status;
+mod trace;
 mod web;
 
 use std::collections::HashMap;
@@ -76,6 +82,7 @@ use drain::*;
 use inbox::*;
 use latency::*;
 use status::*;
+use trace::*;
 use web::*;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -88,8 +95,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let bench = Bench::new()?;
     let mut table = Table::default();
 
+    if only == "adds" {
+        return print_adds(&bench);
+    }
     if section("add") {
         add_cost(&bench, runs, &mut table)?;
+    }
+    if section("trace") {
+        trace_cost(&bench, runs, &mut table)?;
     }
     if section("drain") {
         drain(&bench, runs, backlog, hot_backlog, &mut table)?;
