@@ -25,8 +25,14 @@ pub(crate) fn trace_cost(
         no_span.push(plain);
         in_span.push(traced);
     }
-    table.rate("add, feature opentelemetry, no span current (tx/s)", &no_span);
-    table.rate("add, feature opentelemetry, a span current (tx/s)", &in_span);
+    table.rate(
+        "add, feature opentelemetry, no span current (tx/s)",
+        &no_span,
+    );
+    table.rate(
+        "add, feature opentelemetry, a span current (tx/s)",
+        &in_span,
+    );
     table.ratio("  a span current / none", &in_span, &no_span);
     if !off.is_empty() {
         table.rate("add, built without the feature (tx/s)", &off);

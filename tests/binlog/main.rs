@@ -46,6 +46,8 @@ mod failover;
 mod failures;
 mod restarts;
 mod setup;
+#[cfg(feature = "opentelemetry")]
+mod trace;
 
 /// A private server that writes a row-based binary log.
 fn binlog_database(server: Server) -> PrivateDatabase {
