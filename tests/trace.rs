@@ -74,30 +74,12 @@ fn a_message_added_in_a_span_carries_its_w3c_context_and_one_added_outside_does_
     );
 }
 
-/// Spans the SDK ended, as the tests read them.
-#[derive(Debug, Clone, Default)]
-struct Collected(std::sync::Arc<std::sync::Mutex<Vec<opentelemetry_sdk::trace::SpanData>>>);
-
-impl opentelemetry_sdk::trace::SpanExporter for Collected {
-    fn export(
-        &self,
-        batch: Vec<opentelemetry_sdk::trace::SpanData>,
-    ) -> impl std::future::Future<Output = opentelemetry_sdk::error::OTelSdkResult> + Send {
-        self.0.lock().unwrap().extend(batch);
-        std::future::ready(Ok(()))
-    }
-}
-
 #[test]
 fn one_trace_goes_from_a_span_around_the_add_through_the_publish_span_to_the_handler() {
     use opentelemetry::trace::{Span, SpanKind, Tracer, TracerProvider};
     use opentelemetry::Value;
 
-    let collected = Collected::default();
-    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
-        .with_simple_exporter(collected.clone())
-        .build();
-    opentelemetry::global::set_tracer_provider(provider.clone());
+    let (collected, provider) = common::spans::installed();
     let table = TestTable::new("trace_publish");
     let topic = unique("trace_publish");
     let outbox = Outbox::new(&table.store);
@@ -131,7 +113,7 @@ fn one_trace_goes_from_a_span_around_the_add_through_the_publish_span_to_the_han
     drop(handle);
     assert_eq!(got.len(), 2);
     let publish_name = format!("{topic} publish");
-    let spans = collected.0.lock().unwrap().clone();
+    let spans = collected.spans();
     let publishes: Vec<_> = spans.iter().filter(|s| s.name == publish_name).collect();
     assert_eq!(
         publishes.len(),
@@ -238,7 +220,7 @@ fn one_trace_goes_from_a_span_around_the_add_through_the_publish_span_to_the_han
         .map(|(_, cx)| cx.clone())
         .unwrap();
     assert_eq!(handled.trace_id(), request_context.trace_id(), "one trace");
-    let ended = collected.0.lock().unwrap().clone();
+    let ended = collected.spans();
     let process = ended
         .iter()
         .find(|s| s.span_context.span_id() == handled.span_id())

@@ -4,40 +4,8 @@
 use super::*;
 use opentelemetry::trace::{Span, SpanKind, TraceContextExt, Tracer, TracerProvider};
 
-/// Spans the SDK ended.
-#[derive(Debug, Clone, Default)]
-struct Collected(Arc<std::sync::Mutex<Vec<opentelemetry_sdk::trace::SpanData>>>);
-
-impl opentelemetry_sdk::trace::SpanExporter for Collected {
-    fn export(
-        &self,
-        batch: Vec<opentelemetry_sdk::trace::SpanData>,
-    ) -> impl std::future::Future<Output = opentelemetry_sdk::error::OTelSdkResult> + Send {
-        self.0.lock().unwrap().extend(batch);
-        std::future::ready(Ok(()))
-    }
-}
-
-/// The SDK installed once for this test binary, and what it collected.
-fn collected() -> (Collected, opentelemetry_sdk::trace::SdkTracerProvider) {
-    static INSTALLED: std::sync::OnceLock<(
-        Collected,
-        opentelemetry_sdk::trace::SdkTracerProvider,
-    )> = std::sync::OnceLock::new();
-    INSTALLED
-        .get_or_init(|| {
-            let collected = Collected::default();
-            let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
-                .with_simple_exporter(collected.clone())
-                .build();
-            opentelemetry::global::set_tracer_provider(provider.clone());
-            (collected, provider)
-        })
-        .clone()
-}
-
 fn the_binlog_relay_publishes_a_traced_message_in_a_child_span(server: Server) {
-    let (collected, provider) = collected();
+    let (collected, provider) = common::spans::installed();
     let f = fixture(server, "binlog_trace");
     let (url, pool, store, table, topic) = f.parts();
     let mut relay = start_relay(url, table, "binlog-trace").unwrap();
@@ -65,7 +33,7 @@ fn the_binlog_relay_publishes_a_traced_message_in_a_child_span(server: Server) {
     relay.stop().unwrap();
 
     let name = format!("{topic} publish");
-    let spans = collected.0.lock().unwrap().clone();
+    let spans = collected.spans();
     let publish = spans
         .iter()
         .find(|s| s.name == name)

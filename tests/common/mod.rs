@@ -14,6 +14,8 @@ pub mod private_db;
 mod process;
 pub mod proxy;
 pub mod recorder;
+#[cfg(feature = "opentelemetry")]
+pub mod spans;
 pub mod tansu;
 
 use std::time::{Duration, Instant};
