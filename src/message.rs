@@ -219,7 +219,7 @@ impl Message {
 /// Validates every message, then gives each its message id (a UUIDv7), in order: the
 /// first step of every add. Nothing is returned if any message is invalid. With the
 /// feature `opentelemetry`, a message added while a span is current carries its trace
-/// context ([`trace`](crate::trace)).
+/// context.
 pub(crate) fn with_ids(messages: &[Message]) -> Result<Vec<(Uuid, Cow<'_, Message>)>> {
     for message in messages {
         message.validate()?;
@@ -230,9 +230,33 @@ pub(crate) fn with_ids(messages: &[Message]) -> Result<Vec<(Uuid, Cow<'_, Messag
         .collect())
 }
 
+/// `message` with the current span's trace context added to its headers (feature
+/// `opentelemetry`): a header the caller set is kept as it is, and nothing is added that
+/// would take the message past [`MAX_HEADERS`] or [`MAX_MESSAGE_SIZE`] (the add would
+/// refuse it); then the message goes as it is.
 #[cfg(feature = "opentelemetry")]
 fn traced(message: &Message) -> Cow<'_, Message> {
-    crate::trace::with_current_context(message)
+    let fields: Vec<(String, String)> = crate::trace::context::current_fields()
+        .into_iter()
+        .filter(|(name, _)| {
+            !message
+                .headers()
+                .iter()
+                .any(|(set, _)| set.eq_ignore_ascii_case(name))
+        })
+        .collect();
+    let size: usize = fields.iter().map(|(n, v)| n.len() + v.len()).sum();
+    if fields.is_empty()
+        || message.headers().len() + fields.len() > MAX_HEADERS
+        || message.size() + size > MAX_MESSAGE_SIZE
+    {
+        return Cow::Borrowed(message);
+    }
+    let mut message = message.clone();
+    for (name, value) in fields {
+        message = message.with_header(name, value);
+    }
+    Cow::Owned(message)
 }
 
 #[cfg(not(feature = "opentelemetry"))]
@@ -426,5 +450,29 @@ mod tests {
             msg.headers(),
             &[("content-type".to_string(), b"application/json".to_vec())]
         );
+    }
+
+    #[cfg(feature = "opentelemetry")]
+    #[test]
+    fn a_trace_header_the_caller_set_is_kept_and_a_full_message_is_left_alone() {
+        use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId};
+        let context = SpanContext::new(
+            TraceId::from(1),
+            SpanId::from(1),
+            TraceFlags::SAMPLED,
+            true,
+            Default::default(),
+        );
+        let _guard = opentelemetry::Context::new()
+            .with_remote_span_context(context)
+            .attach();
+        let plain = Message::new("t", "p");
+        assert_eq!(traced(&plain).headers()[0].0, "traceparent");
+        let message = Message::new("t", "p").with_header("TraceParent", "mine");
+        assert_eq!(traced(&message).headers(), message.headers());
+        let full = (0..MAX_HEADERS).fold(Message::new("t", "p"), |m, i| {
+            m.with_header(format!("h{i}"), "v")
+        });
+        assert!(matches!(traced(&full), Cow::Borrowed(_)));
     }
 }

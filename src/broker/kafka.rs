@@ -326,7 +326,7 @@ impl Broker for KafkaBroker {
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(24 * 60 * 60));
         *self.producer.context().pending.lock() = Pending::new(self.batch, records.len());
         #[cfg(feature = "opentelemetry")]
-        let spans = crate::trace::PublishSpans::begin(records);
+        let spans = super::spans::PublishSpans::begin(records);
         let trace = |index: usize| -> Vec<(String, String)> {
             #[cfg(feature = "opentelemetry")]
             return spans.fields(index);

@@ -3,6 +3,8 @@
 mod kafka;
 mod properties;
 mod reports;
+#[cfg(feature = "opentelemetry")]
+mod spans;
 
 use std::time::Duration;
 

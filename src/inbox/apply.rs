@@ -464,7 +464,7 @@ fn call(
     delivery: &Delivery,
 ) -> Result<(), Failure> {
     #[cfg(feature = "opentelemetry")]
-    let outcome = crate::trace::in_process_span(
+    let outcome = super::span::in_process_span(
         delivery,
         || catch_unwind(AssertUnwindSafe(|| handler(tx, delivery))),
         |outcome| match outcome {

@@ -48,6 +48,8 @@ mod dead;
 mod delivery;
 mod revoked;
 mod settings;
+#[cfg(feature = "opentelemetry")]
+mod span;
 
 use std::time::Duration;
 
