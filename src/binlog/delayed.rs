@@ -19,6 +19,23 @@ use crate::time::{micros_of, micros_since_epoch, time};
 /// again.
 const HELD_RECHECK: Duration = Duration::from_secs(1);
 
+/// The columns a read of pending rows adds after [`RECORD_COLUMNS`] (its rows aliased
+/// `o`) to learn which of them are delayed rows not due yet; [`not_due`] reads them.
+pub(super) fn due_columns() -> String {
+    format!("{}, {}", scheduled("o"), micros_of("o.available_on"))
+}
+
+/// Takes the [`due_columns`] out of `row`: when it is a delayed row not due yet, the time
+/// it is due (the database's clock).
+pub(super) fn not_due(row: &mut mysql::Row) -> Option<SystemTime> {
+    let not_due: Option<bool> = row.take(RECORD_WIDTH);
+    let due: Option<i64> = row.take(RECORD_WIDTH + 1);
+    match (not_due, due) {
+        (Some(true), Some(due)) => Some(time(due)),
+        _ => None,
+    }
+}
+
 impl Tail {
     /// The delayed rows pending in the table, and the database's clock ahead of this
     /// host's, in microseconds. A session reads them at its start: the saved position may
@@ -114,10 +131,9 @@ impl Tail {
         }
         let row: Option<mysql::Row> = conn.exec_first(
             format!(
-                "SELECT {RECORD_COLUMNS}, {}, {} FROM `{}` o WHERE o.id = ? \
+                "SELECT {RECORD_COLUMNS}, {} FROM `{}` o WHERE o.id = ? \
                  AND o.state = {PENDING} AND o.locked_by = 0",
-                scheduled("o"),
-                micros_of("o.available_on"),
+                due_columns(),
                 self.store.table()
             ),
             (id,),
@@ -125,10 +141,8 @@ impl Tail {
         let Some(mut row) = row else {
             return Ok(());
         };
-        let not_due: Option<bool> = row.take(RECORD_WIDTH);
-        let due: Option<i64> = row.take(RECORD_WIDTH + 1);
-        if let (Some(true), Some(due)) = (not_due, due) {
-            session.schedule.add(id, Slot::Row(id), time(due));
+        if let Some(due) = not_due(&mut row) {
+            session.schedule.add(id, Slot::Row(id), due);
             return Ok(());
         }
         match decode_record(row) {

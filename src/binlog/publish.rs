@@ -9,6 +9,7 @@ use std::time::{Instant, SystemTime};
 
 use mysql::prelude::Queryable;
 
+use super::delayed::{due_columns, not_due};
 use super::hold::{earlier, Slot};
 use super::position::Position;
 use super::worker::{Key, Session, Settle, Tail};
@@ -16,9 +17,8 @@ use crate::broker::Broker;
 use crate::error::{Error, Result, Worker};
 use crate::record::Record;
 use crate::runtime::backoff::backoff;
-use crate::store::codec::{decode_record, RECORD_COLUMNS, RECORD_WIDTH};
-use crate::store::sql::{padded, placeholders, scheduled, PENDING};
-use crate::time::{micros_of, time};
+use crate::store::codec::{decode_record, RECORD_COLUMNS};
+use crate::store::sql::{padded, placeholders, PENDING};
 
 /// How a publish left one slot's records.
 struct Failed {
@@ -285,11 +285,10 @@ impl Tail {
         let limit = self.settings.batch_size;
         let rows: Vec<mysql::Row> = self.store.pool().get_conn()?.exec(
             format!(
-                "SELECT {RECORD_COLUMNS}, {}, {} FROM `{}` o WHERE o.topic = ? AND o.msg_key = ? \
+                "SELECT {RECORD_COLUMNS}, {} FROM `{}` o WHERE o.topic = ? AND o.msg_key = ? \
                  AND o.state = {PENDING} AND o.id BETWEEN ? AND ? ORDER BY o.id LIMIT {limit} \
                  LOCK IN SHARE MODE",
-                scheduled("o"),
-                micros_of("o.available_on"),
+                due_columns(),
                 self.store.table()
             ),
             (&key.0, &key.1, first, last),
@@ -298,12 +297,11 @@ impl Tail {
         let mut records = Vec::with_capacity(rows.len());
         let mut read_to = first;
         for mut row in rows {
-            let not_due: Option<bool> = row.take(RECORD_WIDTH);
-            let due: Option<i64> = row.take(RECORD_WIDTH + 1);
+            let due = not_due(&mut row);
             let id: u64 = row.get(0).unwrap_or_default();
-            if session.schedule.has(id) || not_due == Some(true) {
-                if let (Some(true), Some(due)) = (not_due, due) {
-                    session.schedule.add(id, Slot::Key(key.clone()), time(due));
+            if session.schedule.has(id) || due.is_some() {
+                if let Some(due) = due {
+                    session.schedule.add(id, Slot::Key(key.clone()), due);
                 }
                 session.held.refill(key, records, id, true);
                 return Ok(());

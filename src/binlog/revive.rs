@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use mysql::prelude::Queryable;
 
+use super::delayed::{due_columns, not_due};
 use super::follow::SAVE_INTERVAL;
 use super::hold::Slot;
 use super::server;
@@ -13,9 +14,8 @@ use super::worker::{Key, Session, Tail};
 use crate::broker::Broker;
 use crate::error::{Error, Result};
 use crate::record::Record;
-use crate::store::codec::{decode_record, RECORD_COLUMNS, RECORD_WIDTH};
-use crate::store::sql::{scheduled, DEAD, PENDING};
-use crate::time::{micros_of, time};
+use crate::store::codec::{decode_record, RECORD_COLUMNS};
+use crate::store::sql::{DEAD, PENDING};
 
 impl Tail {
     /// A dead row `id` an operator replayed (`replayed`, its record) or discarded:
@@ -90,11 +90,10 @@ impl Tail {
         loop {
             let rows: Vec<mysql::Row> = conn.exec(
                 format!(
-                    "SELECT {RECORD_COLUMNS}, {}, {} FROM `{table}` o WHERE o.topic = ? AND \
+                    "SELECT {RECORD_COLUMNS}, {} FROM `{table}` o WHERE o.topic = ? AND \
                      o.msg_key = ? AND o.state = {PENDING} AND o.locked_by = 0 AND o.id <> ? \
                      AND o.id > ? ORDER BY o.id LIMIT {limit}",
-                    scheduled("o"),
-                    micros_of("o.available_on"),
+                    due_columns(),
                 ),
                 (topic, msg_key, replayed, after),
             )?;
@@ -102,11 +101,10 @@ impl Tail {
             log::debug!("read back {} rows of a released key", rows.len());
             let mut corrupt = Vec::new();
             for mut row in rows {
-                let not_due: Option<bool> = row.take(RECORD_WIDTH);
-                let due: Option<i64> = row.take(RECORD_WIDTH + 1);
+                let due = not_due(&mut row);
                 let id: u64 = row.get(0).unwrap_or_default();
-                if let (Some(true), Some(due)) = (not_due, due) {
-                    session.schedule.add(id, Slot::Key(key.clone()), time(due));
+                if let Some(due) = due {
+                    session.schedule.add(id, Slot::Key(key.clone()), due);
                     waits = true;
                     break;
                 }

@@ -75,8 +75,8 @@ impl ScanRow {
 /// The first read takes the oldest `window` pending rows in id order, in one snapshot,
 /// and [`pick`] applies the order rule to them: every older pending row of a key is in
 /// that read, so runs of one key can be taken whole. Delayed rows not due yet are read
-/// too (they hold their keys), but do not count toward the window. When that does not fill the
-/// batch and some of those rows hold their keys back without being in flight (backing
+/// too (they hold their keys), but do not count toward the window. When that does not
+/// fill the batch and some of those rows hold their keys back without being in flight (backing
 /// off after a failure, behind a dead message, or leased more than [`FRESH_LEASE`] ago
 /// by a dispatcher that may have died), the claim also reads two more windows past
 /// them: the next one of a sweep through the rest of the backlog, and the newest
@@ -109,29 +109,27 @@ pub(super) fn choose(
     // theirs it reads on, window after window, until it holds `window` other rows (or
     // the table's end, or HEAD_WINDOWS windows).
     let mut head: Vec<ScanRow> = Vec::new();
-    let (mut delayed, mut reads) = (0, 0);
-    let mut scanned_all;
-    loop {
+    let mut delayed = 0;
+    // So many delayed rows ahead that the head gave up reading past them: the sweep
+    // reads on from there.
+    let mut gave_up = false;
+    let mut scanned_all = false;
+    for read in 1..=HEAD_WINDOWS {
         let from = head.last().map_or(0, |row| row.id);
         let rows: Vec<ScanRow> = tx.exec(&head_sql, (micros(FRESH_LEASE), from, window))?;
-        reads += 1;
         scanned_all = (rows.len() as u64) < window;
         delayed += rows.iter().filter(|row| row.scheduled).count();
         head.extend(rows);
         if scanned_all || delayed == 0 || head.len() - delayed >= window as usize {
             break;
         }
-        if reads == HEAD_WINDOWS {
-            // So many delayed rows ahead: the sweep reads on from here.
-            delayed = 0;
-            break;
-        }
+        gave_up = read == HEAD_WINDOWS;
     }
     // Not ready, and not leased in the last FRESH_LEASE either; a delayed row only when
-    // the head stopped short of reading past all of them.
+    // the head gave up reading past them.
     let stuck = head
         .iter()
-        .any(|row| !row.ready && row.idle && !(row.scheduled && delayed > 0));
+        .any(|row| !row.ready && row.idle && (!row.scheduled || gave_up));
     let after_head = head.last().map_or(0, |row| row.id + 1);
     let head_len = head.len();
     let candidates: Vec<Candidate> = head.into_iter().map(ScanRow::candidate).collect();
