@@ -191,12 +191,13 @@ impl<S: Store> Relay<S> {
             if *in_flight < IN_FLIGHT && claim_now {
                 let wait = spacing.wait(self.settings.linger);
                 if !wait.is_zero() {
+                    // Wake-ups wait in their channel meanwhile: under a stream of
+                    // commits, one per commit would only wake this thread to wait again.
                     select! {
                         recv(settled) -> done => match done {
                             Ok(()) => *in_flight -= 1,
                             Err(_) => return found,
                         },
-                        recv(wake) -> _ => {},
                         recv(self.signals.stop) -> _ => return found,
                         recv(after(wait)) -> _ => {},
                     }
