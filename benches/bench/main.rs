@@ -25,7 +25,11 @@
 //! - web: `examples/web_service` under 8 concurrent clients (creates and payments), in
 //!   requests per second against the same service with its event writes taken out
 //!   (`WEB_WITHOUT_EVENTS=1`), alternating; and, with events, from each 2xx answer to
-//!   the event's arrival at a consumer.
+//!   the event's arrival at a consumer. For each way of running it, where the CPU went
+//!   while the clients ran (the service, a relay apart, the database server, the broker
+//!   and the bench's own clients and consumer, read from `/proc`, in ms per request) and
+//!   the database's statements per request (`Questions`): the machine is saturated, so
+//!   the throughput ratios follow the CPU per request.
 //!
 //! - binlog: `outbox relay --source binlog` against `outbox relay` (polling), each a process
 //!   of its own, on a MariaDB of the benchmark's own with the binary log on
@@ -55,6 +59,7 @@
 mod add;
 mod binlog;
 mod common;
+mod cpu;
 mod drain;
 mod inbox;
 mod latency;
@@ -78,6 +83,7 @@ use parking_lot::Mutex;
 use add::*;
 use binlog::*;
 use common::*;
+use cpu::*;
 use drain::*;
 use inbox::*;
 use latency::*;

@@ -11,7 +11,7 @@ impl Bench {
     pub(crate) fn web_run(
         &self,
         mode: WebMode,
-    ) -> Result<(f64, Vec<f64>), Box<dyn std::error::Error>> {
+    ) -> Result<(f64, Vec<f64>, CpuUse), Box<dyn std::error::Error>> {
         let events = mode != WebMode::Without;
         use std::io::{BufRead, Read, Write};
         let (outbox_table, orders, topic) = (
@@ -82,6 +82,13 @@ impl Bench {
                 arrivals(&brokers, &topic, &group, WEB_CLIENTS * WEB_REQUESTS)
             })
         });
+        let mut others = vec![("service", service.id())];
+        if let Some(relay) = &relay {
+            others.push(("relay apart", relay.id()));
+        }
+        let processes = Processes::of(self);
+        let cpu_before = processes.used(&others);
+        let statements_before = statements(self);
         let start = Instant::now();
         std::thread::scope(|scope| -> Result<(), String> {
             let clients: Vec<_> = (0..WEB_CLIENTS)
@@ -118,6 +125,8 @@ impl Bench {
             Ok(())
         })?;
         let rate = (WEB_CLIENTS * WEB_REQUESTS) as f64 / start.elapsed().as_secs_f64();
+        let mut cpu = spent(&cpu_before, &processes.used(&others));
+        let statements_run = statements(self) - statements_before;
         let mut latencies = Vec::new();
         if let Some(consumer) = consumer {
             let arrived = consumer.join().map_err(|_| "the consumer panicked")??;
@@ -137,7 +146,8 @@ impl Bench {
         for name in [outbox_table, orders] {
             self.drop_table(&name)?;
         }
-        Ok((rate, latencies))
+        cpu.push(("statements", statements_run));
+        Ok((rate, latencies, cpu))
     }
 }
 
@@ -178,13 +188,15 @@ pub(crate) fn web(
     ];
     let mut rates: HashMap<WebMode, Vec<f64>> = HashMap::new();
     let mut latencies = Percentiles::default();
+    let mut spending = Spending::default();
     for run in 0..runs {
         // A different mode first in each run.
         for i in 0..modes.len() {
             let mode = modes[(run + i) % modes.len()];
-            let (rate, latencies_of_run) = bench.web_run(mode)?;
+            let (rate, latencies_of_run, cpu) = bench.web_run(mode)?;
             rates.entry(mode).or_default().push(rate);
             latencies.record(mode, latencies_of_run);
+            spending.record(mode, &cpu);
         }
     }
     // The binlog relay needs a server with the binary log on: the benchmark's own, where
@@ -200,7 +212,7 @@ pub(crate) fn web(
             [WebMode::Without, WebMode::ExternalBinlog]
         };
         for mode in order {
-            let (rate, latencies_of_run) = logged.web_run(mode)?;
+            let (rate, latencies_of_run, _) = logged.web_run(mode)?;
             binlog_rates.entry(mode).or_default().push(rate);
             latencies.record(mode, latencies_of_run);
         }
@@ -254,7 +266,58 @@ pub(crate) fn web(
             &latencies.p99[&mode],
         );
     }
+    spending.tabulate(table);
     Ok(())
+}
+
+/// CPU milliseconds per request by process and mode, and the database's statements per
+/// request, one figure per run: where the cost of the event writes and of their relay
+/// goes on this machine.
+#[derive(Default)]
+pub(crate) struct Spending(Vec<(WebMode, &'static str, Vec<f64>)>);
+
+impl Spending {
+    fn record(&mut self, mode: WebMode, cpu: &CpuUse) {
+        let requests = (WEB_CLIENTS * WEB_REQUESTS) as f64;
+        let (counts, seconds): (Vec<_>, Vec<_>) = cpu
+            .iter()
+            .copied()
+            .partition(|(name, _)| *name == "statements");
+        let total = seconds.iter().map(|(_, seconds)| seconds).sum::<f64>();
+        let per_request = seconds
+            .into_iter()
+            .chain([("all", total)])
+            .map(|(name, seconds)| (name, seconds * 1e3 / requests))
+            .chain(counts.into_iter().map(|(name, n)| (name, n / requests)));
+        for (process, per_request) in per_request {
+            match self
+                .0
+                .iter_mut()
+                .find(|(m, p, _)| *m == mode && *p == process)
+            {
+                Some((_, _, values)) => values.push(per_request),
+                None => self.0.push((mode, process, vec![per_request])),
+            }
+        }
+    }
+
+    fn tabulate(&self, table: &mut Table) {
+        for (mode, process, values) in &self.0 {
+            let mode = match mode {
+                WebMode::Without => "event writes taken out",
+                WebMode::InProcess => "relay in process",
+                WebMode::External => "relay apart",
+                WebMode::ExternalBinlog => "binlog relay apart",
+                WebMode::Unrelayed => "relayed by nobody",
+            };
+            let label = if *process == "statements" {
+                format!("web service, statements per request, {mode}")
+            } else {
+                format!("web service, CPU ms per request, {mode}: {process}")
+            };
+            table.add(&label, values, |v| format!("{v:.3}"));
+        }
+    }
 }
 
 /// The p50 and p99 of each run's answer-to-event latencies, by mode.
