@@ -136,6 +136,7 @@ pub mod binlog;
 mod broker;
 mod dispatcher;
 mod error;
+mod handoff;
 pub mod inbox;
 mod message;
 pub mod metrics;

@@ -12,10 +12,11 @@
 //! | `outbox_publish_failures_total` | counter | failed attempts to publish a message |
 //! | `outbox_messages_dead_total` | counter | messages declared dead (out of attempts) |
 //! | `outbox_rows_claimed_total` | counter | rows claimed (leased) by the relay |
+//! | `outbox_rows_handed_total` | counter | rows commits in the dispatcher's process handed over, taken without a claim |
 //! | `outbox_rows_expired_total` | counter | rows whose lease the lock checker released |
 //! | `outbox_rows_deleted_total` | counter | rows deleted by retention |
 //! | `outbox_delivery_latency_seconds` | histogram | from a message's `created_on` to its acknowledgement, on the database's clock |
-//! | `outbox_stage_seconds` | histogram | each relay stage of a batch, label `stage`: `claim`, `publish`, `mark` |
+//! | `outbox_stage_seconds` | histogram | each relay stage of a batch, label `stage`: `claim` (or `take`, for rows handed over), `publish`, `mark` |
 //! | `outbox_pending_messages` | gauge | pending messages in the table |
 //! | `outbox_dead_messages` | gauge | dead messages in the table |
 //! | `outbox_lag_seconds` | gauge | how late the oldest pending message is, on the database's clock: from its add, or from the time a delayed message was due; scheduled messages are not late |
@@ -58,6 +59,8 @@ pub const PUBLISH_FAILURES: &str = "outbox_publish_failures_total";
 pub const MESSAGES_DEAD: &str = "outbox_messages_dead_total";
 /// Rows claimed by the relay.
 pub const ROWS_CLAIMED: &str = "outbox_rows_claimed_total";
+/// Rows commits in the dispatcher's process handed over, taken without a claim.
+pub const ROWS_HANDED: &str = "outbox_rows_handed_total";
 /// Rows whose expired lease the lock checker released.
 pub const ROWS_EXPIRED: &str = "outbox_rows_expired_total";
 /// Rows deleted by retention.
@@ -174,6 +177,12 @@ impl Meter {
     pub fn claimed(&self, rows: usize, took: Duration) {
         counter!(ROWS_CLAIMED, "instance" => self.instance.clone()).increment(rows as u64);
         self.stage("claim", took);
+    }
+
+    /// Rows handed over by commits and taken, and how long taking them took.
+    pub fn handed(&self, rows: usize, took: Duration) {
+        counter!(ROWS_HANDED, "instance" => self.instance.clone()).increment(rows as u64);
+        self.stage("take", took);
     }
 
     /// How long a relay stage of a batch took.

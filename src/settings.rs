@@ -81,6 +81,18 @@ pub struct DispatcherSettings {
     /// into the gauges of [`metrics`](crate::metrics); `None` runs no such worker.
     /// Defaults to `None`.
     pub gauge_interval: Option<Duration>,
+    /// Whether the transactions of an [`Outbox`](crate::Outbox) given this dispatcher's
+    /// [`waker`](crate::DispatcherHandle::waker), on its table, hand their messages to it
+    /// at commit: [`OutboxTransaction`](crate::OutboxTransaction) writes them already
+    /// leased to the dispatcher, which publishes them with no claim (a read by message
+    /// id instead of a claim's reads and writes; `outbox_rows_handed_total` counts them).
+    /// A message whose key has an older message pending that this dispatcher does not
+    /// hold goes the usual way, so each key keeps its order; so do delayed messages and
+    /// those of [`Outbox::add`](crate::Outbox::add) on a transaction of the caller's. If
+    /// the process dies, their leases expire as any other (`max_lock_duration`).
+    /// Defaults to `true`; the store must support it ([`MySqlStore`](crate::MySqlStore)
+    /// does).
+    pub hand_off: bool,
 }
 
 impl Default for DispatcherSettings {
@@ -100,6 +112,7 @@ impl Default for DispatcherSettings {
             backoff_min: Duration::from_secs(1),
             backoff_max: Duration::from_secs(5 * 60),
             gauge_interval: None,
+            hand_off: true,
         }
     }
 }

@@ -3,13 +3,16 @@
 use std::fmt;
 
 use mysql::prelude::{AsStatement, Queryable};
-use mysql::{AccessMode, Binary, Conn, Params, PooledConn, QueryResult, Statement, Text, TxOpts};
+use mysql::{
+    AccessMode, Binary, Conn, Params, PooledConn, QueryResult, Statement, Text, TxOpts, Value,
+};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::message::{with_ids, Message};
 use crate::runtime::Waker;
 use crate::store::insert::Insert;
+use crate::store::sql::{placeholders, PENDING};
 
 /// A MySQL transaction whose messages are written in the same round trip as its COMMIT.
 ///
@@ -55,6 +58,8 @@ pub struct OutboxTransaction<'a> {
     waker: Option<Waker>,
     /// Writing messages failed: the transaction may not commit.
     broken: bool,
+    /// The outbox table.
+    table: String,
     /// Committed or rolled back.
     finished: bool,
 }
@@ -91,12 +96,18 @@ impl<'a> OutboxTransaction<'a> {
         opts: TxOpts,
     ) -> Result<OutboxTransaction<'a>> {
         run(conn.get(), &start_statement(&opts))?;
+        // Rows a dispatcher in this process may take at commit are written leasable.
+        let unsent = match waker.as_ref().and_then(Waker::handoff) {
+            Some(_) => Insert::leasable(table),
+            None => Insert::new(table),
+        };
         Ok(OutboxTransaction {
             conn,
-            unsent: Insert::new(table),
+            unsent,
             added: 0,
             waker,
             broken: false,
+            table: table.to_string(),
             finished: false,
         })
     }
@@ -142,17 +153,58 @@ impl<'a> OutboxTransaction<'a> {
         if self.broken {
             return Err(Error::RolledBack);
         }
-        let mut sql = self.unsent.take();
+        let waker = self.waker.take();
+        let handoff = waker.as_ref().and_then(Waker::handoff);
+        let ticket = handoff.and_then(|handoff| handoff.begin(&self.table));
+        let (mut sql, leased) = match ticket {
+            Some(ticket) => self.unsent.take_leased(ticket.lease),
+            None => (self.unsent.take(), Vec::new()),
+        };
         if !sql.is_empty() {
             sql.push_str("; ");
         }
         sql.push_str("COMMIT");
-        run(self.conn.get(), &sql)?;
+        let committed = run(self.conn.get(), &sql);
+        if let (Some(handoff), Some(ticket)) = (handoff, ticket) {
+            // Handed over whatever the outcome: rows that were not written are not found.
+            let taken = handoff.end(ticket, leased.clone());
+            if !taken && committed.is_ok() {
+                self.release(ticket.lease, &leased);
+            }
+        }
+        committed?;
         self.finished = true;
-        if let (Some(waker), true) = (&self.waker, self.added > 0) {
-            waker.wake();
+        if let (Some(waker), true) = (&waker, self.added > 0) {
+            if self.added > leased.len() {
+                waker.wake();
+            } else {
+                waker.handed();
+            }
         }
         Ok(())
+    }
+
+    /// Releases rows this transaction wrote leased to a dispatcher that stopped before it
+    /// could take them; if that fails, they wait for their lease to expire.
+    fn release(&mut self, lease: u64, ids: &[Uuid]) {
+        if ids.is_empty() {
+            return;
+        }
+        let sql = format!(
+            "UPDATE `{}` SET locked_by = 0 WHERE locked_by = ? AND state = {PENDING} \
+             AND message_id IN ({})",
+            self.table,
+            placeholders(ids.len())
+        );
+        let mut params = vec![Value::from(lease)];
+        params.extend(ids.iter().map(|id| Value::from(id.as_bytes().to_vec())));
+        if let Err(e) = self.conn.get().exec_drop(sql, Params::Positional(params)) {
+            log::warn!(
+                "{} messages written for a dispatcher that stopped wait for their lease to \
+                 expire: releasing them failed: {e}",
+                ids.len()
+            );
+        }
     }
 
     /// Rolls back: nothing the transaction did, messages included, is written.

@@ -97,6 +97,7 @@ impl Tail {
             signals: self.signals.clone(),
             held: Default::default(),
             meter: self.meter.clone(),
+            handoff: None,
         };
         let table = self.store.table();
         let blocked_rule = if self.settings.dead_blocks_key {

@@ -15,6 +15,8 @@ pub(crate) struct Batch {
     pub claimed: Instant,
     pub published: Option<Instant>,
     pub outcomes: Vec<Result<()>>,
+    /// Taken from the hand-off rather than claimed.
+    pub handed: bool,
 }
 
 impl Batch {

@@ -6,6 +6,7 @@ pub(crate) mod maintenance;
 pub(crate) mod relay;
 mod renew;
 mod settle;
+mod take;
 #[cfg(test)]
 mod testing;
 
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use self::relay::Relay;
 use crate::broker::Broker;
 use crate::error::{Error, Result, Worker};
+use crate::handoff::Handoff;
 use crate::metrics::Meter;
 use crate::runtime::DispatcherHandle;
 use crate::settings::DispatcherSettings;
@@ -100,9 +102,20 @@ impl<S: Store, B: Broker> Dispatcher<S, B> {
         }
         self.store
             .end_idle_sessions_after(self.settings.max_lock_duration);
-        let (mut handle, signals, wake_rx) =
+        let (mut handle, signals, wakeups) =
             DispatcherHandle::prepare("dispatcher", self.owner.clone());
         handle.relay_threads(&[Worker::Publisher, Worker::Settler]);
+        let handoff = self
+            .settings
+            .hand_off
+            .then(|| self.store.hand_off_table())
+            .flatten()
+            .map(|table| Arc::new(Handoff::new(&table)));
+        if let Some(handoff) = &handoff {
+            // Live once `start` returns: the first commits after it are handed over.
+            handoff.start(self.store.hand_off_lease(&self.owner));
+            handle.set_handoff(handoff.clone());
+        }
         let store = Arc::new(self.store);
         log::info!("dispatcher {} starting", self.owner);
         let meter = Meter::new(&self.owner);
@@ -113,9 +126,10 @@ impl<S: Store, B: Broker> Dispatcher<S, B> {
             signals: signals.clone(),
             held: Default::default(),
             meter: meter.clone(),
+            handoff,
         };
         let broker = self.broker;
-        handle.spawn(Worker::Relay, &signals, move || relay.run(broker, wake_rx))?;
+        handle.spawn(Worker::Relay, &signals, move || relay.run(broker, wakeups))?;
         handle.spawn_maintenance(store, &self.settings, &signals, &meter)?;
         Ok(handle)
     }

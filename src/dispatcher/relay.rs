@@ -17,8 +17,10 @@ use parking_lot::Mutex;
 use super::batch::{Batch, Lease};
 use crate::broker::Broker;
 use crate::error::{Error, Result, Worker};
+use crate::handoff::Handoff;
 use crate::metrics::Meter;
 use crate::runtime::signal::{panic_text, Signals};
+use crate::runtime::Wakeups;
 use crate::settings::{DispatcherSettings, PIPELINE_DEPTH};
 use crate::store::Store;
 
@@ -47,26 +49,49 @@ pub(crate) struct Relay<S> {
     pub held: Mutex<HashMap<u64, Lease>>,
     /// Where its counts and timings go.
     pub meter: Meter,
+    /// Where commits in this process hand rows over, when it takes them
+    /// ([`DispatcherSettings::hand_off`]).
+    pub handoff: Option<Arc<Handoff>>,
+}
+
+/// A batch settled: whether a claim may now find more.
+#[derive(Debug, Clone, Copy)]
+struct Settled {
+    /// The batch was taken from the hand-off.
+    handed: bool,
+    /// Some of its rows failed or were released untried.
+    untidy: bool,
+}
+
+impl Settled {
+    /// Whether a claim should follow. A claimed batch's deliveries may let the next
+    /// messages of their keys through; a handed batch's only when some of it went wrong
+    /// or rows were left to the claims behind it (`refused`).
+    fn wants_claim(self, refused: bool) -> bool {
+        !self.handed || self.untidy || refused
+    }
 }
 
 impl<S: Store> Relay<S> {
     /// Drains at once, then again on every wake-up and at the [`Pace`] of its polls,
     /// until the stop signal, or until the publisher or the settler died. Then releases every
     /// lease still held. A panic of the relay's own thread goes on up, after that.
-    pub fn run(self, broker: impl Broker, wake: Receiver<()>) {
-        let outcome = catch_unwind(AssertUnwindSafe(|| self.pipeline(broker, wake)));
+    pub fn run(self, broker: impl Broker, wakeups: Wakeups) {
+        let outcome = catch_unwind(AssertUnwindSafe(|| self.pipeline(broker, &wakeups)));
+        self.release_handed();
         self.release_held();
         if let Err(panic) = outcome {
             resume_unwind(panic);
         }
     }
 
-    fn pipeline(&self, mut broker: impl Broker, wake: Receiver<()>) {
+    fn pipeline(&self, mut broker: impl Broker, wakeups: &Wakeups) {
+        let wake = &wakeups.channel;
         let mut pace = Pace::new(self.settings.process_interval, self.settings.linger);
-        let mut spacing = Spacing::default();
+        let mut flow = Flow::default();
         let (to_publish, batches) = bounded::<Batch>(IN_FLIGHT);
         let (to_settle, published) = bounded::<Batch>(IN_FLIGHT);
-        let (to_relay, settled) = bounded::<()>(IN_FLIGHT);
+        let (to_relay, settled) = bounded::<Settled>(IN_FLIGHT);
         let relay = self;
         let max_lock = self.settings.max_lock_duration;
         thread::scope(|scope| {
@@ -103,8 +128,15 @@ impl<S: Store> Relay<S> {
                     .spawn_scoped(scope, move || {
                         for batch in published {
                             let lease = batch.lease;
+                            let mut done = Settled {
+                                handed: batch.handed,
+                                untidy: true,
+                            };
                             match catch_unwind(AssertUnwindSafe(|| relay.settle(batch))) {
-                                Ok(Ok(_)) => relay.signals.succeeded(Worker::Settler),
+                                Ok(Ok(round)) => {
+                                    relay.signals.succeeded(Worker::Settler);
+                                    done.untidy = round.failed + round.released > 0;
+                                }
                                 Ok(Err(e)) => relay.signals.report(e),
                                 Err(panic) => {
                                     relay.signals.panicked(Worker::Settler, panic_text(&*panic));
@@ -112,7 +144,7 @@ impl<S: Store> Relay<S> {
                                 }
                             }
                             relay.held.lock().remove(&lease);
-                            if to_relay.send(()).is_err() {
+                            if to_relay.send(done).is_err() {
                                 return;
                             }
                         }
@@ -138,16 +170,17 @@ impl<S: Store> Relay<S> {
                 relay.signals.report(Error::Thread(e));
                 return;
             }
-            let mut in_flight = 0;
+            // The first drain claims; later ones when a poll is due or a wake-up asked.
+            let mut claim = true;
             loop {
-                let found = relay.drain(&to_publish, &settled, &wake, &mut in_flight, &mut spacing);
+                let found = relay.drain(&to_publish, &settled, wakeups, claim, &mut flow);
                 if relay.signals.failed() {
                     break;
                 }
                 select! {
                     recv(relay.signals.stop) -> _ => break,
-                    recv(wake) -> _ => {},
-                    recv(after(pace.next(found))) -> _ => {},
+                    recv(wake) -> _ => claim = wakeups.asked(),
+                    recv(after(pace.next(found))) -> _ => claim = true,
                 }
                 if relay.signals.stopped() || relay.signals.failed() {
                     break;
@@ -155,8 +188,8 @@ impl<S: Store> Relay<S> {
             }
             // Let what is in flight be published and settled before the threads end.
             drop(to_publish);
-            while in_flight > 0 && settled.recv().is_ok() {
-                in_flight -= 1;
+            while flow.in_flight > 0 && settled.recv().is_ok() {
+                flow.in_flight -= 1;
             }
             drop(done);
         });
@@ -164,76 +197,144 @@ impl<S: Store> Relay<S> {
 
     /// Claims batches back to back while they find work, up to [`IN_FLIGHT`] ahead of
     /// their settling, and claims again as each is settled (its deliveries may let the
-    /// next messages of their keys through) or on a wake-up (new messages). Returns when a
-    /// claim finds nothing and nothing is in flight, or on the stop signal; true if some
-    /// claim found rows. A claim after one that did not fill its batch waits for
-    /// `linger` after it, so that a stream of commits is taken a few at a time.
+    /// next messages of their keys through) or on a wake-up that asks it; meanwhile takes
+    /// what commits handed over, one take in flight at a time. Returns when nothing is in
+    /// flight and a claim found nothing (or none was asked), or on the stop signal; true
+    /// if some claim found rows. A claim after one that did not fill its batch, and a take
+    /// after a take, wait for `linger` after it, so that a stream of commits is taken a
+    /// few at a time.
     fn drain(
         &self,
         to_publish: &Sender<Batch>,
-        settled: &Receiver<()>,
-        wake: &Receiver<()>,
-        in_flight: &mut usize,
-        spacing: &mut Spacing,
+        settled: &Receiver<Settled>,
+        wakeups: &Wakeups,
+        claim: bool,
+        flow: &mut Flow,
     ) -> bool {
         let mut found = false;
         // False after a claim that left nothing it could take: the next one waits until a
         // batch is settled, or the application says it committed more.
-        let mut claim_now = true;
+        let mut claim_now = claim;
+        // False after a take, until a wake-up or a settled take: a commit under way keeps
+        // its lease from being taken, and its end wakes the relay.
+        let mut take_now = true;
         loop {
-            while settled.try_recv().is_ok() {
-                *in_flight -= 1;
-                claim_now = true;
+            while let Ok(done) = settled.try_recv() {
+                claim_now |= flow.settled(done);
+                take_now |= done.handed;
             }
             if self.signals.stopped() || self.signals.failed() {
                 return found;
             }
-            if *in_flight < IN_FLIGHT && claim_now {
-                let wait = spacing.wait(self.settings.linger);
-                if !wait.is_zero() {
-                    // Wake-ups wait in their channel meanwhile: under a stream of
-                    // commits, one per commit would only wake this thread to wait again.
-                    select! {
-                        recv(settled) -> done => match done {
-                            Ok(()) => *in_flight -= 1,
-                            Err(_) => return found,
-                        },
-                        recv(self.signals.stop) -> _ => return found,
-                        recv(after(wait)) -> _ => {},
+            if let Some(handoff) = &self.handoff {
+                if take_now
+                    && flow.handed_in_flight == 0
+                    && flow.in_flight < IN_FLIGHT
+                    && handoff.has_ended()
+                {
+                    let wait = flow.takes.wait(self.settings.linger);
+                    if !wait.is_zero() {
+                        if !self.pause(settled, wait, flow, (&mut claim_now, &mut take_now)) {
+                            return found;
+                        }
+                        continue;
+                    }
+                    flow.takes.last = Some(Instant::now());
+                    take_now = false;
+                    if let Some(handed) = handoff.take(|| self.store.hand_off_lease(&self.owner)) {
+                        match self.take(handed) {
+                            Ok((batch, refused)) => {
+                                flow.refused |= refused;
+                                claim_now |= refused;
+                                if let Some(batch) = batch {
+                                    if to_publish.send(batch).is_err() {
+                                        return found;
+                                    }
+                                    flow.in_flight += 1;
+                                    flow.handed_in_flight += 1;
+                                }
+                            }
+                            Err(e) => self.signals.report(e),
+                        }
                     }
                     continue;
                 }
-                spacing.last = Some(Instant::now());
-                spacing.filled = false;
+            }
+            if flow.in_flight < IN_FLIGHT && claim_now {
+                let wait = flow.claims.wait(self.settings.linger);
+                if !wait.is_zero() {
+                    // Wake-ups wait in their channel meanwhile: under a stream of
+                    // commits, one per commit would only wake this thread to wait again.
+                    if !self.pause(settled, wait, flow, (&mut claim_now, &mut take_now)) {
+                        return found;
+                    }
+                    continue;
+                }
+                flow.claims.last = Some(Instant::now());
+                flow.claims.filled = false;
+                if flow.in_flight == 0 {
+                    // Rows left to the claims wait no longer behind rows in flight.
+                    flow.refused = false;
+                }
                 match self.claim() {
                     Ok(Some((batch, more))) => {
                         if to_publish.send(batch).is_err() {
                             return found;
                         }
-                        *in_flight += 1;
+                        flow.in_flight += 1;
                         found = true;
                         claim_now = more;
-                        spacing.filled = more;
+                        flow.claims.filled = more;
                         continue;
                     }
-                    Ok(None) => {}
-                    Err(e) => self.signals.report(e),
+                    Ok(None) => claim_now = false,
+                    Err(e) => {
+                        claim_now = false;
+                        self.signals.report(e);
+                    }
                 }
             }
-            if *in_flight == 0 {
+            if flow.in_flight == 0 {
                 return found;
             }
             select! {
                 recv(settled) -> done => match done {
-                    Ok(()) => {
-                        *in_flight -= 1;
-                        claim_now = true;
+                    Ok(done) => {
+                        claim_now |= flow.settled(done);
+                        take_now |= done.handed;
                     }
                     Err(_) => return found,
                 },
-                recv(wake) -> _ => claim_now = true,
+                recv(wakeups.channel) -> _ => {
+                    claim_now |= wakeups.asked();
+                    take_now = true;
+                }
                 recv(self.signals.stop) -> _ => return found,
             }
+        }
+    }
+
+    /// Waits `wait` for a linger to pass, taking settled batches meanwhile. False on the
+    /// stop signal or when the settler is gone.
+    fn pause(
+        &self,
+        settled: &Receiver<Settled>,
+        wait: Duration,
+        flow: &mut Flow,
+        wanted: (&mut bool, &mut bool),
+    ) -> bool {
+        let (claim_now, take_now) = wanted;
+        select! {
+            recv(settled) -> done => match done {
+                Ok(done) => {
+                    *claim_now |= flow.settled(done);
+                    *take_now |= done.handed;
+                    true
+                }
+                Err(_) => false,
+            },
+            recv(self.signals.stop) -> _ => false,
+            recv(after(wait)) -> _ => true,
         }
     }
 
@@ -278,8 +379,33 @@ impl<S: Store> Relay<S> {
             claimed: Instant::now(),
             published: None,
             outcomes: Vec::new(),
+            handed: false,
         };
         Ok(Some((batch, claim.more)))
+    }
+}
+
+/// What the relay has in flight, and when it last claimed and took.
+#[derive(Default)]
+struct Flow {
+    /// Batches sent to be published and not yet settled.
+    in_flight: usize,
+    /// Of those, batches taken from the hand-off.
+    handed_in_flight: usize,
+    /// Rows were left to the claims behind rows in flight: claim again as batches settle.
+    refused: bool,
+    claims: Spacing,
+    takes: Spacing,
+}
+
+impl Flow {
+    /// A batch settled: whether a claim should follow.
+    fn settled(&mut self, done: Settled) -> bool {
+        self.in_flight -= 1;
+        if done.handed {
+            self.handed_in_flight -= 1;
+        }
+        done.wants_claim(self.refused)
     }
 }
 
@@ -358,6 +484,7 @@ mod tests {
             signals,
             held: Mutex::default(),
             meter: Meter::new("me"),
+            handoff: None,
         };
         (TestRelay { relay, broker }, errors, stop)
     }

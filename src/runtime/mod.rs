@@ -8,6 +8,7 @@ pub(crate) mod purge;
 pub(crate) mod signal;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -17,6 +18,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 pub use self::health::{Health, HealthProbe, WorkerHealth};
 use self::signal::{panic_text, Shared, Signals, ERROR_CAPACITY, STOP_RETRY};
 use crate::error::{Error, Result, Worker};
+use crate::handoff::Handoff;
 
 /// A running dispatcher. [`stop`](DispatcherHandle::stop) it, or drop it, to stop and
 /// join its threads.
@@ -25,7 +27,7 @@ pub struct DispatcherHandle {
     kind: &'static str,
     owner: String,
     stop: Option<Sender<()>>,
-    wake: Sender<()>,
+    waker: Waker,
     errors: Receiver<Error>,
     threads: Vec<(Worker, JoinHandle<()>)>,
     shared: Arc<Shared>,
@@ -68,7 +70,7 @@ impl DispatcherHandle {
     /// Makes the relay look for messages now instead of at its next `process_interval`.
     /// Call it after committing a transaction that added messages.
     pub fn wake(&self) {
-        let _ = self.wake.try_send(());
+        self.waker.wake();
     }
 
     /// Each worker's health: whether its thread runs and when it last finished a round
@@ -88,7 +90,12 @@ impl DispatcherHandle {
 
     /// A cloneable [`Waker`] for other threads of the application.
     pub fn waker(&self) -> Waker {
-        Waker(self.wake.clone())
+        self.waker.clone()
+    }
+
+    /// Makes the wakers handed out from now on carry `handoff`.
+    pub(crate) fn set_handoff(&mut self, handoff: Arc<Handoff>) {
+        self.waker.handoff = Some(handoff);
     }
 
     /// Runs until `stop` gives a value (or is dropped) or a worker dies, then stops as
@@ -193,22 +200,31 @@ impl DispatcherHandle {
     pub(crate) fn prepare(
         kind: &'static str,
         owner: String,
-    ) -> (DispatcherHandle, Signals, Receiver<()>) {
+    ) -> (DispatcherHandle, Signals, Wakeups) {
         let (stop_tx, stop_rx) = bounded::<()>(0);
         let (errors_tx, errors_rx) = bounded(ERROR_CAPACITY);
         let (wake_tx, wake_rx) = bounded(1);
         let shared = Arc::new(Shared::default());
         let signals = Signals::new(stop_rx, errors_tx, shared.clone());
+        let asked = Arc::new(AtomicBool::new(false));
+        let wakeups = Wakeups {
+            channel: wake_rx,
+            asked: asked.clone(),
+        };
         let handle = DispatcherHandle {
             kind,
             owner,
             stop: Some(stop_tx),
-            wake: wake_tx,
+            waker: Waker {
+                wake: wake_tx,
+                asked,
+                handoff: None,
+            },
             errors: errors_rx,
             threads: Vec::with_capacity(5),
             shared,
         };
-        (handle, signals, wake_rx)
+        (handle, signals, wakeups)
     }
 
     /// Whether every thread was joined.
@@ -263,13 +279,45 @@ impl Drop for DispatcherHandle {
     }
 }
 
-/// Wakes a dispatcher's relay from any thread; see [`DispatcherHandle::wake`].
+/// Wakes a dispatcher's relay from any thread; see [`DispatcherHandle::wake`]. Given to
+/// [`Outbox::with_waker`](crate::Outbox::with_waker), it also carries the dispatcher's
+/// hand-off: see [`DispatcherSettings::hand_off`](crate::DispatcherSettings::hand_off).
 #[derive(Debug, Clone)]
-pub struct Waker(Sender<()>);
+pub struct Waker {
+    wake: Sender<()>,
+    /// Set by [`wake`](Waker::wake): the relay is asked to claim, not only to take what
+    /// commits handed over.
+    asked: Arc<AtomicBool>,
+    handoff: Option<Arc<Handoff>>,
+}
 
 impl Waker {
     /// Makes the relay look for messages now. Never blocks.
     pub fn wake(&self) {
-        let _ = self.0.try_send(());
+        self.asked.store(true, Ordering::Release);
+        let _ = self.wake.try_send(());
+    }
+
+    /// The dispatcher's hand-off, when it takes one.
+    pub(crate) fn handoff(&self) -> Option<&Handoff> {
+        self.handoff.as_deref()
+    }
+
+    /// Tells the relay that a commit handed rows over. Never blocks.
+    pub(crate) fn handed(&self) {
+        let _ = self.wake.try_send(());
+    }
+}
+
+/// What wakes a relay: the channel, and whether a wake-up asked for a claim.
+pub(crate) struct Wakeups {
+    pub channel: Receiver<()>,
+    asked: Arc<AtomicBool>,
+}
+
+impl Wakeups {
+    /// Whether a wake-up since the last call asked for a claim.
+    pub fn asked(&self) -> bool {
+        self.asked.swap(false, Ordering::AcqRel)
     }
 }

@@ -4,6 +4,7 @@ pub(crate) mod backlog;
 pub(crate) mod claim;
 pub(crate) mod codec;
 pub(crate) mod connections;
+mod handed;
 pub(crate) mod insert;
 pub(crate) mod mysql;
 mod scan;
@@ -11,6 +12,8 @@ pub(crate) mod sql;
 
 use std::sync::Arc;
 use std::time::Duration;
+
+use uuid::Uuid;
 
 pub use self::mysql::MySqlStore;
 use crate::error::Result;
@@ -83,6 +86,37 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes at most `limit` dead rows that died longer ago than `older_than`.
     /// Returns how many.
     fn purge_dead(&self, older_than: Duration, limit: usize) -> Result<u64>;
+
+    /// The outbox table whose adds may hand rows to a dispatcher of this store in the same
+    /// process: written already leased to it, and taken by [`take_handed`] with no claim.
+    /// `None` (the default) for a store that takes no hand-off.
+    ///
+    /// [`take_handed`]: Store::take_handed
+    fn hand_off_table(&self) -> Option<String> {
+        None
+    }
+
+    /// A lease for rows that commits will write already leased to `owner`, as
+    /// [`claim`](Store::claim) would lease them: no other claim or lease shares it. Called
+    /// only when [`hand_off_table`](Store::hand_off_table) names a table.
+    fn hand_off_lease(&self, owner: &str) -> u64 {
+        let _ = owner;
+        0
+    }
+
+    /// Takes the rows with message ids `ids` still pending under `lease` (written by
+    /// commits that handed them over) as [`claim`](Store::claim) would have: in id order,
+    /// except that a row whose key has an older row pending under another lease or
+    /// unleased (or dead, with `dead_blocks_key`) is released for the claims to take in
+    /// its turn, with the later rows of its key. The [`Claim`]'s `more` says whether some
+    /// were released. The default takes nothing.
+    fn take_handed(&self, lease: u64, ids: &[Uuid], dead_blocks_key: bool) -> Result<Claim> {
+        let _ = (ids, dead_blocks_key);
+        Ok(Claim {
+            lease,
+            ..Claim::default()
+        })
+    }
 
     /// The table's pending and dead messages by topic, for the dispatcher's gauges
     /// ([`DispatcherSettings::gauge_interval`](crate::DispatcherSettings::gauge_interval)).
@@ -160,6 +194,18 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 
     fn purge_dead(&self, older_than: Duration, limit: usize) -> Result<u64> {
         (**self).purge_dead(older_than, limit)
+    }
+
+    fn hand_off_table(&self) -> Option<String> {
+        (**self).hand_off_table()
+    }
+
+    fn hand_off_lease(&self, owner: &str) -> u64 {
+        (**self).hand_off_lease(owner)
+    }
+
+    fn take_handed(&self, lease: u64, ids: &[Uuid], dead_blocks_key: bool) -> Result<Claim> {
+        (**self).take_handed(lease, ids, dead_blocks_key)
     }
 
     fn backlog(&self) -> Result<Option<Backlog>> {

@@ -9,10 +9,12 @@ use std::time::Duration;
 use mysql::prelude::Queryable;
 use mysql::{IsolationLevel, Params, Pool, PooledConn, Row, TxOpts, Value};
 use parking_lot::Mutex;
+use uuid::Uuid;
 
 use super::claim::{keep_unbroken, Candidate};
 use super::codec::{decode_record, RECORD_COLUMNS};
 use super::connections::Connections;
+use super::handed::{read_handed, Handed};
 use super::scan::{choose, Chosen};
 use super::sql::{
     bury, fnv1a, micros, padded, placeholders, release_leased, truncate, validate_table_name, DEAD,
@@ -422,6 +424,35 @@ impl Store for MySqlStore {
             self.table
         );
         self.update_ids(&sql, vec![Value::from(lease)], ids)
+    }
+
+    fn hand_off_table(&self) -> Option<String> {
+        Some(self.table.to_string())
+    }
+
+    fn hand_off_lease(&self, owner: &str) -> u64 {
+        self.next_lease(owner)
+    }
+
+    fn take_handed(&self, lease: u64, ids: &[Uuid], dead_blocks_key: bool) -> Result<Claim> {
+        if ids.is_empty() {
+            return Ok(Claim {
+                lease,
+                ..Claim::default()
+            });
+        }
+        let Handed { records, refused } = self
+            .conns
+            .with(|conn| read_handed(conn, &self.table, lease, ids, dead_blocks_key))?;
+        if !refused.is_empty() {
+            let released = self.release(lease, &refused)?;
+            log::debug!("{released} handed rows left to the claims, behind rows held elsewhere");
+        }
+        Ok(Claim {
+            records,
+            more: !refused.is_empty(),
+            lease,
+        })
     }
 
     fn release_expired(&self, older_than: Duration) -> Result<u64> {
