@@ -20,7 +20,8 @@
 //! `WEB_ORDERS_TABLE` (default `web_orders`) and `WEB_ADDR` (default `127.0.0.1:8080`)
 //! point it elsewhere. `WEB_WITHOUT_EVENTS=1` takes the event writes out of the handlers
 //! (the baseline `make bench` compares with); `WEB_WAKE=0` leaves the dispatcher to its
-//! polls instead of waking it at every commit; `OUTBOX_LINGER_MS` sets its `linger`.
+//! polls instead of waking it at every commit; `WEB_HAND_OFF=1` has each commit hand its
+//! events to the dispatcher, which publishes them with no claim (the hand-off); `OUTBOX_LINGER_MS` sets its `linger`.
 //! `WEB_RELAY=external` runs no dispatcher: the
 //! service only writes, and an `outbox relay` process of its own relays the table, as a
 //! service that keeps its threads for its requests would deploy. Needs the `cli` feature
@@ -82,6 +83,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Ok(ms) = env("OUTBOX_LINGER_MS", "").parse() {
         settings.linger = Duration::from_millis(ms);
     }
+    settings.hand_off = env("WEB_HAND_OFF", "0") == "1";
     let mut handle = if env("WEB_RELAY", "in-process") == "external" {
         None
     } else {

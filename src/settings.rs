@@ -89,9 +89,12 @@ pub struct DispatcherSettings {
     /// A message whose key has an older message pending that this dispatcher does not
     /// hold goes the usual way, so each key keeps its order; so do delayed messages and
     /// those of [`Outbox::add`](crate::Outbox::add) on a transaction of the caller's. If
-    /// the process dies, their leases expire as any other (`max_lock_duration`).
-    /// Defaults to `true`; the store must support it ([`MySqlStore`](crate::MySqlStore)
-    /// does).
+    /// the process dies, their leases expire as any other (`max_lock_duration`). It
+    /// saves the database most of the dispatcher's statements (in the web example, 0.12
+    /// per request instead of 0.43) for a few milliseconds of latency (one take in flight
+    /// at a time); on a machine the service shares with its database and broker it gave
+    /// no more throughput. Defaults to `false`; the store must support it
+    /// ([`MySqlStore`](crate::MySqlStore) does).
     pub hand_off: bool,
 }
 
@@ -112,7 +115,7 @@ impl Default for DispatcherSettings {
             backoff_min: Duration::from_secs(1),
             backoff_max: Duration::from_secs(5 * 60),
             gauge_interval: None,
-            hand_off: true,
+            hand_off: false,
         }
     }
 }

@@ -321,12 +321,10 @@ fn retention_deletes_old_delivered_rows_and_never_pending_ones() {
 fn an_outbox_with_a_waker_wakes_the_relay_when_its_transaction_commits() {
     let table = TestTable::new("waker");
     // After rows, the relay polls again a linger later, then twice as late at each poll
-    // that finds nothing, up to two minutes. Without the hand-off, so that the commit's
-    // wake-up asks for a claim (tests/handoff.rs has the commits that hand rows over).
+    // that finds nothing, up to two minutes.
     let settings = DispatcherSettings {
         process_interval: Duration::from_secs(120),
         linger: Duration::from_secs(1),
-        hand_off: false,
         ..fast_settings()
     };
     // The first message is there at start; once it is delivered the relay sleeps.

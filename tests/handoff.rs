@@ -21,6 +21,7 @@ fn settings() -> DispatcherSettings {
     DispatcherSettings {
         process_interval: Duration::from_secs(60),
         linger: Duration::from_millis(5),
+        hand_off: true,
         ..fast_settings()
     }
 }
@@ -225,6 +226,7 @@ fn a_stopping_dispatcher_releases_what_it_did_not_take_and_later_commits_are_not
         "no dispatcher takes it: written unleased"
     );
     // A dispatcher started later relays them.
+    assert!(!fast_settings().hand_off, "off unless asked");
     let handle = table.dispatch(broker(), fast_settings(), "after");
     assert!(wait_for(WAIT, || table.count("state = 1") == 3));
     drop(handle);

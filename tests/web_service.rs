@@ -76,14 +76,18 @@ fn client(address: &str, seed: u64) -> (Vec<(u64, &'static str)>, usize) {
     (events, refused)
 }
 
-fn start(table: &str, orders: &str, topic: &str) -> (Child, String) {
-    start_with(table, orders, topic, "in-process")
-}
-
-/// The example, its relay `in-process` or `external`.
-fn start_with(table: &str, orders: &str, topic: &str, relay: &str) -> (Child, String) {
+/// The example, its relay `in-process` or `external`; in process, with the hand-off or
+/// claiming.
+fn start_with(
+    table: &str,
+    orders: &str,
+    topic: &str,
+    relay: &str,
+    hand_off: bool,
+) -> (Child, String) {
     let mut child = Command::new(example())
         .env("WEB_RELAY", relay)
+        .env("WEB_HAND_OFF", if hand_off { "1" } else { "0" })
         .env("OUTBOX_DATABASE_URL", small_pool_url())
         .env("OUTBOX_KAFKA_BROKERS", brokers())
         .env("OUTBOX_TABLE", table)
@@ -108,10 +112,21 @@ fn start_with(table: &str, orders: &str, topic: &str, relay: &str) -> (Child, St
 
 #[test]
 fn concurrent_clients_get_every_event_once_in_order_and_none_for_refusals() {
+    concurrent_clients(false);
+}
+
+#[test]
+fn with_the_hand_off_too() {
+    concurrent_clients(true);
+}
+
+/// Concurrent clients creating and paying orders, some requests refused: every event
+/// arrives once, an order's in order, and nothing for a refusal.
+fn concurrent_clients(hand_off: bool) {
     let table = TestTable::new("web");
     let orders = unique("web_orders");
     let topic = unique("web");
-    let (mut service, address) = start(&table.name, &orders, &topic);
+    let (mut service, address) = start_with(&table.name, &orders, &topic, "in-process", hand_off);
 
     let clients: Vec<_> = (0..CLIENTS)
         .map(|c| {
@@ -173,6 +188,23 @@ fn concurrent_clients_get_every_event_once_in_order_and_none_for_refusals() {
         assert_eq!(kinds[0], "OrderCreated", "order {id}: {kinds:?}");
         assert!(kinds.len() <= 2, "order {id}: {kinds:?}");
     }
+    // With the hand-off, the commits handed the events over: most went with no claim.
+    let (_, metrics) = exchange(&address, b"GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n");
+    let handed: f64 = metrics
+        .lines()
+        .find(|line| line.starts_with("outbox_rows_handed_total"))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0.0);
+    if hand_off {
+        assert!(
+            handed >= expected.len() as f64 / 2.0,
+            "{handed} of {} events handed over",
+            expected.len()
+        );
+    } else {
+        assert_eq!(handed, 0.0, "nothing is handed over unless asked");
+    }
 
     // SIGTERM: a clean stop, nothing left pending.
     // SAFETY: kill with a live child's pid.
@@ -189,7 +221,7 @@ fn with_the_relay_in_a_process_of_its_own_the_service_only_writes_and_the_relay_
     let table = TestTable::new("web_apart");
     let orders = unique("web_apart_orders");
     let topic = unique("web_apart");
-    let (service, address) = start_with(&table.name, &orders, &topic, "external");
+    let (service, address) = start_with(&table.name, &orders, &topic, "external", false);
     let mut service = Reaped(service);
     let (status, health) = request(&address, "GET", "/health", "");
     assert_eq!((status, health["relay"].as_str()), (200, Some("external")));

@@ -24,7 +24,9 @@
 //!
 //! - web: `examples/web_service` under 8 concurrent clients (creates and payments), in
 //!   requests per second against the same service with its event writes taken out
-//!   (`WEB_WITHOUT_EVENTS=1`), alternating; and, with events, from each 2xx answer to
+//!   (`WEB_WITHOUT_EVENTS=1`), alternating, its dispatcher in the process claiming or
+//!   taking what commits hand it (`WEB_HAND_OFF=1`), or a relay apart, or none (events
+//!   written, relayed by nobody); and, with events, from each 2xx answer to
 //!   the event's arrival at a consumer. For each way of running it, where the CPU went
 //!   while the clients ran (the service, a relay apart, the database server, the broker
 //!   and the bench's own clients and consumer, read from `/proc`, in ms per request) and

@@ -36,6 +36,14 @@ impl Bench {
                     _ => "in-process",
                 },
             )
+            .env(
+                "WEB_HAND_OFF",
+                if mode == WebMode::InProcessHanded {
+                    "1"
+                } else {
+                    "0"
+                },
+            )
             .env("RUST_LOG", "warn")
             .stdout(std::process::Stdio::piped())
             .spawn()?;
@@ -161,6 +169,8 @@ pub(crate) enum WebMode {
     Without,
     /// Events, relayed by the dispatcher in its process, woken at every commit.
     InProcess,
+    /// Events, handed by each commit to the dispatcher in its process (`hand_off`).
+    InProcessHanded,
     /// Events, relayed by an `outbox relay` process (polling) of their own.
     External,
     /// Events, relayed by an `outbox relay --source binlog` process of their own (on a
@@ -182,6 +192,7 @@ pub(crate) fn web(
     eprintln!("web service, {WEB_CLIENTS} clients x {WEB_REQUESTS} requests ({runs} runs)");
     let modes = [
         WebMode::InProcess,
+        WebMode::InProcessHanded,
         WebMode::External,
         WebMode::Unrelayed,
         WebMode::Without,
@@ -228,6 +239,20 @@ pub(crate) fn web(
     );
     table.rate("web service, event writes taken out (req/s)", without);
     table.ratio("  with / without", &rates[&WebMode::InProcess], without);
+    table.rate(
+        "web service with events, handed over (req/s)",
+        &rates[&WebMode::InProcessHanded],
+    );
+    table.ratio(
+        "  handed over / without",
+        &rates[&WebMode::InProcessHanded],
+        without,
+    );
+    table.ratio(
+        "  handed over / claimed",
+        &rates[&WebMode::InProcessHanded],
+        &rates[&WebMode::InProcess],
+    );
     table.ratio(
         "  relay in its own process / without",
         &rates[&WebMode::External],
@@ -254,6 +279,7 @@ pub(crate) fn web(
     );
     for (mode, name) in [
         (WebMode::InProcess, "web service"),
+        (WebMode::InProcessHanded, "web service, handed over"),
         (WebMode::External, "web service, relay apart"),
         (WebMode::ExternalBinlog, "web service, binlog relay apart"),
     ] {
@@ -306,6 +332,7 @@ impl Spending {
             let mode = match mode {
                 WebMode::Without => "event writes taken out",
                 WebMode::InProcess => "relay in process",
+                WebMode::InProcessHanded => "relay in process, handed over",
                 WebMode::External => "relay apart",
                 WebMode::ExternalBinlog => "binlog relay apart",
                 WebMode::Unrelayed => "relayed by nobody",
