@@ -22,7 +22,7 @@ use crate::metrics::Meter;
 use crate::runtime::signal::{panic_text, Signals};
 use crate::runtime::Wakeups;
 use crate::settings::{DispatcherSettings, PIPELINE_DEPTH};
-use crate::store::Store;
+use crate::store::{Claim, Store};
 
 /// Most batches claimed and not yet settled: one being claimed ahead, one publishing,
 /// one being marked. Leases are validated against it.
@@ -366,22 +366,33 @@ impl<S: Store> Relay<S> {
             return Ok(None);
         }
         self.meter.claimed(claim.records.len(), started.elapsed());
-        let ids = claim.records.iter().map(|r| r.id).collect();
+        let more = claim.more;
+        Ok(Some((self.hold(claim, started, started, false), more)))
+    }
+
+    /// Holds the lease of the rows `claim` took, proven at `proven`, until their batch
+    /// is settled; and makes that batch, begun at `started`.
+    pub(super) fn hold(
+        &self,
+        claim: Claim,
+        proven: Instant,
+        started: Instant,
+        handed: bool,
+    ) -> Batch {
         let lease = Lease {
-            ids,
-            proven: Some(started),
+            ids: claim.records.iter().map(|r| r.id).collect(),
+            proven: Some(proven),
         };
         self.held.lock().insert(claim.lease, lease);
-        let batch = Batch {
+        Batch {
             lease: claim.lease,
             records: claim.records,
             started,
             claimed: Instant::now(),
             published: None,
             outcomes: Vec::new(),
-            handed: false,
-        };
-        Ok(Some((batch, claim.more)))
+            handed,
+        }
     }
 }
 

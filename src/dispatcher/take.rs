@@ -7,7 +7,7 @@ use crate::error::{Result, Worker};
 use crate::handoff::Handed;
 use crate::store::Store;
 
-use super::batch::{Batch, Lease};
+use super::batch::Batch;
 use super::relay::Relay;
 
 impl<S: Store> Relay<S> {
@@ -23,21 +23,8 @@ impl<S: Store> Relay<S> {
             return Ok((None, taken.more));
         }
         self.meter.handed(taken.records.len(), started.elapsed());
-        let lease = Lease {
-            ids: taken.records.iter().map(|r| r.id).collect(),
-            proven: Some(handed.since),
-        };
-        self.held.lock().insert(taken.lease, lease);
-        let batch = Batch {
-            lease: taken.lease,
-            records: taken.records,
-            started,
-            claimed: Instant::now(),
-            published: None,
-            outcomes: Vec::new(),
-            handed: true,
-        };
-        Ok((Some(batch), taken.more))
+        let more = taken.more;
+        Ok((Some(self.hold(taken, handed.since, started, true)), more))
     }
 
     /// Releases the rows commits handed over that no batch took, as the relay stops;
