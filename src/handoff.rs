@@ -87,12 +87,12 @@ impl Handoff {
     /// The commit of `ticket` ended, whatever its outcome: its rows' ids, for the
     /// dispatcher to look for. False when the dispatcher will not take them (it stopped):
     /// the committer then releases them itself.
-    pub fn end(&self, ticket: Ticket, ids: Vec<Uuid>) -> bool {
+    pub fn end(&self, ticket: Ticket, ids: &[Uuid]) -> bool {
         let mut state = self.state.lock();
         match state.leases.iter_mut().find(|h| h.lease == ticket.lease) {
             Some(handed) => {
                 handed.open -= 1;
-                handed.ids.extend(ids);
+                handed.ids.extend_from_slice(ids);
                 true
             }
             None => false,
@@ -171,7 +171,7 @@ mod tests {
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
         let first = handoff.begin("t").unwrap();
         let second = handoff.begin("t").unwrap();
-        assert!(handoff.end(first, vec![a]));
+        assert!(handoff.end(first, &[a]));
         let taken = handoff.take(&mut lease);
         assert!(taken.is_none(), "the second commit is still under way");
         assert_eq!(
@@ -179,11 +179,11 @@ mod tests {
             Some(Ticket { lease: 2 }),
             "later commits moved to a new lease"
         );
-        assert!(handoff.end(second, vec![b]));
+        assert!(handoff.end(second, &[b]));
         let taken = handoff.take(&mut lease).unwrap();
         assert_eq!((taken.lease, taken.ids), (1, vec![a, b]));
         assert!(!handoff.has_ended(), "lease 2's commit is under way");
-        assert!(handoff.end(Ticket { lease: 2 }, vec![a]));
+        assert!(handoff.end(Ticket { lease: 2 }, &[a]));
         assert!(handoff.has_ended());
     }
 
@@ -199,7 +199,7 @@ mod tests {
             "no lease burnt"
         );
         let ticket = Ticket { lease: 1 };
-        assert!(handoff.end(ticket, Vec::new()));
+        assert!(handoff.end(ticket, &[]));
         assert!(handoff.take(&mut lease).is_none());
         assert!(!handoff.has_ended());
     }
@@ -211,14 +211,11 @@ mod tests {
         let done = handoff.begin("t").unwrap();
         let late = handoff.begin("t").unwrap();
         let id = Uuid::now_v7();
-        handoff.end(done, vec![id]);
+        handoff.end(done, &[id]);
         let left = handoff.close();
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].ids, vec![id]);
-        assert!(
-            !handoff.end(late, vec![Uuid::now_v7()]),
-            "no one takes it now"
-        );
+        assert!(!handoff.end(late, &[Uuid::now_v7()]), "no one takes it now");
         assert_eq!(handoff.begin("t"), None);
     }
 }

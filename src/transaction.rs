@@ -167,7 +167,7 @@ impl<'a> OutboxTransaction<'a> {
         let committed = run(self.conn.get(), &sql);
         if let (Some(handoff), Some(ticket)) = (handoff, ticket) {
             // Handed over whatever the outcome: rows that were not written are not found.
-            let taken = handoff.end(ticket, leased.clone());
+            let taken = handoff.end(ticket, &leased);
             if !taken && committed.is_ok() {
                 self.release(ticket.lease, &leased);
             }

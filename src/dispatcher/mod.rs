@@ -2,6 +2,7 @@
 //! publishes them, with the workers that keep the table (lock checker, cleaner, gauges).
 
 mod batch;
+mod flow;
 pub(crate) mod maintenance;
 pub(crate) mod relay;
 mod renew;

@@ -15,6 +15,7 @@ use crossbeam_channel::{after, bounded, select, Receiver, Sender};
 use parking_lot::Mutex;
 
 use super::batch::{Batch, Lease};
+use super::flow::{Flow, Pace, Settled};
 use crate::broker::Broker;
 use crate::error::{Error, Result, Worker};
 use crate::handoff::Handoff;
@@ -52,24 +53,6 @@ pub(crate) struct Relay<S> {
     /// Where commits in this process hand rows over, when it takes them
     /// ([`DispatcherSettings::hand_off`]).
     pub handoff: Option<Arc<Handoff>>,
-}
-
-/// A batch settled: whether a claim may now find more.
-#[derive(Debug, Clone, Copy)]
-struct Settled {
-    /// The batch was taken from the hand-off.
-    handed: bool,
-    /// Some of its rows failed or were released untried.
-    untidy: bool,
-}
-
-impl Settled {
-    /// Whether a claim should follow. A claimed batch's deliveries may let the next
-    /// messages of their keys through; a handed batch's only when some of it went wrong
-    /// or rows were left to the claims behind it (`refused`).
-    fn wants_claim(self, refused: bool) -> bool {
-        !self.handed || self.untidy || refused
-    }
 }
 
 impl<S: Store> Relay<S> {
@@ -212,60 +195,34 @@ impl<S: Store> Relay<S> {
         flow: &mut Flow,
     ) -> bool {
         let mut found = false;
-        // False after a claim that left nothing it could take: the next one waits until a
-        // batch is settled, or the application says it committed more.
-        let mut claim_now = claim;
-        // False after a take, until a wake-up or a settled take: a commit under way keeps
-        // its lease from being taken, and its end wakes the relay.
-        let mut take_now = true;
+        flow.claim_now = claim;
+        flow.take_now = true;
         loop {
             while let Ok(done) = settled.try_recv() {
-                claim_now |= flow.settled(done);
-                take_now |= done.handed;
+                flow.settled(done);
             }
             if self.signals.stopped() || self.signals.failed() {
                 return found;
             }
-            if let Some(handoff) = &self.handoff {
-                if take_now
-                    && flow.handed_in_flight == 0
-                    && flow.in_flight < IN_FLIGHT
-                    && handoff.has_ended()
-                {
-                    let wait = flow.takes.wait(self.settings.linger);
-                    if !wait.is_zero() {
-                        if !self.pause(settled, wait, flow, (&mut claim_now, &mut take_now)) {
-                            return found;
-                        }
-                        continue;
-                    }
-                    flow.takes.last = Some(Instant::now());
-                    take_now = false;
-                    if let Some(handed) = handoff.take(|| self.store.hand_off_lease(&self.owner)) {
-                        match self.take(handed) {
-                            Ok((batch, refused)) => {
-                                flow.refused |= refused;
-                                claim_now |= refused;
-                                if let Some(batch) = batch {
-                                    if to_publish.send(batch).is_err() {
-                                        return found;
-                                    }
-                                    flow.in_flight += 1;
-                                    flow.handed_in_flight += 1;
-                                }
-                            }
-                            Err(e) => self.signals.report(e),
-                        }
+            if self.take_is_due(flow) {
+                let wait = flow.takes.wait(self.settings.linger);
+                if !wait.is_zero() {
+                    if !self.pause(settled, wait, flow) {
+                        return found;
                     }
                     continue;
                 }
+                if !self.take_into(to_publish, flow) {
+                    return found;
+                }
+                continue;
             }
-            if flow.in_flight < IN_FLIGHT && claim_now {
+            if flow.in_flight < IN_FLIGHT && flow.claim_now {
                 let wait = flow.claims.wait(self.settings.linger);
                 if !wait.is_zero() {
                     // Wake-ups wait in their channel meanwhile: under a stream of
                     // commits, one per commit would only wake this thread to wait again.
-                    if !self.pause(settled, wait, flow, (&mut claim_now, &mut take_now)) {
+                    if !self.pause(settled, wait, flow) {
                         return found;
                     }
                     continue;
@@ -283,13 +240,13 @@ impl<S: Store> Relay<S> {
                         }
                         flow.in_flight += 1;
                         found = true;
-                        claim_now = more;
+                        flow.claim_now = more;
                         flow.claims.filled = more;
                         continue;
                     }
-                    Ok(None) => claim_now = false,
+                    Ok(None) => flow.claim_now = false,
                     Err(e) => {
-                        claim_now = false;
+                        flow.claim_now = false;
                         self.signals.report(e);
                     }
                 }
@@ -299,15 +256,12 @@ impl<S: Store> Relay<S> {
             }
             select! {
                 recv(settled) -> done => match done {
-                    Ok(done) => {
-                        claim_now |= flow.settled(done);
-                        take_now |= done.handed;
-                    }
+                    Ok(done) => flow.settled(done),
                     Err(_) => return found,
                 },
                 recv(wakeups.channel) -> _ => {
-                    claim_now |= wakeups.asked();
-                    take_now = true;
+                    flow.claim_now |= wakeups.asked();
+                    flow.take_now = true;
                 }
                 recv(self.signals.stop) -> _ => return found,
             }
@@ -316,19 +270,11 @@ impl<S: Store> Relay<S> {
 
     /// Waits `wait` for a linger to pass, taking settled batches meanwhile. False on the
     /// stop signal or when the settler is gone.
-    fn pause(
-        &self,
-        settled: &Receiver<Settled>,
-        wait: Duration,
-        flow: &mut Flow,
-        wanted: (&mut bool, &mut bool),
-    ) -> bool {
-        let (claim_now, take_now) = wanted;
+    fn pause(&self, settled: &Receiver<Settled>, wait: Duration, flow: &mut Flow) -> bool {
         select! {
             recv(settled) -> done => match done {
                 Ok(done) => {
-                    *claim_now |= flow.settled(done);
-                    *take_now |= done.handed;
+                    flow.settled(done);
                     true
                 }
                 Err(_) => false,
@@ -396,83 +342,6 @@ impl<S: Store> Relay<S> {
     }
 }
 
-/// What the relay has in flight, and when it last claimed and took.
-#[derive(Default)]
-struct Flow {
-    /// Batches sent to be published and not yet settled.
-    in_flight: usize,
-    /// Of those, batches taken from the hand-off.
-    handed_in_flight: usize,
-    /// Rows were left to the claims behind rows in flight: claim again as batches settle.
-    refused: bool,
-    claims: Spacing,
-    takes: Spacing,
-}
-
-impl Flow {
-    /// A batch settled: whether a claim should follow.
-    fn settled(&mut self, done: Settled) -> bool {
-        self.in_flight -= 1;
-        if done.handed {
-            self.handed_in_flight -= 1;
-        }
-        done.wants_claim(self.refused)
-    }
-}
-
-/// The shortest wait between polls.
-const SHORTEST_GAP: Duration = Duration::from_millis(1);
-
-/// How long the relay waits for new rows between polls when it is not woken: `linger`
-/// (at least a millisecond) after a poll that found rows, then twice as long after each
-/// poll that found none, up to `process_interval`. So a steady stream is relayed within
-/// milliseconds without wake-ups, and an idle table is polled once per `process_interval`
-/// after a few quick polls.
-pub(crate) struct Pace {
-    gap: Duration,
-    first: Duration,
-    longest: Duration,
-}
-
-impl Pace {
-    pub fn new(process_interval: Duration, linger: Duration) -> Pace {
-        Pace {
-            gap: process_interval,
-            first: linger.max(SHORTEST_GAP),
-            longest: process_interval,
-        }
-    }
-
-    /// The wait before the next poll, given whether the last found rows.
-    pub fn next(&mut self, found: bool) -> Duration {
-        self.gap = if found {
-            self.first
-        } else {
-            self.gap.saturating_mul(2)
-        }
-        .min(self.longest);
-        self.gap
-    }
-}
-
-/// When the relay last claimed, and whether that claim filled its batch: the next claim
-/// after one that did not waits for `linger` after it.
-#[derive(Default)]
-pub(crate) struct Spacing {
-    last: Option<Instant>,
-    filled: bool,
-}
-
-impl Spacing {
-    /// How long the next claim must still wait.
-    fn wait(&self, linger: Duration) -> Duration {
-        match self.last {
-            Some(at) if !self.filled => (at + linger).saturating_duration_since(Instant::now()),
-            _ => Duration::ZERO,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -518,26 +387,6 @@ mod tests {
             backoff_max: Duration::from_millis(10),
             ..Default::default()
         }
-    }
-
-    #[test]
-    fn polls_come_a_linger_after_rows_then_twice_as_late_up_to_process_interval() {
-        let mut pace = Pace::new(Duration::from_millis(100), Duration::ZERO);
-        let ms = |d: Duration| d.as_millis();
-        assert_eq!(ms(pace.next(false)), 100, "idle from the start");
-        assert_eq!(ms(pace.next(true)), 1);
-        let idle: Vec<u128> = (0..9).map(|_| ms(pace.next(false))).collect();
-        assert_eq!(idle, [2, 4, 8, 16, 32, 64, 100, 100, 100]);
-        assert_eq!(ms(pace.next(true)), 1, "rows again: at once again");
-        let mut short = Pace::new(Duration::ZERO, Duration::ZERO);
-        assert_eq!(
-            short.next(true),
-            Duration::ZERO,
-            "never past process_interval"
-        );
-        let mut lingering = Pace::new(Duration::from_millis(100), Duration::from_millis(5));
-        assert_eq!(ms(lingering.next(true)), 5, "after rows, the linger");
-        assert_eq!(ms(lingering.next(false)), 10);
     }
 
     #[test]

@@ -38,7 +38,8 @@ pub(super) fn read_handed(
     } else {
         String::new()
     };
-    let mut rows: Vec<(Candidate, Option<Record>)> = Vec::with_capacity(ids.len());
+    let mut candidates: Vec<Candidate> = Vec::with_capacity(ids.len());
+    let mut records: HashMap<u64, Record> = HashMap::with_capacity(ids.len());
     for chunk in ids.chunks(MAX_ID_LIST) {
         let chunk: Vec<Value> = padded_with_last(chunk)
             .iter()
@@ -61,26 +62,19 @@ pub(super) fn read_handed(
             let id: Option<u64> = row.get(0);
             let topic: Option<String> = row.get(2);
             let key: Option<Option<Vec<u8>>> = row.get(3);
-            let record = decode_record(row).ok();
             let Some(id) = id else { continue };
-            rows.push((
-                Candidate {
-                    id,
-                    key: key.flatten().map(|key| (topic.unwrap_or_default(), key)),
-                    ready: held_back == Some(false) && record.is_some(),
-                    retry: false,
-                },
-                record,
-            ));
+            // A corrupt row is not taken: the claim that takes it buries it.
+            let decoded = decode_record(row).ok();
+            candidates.push(Candidate {
+                id,
+                key: key.flatten().map(|key| (topic.unwrap_or_default(), key)),
+                ready: held_back == Some(false) && decoded.is_some(),
+                retry: false,
+            });
+            records.extend(decoded.map(|record| (id, record)));
         }
     }
-    rows.sort_by_key(|(candidate, _)| candidate.id);
-    let (candidates, records): (Vec<Candidate>, Vec<Option<Record>>) = rows.into_iter().unzip();
-    let mut records: HashMap<u64, Record> = candidates
-        .iter()
-        .zip(records)
-        .filter_map(|(c, r)| r.map(|r| (c.id, r)))
-        .collect();
+    candidates.sort_by_key(|candidate| candidate.id);
     let mut no_cap = usize::MAX;
     let (picked, _) = pick(&candidates, usize::MAX, &mut no_cap);
     let taken: Vec<u64> = picked.iter().map(|c| c.id).collect();
